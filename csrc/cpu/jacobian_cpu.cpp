@@ -1,0 +1,202 @@
+// Batched products of the proxy's per-class NLL Jacobian G [B, K, D].
+//   FC closed form (last Linear, features h, softmax p; row k of G is (p − e_k) ⊗ h):
+//     G·Gᵀ = ‖h‖² (I − 1pᵀ − p1ᵀ + ‖p‖² 11ᵀ)        Gᵀy = vec((Σy·p − y) hᵀ)
+//   Explicit G: G·Gᵀ (lower triangle, mirrored) and Gᵀy by direct summation.
+// One task per sample row b (at::parallel_for over B).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <vector>
+
+#include "../ops.h"
+#include "../utils.h"
+
+namespace ppoison {
+
+namespace {
+
+int64_t grain_for(int64_t work_per_row) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_row)); }
+
+template <typename scalar_t>
+bool row_finite(const scalar_t* v, int64_t n) {
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) ok &= std::isfinite((double)v[i]);
+  return ok;
+}
+
+}  // namespace
+
+at::Tensor jacobian_gram_fc_cpu(const at::Tensor& p_, const at::Tensor& hsq_) {
+  check_float(p_, "p");
+  check_dim(p_, 2, "p", "[B, K]");
+  check_classes(p_.size(1), "p");
+  check_float(hsq_, "h_sqnorm");
+  check_dim(hsq_, 1, "h_sqnorm", "[B]");
+  check_like(hsq_, "h_sqnorm", p_, "p");
+  check_size(hsq_, 0, p_.size(0), "h_sqnorm", "samples");
+  const int64_t B = p_.size(0), K = p_.size(1);
+  auto p = p_.contiguous();
+  auto hsq = hsq_.contiguous();
+  auto out = at::empty({B, K, K}, p.options());
+  if (B == 0) return out;
+  std::atomic<bool> bad_p{false}, bad_h{false};
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "jacobian_gram_fc_cpu", [&] {
+    const scalar_t* pp = p.data_ptr<scalar_t>();
+    const scalar_t* hp = hsq.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B, grain_for(K * K), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const scalar_t* pr = pp + b * K;
+        const double h = (double)hp[b];
+        if (!row_finite(pr, K)) bad_p = true;
+        if (!(std::isfinite(h) && h >= 0.0)) bad_h = true;
+        double p2 = 0.0;
+        for (int64_t k = 0; k < K; ++k) p2 += (double)pr[k] * (double)pr[k];
+        scalar_t* o = op + b * K * K;
+        for (int64_t k = 0; k < K; ++k) {
+          const double base = p2 - (double)pr[k];
+          for (int64_t l = 0; l < K; ++l) o[k * K + l] = (scalar_t)(h * (base - (double)pr[l]));
+          o[k * K + k] = (scalar_t)(h * (base - (double)pr[k] + 1.0));
+        }
+      }
+    });
+  });
+  report_nonfinite(bad_p, "p");
+  TORCH_CHECK_VALUE(!bad_h, "ppoison: h_sqnorm must be finite and >= 0");
+  return out;
+}
+
+at::Tensor jacobian_tvec_fc_cpu(const at::Tensor& p_, const at::Tensor& h_, const at::Tensor& y_) {
+  check_float(p_, "p");
+  check_dim(p_, 2, "p", "[B, K]");
+  check_classes(p_.size(1), "p");
+  check_float(h_, "h");
+  check_dim(h_, 2, "h", "[B, H]");
+  check_like(h_, "h", p_, "p");
+  check_size(h_, 0, p_.size(0), "h", "samples");
+  check_float(y_, "y");
+  check_dim(y_, 2, "y", "[B, K]");
+  check_like(y_, "y", p_, "p");
+  check_size(y_, 0, p_.size(0), "y", "samples");
+  check_size(y_, 1, p_.size(1), "y", "classes");
+  const int64_t B = p_.size(0), K = p_.size(1), H = h_.size(1);
+  auto p = p_.contiguous();
+  auto h = h_.contiguous();
+  auto y = y_.contiguous();
+  auto out = at::empty({B, K * H}, p.options());
+  if (B == 0 || H == 0) return out;
+  std::atomic<bool> bad_p{false}, bad_h{false}, bad_y{false};
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "jacobian_tvec_fc_cpu", [&] {
+    const scalar_t* pp = p.data_ptr<scalar_t>();
+    const scalar_t* hp = h.data_ptr<scalar_t>();
+    const scalar_t* yp = y.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B, grain_for(K * H), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const scalar_t* pr = pp + b * K;
+        const scalar_t* yr = yp + b * K;
+        const scalar_t* hr = hp + b * H;
+        if (!row_finite(pr, K)) bad_p = true;
+        if (!row_finite(yr, K)) bad_y = true;
+        if (!row_finite(hr, H)) bad_h = true;
+        double sy = 0.0;
+        for (int64_t k = 0; k < K; ++k) sy += (double)yr[k];
+        scalar_t* o = op + b * K * H;
+        for (int64_t k = 0; k < K; ++k) {
+          const scalar_t c = (scalar_t)(sy * (double)pr[k] - (double)yr[k]);
+          scalar_t* ok = o + k * H;
+          for (int64_t m = 0; m < H; ++m) ok[m] = c * hr[m];
+        }
+      }
+    });
+  });
+  report_nonfinite(bad_p, "p");
+  report_nonfinite(bad_h, "h");
+  report_nonfinite(bad_y, "y");
+  return out;
+}
+
+at::Tensor jacobian_gram_cpu(const at::Tensor& G_) {
+  check_float(G_, "G");
+  check_dim(G_, 3, "G", "[B, K, D]");
+  check_classes(G_.size(1), "G");
+  const int64_t B = G_.size(0), K = G_.size(1), D = G_.size(2);
+  auto G = G_.contiguous();
+  auto out = at::empty({B, K, K}, G.options());
+  if (B == 0) return out;
+  std::atomic<bool> bad{false};
+  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "jacobian_gram_cpu", [&] {
+    const scalar_t* gp = G.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B, grain_for(K * K * std::max<int64_t>(D, 1) / 2), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const scalar_t* g = gp + b * K * D;
+        if (!row_finite(g, K * D)) bad = true;
+        scalar_t* o = op + b * K * K;
+        for (int64_t k = 0; k < K; ++k) {
+          const scalar_t* gk = g + k * D;
+          for (int64_t l = 0; l <= k; ++l) {
+            const scalar_t* gl = g + l * D;
+            scalar_t acc = 0;
+            for (int64_t d = 0; d < D; ++d) acc += gk[d] * gl[d];
+            o[k * K + l] = acc;
+            o[l * K + k] = acc;
+          }
+        }
+      }
+    });
+  });
+  report_nonfinite(bad, "G");
+  return out;
+}
+
+at::Tensor jacobian_tvec_cpu(const at::Tensor& G_, const at::Tensor& y_) {
+  check_float(G_, "G");
+  check_dim(G_, 3, "G", "[B, K, D]");
+  check_classes(G_.size(1), "G");
+  check_float(y_, "y");
+  check_dim(y_, 2, "y", "[B, K]");
+  check_like(y_, "y", G_, "G");
+  check_size(y_, 0, G_.size(0), "y", "samples");
+  check_size(y_, 1, G_.size(1), "y", "classes");
+  const int64_t B = G_.size(0), K = G_.size(1), D = G_.size(2);
+  auto G = G_.contiguous();
+  auto y = y_.contiguous();
+  auto out = at::empty({B, D}, G.options());
+  if (B == 0 || D == 0) return out;
+  std::atomic<bool> bad_g{false}, bad_y{false};
+  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "jacobian_tvec_cpu", [&] {
+    const scalar_t* gp = G.data_ptr<scalar_t>();
+    const scalar_t* yp = y.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B, grain_for(K * D), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const scalar_t* g = gp + b * K * D;
+        const scalar_t* yr = yp + b * K;
+        if (!row_finite(yr, K)) bad_y = true;
+        if (!row_finite(g, K * D)) bad_g = true;
+        scalar_t* o = op + b * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          const scalar_t yk = yr[k];
+          const scalar_t* gk = g + k * D;
+          for (int64_t d = 0; d < D; ++d) o[d] += yk * gk[d];
+        }
+      }
+    });
+  });
+  report_nonfinite(bad_g, "G");
+  report_nonfinite(bad_y, "y");
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(ppoison, CPU, m) {
+  m.impl("jacobian_gram_fc", &jacobian_gram_fc_cpu);
+  m.impl("jacobian_tvec_fc", &jacobian_tvec_fc_cpu);
+  m.impl("jacobian_gram", &jacobian_gram_cpu);
+  m.impl("jacobian_tvec", &jacobian_tvec_cpu);
+}
+
+}  // namespace ppoison

@@ -1,0 +1,57 @@
+// The reference's line search toward the target vertex, per sample:
+//   ỹ = (1 − α) y + α y*
+//   l1/l2: α = clamp(ε / (‖y − y*‖_p + 1e-7), 0, 1)
+//   kl:    α = 1 if KL(y‖y*) ≤ ε, else the last feasible midpoint of a
+//          `kl_steps`-step bisection on KL(y‖ỹ(α)) ≤ ε over [0, 1] (0 if none).
+// One task per row.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+
+#include "../ops.h"
+#include "../utils.h"
+
+namespace ppoison {
+
+at::Tensor mad_step_cpu(const at::Tensor& y_, const at::Tensor& ys_, double epsilon, c10::string_view ydist_s,
+                        int64_t kl_steps) {
+  check_step_args(y_, ys_, epsilon, kl_steps);
+  const YDist dist = parse_ydist(ydist_s);
+  const int64_t B = y_.size(0), K = y_.size(1);
+  auto y = y_.contiguous();
+  auto ys = ys_.contiguous();
+  auto out = at::empty({B, K}, y.options());
+  if (B == 0) return out;
+  std::atomic<bool> bad_y{false}, bad_s{false};
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "mad_step_cpu", [&] {
+    const scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t* sp = ys.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t work = dist == YDist::KL ? K * (kl_steps + 2) : K;
+    at::parallel_for(0, B, std::max<int64_t>(1, 16384 / work), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const scalar_t* yr = yp + b * K;
+        const scalar_t* sr = sp + b * K;
+        bool ok_y = true, ok_s = true;
+        for (int64_t k = 0; k < K; ++k) {
+          ok_y &= std::isfinite((double)yr[k]);
+          ok_s &= std::isfinite((double)sr[k]);
+        }
+        if (!ok_y) bad_y = true;
+        if (!ok_s) bad_s = true;
+        const double alpha = (ok_y && ok_s) ? step_alpha(yr, sr, (int)K, epsilon, dist, (int)kl_steps) : 0.0;
+        scalar_t* o = op + b * K;
+        for (int64_t k = 0; k < K; ++k) o[k] = (scalar_t)((1.0 - alpha) * (double)yr[k] + alpha * (double)sr[k]);
+      }
+    });
+  });
+  report_nonfinite(bad_y, "y");
+  report_nonfinite(bad_s, "y_star");
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(ppoison, CPU, m) { m.impl("mad_step", &mad_step_cpu); }
+
+}  // namespace ppoison

@@ -1,0 +1,473 @@
+// MAD objective math shared by the CPU and CUDA kernels (host + device).
+//
+// The proxy's per-class NLL Jacobian G [K, D] enters every MAD quantity only
+// through its Gram matrix M = G Gᵀ [K, K]:
+//   Gᵀa · Gᵀb = aᵀ M b.
+// Two representations of M are supported:
+//   FC:    the last Linear layer, M = ‖h‖² (I − 1pᵀ − p1ᵀ + ‖p‖² 11ᵀ), so
+//          aᵀMb = ‖h‖² (a − p·s_a)·(b − p·s_b) with s_a = Σa. p = nullptr, ‖h‖² = 1
+//          gives M = I (the `disable_jacobian` / random / argmin case).
+//   Dense: an explicit M [K, K] (from explicit Jacobians).
+// For a candidate ỹ the oracle needs A = ỹᵀMỹ, C = ỹᵀMy and Y = yᵀMy:
+//   angular   obj = ‖Gᵀỹ/‖Gᵀỹ‖ − Gᵀy/‖Gᵀy‖‖² = 2 − 2C/√(AY)
+//   surrogate     = ‖Gᵀ(ỹ − y)‖² = A − 2C + Y
+// A zero vector normalizes to zero (the reference divides by zero and gets NaN).
+// Argmax-preserving vertices are ỹ = (1_S + w e_k*) / (|S| + w), w = 1e-5, k* ∈ S.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define PP_HD __host__ __device__ __forceinline__
+#else
+#define PP_HD inline
+#endif
+
+namespace ppoison {
+
+enum class Oracle : int { Extreme = 0, Argmax = 1, Argmin = 2, Random = 3 };
+enum class YDist : int { L1 = 0, L2 = 1, KL = 2 };
+
+constexpr double kVertexWeight = 1e-5;    // reference: up-weight of the top class in argmax vertices
+constexpr double kGreedySmooth = 1e-8;    // reference: y smoothing in the greedy argmax oracle
+constexpr double kAlphaEps = 1e-7;        // reference: denominator guard of the closed-form step
+constexpr double kZeroRel = 1e-12;        // ‖Gᵀa‖² below this (relative) counts as a zero vector
+constexpr double kTieRel = 1e-10;         // objective values this close (relative) are ties
+
+struct Quad {
+  double A, C, Y;
+  double zero_a;  // A at or below this is a zero vector: kZeroRel·scale·‖ỹ‖²
+};
+
+// True when v ties or beats best: ties go to the earlier candidate.
+PP_HD bool tie_or_better(double v, double best) {
+  double scale = fabs(best) > 1.0 ? fabs(best) : 1.0;
+  return v >= best - kTieRel * scale;
+}
+
+// Strictly better than best by more than the tie tolerance.
+PP_HD bool strictly_better(double v, double best) {
+  double scale = fabs(best) > 1.0 ? fabs(best) : 1.0;
+  return v > best + kTieRel * scale;
+}
+
+PP_HD double angular(const Quad& q, double zero_y) {
+  bool u = q.A > q.zero_a, v = q.Y > zero_y;
+  double r = (u ? 1.0 : 0.0) + (v ? 1.0 : 0.0);
+  if (u && v) r -= 2.0 * q.C / (sqrt(q.A) * sqrt(q.Y));
+  return r < 0.0 ? 0.0 : (r > 4.0 ? 4.0 : r);
+}
+
+PP_HD double surrogate(const Quad& q) {
+  double r = q.A - 2.0 * q.C + q.Y;
+  return r < 0.0 ? 0.0 : r;
+}
+
+// Running sums over a vertex set S for the FC form: |S|, Σ_S p, Σ_S w_y.
+struct FcSet {
+  int n;
+  double sp, sw;
+};
+
+// FC (or identity) Gram of one sample. Works with the centred vectors
+// w_a = a − p·s_a, so that Y = ‖w_y‖² keeps full precision when y ≈ p.
+template <typename scalar_t>
+struct FcGram {
+  const scalar_t* y;
+  const scalar_t* p;  // nullptr: identity Gram
+  int K;
+  double hsq, sy, p2, pw, wy2, zero_y;
+
+  PP_HD double pk(int k) const { return p ? (double)p[k] : 0.0; }
+  PP_HD double wy(int k) const { return (double)y[k] - pk(k) * sy; }
+
+  PP_HD void init(const scalar_t* y_, const scalar_t* p_, double hsq_, int K_) {
+    y = y_;
+    p = p_;
+    K = K_;
+    hsq = hsq_;
+    sy = 0.0;
+    p2 = 0.0;
+    double yy = 0.0;
+    for (int k = 0; k < K; ++k) {
+      double yk = (double)y[k], pv = pk(k);
+      sy += yk;
+      p2 += pv * pv;
+      yy += yk * yk;
+    }
+    pw = 0.0;
+    wy2 = 0.0;
+    for (int k = 0; k < K; ++k) {
+      double w = wy(k);
+      pw += pk(k) * w;
+      wy2 += w * w;
+    }
+    zero_y = kZeroRel * yy;
+  }
+
+  // Quadratic forms normalised by ‖h‖² (so the angular value is independent of h).
+  PP_HD Quad single(int k) const {
+    Quad q;
+    q.A = 1.0 - 2.0 * pk(k) + p2;
+    q.C = wy(k) - pw;
+    q.Y = wy2;
+    q.zero_a = kZeroRel;
+    return q;
+  }
+
+  PP_HD Quad general(int n, double sp, double sw, int kstar, double w) const {
+    double s = (double)n + w;
+    double aa = (double)n + 2.0 * w + w * w;  // k* ∈ S
+    double ap = sp + w * pk(kstar);
+    Quad q;
+    q.A = (aa - 2.0 * s * ap + s * s * p2) / (s * s);
+    q.C = (sw + w * wy(kstar) - s * pw) / s;
+    q.Y = wy2;
+    q.zero_a = kZeroRel * aa / (s * s);
+    return q;
+  }
+
+  PP_HD FcSet empty_set() const { return FcSet{0, 0.0, 0.0}; }
+  PP_HD void add(FcSet& s, int k) const {
+    s.n += 1;
+    s.sp += pk(k);
+    s.sw += wy(k);
+  }
+  PP_HD void remove(FcSet& s, int k) const {
+    s.n -= 1;
+    s.sp -= pk(k);
+    s.sw -= wy(k);
+  }
+  PP_HD Quad vertex(const FcSet& s, int kstar, double w) const { return general(s.n, s.sp, s.sw, kstar, w); }
+  PP_HD Quad vertex_plus(const FcSet& s, int c, int kstar, double w) const {
+    return general(s.n + 1, s.sp + pk(c), s.sw + wy(c), kstar, w);
+  }
+
+  PP_HD double value(const Quad& q, bool objmax) const {
+    if (!(hsq > 0.0)) return 0.0;  // G = 0: every direction is the zero vector
+    return objmax ? angular(q, zero_y) : hsq * surrogate(q);
+  }
+};
+
+// Running state over a vertex set S for a dense Gram: |S|, 1_SᵀM1_S, 1_SᵀMy and r = M1_S.
+struct DenseSet {
+  int n;
+  double t, q;
+  double* r;  // K entries of scratch
+};
+
+template <typename scalar_t>
+struct DenseGram {
+  const scalar_t* y;
+  const scalar_t* M;  // [K, K], symmetric
+  int K;
+  double* my;  // K entries of scratch: M y
+  double yy, scale, zero_y;  // scale = trace(M)/K
+
+  PP_HD double m(int i, int j) const { return (double)M[(int64_t)i * K + j]; }
+
+  PP_HD void init(const scalar_t* y_, const scalar_t* M_, int K_, double* my_scratch) {
+    y = y_;
+    M = M_;
+    K = K_;
+    my = my_scratch;
+    double trace = 0.0, ny = 0.0;
+    yy = 0.0;
+    for (int i = 0; i < K; ++i) {
+      double acc = 0.0;
+      for (int j = 0; j < K; ++j) acc += m(i, j) * (double)y[j];
+      my[i] = acc;
+      yy += (double)y[i] * acc;
+      trace += m(i, i);
+      ny += (double)y[i] * (double)y[i];
+    }
+    scale = (trace > 0.0 ? trace : 0.0) / K;
+    zero_y = kZeroRel * scale * ny;
+  }
+
+  PP_HD Quad single(int k) const {
+    Quad q;
+    q.A = m(k, k);
+    q.C = my[k];
+    q.Y = yy;
+    q.zero_a = kZeroRel * scale;
+    return q;
+  }
+
+  PP_HD DenseSet empty_set(double* r) const {
+    for (int i = 0; i < K; ++i) r[i] = 0.0;
+    return DenseSet{0, 0.0, 0.0, r};
+  }
+  PP_HD void add(DenseSet& s, int k) const {
+    s.t += 2.0 * s.r[k] + m(k, k);
+    for (int i = 0; i < K; ++i) s.r[i] += m(i, k);
+    s.q += my[k];
+    s.n += 1;
+  }
+  PP_HD void remove(DenseSet& s, int k) const {
+    for (int i = 0; i < K; ++i) s.r[i] -= m(i, k);
+    s.t -= 2.0 * s.r[k] + m(k, k);
+    s.q -= my[k];
+    s.n -= 1;
+  }
+  PP_HD Quad general(int n, double t, double rk, double q, int kstar, double w) const {
+    double s = (double)n + w;
+    Quad out;
+    out.A = (t + 2.0 * w * rk + w * w * m(kstar, kstar)) / (s * s);
+    out.C = (q + w * my[kstar]) / s;
+    out.Y = yy;
+    out.zero_a = kZeroRel * scale * ((double)n + 2.0 * w + w * w) / (s * s);
+    return out;
+  }
+  PP_HD Quad vertex(const DenseSet& s, int kstar, double w) const {
+    return general(s.n, s.t, s.r[kstar], s.q, kstar, w);
+  }
+  PP_HD Quad vertex_plus(const DenseSet& s, int c, int kstar, double w) const {
+    return general(s.n + 1, s.t + 2.0 * s.r[c] + m(c, c), s.r[kstar] + m(kstar, c), s.q + my[c], kstar, w);
+  }
+
+  PP_HD double value(const Quad& q, bool objmax) const {
+    return objmax ? angular(q, zero_y) : surrogate(q);
+  }
+};
+
+template <typename scalar_t>
+PP_HD int argmax_first(const scalar_t* v, int K) {
+  int best = 0;
+  for (int k = 1; k < K; ++k)
+    if (v[k] > v[best]) best = k;
+  return best;
+}
+
+template <typename scalar_t>
+PP_HD int argmin_first(const scalar_t* v, int K) {
+  int best = 0;
+  for (int k = 1; k < K; ++k)
+    if (v[k] < v[best]) best = k;
+  return best;
+}
+
+// `extreme`: best one-hot vertex e_k; first index wins ties.
+template <typename Gram>
+PP_HD int oracle_extreme(const Gram& g, bool objmax, double* value) {
+  double best = -1.0;
+  for (int k = 0; k < g.K; ++k) {
+    double v = g.value(g.single(k), objmax);
+    if (v > best) best = v;
+  }
+  for (int k = 0; k < g.K; ++k) {
+    double v = g.value(g.single(k), objmax);
+    if (tie_or_better(v, best)) {
+      *value = v;
+      return k;
+    }
+  }
+  *value = best;
+  return 0;
+}
+
+// Free bit j (0 = most significant) of the lexicographic rank maps to class index.
+PP_HD int free_index(int j, int kstar) { return j < kstar ? j : j + 1; }
+
+// Exact argmax-preserving oracle: every vertex containing k*, in the order of
+// itertools.product([0, 1], repeat=K) (the reference's), first maximum wins.
+// Returns the winning rank; bit (K-2-j) of the rank says whether free_index(j) ∈ S.
+template <typename Gram, typename Set>
+PP_HD int64_t oracle_argmax_exact(const Gram& g, Set cur, int kstar, bool objmax, double* value) {
+  const int nfree = g.K - 1;
+  const int64_t count = (int64_t)1 << nfree;
+  double best = -1.0;
+  g.add(cur, kstar);
+  for (int pass = 0; pass < 2; ++pass) {
+    // A full cycle of rank increments brings S back to {k*}.
+    for (int64_t r = 0; r < count; ++r) {
+      double v = g.value(g.vertex(cur, kstar, kVertexWeight), objmax);
+      if (pass == 0) {
+        if (v > best) best = v;
+      } else if (tie_or_better(v, best)) {
+        *value = v;
+        return r;
+      }
+      // binary increment of the rank: the least significant free bit is the last index
+      for (int j = nfree - 1; j >= 0; --j) {
+        int idx = free_index(j, kstar);
+        if ((r >> (nfree - 1 - j)) & 1) {
+          g.remove(cur, idx);
+        } else {
+          g.add(cur, idx);
+          break;
+        }
+      }
+    }
+  }
+  *value = best;
+  return 0;
+}
+
+// Greedy argmax-preserving oracle (the reference's search for large K): grow S from
+// {k*} one class at a time, scoring every S ∪ {c}; keep the global best vertex.
+// Stops once `max_candidates` vertices were scored or S holds every class (the
+// reference crashes there for 11 ≤ K ≤ 45). `in_set` and `order` are K-entry scratch.
+// Returns the number of added classes t and the last class c of the best vertex:
+// best = {k*} ∪ order[0..t) ∪ {c}.
+template <typename Gram, typename Set>
+PP_HD void oracle_argmax_greedy(const Gram& g, Set cur, int kstar, bool objmax, int64_t max_candidates,
+                                unsigned char* in_set, int* order, int* best_t, int* best_c, double* value) {
+  const int K = g.K;
+  for (int k = 0; k < K; ++k) in_set[k] = 0;
+  g.add(cur, kstar);
+  in_set[kstar] = 1;
+  double best = -1.0;
+  *best_t = 0;
+  *best_c = kstar;
+  int64_t scored = 0;
+  int t = 0;
+  while (scored < max_candidates && cur.n < K) {
+    double it_best = -1.0;
+    for (int c = 0; c < K; ++c) {
+      if (in_set[c]) continue;
+      double v = g.value(g.vertex_plus(cur, c, kstar, kVertexWeight), objmax);
+      if (v > it_best) it_best = v;
+      ++scored;
+    }
+    int it_c = -1;
+    double it_v = it_best;
+    for (int c = 0; c < K; ++c) {
+      if (in_set[c]) continue;
+      double v = g.value(g.vertex_plus(cur, c, kstar, kVertexWeight), objmax);
+      if (tie_or_better(v, it_best)) {
+        it_c = c;
+        it_v = v;
+        break;
+      }
+    }
+    if (strictly_better(it_v, best)) {
+      best = it_v;
+      *best_t = t;
+      *best_c = it_c;
+    }
+    g.add(cur, it_c);
+    in_set[it_c] = 1;
+    order[t++] = it_c;
+  }
+  *value = best;
+}
+
+// Marks S for the exact oracle's rank r: k* plus free_index(j) for each set bit (K−2−j).
+PP_HD void mask_from_rank(int64_t r, int K, int kstar, unsigned char* mask) {
+  const int nfree = K - 1;
+  for (int k = 0; k < K; ++k) mask[k] = 0;
+  mask[kstar] = 1;
+  for (int j = 0; j < nfree; ++j)
+    if ((r >> (nfree - 1 - j)) & 1) mask[free_index(j, kstar)] = 1;
+}
+
+// y* = (1_S + w e_k*) / (|S| + w), the reference's argmax-preserving vertex.
+template <typename scalar_t>
+PP_HD void write_vertex(const unsigned char* mask, int K, int kstar, scalar_t* out) {
+  int n = 0;
+  for (int k = 0; k < K; ++k) n += mask[k] ? 1 : 0;
+  double s = (double)n + kVertexWeight;
+  for (int k = 0; k < K; ++k)
+    out[k] = (scalar_t)(mask[k] ? ((k == kstar ? 1.0 + kVertexWeight : 1.0) / s) : 0.0);
+}
+
+// Angular objective and surrogate of an arbitrary ỹ against y, FC/identity Gram.
+template <typename scalar_t>
+PP_HD void objective_fc(const scalar_t* yt, const scalar_t* y, const scalar_t* p, double hsq, int K, double* obj,
+                        double* sur) {
+  double st = 0.0, sy = 0.0, tt = 0.0, yy = 0.0;
+  for (int k = 0; k < K; ++k) {
+    double a = (double)yt[k], b = (double)y[k];
+    st += a;
+    sy += b;
+    tt += a * a;
+    yy += b * b;
+  }
+  double A = 0.0, C = 0.0, Y = 0.0, D = 0.0;
+  for (int k = 0; k < K; ++k) {
+    double pk = p ? (double)p[k] : 0.0;
+    double wt = (double)yt[k] - pk * st, wy = (double)y[k] - pk * sy, d = wt - wy;
+    A += wt * wt;
+    C += wt * wy;
+    Y += wy * wy;
+    D += d * d;
+  }
+  if (!(hsq > 0.0)) {
+    *obj = 0.0;
+    *sur = 0.0;
+    return;
+  }
+  *obj = angular(Quad{A, C, Y, kZeroRel * tt}, kZeroRel * yy);
+  *sur = hsq * D;
+}
+
+// Angular objective and surrogate of an arbitrary ỹ against y, dense Gram M [K, K].
+template <typename scalar_t>
+PP_HD void objective_dense(const scalar_t* yt, const scalar_t* y, const scalar_t* M, int K, double* obj,
+                           double* sur) {
+  double A = 0.0, C = 0.0, Y = 0.0, D = 0.0, tr = 0.0, tt = 0.0, yy = 0.0;
+  for (int i = 0; i < K; ++i) {
+    double mt = 0.0, my = 0.0;
+    for (int j = 0; j < K; ++j) {
+      double m = (double)M[(int64_t)i * K + j];
+      mt += m * (double)yt[j];
+      my += m * (double)y[j];
+    }
+    double a = (double)yt[i], b = (double)y[i];
+    A += a * mt;
+    C += a * my;
+    Y += b * my;
+    D += (a - b) * (mt - my);
+    tr += (double)M[(int64_t)i * K + i];
+    tt += a * a;
+    yy += b * b;
+  }
+  double scale = (tr > 0.0 ? tr : 0.0) / K;
+  *obj = angular(Quad{A, C, Y, kZeroRel * scale * tt}, kZeroRel * scale * yy);
+  *sur = D > 0.0 ? D : 0.0;
+}
+
+// KL(y ‖ (1−α) y + α y*), with 0·log 0 = 0 and +inf where y_k > 0 = h_k.
+template <typename scalar_t>
+PP_HD double kl_to_mix(const scalar_t* y, const scalar_t* ys, int K, double alpha) {
+  double acc = 0.0;
+  for (int k = 0; k < K; ++k) {
+    double yk = (double)y[k];
+    if (yk <= 0.0) continue;
+    double h = (1.0 - alpha) * yk + alpha * (double)ys[k];
+    if (!(h > 0.0)) return INFINITY;
+    acc += yk * (log(yk) - log(h));
+  }
+  return acc;
+}
+
+// Step size of the reference's line search toward y*.
+template <typename scalar_t>
+PP_HD double step_alpha(const scalar_t* y, const scalar_t* ys, int K, double eps, YDist dist, int kl_steps) {
+  if (dist == YDist::KL) {
+    if (kl_to_mix(y, ys, K, 1.0) <= eps) return 1.0;
+    double lo = 0.0, hi = 1.0, alpha = 0.0;
+    for (int i = 0; i < kl_steps; ++i) {
+      double mid = 0.5 * (lo + hi);
+      if (kl_to_mix(y, ys, K, mid) <= eps) {
+        lo = mid;
+        alpha = mid;
+      } else {
+        hi = mid;
+      }
+    }
+    return alpha;
+  }
+  double norm = 0.0;
+  for (int k = 0; k < K; ++k) {
+    double d = (double)y[k] - (double)ys[k];
+    norm += dist == YDist::L1 ? fabs(d) : d * d;
+  }
+  if (dist == YDist::L2) norm = sqrt(norm);
+  double alpha = eps / (norm + kAlphaEps);
+  return alpha < 0.0 ? 0.0 : (alpha > 1.0 ? 1.0 : alpha);
+}
+
+}  // namespace ppoison

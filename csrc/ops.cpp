@@ -1,0 +1,44 @@
+// The ppoison operator library: every schema, defined once. Backends register
+// their kernels with TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and csrc/cuda/*.cu.
+#include <Python.h>
+#include <torch/library.h>
+
+#ifdef WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+extern "C" {
+// `import ppoison_ext._C` loads this shared library, which runs the static
+// registrations below; the module itself holds nothing.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace ppoison {
+
+int64_t cuda_version() {
+#ifdef WITH_CUDA
+  return CUDART_VERSION;
+#else
+  return -1;
+#endif
+}
+
+TORCH_LIBRARY(ppoison, m) {
+  m.def("jacobian_gram_fc(Tensor p, Tensor h_sqnorm) -> Tensor");
+  m.def("jacobian_tvec_fc(Tensor p, Tensor h, Tensor y) -> Tensor");
+  m.def("jacobian_gram(Tensor G) -> Tensor");
+  m.def("jacobian_tvec(Tensor G, Tensor y) -> Tensor");
+  m.def(
+      "mad_oracle(Tensor y, Tensor? p, Tensor? h_sqnorm, Tensor? gram, str oracle, bool objmax, "
+      "int exact_max_k, int max_candidates, Tensor? index) -> (Tensor, Tensor)");
+  m.def("mad_objective(Tensor y_tilde, Tensor y, Tensor? p, Tensor? h_sqnorm, Tensor? gram) -> (Tensor, Tensor)");
+  m.def("mad_step(Tensor y, Tensor y_star, float epsilon, str ydist, int kl_steps) -> Tensor");
+  m.def("project_simplex(Tensor v, float radius) -> Tensor");
+  m.def("project_l1_ball(Tensor v, float radius) -> Tensor");
+  m.def("cuda_version() -> int", &cuda_version);
+}
+
+}  // namespace ppoison

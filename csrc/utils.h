@@ -1,0 +1,129 @@
+// Argument checks shared by the CPU and CUDA entry points, so both raise the
+// same errors: TypeError for dtypes, ValueError for shapes, devices and values.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+
+#include "mad_math.h"
+
+namespace ppoison {
+
+inline void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "ppoison: ", name,
+                   " must be a float32 or float64 tensor, got ", t.scalar_type());
+}
+
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* name, const char* shape) {
+  TORCH_CHECK_VALUE(t.dim() == dim, "ppoison: ", name, " must have shape ", shape, ", got a tensor of shape ",
+                    t.sizes());
+}
+
+inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "ppoison: ", name, " is on ", t.device(), " but ", ref_name,
+                    " is on ", ref.device(), "; all tensors must be on the same device");
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "ppoison: ", name, " has dtype ", t.scalar_type(),
+                   " but ", ref_name, " has dtype ", ref.scalar_type(), "; dtypes must match");
+}
+
+inline void check_size(const at::Tensor& t, int64_t dim, int64_t expected, const char* name, const char* what) {
+  TORCH_CHECK_VALUE(t.size(dim) == expected, "ppoison: ", name, " has ", t.size(dim), " ", what, " (dim ", dim,
+                    ") but ", expected, " were expected from the other arguments; got shape ", t.sizes());
+}
+
+inline void check_classes(int64_t K, const char* name) {
+  TORCH_CHECK_VALUE(K >= 2, "ppoison: ", name, " must have at least 2 classes (K >= 2), got K = ", K);
+}
+
+inline void check_finite_scalar(double v, const char* name) {
+  TORCH_CHECK_VALUE(std::isfinite(v), "ppoison: ", name, " must be finite, got ", v);
+}
+
+// Raises when a kernel saw a NaN/Inf while reading `name`.
+inline void report_nonfinite(bool bad, const char* name) {
+  TORCH_CHECK_VALUE(!bad, "ppoison: ", name, " contains NaN or Inf values");
+}
+
+// One pass over the tensor (used where the kernel does not read every value, and on CUDA).
+inline void check_finite(const at::Tensor& t, const char* name) {
+  if (t.numel() == 0) return;
+  report_nonfinite(!at::isfinite(t).all().item<bool>(), name);
+}
+
+inline Oracle parse_oracle(c10::string_view s) {
+  if (s == "extreme") return Oracle::Extreme;
+  if (s == "argmax") return Oracle::Argmax;
+  if (s == "argmin") return Oracle::Argmin;
+  if (s == "random") return Oracle::Random;
+  TORCH_CHECK_VALUE(false, "ppoison: oracle must be one of 'extreme', 'argmax', 'argmin', 'random', got '",
+                    std::string(s), "'");
+  return Oracle::Extreme;
+}
+
+inline YDist parse_ydist(c10::string_view s) {
+  if (s == "l1") return YDist::L1;
+  if (s == "l2") return YDist::L2;
+  if (s == "kl") return YDist::KL;
+  TORCH_CHECK_VALUE(false, "ppoison: ydist must be one of 'l1', 'l2', 'kl', got '", std::string(s), "'");
+  return YDist::L1;
+}
+
+// Gram arguments of mad_oracle / mad_objective: either an explicit `gram` [B, K, K]
+// or the FC form (`p` [B, K], `h_sqnorm` [B]); neither means the identity.
+struct GramArgs {
+  bool dense;
+  at::Tensor p, hsq, gram;
+};
+
+inline GramArgs check_gram_args(const at::Tensor& y, const c10::optional<at::Tensor>& p,
+                                const c10::optional<at::Tensor>& h_sqnorm, const c10::optional<at::Tensor>& gram) {
+  const int64_t B = y.size(0), K = y.size(1);
+  GramArgs g;
+  g.dense = gram.has_value();
+  if (g.dense) {
+    TORCH_CHECK_VALUE(!p.has_value() && !h_sqnorm.has_value(),
+                      "ppoison: pass either gram or (p, h_sqnorm), not both");
+    check_float(*gram, "gram");
+    check_dim(*gram, 3, "gram", "[B, K, K]");
+    check_like(*gram, "gram", y, "y");
+    check_size(*gram, 0, B, "gram", "samples");
+    check_size(*gram, 1, K, "gram", "classes");
+    check_size(*gram, 2, K, "gram", "classes");
+    g.gram = gram->contiguous();
+    return g;
+  }
+  if (p.has_value()) {
+    check_float(*p, "p");
+    check_dim(*p, 2, "p", "[B, K]");
+    check_like(*p, "p", y, "y");
+    check_size(*p, 0, B, "p", "samples");
+    check_size(*p, 1, K, "p", "classes");
+    g.p = p->contiguous();
+  }
+  if (h_sqnorm.has_value()) {
+    check_float(*h_sqnorm, "h_sqnorm");
+    check_dim(*h_sqnorm, 1, "h_sqnorm", "[B]");
+    check_like(*h_sqnorm, "h_sqnorm", y, "y");
+    check_size(*h_sqnorm, 0, B, "h_sqnorm", "samples");
+    g.hsq = h_sqnorm->contiguous();
+  }
+  return g;
+}
+
+inline void check_step_args(const at::Tensor& y, const at::Tensor& ys, double epsilon, int64_t kl_steps) {
+  check_float(y, "y");
+  check_dim(y, 2, "y", "[B, K]");
+  check_classes(y.size(1), "y");
+  check_float(ys, "y_star");
+  check_dim(ys, 2, "y_star", "[B, K]");
+  check_like(ys, "y_star", y, "y");
+  check_size(ys, 0, y.size(0), "y_star", "samples");
+  check_size(ys, 1, y.size(1), "y_star", "classes");
+  TORCH_CHECK_VALUE(std::isfinite(epsilon) && epsilon >= 0.0, "ppoison: epsilon must be finite and >= 0, got ",
+                    epsilon);
+  TORCH_CHECK_VALUE(kl_steps >= 0 && kl_steps <= 64, "ppoison: kl_steps must be in [0, 64], got ", kl_steps);
+}
+
+}  // namespace ppoison

@@ -1,0 +1,328 @@
+"""Typed wrappers over the native MAD kernels (``torch.ops.ppoison``).
+
+This is the only module that calls ``torch.ops.ppoison``. Every op takes and returns
+batched tensors (B ≥ 0 samples, K ≥ 2 classes), float32 or float64, on CPU or CUDA;
+all tensor arguments must share one device and dtype. They are inference-only (no
+autograd). Each has a pure-PyTorch twin of the same name in :mod:`ppoison_ext.reference`.
+
+Notation. For a proxy with last Linear layer W [K, H] on features h [H] and softmax output
+p [K], row k of the Jacobian G [K, K·H] of the per-class NLL −log p_k w.r.t. W is
+(p − e_k) ⊗ h, hence
+
+* ``G·Gᵀ = ‖h‖² (I − 1pᵀ − p1ᵀ + ‖p‖² 11ᵀ)`` and
+* ``Gᵀy = vec((Σ_k y_k · p − y) hᵀ)``.
+
+MAD's objectives of a perturbed posterior ỹ depend on G only through M = G·Gᵀ:
+
+* angular ``obj(ỹ) = ‖Gᵀỹ/‖Gᵀỹ‖ − Gᵀy/‖Gᵀy‖‖²`` ∈ [0, 4] (a zero vector normalizes to zero);
+* surrogate ``sobj(ỹ) = ‖Gᵀ(ỹ − y)‖²``.
+
+So the oracle and objective ops take the Gram in one of three forms: ``p`` and ``h_sqnorm``
+(the last-Linear closed form: one proxy forward, no backward), an explicit ``gram``
+[B, K, K] (e.g. from :func:`jacobian_gram` of per-sample Jacobians of any parameter set), or
+neither (G = I, the reference's ``disable_jacobian`` / ``random`` / ``argmin`` case).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _native  # noqa: F401  (registers torch.ops.ppoison)
+
+__all__ = [
+    "jacobian_gram_fc",
+    "jacobian_tvec_fc",
+    "jacobian_gram",
+    "jacobian_tvec",
+    "mad_oracle",
+    "mad_objective",
+    "mad_step",
+    "project_simplex",
+    "project_l1_ball",
+    "ORACLES",
+    "YDISTS",
+]
+
+ORACLES = ("extreme", "argmax", "argmin", "random")
+YDISTS = ("l1", "l2", "kl")
+
+
+def _tensor(x, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def _opt_tensor(x, name: str) -> Optional[Tensor]:
+    return None if x is None else _tensor(x, name)
+
+
+def _number(x, name: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        if isinstance(x, Tensor) and x.numel() == 1:
+            return float(x)
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    return float(x)
+
+
+def _choice(x, name: str, choices) -> str:
+    if not isinstance(x, str):
+        raise TypeError(f"{name} must be a str, one of {list(choices)}, got {type(x).__name__}")
+    if x not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {x!r}")
+    return x
+
+
+def jacobian_gram_fc(p: Tensor, h_sqnorm: Tensor) -> Tensor:
+    """Gram matrices G·Gᵀ of the last-Linear NLL Jacobian, in closed form.
+
+    ``out[b] = h_sqnorm[b] · (I − 1 p[b]ᵀ − p[b] 1ᵀ + ‖p[b]‖² 11ᵀ)``
+
+    Args:
+        p: proxy softmax outputs.
+        h_sqnorm: squared norms ‖h‖² of the features entering the last Linear layer.
+
+    Shape:
+        p: [B, K]; h_sqnorm: [B]; returns [B, K, K].
+    """
+    return torch.ops.ppoison.jacobian_gram_fc.default(_tensor(p, "p"), _tensor(h_sqnorm, "h_sqnorm"))
+
+
+def jacobian_tvec_fc(p: Tensor, h: Tensor, y: Tensor) -> Tensor:
+    """Products Gᵀy of the last-Linear NLL Jacobian, in closed form.
+
+    ``out[b] = vec((Σ_k y[b,k] · p[b] − y[b]) h[b]ᵀ)``, row-major like the weight W [K, H],
+    i.e. ``out[b, k·H + m] = (Σy · p_k − y_k) · h_m``.
+
+    Shape:
+        p: [B, K]; h: [B, H]; y: [B, K]; returns [B, K·H].
+    """
+    return torch.ops.ppoison.jacobian_tvec_fc.default(_tensor(p, "p"), _tensor(h, "h"), _tensor(y, "y"))
+
+
+def jacobian_gram(G: Tensor) -> Tensor:
+    """Gram matrices G·Gᵀ of explicit per-sample Jacobians.
+
+    Shape:
+        G: [B, K, D]; returns [B, K, K].
+    """
+    return torch.ops.ppoison.jacobian_gram.default(_tensor(G, "G"))
+
+
+def jacobian_tvec(G: Tensor, y: Tensor) -> Tensor:
+    """Products Gᵀy of explicit per-sample Jacobians: ``out[b] = Σ_k y[b,k] G[b,k]``.
+
+    Shape:
+        G: [B, K, D]; y: [B, K]; returns [B, D].
+    """
+    return torch.ops.ppoison.jacobian_tvec.default(_tensor(G, "G"), _tensor(y, "y"))
+
+
+def mad_oracle(
+    y: Tensor,
+    *,
+    p: Optional[Tensor] = None,
+    h_sqnorm: Optional[Tensor] = None,
+    gram: Optional[Tensor] = None,
+    oracle: str = "extreme",
+    objmax: bool = False,
+    exact_max_k: int = 16,
+    max_candidates: int = 1024,
+    generator: Optional[torch.Generator] = None,
+    index: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """MAD's perturbation-direction search: the target vertex y* per sample.
+
+    Candidates and their value (``objmax`` picks the angular objective, else the surrogate):
+
+    * ``extreme``: the K one-hot vertices e_k.
+    * ``argmax`` (accuracy preserving), with k* = argmax y: the vertices
+      ``(1_S + 1e-5·e_k*) / (|S| + 1e-5)`` for sets S ∋ k*. For K ≤ ``exact_max_k`` all
+      2^(K−1) of them, in the reference's ``itertools.product`` order; above that the
+      reference's greedy search: S grows from {k*} by the class whose vertex scores best,
+      every S ∪ {c} is scored, the global best is kept, until ``max_candidates`` vertices
+      were scored or S holds every class; it always uses the angular objective and
+      y smoothed as (y + 1e-8)/Σ, like the reference. (The reference enumerates only up to
+      K = 10; pass ``exact_max_k=10`` to reproduce it exactly for 11 ≤ K ≤ 16.)
+    * ``argmin``: e_k for k = argmin y.
+    * ``random``: e_k for k drawn uniformly (``index`` if given, else from ``generator``).
+
+    The first candidate wins ties (objective values within 1e-10 relative), as the
+    reference's strict ``>`` scan does. Values are computed in float64.
+
+    Args:
+        y: posteriors (rows on the simplex).
+        p, h_sqnorm: FC-form Gram (see module docs); ``h_sqnorm`` defaults to 1.
+        gram: explicit Gram M = G·Gᵀ; exclusive with ``p``/``h_sqnorm``.
+        oracle: one of ``extreme``, ``argmax``, ``argmin``, ``random``.
+        objmax: score with the angular objective instead of the surrogate.
+        exact_max_k: largest K searched exactly by ``argmax`` (≤ 24).
+        max_candidates: greedy budget of scored vertices (the reference's 1024).
+        generator: RNG for ``random``.
+        index: explicit classes for ``random``, int64 [B].
+
+    Returns:
+        ``(y_star [B, K], value [B])``; value is the objective of y* (angular if ``objmax``
+        or for the greedy search, surrogate otherwise).
+    """
+    y = _tensor(y, "y")
+    oracle = _choice(oracle, "oracle", ORACLES)
+    if not isinstance(objmax, bool):
+        raise TypeError(f"objmax must be a bool, got {type(objmax).__name__}")
+    for name, v in (("exact_max_k", exact_max_k), ("max_candidates", max_candidates)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if oracle == "random" and index is None:
+        if y.dim() != 2:
+            raise ValueError(f"y must have shape [B, K], got {tuple(y.shape)}")
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        index = torch.randint(y.shape[1], (y.shape[0],), generator=generator, device=gen_device).to(y.device)
+    return torch.ops.ppoison.mad_oracle.default(
+        y,
+        _opt_tensor(p, "p"),
+        _opt_tensor(h_sqnorm, "h_sqnorm"),
+        _opt_tensor(gram, "gram"),
+        oracle,
+        objmax,
+        exact_max_k,
+        max_candidates,
+        _opt_tensor(index, "index"),
+    )
+
+
+def mad_objective(
+    y_tilde: Tensor,
+    y: Tensor,
+    *,
+    p: Optional[Tensor] = None,
+    h_sqnorm: Optional[Tensor] = None,
+    gram: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """MAD's objective values of ``y_tilde`` against ``y``.
+
+    Returns ``(obj, sobj)``: the angular objective ‖Gᵀỹ/‖Gᵀỹ‖ − Gᵀy/‖Gᵀy‖‖² and the
+    surrogate ‖Gᵀ(ỹ − y)‖², with the Gram given as in :func:`mad_oracle`.
+
+    Shape:
+        y_tilde, y: [B, K]; returns two [B] tensors.
+    """
+    return torch.ops.ppoison.mad_objective.default(
+        _tensor(y_tilde, "y_tilde"),
+        _tensor(y, "y"),
+        _opt_tensor(p, "p"),
+        _opt_tensor(h_sqnorm, "h_sqnorm"),
+        _opt_tensor(gram, "gram"),
+    )
+
+
+def mad_step(y: Tensor, y_star: Tensor, epsilon: float, ydist: str = "l1", kl_steps: int = 15) -> Tensor:
+    """The reference's line search from y toward y* inside the ε-ball.
+
+    ``ỹ = (1 − α) y + α y*`` with, per sample,
+
+    * ``l1``/``l2``: α = clamp(ε / (‖y − y*‖_p + 1e-7), 0, 1);
+    * ``kl``: α = 1 if KL(y‖y*) ≤ ε, else the last feasible midpoint of a ``kl_steps``-step
+      bisection on KL(y‖ỹ(α)) ≤ ε over [0, 1] (α = 0 if none is feasible).
+
+    ỹ is a convex combination, so it stays on the simplex when y and y* are on it.
+
+    Shape:
+        y, y_star: [B, K]; returns [B, K].
+    """
+    ydist = _choice(ydist, "ydist", YDISTS)
+    eps = _number(epsilon, "epsilon")
+    if isinstance(kl_steps, bool) or not isinstance(kl_steps, int):
+        raise TypeError(f"kl_steps must be an int, got {type(kl_steps).__name__}")
+    return torch.ops.ppoison.mad_step.default(_tensor(y, "y"), _tensor(y_star, "y_star"), eps, ydist, kl_steps)
+
+
+def project_simplex(v: Tensor, radius: float = 1.0) -> Tensor:
+    """Euclidean projection of each row onto the simplex {x ≥ 0, Σx = radius}.
+
+    ``x = max(v − τ, 0)`` with τ found by Condat's O(K) algorithm (the twin uses the
+    sort-based method of Duchi et al., 2008). Rows already on the simplex are returned
+    unchanged, as in the reference.
+
+    Shape:
+        v: [B, K]; returns [B, K].
+    """
+    return torch.ops.ppoison.project_simplex.default(_tensor(v, "v"), _number(radius, "radius"))
+
+
+def project_l1_ball(v: Tensor, radius: float) -> Tensor:
+    """Euclidean projection of each row onto the L1 ball {‖x‖₁ ≤ radius}.
+
+    ``x = v`` if ‖v‖₁ ≤ radius, else ``sign(v) ⊙ project_simplex(|v|, radius)``.
+
+    Shape:
+        v: [B, K]; returns [B, K].
+    """
+    return torch.ops.ppoison.project_l1_ball.default(_tensor(v, "v"), _number(radius, "radius"))
+
+
+# ---------------------------------------------------------------------------------------
+# Fake (meta) kernels: output shapes for FakeTensor tracing / torch.compile, and what
+# torch.library.opcheck's test_faketensor checks against the real kernels.
+
+
+def _fake_bk(y: Tensor) -> Tuple[int, int]:
+    torch._check(y.dim() == 2, lambda: f"expected [B, K], got {tuple(y.shape)}")
+    return y.shape[0], y.shape[1]
+
+
+@torch.library.register_fake("ppoison::jacobian_gram_fc")
+def _jacobian_gram_fc_fake(p, h_sqnorm):
+    B, K = _fake_bk(p)
+    return p.new_empty((B, K, K))
+
+
+@torch.library.register_fake("ppoison::jacobian_tvec_fc")
+def _jacobian_tvec_fc_fake(p, h, y):
+    B, K = _fake_bk(p)
+    torch._check(h.dim() == 2)
+    return p.new_empty((B, K * h.shape[1]))
+
+
+@torch.library.register_fake("ppoison::jacobian_gram")
+def _jacobian_gram_fake(G):
+    torch._check(G.dim() == 3)
+    return G.new_empty((G.shape[0], G.shape[1], G.shape[1]))
+
+
+@torch.library.register_fake("ppoison::jacobian_tvec")
+def _jacobian_tvec_fake(G, y):
+    torch._check(G.dim() == 3)
+    return G.new_empty((G.shape[0], G.shape[2]))
+
+
+@torch.library.register_fake("ppoison::mad_oracle")
+def _mad_oracle_fake(y, p, h_sqnorm, gram, oracle, objmax, exact_max_k, max_candidates, index):
+    B, K = _fake_bk(y)
+    return y.new_empty((B, K)), y.new_empty((B,))
+
+
+@torch.library.register_fake("ppoison::mad_objective")
+def _mad_objective_fake(y_tilde, y, p, h_sqnorm, gram):
+    B, K = _fake_bk(y)
+    return y.new_empty((B,)), y.new_empty((B,))
+
+
+@torch.library.register_fake("ppoison::mad_step")
+def _mad_step_fake(y, y_star, epsilon, ydist, kl_steps):
+    _fake_bk(y)
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("ppoison::project_simplex")
+def _project_simplex_fake(v, radius):
+    _fake_bk(v)
+    return torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("ppoison::project_l1_ball")
+def _project_l1_ball_fake(v, radius):
+    _fake_bk(v)
+    return torch.empty_like(v, memory_format=torch.contiguous_format)

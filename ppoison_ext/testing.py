@@ -1,0 +1,80 @@
+"""Shared test and benchmark helpers: devices, dtypes, tolerances and input makers."""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+__all__ = ["devices", "float_dtypes", "tol", "make_probs", "make_features", "make_jacobian", "PROB_KINDS"]
+
+
+def devices() -> List[torch.device]:
+    """CPU, plus the first GPU when one is present."""
+    out = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        out.append(torch.device("cuda:0"))
+    return out
+
+
+float_dtypes = [torch.float32, torch.float64]
+
+# assert_close tolerances per dtype. Kernels compute in float64 and round once; the
+# float32 twins round at every step, so float32 gets a few ulps of slack.
+_TOL: Dict[torch.dtype, Dict[str, float]] = {
+    torch.float32: {"rtol": 2e-5, "atol": 2e-6},
+    torch.float64: {"rtol": 1e-10, "atol": 1e-12},
+}
+
+
+def tol(dtype: torch.dtype, scale: float = 1.0) -> Dict[str, float]:
+    """Tolerances for ``torch.testing.assert_close``; ``scale`` widens them (long reductions)."""
+    t = _TOL[dtype]
+    return {"rtol": t["rtol"] * scale, "atol": t["atol"] * scale}
+
+
+PROB_KINDS = ("random", "peaked", "onehot", "uniform", "ties", "zeros", "tiny")
+
+
+def make_probs(B: int, K: int, kind: str = "random", *, dtype=torch.float32, device="cpu", generator=None):
+    """Rows on the probability simplex of a given kind.
+
+    random: softmax of N(0, 3²) logits; peaked: softmax of N(0, 10²) logits; onehot;
+    uniform; ties: two classes tied at the top; zeros: random with exact zeros; tiny:
+    random with entries of 1e-38.
+    """
+    g = generator
+    if kind == "onehot":
+        idx = torch.randint(K, (B,), generator=g)
+        y = torch.nn.functional.one_hot(idx, K).double()
+    elif kind == "uniform":
+        y = torch.full((B, K), 1.0 / K, dtype=torch.float64)
+    else:
+        scale = 10.0 if kind == "peaked" else 3.0
+        y = torch.softmax(torch.randn(B, K, generator=g, dtype=torch.float64) * scale, -1)
+        if kind == "ties" and K >= 2:
+            top = y.argmax(-1)
+            other = (top + 1 + torch.randint(K - 1, (B,), generator=g)) % K
+            y[torch.arange(B), other] = y[torch.arange(B), top]
+            y = y / y.sum(-1, keepdim=True)
+        elif kind == "zeros":
+            drop = torch.rand(B, K, generator=g) < 0.3
+            drop[torch.arange(B), y.argmax(-1)] = False
+            y = torch.where(drop, torch.zeros_like(y), y)
+            y = y / y.sum(-1, keepdim=True)
+        elif kind == "tiny":
+            drop = torch.rand(B, K, generator=g) < 0.3
+            drop[torch.arange(B), y.argmax(-1)] = False
+            y = torch.where(drop, torch.full_like(y, 1e-38), y)
+            y = y / y.sum(-1, keepdim=True)
+    return y.to(dtype=dtype, device=device)
+
+
+def make_features(B: int, H: int, *, dtype=torch.float32, device="cpu", generator=None):
+    """Non-negative (post-ReLU-like) features h [B, H]."""
+    return torch.relu(torch.randn(B, H, generator=generator, dtype=torch.float64)).to(dtype=dtype, device=device)
+
+
+def make_jacobian(B: int, K: int, D: int, *, dtype=torch.float32, device="cpu", generator=None):
+    """Random explicit Jacobians G [B, K, D]."""
+    return torch.randn(B, K, D, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
