@@ -447,6 +447,9 @@ PP_HD double kl_to_mix(const scalar_t* y, const scalar_t* ys, int K, double alph
 template <typename scalar_t>
 PP_HD double step_alpha(const scalar_t* y, const scalar_t* ys, int K, double eps, YDist dist, int kl_steps) {
   if (dist == YDist::KL) {
+    // ε = 0 stays at y: with rounded (not exactly normalised) inputs a tiny step can
+    // have a KL that rounds below zero.
+    if (eps <= 0.0) return 0.0;
     if (kl_to_mix(y, ys, K, 1.0) <= eps) return 1.0;
     double lo = 0.0, hi = 1.0, alpha = 0.0;
     for (int i = 0; i < kl_steps; ++i) {

@@ -60,6 +60,15 @@ def _opt_tensor(x, name: str) -> Optional[Tensor]:
     return None if x is None else _tensor(x, name)
 
 
+def _same_device(first: Tuple[str, Tensor], *others: Tuple[str, Optional[Tensor]]) -> None:
+    name0, t0 = first
+    for name, t in others:
+        if t is not None and t.device != t0.device:
+            raise ValueError(
+                f"{name} is on {t.device} but {name0} is on {t0.device}; all tensors must be on the same device"
+            )
+
+
 def _number(x, name: str) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         if isinstance(x, Tensor) and x.numel() == 1:
@@ -88,7 +97,8 @@ def jacobian_gram_fc(p: Tensor, h_sqnorm: Tensor) -> Tensor:
     Shape:
         p: [B, K]; h_sqnorm: [B]; returns [B, K, K].
     """
-    return torch.ops.ppoison.jacobian_gram_fc.default(_tensor(p, "p"), _tensor(h_sqnorm, "h_sqnorm"))
+    _same_device(("p", _tensor(p, "p")), ("h_sqnorm", _tensor(h_sqnorm, "h_sqnorm")))
+    return torch.ops.ppoison.jacobian_gram_fc.default(p, h_sqnorm)
 
 
 def jacobian_tvec_fc(p: Tensor, h: Tensor, y: Tensor) -> Tensor:
@@ -100,7 +110,8 @@ def jacobian_tvec_fc(p: Tensor, h: Tensor, y: Tensor) -> Tensor:
     Shape:
         p: [B, K]; h: [B, H]; y: [B, K]; returns [B, K·H].
     """
-    return torch.ops.ppoison.jacobian_tvec_fc.default(_tensor(p, "p"), _tensor(h, "h"), _tensor(y, "y"))
+    _same_device(("p", _tensor(p, "p")), ("h", _tensor(h, "h")), ("y", _tensor(y, "y")))
+    return torch.ops.ppoison.jacobian_tvec_fc.default(p, h, y)
 
 
 def jacobian_gram(G: Tensor) -> Tensor:
@@ -118,7 +129,8 @@ def jacobian_tvec(G: Tensor, y: Tensor) -> Tensor:
     Shape:
         G: [B, K, D]; y: [B, K]; returns [B, D].
     """
-    return torch.ops.ppoison.jacobian_tvec.default(_tensor(G, "G"), _tensor(y, "y"))
+    _same_device(("G", _tensor(G, "G")), ("y", _tensor(y, "y")))
+    return torch.ops.ppoison.jacobian_tvec.default(G, y)
 
 
 def mad_oracle(
@@ -175,6 +187,8 @@ def mad_oracle(
     for name, v in (("exact_max_k", exact_max_k), ("max_candidates", max_candidates)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    _same_device(("y", y), ("p", _opt_tensor(p, "p")), ("h_sqnorm", _opt_tensor(h_sqnorm, "h_sqnorm")),
+                 ("gram", _opt_tensor(gram, "gram")), ("index", _opt_tensor(index, "index")))
     if oracle == "random" and index is None:
         if y.dim() != 2:
             raise ValueError(f"y must have shape [B, K], got {tuple(y.shape)}")
@@ -209,13 +223,9 @@ def mad_objective(
     Shape:
         y_tilde, y: [B, K]; returns two [B] tensors.
     """
-    return torch.ops.ppoison.mad_objective.default(
-        _tensor(y_tilde, "y_tilde"),
-        _tensor(y, "y"),
-        _opt_tensor(p, "p"),
-        _opt_tensor(h_sqnorm, "h_sqnorm"),
-        _opt_tensor(gram, "gram"),
-    )
+    _same_device(("y", _tensor(y, "y")), ("y_tilde", _tensor(y_tilde, "y_tilde")), ("p", _opt_tensor(p, "p")),
+                 ("h_sqnorm", _opt_tensor(h_sqnorm, "h_sqnorm")), ("gram", _opt_tensor(gram, "gram")))
+    return torch.ops.ppoison.mad_objective.default(y_tilde, y, p, h_sqnorm, gram)
 
 
 def mad_step(y: Tensor, y_star: Tensor, epsilon: float, ydist: str = "l1", kl_steps: int = 15) -> Tensor:
@@ -236,7 +246,8 @@ def mad_step(y: Tensor, y_star: Tensor, epsilon: float, ydist: str = "l1", kl_st
     eps = _number(epsilon, "epsilon")
     if isinstance(kl_steps, bool) or not isinstance(kl_steps, int):
         raise TypeError(f"kl_steps must be an int, got {type(kl_steps).__name__}")
-    return torch.ops.ppoison.mad_step.default(_tensor(y, "y"), _tensor(y_star, "y_star"), eps, ydist, kl_steps)
+    _same_device(("y", _tensor(y, "y")), ("y_star", _tensor(y_star, "y_star")))
+    return torch.ops.ppoison.mad_step.default(y, y_star, eps, ydist, kl_steps)
 
 
 def project_simplex(v: Tensor, radius: float = 1.0) -> Tensor:

@@ -44,7 +44,7 @@ def jacobian_gram_fc(p: Tensor, h_sqnorm: Tensor) -> Tensor:
 
 def jacobian_tvec_fc(p: Tensor, h: Tensor, y: Tensor) -> Tensor:
     c = y.sum(-1, keepdim=True) * p - y
-    return (c[:, :, None] * h[:, None, :]).reshape(p.shape[0], -1)
+    return (c[:, :, None] * h[:, None, :]).reshape(p.shape[0], p.shape[1] * h.shape[1])
 
 
 def jacobian_gram(G: Tensor) -> Tensor:
@@ -353,7 +353,9 @@ def _kl_to_mix(y: Tensor, ys: Tensor, alpha: Tensor) -> Tensor:
 def mad_step(y: Tensor, y_star: Tensor, epsilon: float, ydist: str = "l1", kl_steps: int = 15) -> Tensor:
     yd, sd = y.double(), y_star.double()
     eps = float(epsilon)
-    if ydist == "kl":
+    if ydist == "kl" and eps <= 0.0:
+        alpha = torch.zeros(y.shape[0], dtype=torch.float64, device=y.device)
+    elif ydist == "kl":
         B = y.shape[0]
         one = torch.ones(B, dtype=torch.float64, device=y.device)
         feasible_high = _kl_to_mix(yd, sd, one) <= eps
