@@ -1,0 +1,290 @@
+"""Shared plumbing of the dataset layer: data roots, md5 checks, argument checks, base classes.
+
+Nothing here prints, downloads or writes into a data folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+ENV_DATA_ROOT = "PPOISON_DATA"
+ENV_SKIP_MD5 = "PPOISON_SKIP_MD5"
+
+#: Folder shipped inside the package with MNIST, notMNIST (test part) and a partial FashionMNIST.
+EMBEDDED_ROOT = Path(__file__).resolve().parent.parent / "embedded_data"
+
+#: The datasets the embedded folder can serve.
+EMBEDDED_DATASETS = ("MNIST", "FashionMNIST", "notMNIST")
+
+
+class DatasetIntegrityError(RuntimeError):
+    """A dataset file exists but is not what it should be (md5 mismatch, bad header, truncated)."""
+
+
+# --------------------------------------------------------------------------- roots
+
+def embedded_root() -> Path:
+    """The package's own data folder (read-only; never written to)."""
+    return EMBEDDED_ROOT
+
+
+def data_root(root: Optional[PathLike] = None) -> Path:
+    """The data root a loader looks in first.
+
+    Precedence: the explicit ``root`` argument, then the ``PPOISON_DATA`` environment variable,
+    then the embedded folder (which holds only MNIST, notMNIST and a partial FashionMNIST).
+    """
+    if root is not None:
+        return Path(os.fspath(root)).expanduser()
+    env = os.environ.get(ENV_DATA_ROOT, "").strip()
+    if env:
+        return Path(env).expanduser()
+    return EMBEDDED_ROOT
+
+
+def search_roots(root: Optional[PathLike], embedded_ok: bool) -> List[Path]:
+    """Roots searched, in order.
+
+    An explicit ``root`` is searched alone. Otherwise ``$PPOISON_DATA`` (if set) comes first and, for the
+    datasets that ship with the package, the embedded folder is the fallback.
+    """
+    if root is not None:
+        return [data_root(root)]
+    roots: List[Path] = []
+    env = os.environ.get(ENV_DATA_ROOT, "").strip()
+    if env:
+        roots.append(Path(env).expanduser())
+    if embedded_ok or not roots:
+        roots.append(EMBEDDED_ROOT)
+    return roots
+
+
+def is_embedded(path: Path) -> bool:
+    try:
+        Path(path).resolve().relative_to(EMBEDDED_ROOT)
+    except ValueError:
+        return False
+    return True
+
+
+def root_placeholder(root: Optional[PathLike]) -> str:
+    """How to spell the user's data root in an error message when none was given."""
+    if root is not None:
+        return str(data_root(root))
+    env = os.environ.get(ENV_DATA_ROOT, "").strip()
+    return str(Path(env).expanduser()) if env else "$" + ENV_DATA_ROOT
+
+
+def not_found(name: str, searched: Iterable[PathLike], where: str, what: str, url: str,
+              root: Optional[PathLike]) -> FileNotFoundError:
+    """Build the FileNotFoundError every loader raises for missing data."""
+    searched = [str(s) for s in searched]
+    msg = [f"{name}: dataset not found. Searched: {', '.join(searched)}."]
+    msg.append(f"Put {what} into {where}.")
+    if root is None and not os.environ.get(ENV_DATA_ROOT, "").strip():
+        msg.append(f"No data root is configured: pass root=<folder> or set {ENV_DATA_ROOT}=<folder> "
+                   f"(the package's embedded folder only holds {', '.join(EMBEDDED_DATASETS)}).")
+    if url:
+        msg.append(f"Source: {url} (ppoison_ext never downloads).")
+    return FileNotFoundError(" ".join(msg))
+
+
+# --------------------------------------------------------------------------- md5
+
+_MD5_LOCK = threading.Lock()
+_MD5_CACHE: Dict[Tuple[str, int, int], str] = {}
+_EMBEDDED_SUMS: Optional[Dict[str, str]] = None
+
+
+def verify_default(verify: Optional[bool]) -> bool:
+    """``verify=None`` means: verify unless ``PPOISON_SKIP_MD5`` is set to a true value."""
+    if verify is not None:
+        if not isinstance(verify, (bool, np.bool_)):
+            raise TypeError(f"verify must be a bool or None, got {type(verify).__name__}")
+        return bool(verify)
+    return os.environ.get(ENV_SKIP_MD5, "").strip().lower() not in ("1", "true", "yes", "on")
+
+
+def md5_file(path: PathLike, chunk: int = 1 << 20) -> str:
+    """md5 of a file, cached per process by (path, size, mtime)."""
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    with _MD5_LOCK:
+        hit = _MD5_CACHE.get(key)
+    if hit is not None:
+        return hit
+    h = hashlib.md5()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    with _MD5_LOCK:
+        _MD5_CACHE[key] = digest
+    return digest
+
+
+def check_md5(path: PathLike, expected: str, name: str) -> None:
+    got = md5_file(path)
+    if got != expected:
+        raise DatasetIntegrityError(
+            f"{name}: md5 mismatch for {path}: expected {expected}, got {got}. The file is corrupt or not "
+            f"the official one; replace it, or pass verify=False / set {ENV_SKIP_MD5}=1 to skip the check.")
+
+
+def embedded_sums() -> Dict[str, str]:
+    """``relative path -> md5`` from the embedded folder's MD5SUMS."""
+    global _EMBEDDED_SUMS
+    if _EMBEDDED_SUMS is None:
+        sums: Dict[str, str] = {}
+        with open(EMBEDDED_ROOT / "MD5SUMS", "r", encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    digest, rel = line.split(None, 1)
+                    sums[rel.lstrip("*")] = digest
+        _EMBEDDED_SUMS = sums
+    return _EMBEDDED_SUMS
+
+
+def check_embedded(path: Path, name: str) -> None:
+    """Verify one embedded file against MD5SUMS (once per process)."""
+    rel = Path(path).resolve().relative_to(EMBEDDED_ROOT).as_posix()
+    expected = embedded_sums().get(rel)
+    if expected is None:
+        raise DatasetIntegrityError(
+            f"{name}: embedded file {path} is not listed in {EMBEDDED_ROOT / 'MD5SUMS'}")
+    check_md5(path, expected, name)
+
+
+def verify_embedded_data() -> Dict[str, bool]:
+    """Check every file listed in the embedded MD5SUMS; returns ``{relative path: ok}``."""
+    out = {}
+    for rel, digest in embedded_sums().items():
+        p = EMBEDDED_ROOT / rel
+        out[rel] = p.is_file() and md5_file(p) == digest
+    return out
+
+
+# --------------------------------------------------------------------------- arguments
+
+def check_train(train: Any, name: str, strings: Sequence[str] = ()) -> Union[bool, str]:
+    """``train`` must be a bool (or, for SVHN, one of ``strings``)."""
+    if isinstance(train, (bool, np.bool_)):
+        return bool(train)
+    if strings and isinstance(train, str):
+        if train not in strings:
+            raise ValueError(f"{name}: train must be a bool or one of {list(strings)}, got {train!r}")
+        return train
+    allowed = "a bool" + (f" or one of {list(strings)}" if strings else "")
+    raise TypeError(f"{name}: train must be {allowed}, got {type(train).__name__} {train!r}")
+
+
+def unique(paths: Iterable[Path]) -> List[Path]:
+    seen, out = set(), []
+    for p in paths:
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out
+
+
+# --------------------------------------------------------------------------- base datasets
+
+class ArrayDataset(Dataset):
+    """Images held in memory as uint8 arrays (``N×H×W`` grey or ``N×H×W×3`` RGB).
+
+    ``__getitem__`` turns ``data[i]`` into a PIL image (mode ``L`` or ``RGB``, as torchvision does) and
+    applies ``transform``; the label is a python int passed through ``target_transform``.
+    """
+
+    name = "ArrayDataset"
+
+    def __init__(self, data: np.ndarray, targets: Sequence[int], classes: Sequence[str], train: Any,
+                 transform: Optional[Callable] = None, target_transform: Optional[Callable] = None,
+                 root: Optional[Path] = None) -> None:
+        if data.dtype != np.uint8 or data.ndim not in (3, 4) or (data.ndim == 4 and data.shape[-1] != 3):
+            raise ValueError(
+                f"{self.name}: data must be uint8 N×H×W or N×H×W×3, got {data.dtype} {data.shape}")
+        if len(targets) != len(data):
+            raise ValueError(f"{self.name}: {len(data)} images but {len(targets)} labels")
+        self.data = np.ascontiguousarray(data)
+        self.targets: List[int] = [int(t) for t in targets]
+        self.classes: List[str] = [str(c) for c in classes]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        if self.targets and (min(self.targets) < 0 or max(self.targets) >= len(self.classes)):
+            raise DatasetIntegrityError(
+                f"{self.name}: labels span {min(self.targets)}..{max(self.targets)} but there are "
+                f"{len(self.classes)} classes")
+        self.train = train
+        self.transform = transform
+        self.target_transform = target_transform
+        self.root = root
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> Tuple[Any, Any]:
+        img = Image.fromarray(self.data[index])
+        target: Any = self.targets[index]
+        if self.transform is not None:
+            img = self.transform(img)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return img, target
+
+    def __repr__(self) -> str:
+        return (f"{self.name}(train={self.train!r}, n={len(self)}, classes={len(self.classes)}, "
+                f"root={str(self.root)!r})")
+
+
+def pil_loader(path: PathLike) -> Image.Image:
+    """Open an image file as RGB (torchvision's ``pil_loader``)."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        return img.convert("RGB")
+
+
+class FolderDataset(Dataset):
+    """Images on disk listed in ``samples`` as ``(path, label)``, loaded lazily with :func:`pil_loader`."""
+
+    name = "FolderDataset"
+
+    def __init__(self, samples: List[Tuple[str, int]], classes: Sequence[str], train: Any,
+                 transform: Optional[Callable] = None, target_transform: Optional[Callable] = None,
+                 root: Optional[Path] = None, loader: Callable[[str], Any] = pil_loader) -> None:
+        self.samples: List[Tuple[str, int]] = list(samples)
+        self.imgs = self.samples
+        self.targets: List[int] = [s[1] for s in self.samples]
+        self.classes: List[str] = [str(c) for c in classes]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.train = train
+        self.transform = transform
+        self.target_transform = target_transform
+        self.root = root
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Tuple[Any, Any]:
+        path, target = self.samples[index]
+        img = self.loader(path)
+        if self.transform is not None:
+            img = self.transform(img)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return img, target
+
+    def __repr__(self) -> str:
+        return (f"{self.name}(train={self.train!r}, n={len(self)}, classes={len(self.classes)}, "
+                f"root={str(self.root)!r})")
