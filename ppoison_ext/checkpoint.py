@@ -1,0 +1,668 @@
+"""Checkpoint and ``params.json`` I/O: atomic writes, ``weights_only`` loads, readable errors.
+
+File formats follow the original (``KO:knockoff/utils/model.py``, ``KO:knockoff/victim/train.py``):
+
+* ``checkpoint{suffix}.pth.tar`` / ``model_best.pth.tar``: a ``torch.save`` dict with
+  ``epoch``, ``arch``, ``state_dict``, ``best_acc``, ``optimizer`` (state_dict) and
+  ``created_on``. The original stored ``arch`` as the model **class object**, which
+  ``torch.load(weights_only=True)`` (the default since torch 2.6) refuses to unpickle.
+  Here ``arch`` is the architecture *name* (a str) and a ``num_classes`` int is added, so
+  every checkpoint holds only tensors and primitives and loads with ``weights_only=True``.
+  Old files can be converted once with :func:`convert_reference_checkpoint`.
+* ``params.json``: the training arguments; a model directory needs ``model_arch``,
+  ``num_classes`` and a dataset key (``dataset``, or ``testdataset`` / ``queryset``).
+
+Every write goes through :func:`atomic_write`: a temporary file in the target's folder,
+flushed and fsync'ed, then ``os.replace``'d over the target, so readers never see a
+half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import logging
+import operator
+import os
+import pickle
+import re
+import stat
+import tempfile
+import types
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+from typing import IO, Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "atomic_write",
+    "atomic_save_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_state_dict",
+    "convert_reference_checkpoint",
+    "read_params",
+    "load_model_dir",
+    "modelfamily_for_dataset",
+    "CHECKPOINT_NAMES",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: Files ``load_model_dir`` looks for, in order (the original loader's order).
+CHECKPOINT_NAMES: Tuple[str, ...] = ("model_best.pth.tar", "checkpoint.pth.tar")
+
+_RESERVED_KEYS = ("epoch", "arch", "state_dict", "best_acc", "optimizer", "created_on", "num_classes")
+_DATASET_KEYS = ("dataset", "testdataset", "queryset")
+
+
+# --- atomic writes -----------------------------------------------------------------------------
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: Path) -> None:
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: PathLike, write_fn: Callable[[IO[bytes]], None]) -> Path:
+    """Write a file atomically: ``write_fn(f)`` fills a temporary binary file in the same
+    folder, which is flushed, fsync'ed and ``os.replace``'d over ``path``.
+
+    Missing parent folders are created. The file gets the mode of the file it replaces,
+    or the usual ``0o666 & ~umask``. If ``write_fn`` raises, the temporary file is removed
+    and ``path`` is left as it was.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+    return path
+
+
+def atomic_save_bytes(path: PathLike, data: bytes) -> Path:
+    """Atomically write ``data`` to ``path`` (see :func:`atomic_write`)."""
+    data = bytes(data)
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Atomically write ``text`` to ``path`` (see :func:`atomic_write`)."""
+    return atomic_save_bytes(path, text.encode(encoding))
+
+
+def atomic_write_json(
+    path: PathLike, obj: Any, *, indent: Optional[int] = 2, sort_keys: bool = False
+) -> Path:
+    """Atomically write ``obj`` as JSON (plus a final newline). ``obj`` is serialised
+    before the file is touched, so a non-serialisable object leaves ``path`` unchanged."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")
+
+
+# --- checkpoint contents ---------------------------------------------------------------------
+
+
+def _check_safe(value: Any, where: str) -> None:
+    """Raise TypeError unless ``value`` loads with ``torch.load(weights_only=True)``."""
+    if value is None or isinstance(value, (Tensor, bool, int, float, str, bytes,
+                                           torch.dtype, torch.device, torch.Size)):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_safe(v, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int, float, bool)) and k is not None:
+                raise TypeError(f"{where} has a key of type {type(k).__name__}; use str or int keys")
+            _check_safe(v, f"{where}[{k!r}]")
+        return
+    raise TypeError(
+        f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which "
+        "torch.load(weights_only=True) cannot read; store tensors, numbers, strings, lists or dicts "
+        "(e.g. float(x), torch.from_numpy(a))"
+    )
+
+
+def _head(model: nn.Module) -> Tuple[Optional[str], Optional[nn.Module]]:
+    """The classifier head without running the model: the last registered Linear layer,
+    else the last Conv2d (SqueezeNet)."""
+    for kinds in ((nn.Linear,), (nn.Conv2d,)):
+        found = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
+        if found:
+            return found[-1]
+    return None, None
+
+
+def _num_classes(model: nn.Module) -> Optional[int]:
+    _, head = _head(model)
+    if isinstance(head, nn.Linear):
+        return int(head.out_features)
+    if isinstance(head, nn.Conv2d):
+        return int(head.out_channels)
+    return None
+
+
+def save_checkpoint(
+    path: PathLike,
+    model: nn.Module,
+    *,
+    arch: str,
+    epoch: int,
+    best_acc: float,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    extra: Optional[Mapping[str, Any]] = None,
+    num_classes: Optional[int] = None,
+) -> Path:
+    """Atomically write a checkpoint that loads with ``torch.load(weights_only=True)``.
+
+    The file holds a dict with ``epoch`` (int), ``arch`` (the architecture name, a str:
+    never the class), ``state_dict``, ``best_acc`` (float), ``optimizer`` (its state_dict,
+    or None), ``created_on`` (``str(datetime.now())``, as the original), ``num_classes``
+    (the output size of the model's last Linear layer unless given) and the ``extra`` keys.
+
+    Raises:
+        TypeError: ``arch`` is not a str, or an ``extra`` value is not a tensor / primitive.
+        ValueError: an ``extra`` key collides with a standard key.
+    """
+    if not isinstance(arch, str):
+        raise TypeError(
+            f"arch must be the architecture name (a str such as 'vgg16'), got {type(arch).__name__}; "
+            "pickling the class would make the checkpoint unreadable with weights_only=True"
+        )
+    ckpt: Dict[str, Any] = {
+        "epoch": operator.index(epoch),
+        "arch": arch,
+        "state_dict": model.state_dict(),
+        "best_acc": float(best_acc),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "created_on": str(_dt.datetime.now()),
+        "num_classes": operator.index(num_classes) if num_classes is not None else _num_classes(model),
+    }
+    _check_safe(ckpt["optimizer"], "optimizer state_dict")
+    for key, value in (extra or {}).items():
+        if key in _RESERVED_KEYS:
+            raise ValueError(
+                f"extra key {key!r} collides with a standard checkpoint key {list(_RESERVED_KEYS)}"
+            )
+        _check_safe(value, f"extra[{key!r}]")
+        ckpt[key] = value
+    return atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _torch_load(path: Path, map_location: Any) -> Any:
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    if path.is_dir():
+        raise ValueError(
+            f"{path} is a directory, not a checkpoint file (use load_model_dir for a model folder)"
+        )
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"checkpoint file {path} is empty (0 bytes), e.g. from an interrupted write")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        m = _GLOBAL_RE.search(str(e))
+        if m is not None:
+            raise ValueError(
+                f"{path} pickles the Python object {m.group(1)}, which torch.load(weights_only=True) "
+                "refuses to load. Checkpoints written by the original knockoffnets / prediction-poisoning "
+                "code do this ('arch': model.__class__). If you trust the file, convert it once with "
+                "ppoison_ext.checkpoint.convert_reference_checkpoint(src, dst) and load the converted file."
+            ) from e
+        raise _corrupt(path, size, e) from e
+    except RuntimeError as e:
+        if "deserialize object on" in str(e):  # a CUDA checkpoint on a machine without CUDA
+            raise
+        raise _corrupt(path, size, e) from e
+    except (EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        raise _corrupt(path, size, e) from e
+
+
+def _corrupt(path: Path, size: int, e: BaseException) -> ValueError:
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return ValueError(
+        f"checkpoint file {path} ({size} bytes) is truncated or corrupt, or not a torch.save file "
+        f"({type(e).__name__}: {detail})"
+    )
+
+
+def _as_checkpoint(obj: Any, path: Path) -> Dict[str, Any]:
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
+    if "state_dict" in obj:
+        sd = obj["state_dict"]
+        if not isinstance(sd, Mapping) or not all(isinstance(k, str) for k in sd):
+            raise ValueError(
+                f"{path}: 'state_dict' is a {type(sd).__name__}, not a mapping of names to tensors"
+            )
+        return dict(obj)
+    if obj and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
+        return {"state_dict": obj}  # a bare state_dict
+    keys = sorted(map(str, obj))
+    more = " ..." if len(keys) > 10 else ""
+    raise ValueError(f"{path} has no 'state_dict' and is not a state_dict itself (keys: {keys[:10]}{more})")
+
+
+def _strip_module_prefix(sd: Mapping[str, Any]) -> Dict[str, Any]:
+    if sd and all(k.startswith("module.") for k in sd):  # saved from nn.DataParallel
+        return {k[len("module."):]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def _fit_state_dict(
+    sd: Mapping[str, Any], model: nn.Module, path: Path, strict: bool, arch: Any = None
+) -> Dict[str, Any]:
+    from .models.imagenet import remap_cadene_state_dict
+
+    sd = remap_cadene_state_dict(_strip_module_prefix(sd), model)
+    own = model.state_dict()
+    mismatched = [
+        (k, tuple(v.shape), tuple(own[k].shape))
+        for k, v in sd.items()
+        if k in own and isinstance(v, Tensor) and v.shape != own[k].shape
+    ]
+    missing = [k for k in own if k not in sd] if strict else []
+    unexpected = [k for k in sd if k not in own] if strict else []
+    if not (mismatched or missing or unexpected):
+        return sd
+    parts = []
+    head_name, _ = _head(model)
+    head_w = f"{head_name}.weight" if head_name else None
+    for k, src, dst in mismatched:
+        if k == head_w and len(src) >= 1 and len(dst) >= 1 and src[0] != dst[0]:
+            parts.append(f"checkpoint has K={src[0]} classes, model has {dst[0]}")
+            break
+    if mismatched:
+        shown = "; ".join(f"{k}: checkpoint {list(s)} vs model {list(d)}" for k, s, d in mismatched[:5])
+        more = f" (+{len(mismatched) - 5} more)" if len(mismatched) > 5 else ""
+        parts.append(f"{len(mismatched)} tensors differ in shape: {shown}{more}")
+    if missing or unexpected:
+        parts.append(
+            f"{len(missing)} model tensors missing from the checkpoint {missing[:5]}, "
+            f"{len(unexpected)} checkpoint tensors unknown to the model {unexpected[:5]} "
+            "(strict=False loads the matching ones)"
+        )
+    saved = f" (saved arch {arch!r})" if isinstance(arch, str) else ""
+    raise ValueError(f"{path}{saved} does not fit {type(model).__name__}: " + "; ".join(parts))
+
+
+def load_checkpoint(
+    path: PathLike,
+    model: Optional[nn.Module] = None,
+    *,
+    map_location: Any = "cpu",
+    strict: bool = True,
+) -> Dict[str, Any]:
+    """Read a checkpoint with ``torch.load(weights_only=True)`` and optionally load it into
+    ``model``.
+
+    A bare state_dict file (e.g. torchvision weights) is accepted as
+    ``{"state_dict": ...}``. Keys saved from ``nn.DataParallel`` (``module.`` prefix) and
+    Cadene ``pretrainedmodels`` names (``last_linear``, ``_features``, ...) are mapped to the
+    model's.
+
+    Returns:
+        The checkpoint dict (``state_dict`` as loaded into the model).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: naming the file and the problem: empty, truncated or corrupt; not a
+            dict or without a state_dict; pickles a class (an original-code checkpoint:
+            see :func:`convert_reference_checkpoint`); tensors whose shapes do not fit the
+            model (e.g. "checkpoint has K=10 classes, model has 26"); with ``strict``,
+            missing or unexpected keys.
+    """
+    path = Path(path)
+    ckpt = _as_checkpoint(_torch_load(path, map_location), path)
+    if model is not None:
+        sd = _fit_state_dict(ckpt["state_dict"], model, path, strict, ckpt.get("arch"))
+        model.load_state_dict(sd, strict=strict)
+        ckpt["state_dict"] = sd
+    return ckpt
+
+
+def read_state_dict(path: PathLike, map_location: Any = "cpu") -> Dict[str, Tensor]:
+    """The state_dict stored in a checkpoint or bare state_dict file (``weights_only=True``;
+    errors as :func:`load_checkpoint`), without a ``module.`` prefix."""
+    path = Path(path)
+    return _strip_module_prefix(_as_checkpoint(_torch_load(path, map_location), path)["state_dict"])
+
+
+# --- converting original-code checkpoints --------------------------------------------------------
+
+
+class _MissingClass:
+    """Stands in for a class that cannot be imported while converting a checkpoint."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__["_args"] = (args, kwargs)
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["_state"] = state
+
+
+_STUBS: Dict[Tuple[str, str], type] = {}
+
+
+class _LenientUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            key = (module, name)
+            if key not in _STUBS:
+                _STUBS[key] = type(name, (_MissingClass,), {"__module__": module, "__qualname__": name})
+            return _STUBS[key]
+
+
+def _lenient_pickle_module() -> types.ModuleType:
+    mod = types.ModuleType("_ppoison_lenient_pickle")
+    mod.Unpickler = _LenientUnpickler  # type: ignore[attr-defined]
+    mod.load = lambda f, **kw: _LenientUnpickler(f, **kw).load()  # type: ignore[attr-defined]
+    return mod
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _to_safe(value: Any, where: str) -> Tuple[bool, Any]:
+    """(ok, value) with classes turned into their qualified names and numpy into torch/python."""
+    if isinstance(value, type):
+        return True, _qualname(value)
+    if isinstance(value, _MissingClass):
+        return False, None
+    if type(value).__module__ == "numpy":
+        if getattr(value, "shape", None) == ():
+            return True, value.item()
+        try:
+            return True, torch.from_numpy(value)
+        except TypeError:
+            return False, None
+    if isinstance(value, (list, tuple)):
+        out = []
+        for i, v in enumerate(value):
+            ok, v = _to_safe(v, f"{where}[{i}]")
+            if not ok:
+                return False, None
+            out.append(v)
+        return True, type(value)(out) if isinstance(value, list) else tuple(out)
+    if isinstance(value, dict):
+        d = OrderedDict() if isinstance(value, OrderedDict) else {}
+        for k, v in value.items():
+            ok, v = _to_safe(v, f"{where}[{k!r}]")
+            if not ok:
+                return False, None
+            d[k] = v
+        return True, d
+    try:
+        _check_safe(value, where)
+    except TypeError:
+        return False, None
+    return True, value
+
+
+def convert_reference_checkpoint(
+    src: PathLike,
+    dst: PathLike,
+    *,
+    arch: Optional[str] = None,
+    num_classes: Optional[int] = None,
+) -> Path:
+    """Convert a checkpoint written by the original code into a ``weights_only``-safe one.
+
+    .. warning::
+        This unpickles ``src`` with ``torch.load(weights_only=False)``, which can run
+        arbitrary code embedded in the file. Call it only on files you trust (e.g. ones you
+        trained yourself with the original code). Nothing else in ppoison_ext ever loads
+        with ``weights_only=False``.
+
+    Classes that cannot be imported (``knockoff.models.cifar.vgg.VGG`` without the original
+    package) are replaced by inert stand-ins. In the output, ``arch`` becomes a str: the
+    given ``arch`` name, else the pickled class's qualified name (e.g.
+    ``"knockoff.models.cifar.vgg.VGG"``; the architecture *name* lives in ``params.json``).
+    Other class objects become their qualified names, numpy values become python numbers or
+    tensors, and entries that cannot be made safe are dropped with a warning.
+    ``num_classes`` is inferred from the last 2-D ``*.weight`` tensor unless given.
+
+    Returns:
+        ``dst``, written atomically and verified to load with ``weights_only=True``.
+
+    Raises:
+        FileNotFoundError: ``src`` does not exist.
+        ValueError: ``src`` is unreadable or has no state_dict.
+    """
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise FileNotFoundError(f"checkpoint file {src} does not exist")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Couldn't retrieve source code for container ..."
+            obj = torch.load(
+                src, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle_module()
+            )
+    except Exception as e:  # noqa: BLE001 - re-raised with the file name
+        raise _corrupt(src, src.stat().st_size, e) from e
+    ckpt = _as_checkpoint(obj, src)
+    out: Dict[str, Any] = {}
+    for key, value in ckpt.items():
+        if key == "state_dict":
+            sd = OrderedDict((k, v) for k, v in value.items() if isinstance(v, Tensor))
+            dropped = [k for k, v in value.items() if not isinstance(v, Tensor)]
+            if dropped:
+                logger.warning("convert_reference_checkpoint: dropped non-tensor state_dict entries %s",
+                               dropped)
+            out[key] = sd
+            continue
+        ok, safe = _to_safe(value, key)
+        if ok:
+            out[key] = safe
+        else:
+            logger.warning("convert_reference_checkpoint: dropped %r (a %s)", key, type(value).__qualname__)
+    original_arch = out.get("arch")
+    if arch is not None:
+        out["arch"] = arch
+        if isinstance(original_arch, str) and original_arch != arch:
+            out["reference_arch"] = original_arch
+    if num_classes is None and "num_classes" not in out:
+        heads = [v for k, v in out["state_dict"].items() if k.endswith("weight") and v.dim() == 2]
+        num_classes = int(heads[-1].shape[0]) if heads else None
+    if num_classes is not None:
+        out["num_classes"] = int(num_classes)
+    atomic_write(dst, lambda f: torch.save(out, f))
+    torch.load(dst, map_location="cpu", weights_only=True)  # must be readable the safe way
+    logger.info("converted %s -> %s (arch=%r)", src, dst, out.get("arch"))
+    return dst
+
+
+# --- params.json and model folders ------------------------------------------------------------------
+
+_FALLBACK_FAMILIES = {
+    "MNIST": "mnist", "FashionMNIST": "mnist", "KMNIST": "mnist", "EMNIST": "mnist",
+    "EMNISTLetters": "mnist", "notMNIST": "mnist",
+    "CIFAR10": "cifar", "CIFAR100": "cifar", "SVHN": "cifar", "TinyImageNet200": "cifar",
+}
+
+
+def modelfamily_for_dataset(dataset: str) -> str:
+    """The model family (``mnist``/``cifar``/``imagenet``) of a dataset name.
+
+    Uses ``ppoison_ext.datasets.dataset_to_modelfamily`` (a mapping or a function); if that
+    cannot be imported or does not know the name, a built-in map (MNIST-like → ``mnist``;
+    CIFAR10/100, SVHN, TinyImageNet200 → ``cifar``; anything else → ``imagenet``).
+    """
+    try:
+        from .datasets import dataset_to_modelfamily  # type: ignore[attr-defined]
+    except Exception as e:  # noqa: BLE001 - any import problem means: use the fallback
+        logger.debug("ppoison_ext.datasets.dataset_to_modelfamily unavailable (%s); using the built-in map",
+                     e)
+        dataset_to_modelfamily = None
+    family = None
+    if isinstance(dataset_to_modelfamily, Mapping):
+        family = dataset_to_modelfamily.get(dataset)
+    elif callable(dataset_to_modelfamily):
+        try:
+            family = dataset_to_modelfamily(dataset)
+        except (KeyError, ValueError):
+            family = None
+    if family is None:
+        family = _FALLBACK_FAMILIES.get(dataset, "imagenet")
+    return family
+
+
+def read_params(model_dir: PathLike, filename: str = "params.json") -> Dict[str, Any]:
+    """Read and validate a model folder's ``params.json``.
+
+    ``model_dir`` may also be the JSON file itself. Requires ``model_arch`` (non-empty str),
+    ``num_classes`` (int ≥ 1) and a dataset name under ``dataset``, ``testdataset`` or
+    ``queryset`` (a str; the first one present names the model family; null values are
+    ignored); other keys are returned unchecked.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: naming the file and key: malformed JSON, not an object, a missing key
+            or a value of the wrong type.
+    """
+    path = Path(model_dir)
+    if path.is_dir():
+        path = path / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"params file {path} does not exist")
+    try:
+        params = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: {e}") from e
+    if not isinstance(params, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a {type(params).__name__}")
+
+    arch = params.get("model_arch")
+    if "model_arch" not in params:
+        raise ValueError(f"{path} has no 'model_arch' key (the architecture name, e.g. \"vgg16\")")
+    if not isinstance(arch, str) or not arch:
+        raise ValueError(f"{path}: 'model_arch' must be a non-empty string, got {arch!r}")
+    k = params.get("num_classes")
+    if "num_classes" not in params:
+        raise ValueError(f"{path} has no 'num_classes' key")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{path}: 'num_classes' must be a positive integer, got {k!r}")
+    for key in _DATASET_KEYS:
+        value = params.get(key)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ValueError(f"{path}: {key!r} must be a dataset name (a non-empty string), got {value!r}")
+    if _dataset_name(params) is None:
+        raise ValueError(f"{path} has no dataset key (one of {list(_DATASET_KEYS)} naming a dataset)")
+    return params
+
+
+def _dataset_name(params: Mapping[str, Any]) -> Optional[str]:
+    return next((params[k] for k in _DATASET_KEYS if isinstance(params.get(k), str) and params[k]), None)
+
+
+def load_model_dir(
+    model_dir: PathLike,
+    *,
+    device: Union[str, torch.device] = "cpu",
+    checkpoint_names: Sequence[str] = CHECKPOINT_NAMES,
+    modelfamily: Optional[str] = None,
+    strict: bool = True,
+    model_kwargs: Optional[Mapping[str, Any]] = None,
+) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Build a model folder's architecture and load its weights (the original
+    ``Blackbox.from_modeldir``, without downloads).
+
+    Reads ``params.json`` (:func:`read_params`), builds
+    ``get_net(params['model_arch'], family, num_classes=params['num_classes'])`` with the
+    family of the params' dataset (or ``modelfamily``), and loads the first existing file of
+    ``checkpoint_names`` with :func:`load_checkpoint`.
+
+    Args:
+        model_dir: the folder.
+        device: where the model and tensors go.
+        checkpoint_names: file names tried in order.
+        modelfamily: overrides the dataset's family.
+        strict: passed to :func:`load_checkpoint`.
+        model_kwargs: extra ``get_net`` keywords (e.g. ``{"depth": 20}`` for cifar ``resnet``).
+
+    Returns:
+        ``(model, params)``; the model is on ``device`` in eval mode.
+
+    Raises:
+        FileNotFoundError: no folder, params file or checkpoint.
+        ValueError: invalid params or checkpoint (see :func:`read_params`, :func:`load_checkpoint`).
+    """
+    from .models import get_net
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model folder {model_dir} does not exist")
+    params = read_params(model_dir)
+    if modelfamily is None:
+        modelfamily = modelfamily_for_dataset(_dataset_name(params))
+    ckpt_path = next((model_dir / n for n in checkpoint_names if (model_dir / n).is_file()), None)
+    if ckpt_path is None:
+        raise FileNotFoundError(f"no checkpoint in {model_dir}: tried {list(checkpoint_names)}")
+    model = get_net(
+        params["model_arch"], modelfamily, num_classes=params["num_classes"], **dict(model_kwargs or {})
+    )
+    ckpt = load_checkpoint(ckpt_path, model, map_location=device, strict=strict)
+    model.to(device).eval()
+    logger.info(
+        "loaded %s (%s, %s family, K=%d) from %s: epoch %s, best_acc %s",
+        params["model_arch"], model_dir, modelfamily, params["num_classes"], ckpt_path.name,
+        ckpt.get("epoch"), ckpt.get("best_acc"),
+    )
+    return model, params
