@@ -1,0 +1,281 @@
+"""Transfer sets: the (query, defended posterior) pairs an attacker collects.
+
+Stored in a folder as append-only files, so that building one can be killed at any
+moment and resumed with no query lost or repeated, and nothing is ever unpickled:
+
+* ``transferset.json``      — description: ``num_classes``, ``kind`` (``images``: raw uint8
+  pixels are stored; ``paths``: image file paths), ``image_shape``, plus whatever the
+  builder records (victim, defense, query set, seeds).
+* ``transferset.y.f32``     — little-endian float32 rows [N, K]: the released posteriors.
+* ``transferset.index.i64`` — int64 [N]: the query-set index of each query.
+* ``transferset.x.u8``      — uint8 [N, *image_shape] (``images``), or
+  ``transferset.paths.txt`` — one path per line (``paths``).
+
+A batch is committed when its ``y`` rows are written (``x``/``index``/``paths`` first): the
+number of complete ``y`` rows is the number of stored queries, and anything beyond it in
+the other files (a batch cut off by a crash) is dropped on load and truncated on resume.
+:func:`export_pickle` writes the original code's ``transferset.pickle`` on request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ..checkpoint import atomic_write_json
+
+__all__ = ["TransferSetWriter", "TransferSet", "load_transferset", "export_pickle", "TransferSetError"]
+
+META = "transferset.json"
+Y_FILE, INDEX_FILE, X_FILE, PATHS_FILE = "transferset.y.f32", "transferset.index.i64", "transferset.x.u8", "transferset.paths.txt"
+
+
+class TransferSetError(ValueError):
+    """A transfer-set folder is missing, malformed, or does not fit its use."""
+
+
+def _read_meta(folder: Path) -> Dict[str, Any]:
+    path = folder / META
+    if not path.exists():
+        raise TransferSetError(f"{path}: no transfer set here (missing {META})")
+    try:
+        meta = json.loads(path.read_text())
+        K = int(meta["num_classes"])
+        kind = meta["kind"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise TransferSetError(f"{path}: malformed transfer-set description ({err})") from err
+    if K < 2 or kind not in ("images", "paths"):
+        raise TransferSetError(f"{path}: num_classes must be >= 2 and kind 'images' or 'paths', got {K}, {kind!r}")
+    if kind == "images" and not isinstance(meta.get("image_shape"), list):
+        raise TransferSetError(f"{path}: kind 'images' needs image_shape")
+    return meta
+
+
+def _count_rows(path: Path, row_bytes: int) -> int:
+    return path.stat().st_size // row_bytes if path.exists() else 0
+
+
+def _read_paths(path: Path, n: int) -> List[str]:
+    if not path.exists():
+        return []
+    lines = path.read_text().split("\n")
+    complete = lines[:-1]  # the last element follows the last newline (empty when complete)
+    return complete[:n]
+
+
+class TransferSetWriter:
+    """Appends queries to a transfer-set folder; resumes one that exists.
+
+    Args:
+        folder: the output folder (created).
+        num_classes: K.
+        kind: ``images`` (store raw uint8 pixels) or ``paths``.
+        image_shape: shape of one raw image, for ``images``.
+        meta: extra description to record (JSON-serializable).
+        resume: continue an existing transfer set (its description must agree); False
+            starts over.
+
+    Example:
+        >>> w = TransferSetWriter(out, num_classes=10, kind="images", image_shape=[28, 28])
+        >>> w.append(indices, raw_images, y_prime)   # per batch
+        >>> w.close()
+    """
+
+    def __init__(self, folder, *, num_classes: int, kind: str = "images",
+                 image_shape: Optional[Sequence[int]] = None, meta: Optional[Dict[str, Any]] = None,
+                 resume: bool = True):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if kind not in ("images", "paths"):
+            raise ValueError(f"kind must be 'images' or 'paths', got {kind!r}")
+        if kind == "images" and image_shape is None:
+            raise ValueError("kind 'images' needs image_shape")
+        self.K = int(num_classes)
+        self.kind = kind
+        self.image_shape = [int(s) for s in image_shape] if image_shape is not None else None
+        self._x_bytes = int(np.prod(self.image_shape)) if self.image_shape else 0
+        desc = dict(meta or {})
+        desc.update({"num_classes": self.K, "kind": kind, "image_shape": self.image_shape, "format_version": 1})
+        existing = (self.folder / META).exists()
+        if existing and resume:
+            old = _read_meta(self.folder)
+            for key in ("num_classes", "kind", "image_shape"):
+                if old.get(key) != desc.get(key):
+                    raise TransferSetError(f"{self.folder / META}: cannot resume, {key} is {old.get(key)!r} "
+                                           f"there but {desc.get(key)!r} here")
+            self.done = self._truncate_to_committed()
+        else:
+            for name in (META, Y_FILE, INDEX_FILE, X_FILE, PATHS_FILE):
+                (self.folder / name).unlink(missing_ok=True)
+            atomic_write_json(self.folder / META, desc)
+            self.done = 0
+        self._files = {}
+
+    def _truncate_to_committed(self) -> int:
+        n = _count_rows(self.folder / Y_FILE, 4 * self.K)
+        n = min(n, _count_rows(self.folder / INDEX_FILE, 8))
+        if self.kind == "images":
+            n = min(n, _count_rows(self.folder / X_FILE, self._x_bytes))
+        else:
+            n = min(n, len(_read_paths(self.folder / PATHS_FILE, 1 << 62)))
+        sizes = {Y_FILE: n * 4 * self.K, INDEX_FILE: n * 8, X_FILE: n * self._x_bytes}
+        for name, size in sizes.items():
+            p = self.folder / name
+            if p.exists():
+                with open(p, "r+b") as f:
+                    f.truncate(size)
+        if self.kind == "paths":
+            paths = _read_paths(self.folder / PATHS_FILE, n)
+            (self.folder / PATHS_FILE).write_text("".join(s + "\n" for s in paths))
+        return n
+
+    def _file(self, name: str):
+        if name not in self._files:
+            self._files[name] = open(self.folder / name, "ab")
+        return self._files[name]
+
+    def append(self, indices: Union[Tensor, Sequence[int]], x: Union[np.ndarray, Sequence[str]], y: Tensor) -> None:
+        """Stores one batch: query-set indices [B], raw uint8 images [B, *shape] or paths, y′ [B, K]."""
+        idx = np.asarray(torch.as_tensor(indices).cpu(), dtype="<i8").reshape(-1)
+        yv = y.detach().float().cpu().numpy().astype("<f4", copy=False)
+        B = idx.shape[0]
+        if yv.shape != (B, self.K):
+            raise ValueError(f"y must be [{B}, {self.K}], got {list(yv.shape)}")
+        if self.kind == "images":
+            xv = np.ascontiguousarray(np.asarray(x, dtype=np.uint8))
+            if list(xv.shape) != [B] + self.image_shape:
+                raise ValueError(f"x must be uint8 [{B}, {', '.join(map(str, self.image_shape))}], got {list(xv.shape)}")
+            self._file(X_FILE).write(xv.tobytes())
+            self._file(X_FILE).flush()
+        else:
+            paths = [str(p) for p in x]
+            if len(paths) != B or any("\n" in p for p in paths):
+                raise ValueError(f"x must be {B} paths without newlines")
+            self._file(PATHS_FILE).write("".join(p + "\n" for p in paths).encode())
+            self._file(PATHS_FILE).flush()
+        self._file(INDEX_FILE).write(idx.tobytes())
+        self._file(INDEX_FILE).flush()
+        self._file(Y_FILE).write(yv.tobytes())  # committed once y is written
+        self._file(Y_FILE).flush()
+        self.done += B
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        self._files = {}
+
+    def __enter__(self) -> "TransferSetWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _TransferDataset(Dataset):
+    def __init__(self, ts: "TransferSet", n: int, transform, argmaxed: bool):
+        self.ts, self.n, self.transform = ts, n, transform
+        y = ts.y[:n]
+        self.targets = torch.nn.functional.one_hot(y.argmax(1), ts.num_classes).float() if argmaxed else y
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        img = self.ts.image(i)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[i]
+
+
+class TransferSet:
+    """A loaded transfer set (read-only; images are memory-mapped).
+
+    Attributes:
+        y: float32 [N, K] released posteriors, in query order.
+        indices: int64 [N] query-set indices.
+        images: uint8 [N, *shape] memory map (``kind == "images"``), else None.
+        paths: list of N paths (``kind == "paths"``), else None.
+        meta: the description dict.
+    """
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.meta = _read_meta(self.folder)
+        self.num_classes = int(self.meta["num_classes"])
+        self.kind = self.meta["kind"]
+        K = self.num_classes
+        y_path = self.folder / Y_FILE
+        if not y_path.exists():
+            raise TransferSetError(f"{y_path}: missing (the transfer set holds no queries)")
+        n = _count_rows(y_path, 4 * K)
+        n = min(n, _count_rows(self.folder / INDEX_FILE, 8))
+        self.images = None
+        self.paths = None
+        if self.kind == "images":
+            shape = [int(s) for s in self.meta["image_shape"]]
+            row = int(np.prod(shape))
+            n = min(n, _count_rows(self.folder / X_FILE, row))
+            if n:
+                self.images = np.memmap(self.folder / X_FILE, dtype=np.uint8, mode="r", shape=tuple([n] + shape))
+            else:
+                self.images = np.zeros([0] + shape, dtype=np.uint8)
+        else:
+            self.paths = _read_paths(self.folder / PATHS_FILE, n)
+            n = min(n, len(self.paths))
+        self.n = n
+        ys = np.fromfile(y_path, dtype="<f4", count=n * K).reshape(n, K)
+        self.y = torch.from_numpy(ys.copy())
+        self.indices = torch.from_numpy(np.fromfile(self.folder / INDEX_FILE, dtype="<i8", count=n).copy())
+        if not torch.isfinite(self.y).all():
+            raise TransferSetError(f"{y_path}: contains NaN or Inf posteriors")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def image(self, i: int) -> Image.Image:
+        """Query i as a PIL image (as torchvision datasets hand images to transforms)."""
+        if self.kind == "paths":
+            with open(self.paths[i], "rb") as f:
+                return Image.open(f).convert("RGB")
+        arr = np.asarray(self.images[i])
+        return Image.fromarray(arr, mode="L" if arr.ndim == 2 else None)
+
+    def dataset(self, transform=None, n: Optional[int] = None, argmaxed: bool = False) -> Dataset:
+        """The first ``n`` queries (all if None) as a Dataset of (transformed image, target [K])."""
+        n = self.n if n is None else int(n)
+        if n < 0 or n > self.n:
+            raise TransferSetError(f"{self.folder}: asked for {n} queries, the transfer set holds {self.n}")
+        return _TransferDataset(self, n, transform, argmaxed)
+
+    def check_classes(self, num_classes: int, what: str = "the test set") -> None:
+        if num_classes != self.num_classes:
+            raise TransferSetError(f"{self.folder / META}: the transfer set has K={self.num_classes} classes but "
+                                   f"{what} has {num_classes}; it was built for another victim")
+
+
+def load_transferset(folder) -> TransferSet:
+    """Loads the transfer set in ``folder`` (see module docs)."""
+    return TransferSet(folder)
+
+
+def export_pickle(folder, path=None) -> Path:
+    """Writes the original code's ``transferset.pickle``: a list of (raw image or path, FloatTensor y)."""
+    ts = load_transferset(folder)
+    path = Path(path) if path is not None else ts.folder / "transferset.pickle"
+    items = [((ts.paths[i] if ts.kind == "paths" else np.array(ts.images[i])), ts.y[i].clone()) for i in range(len(ts))]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(items, f)
+    os.replace(tmp, path)
+    return path

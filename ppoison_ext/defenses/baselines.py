@@ -1,0 +1,116 @@
+"""Baseline output-perturbation defenses of the original system, batched."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from .base import Defense, DefenseOutput
+
+__all__ = ["ReverseSigmoid", "RandomNoise"]
+
+
+def _real(v, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    v = float(v)
+    if not (v >= 0.0 and v < float("inf")):
+        raise ValueError(f"{name} must be finite and >= 0, got {v}")
+    return v
+
+
+def _logit(y: Tensor) -> Tensor:
+    """The original's inverse sigmoid log(y / (1 − y)), element-wise (±inf at 0 and 1)."""
+    return torch.log(y) - torch.log1p(-y)
+
+
+class ReverseSigmoid(Defense):
+    """Reverse sigmoid (Lee et al., "Defending against NN model stealing attacks using
+    deceptive perturbations", S&P Workshops 2019), as the original implements it.
+
+    ``r(y) = β (σ(γ·logit(y)) − ½)``, ``ŷ = y − r(y)``, released ``y′ = ŷ / Σŷ``, where
+    σ(γ·logit(y)) = y^γ / (y^γ + (1 − y)^γ). No clipping: for β > 1 or γ > 1 entries can turn
+    negative (the original's behaviour). β = 1, γ = 1 releases the uniform distribution.
+
+    Args:
+        model: the victim.
+        beta, gamma: ≥ 0 (defaults 1.0, as the original).
+    """
+
+    def __init__(self, model: nn.Module, *, beta: float = 1.0, gamma: float = 1.0, logger=None):
+        super().__init__(model, logger=logger)
+        self.beta = _real(beta, "beta")
+        self.gamma = _real(gamma, "gamma")
+
+    def hparams(self) -> dict:
+        return {"beta": self.beta, "gamma": self.gamma}
+
+    def defend(self, x: Tensor, y: Tensor) -> DefenseOutput:
+        yd = y.double()
+        num = yd.pow(self.gamma)
+        sig = num / (num + (1.0 - yd).pow(self.gamma))
+        yhat = yd - self.beta * (sig - 0.5)
+        return DefenseOutput((yhat / yhat.sum(1, keepdim=True)).to(y.dtype), y)
+
+
+class RandomNoise(Defense):
+    """Random noise in logit space (the original's ``rand_noise`` baseline).
+
+    ``z = logit(y)``; δ ~ U[0, 1)^K · 2ε_z / K^{1/p} (``uniform``, so that ‖E δ‖_p = ε_z) or
+    N(0, I) (``gaussian``); each δ row projected onto the ε_z-ball of ``dist_z`` (l1: Euclidean
+    projection onto the L1 ball; l2: δ·ε_z / max(‖δ‖₂, ε_z)); ``y′ = σ(z + δ) / Σ σ(z + δ)``.
+    ε_z = 0 releases y unchanged. Batched (the original projected row by row in Python).
+
+    Args:
+        model: the victim.
+        epsilon_z: noise budget ε_z ≥ 0.
+        dist_z: ``l1`` or ``l2``.
+        strat: ``uniform`` or ``gaussian``.
+        seed: seeds this defense's own generator (on the victim's device); None draws from
+            torch's global RNG, like the original.
+    """
+
+    def __init__(self, model: nn.Module, *, epsilon_z: float, dist_z: str = "l1", strat: str = "uniform",
+                 seed: Optional[int] = None, logger=None):
+        super().__init__(model, logger=logger)
+        self.epsilon_z = _real(epsilon_z, "epsilon_z")
+        if dist_z not in ("l1", "l2"):
+            raise ValueError(f"dist_z must be 'l1' or 'l2', got {dist_z!r}")
+        if strat not in ("uniform", "gaussian"):
+            raise ValueError(f"strat must be 'uniform' or 'gaussian', got {strat!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        self.dist_z, self.strat, self.seed = dist_z, strat, seed
+        self._generators = {}
+
+    def hparams(self) -> dict:
+        return {"epsilon_z": self.epsilon_z, "dist_z": self.dist_z, "strat": self.strat, "seed": self.seed}
+
+    def _generator(self, device: torch.device) -> Optional[torch.Generator]:
+        if self.seed is None:
+            return None
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[key]
+
+    def noise(self, shape, dtype, device) -> Tensor:
+        g = self._generator(device)
+        B, K = shape
+        if self.strat == "uniform":
+            p = 1 if self.dist_z == "l1" else 2
+            d = torch.rand(shape, generator=g, dtype=dtype, device=device) * (2 * self.epsilon_z / K ** (1.0 / p))
+        else:
+            d = torch.randn(shape, generator=g, dtype=dtype, device=device)
+        if self.dist_z == "l1":
+            return ops.project_l1_ball(d, self.epsilon_z)
+        return d * (self.epsilon_z / d.norm(dim=1, keepdim=True).clamp(min=self.epsilon_z))
+
+    def defend(self, x: Tensor, y: Tensor) -> DefenseOutput:
+        if self.epsilon_z <= 0.0:
+            return DefenseOutput(y.clone(), y)
+        s = torch.sigmoid(_logit(y) + self.noise(y.shape, y.dtype, y.device))
+        return DefenseOutput(s / s.sum(1, keepdim=True), y)

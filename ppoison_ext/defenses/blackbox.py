@@ -1,0 +1,58 @@
+"""The undefended API and its output truncations: top-k, rounding, top-1 labels."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .base import Defense, DefenseOutput
+
+__all__ = ["Blackbox"]
+
+
+class Blackbox(Defense):
+    """Softmax posteriors, optionally truncated (the original ``Blackbox``).
+
+    Args:
+        model: the victim.
+        topk: keep the k largest posteriors, zero the rest; not renormalized (Σ < 1).
+        rounding: round to this many decimals (half to even, like ``np.round``), not
+            renormalized. With ``topk``, ``rounding=0`` gives k ones instead of the k values
+            (``topk=1, rounding=0``: one-hot top-1 labels). ``rounding=0`` alone does
+            nothing, as in the original. Works on CUDA (the original crashed there).
+        logger: optional :class:`~ppoison_ext.defenses.QueryLogger`.
+
+    Example:
+        >>> labels_only = Blackbox(model, topk=1, rounding=0)
+        >>> y = labels_only(x)  # [B, K] one-hot
+    """
+
+    def __init__(self, model: nn.Module, *, topk: Optional[int] = None, rounding: Optional[int] = None, logger=None):
+        super().__init__(model, logger=logger)
+        for name, v in (("topk", topk), ("rounding", rounding)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise TypeError(f"{name} must be an int or None, got {type(v).__name__}")
+        if topk is not None and topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
+        if rounding is not None and rounding < 0:
+            raise ValueError(f"rounding must be >= 0, got {rounding}")
+        self.topk = topk
+        self.rounding = rounding
+
+    def hparams(self) -> dict:
+        return {"topk": self.topk, "rounding": self.rounding}
+
+    def truncate(self, y: Tensor) -> Tensor:
+        if self.topk is not None:
+            k = min(self.topk, y.shape[1])
+            vals, idx = torch.topk(y, k, dim=1)
+            src = torch.ones_like(vals) if self.rounding == 0 else vals
+            y = torch.zeros_like(y).scatter_(1, idx, src)
+        if self.rounding is not None and self.rounding > 0:
+            y = torch.round(y, decimals=self.rounding)
+        return y
+
+    def defend(self, x: Tensor, y: Tensor) -> DefenseOutput:
+        return DefenseOutput(self.truncate(y), y)

@@ -1,0 +1,166 @@
+"""Batched proxy forwards with the original's per-query semantics.
+
+The original MAD code forwards each query alone through the proxy (batch 1), and never
+puts the proxy in eval mode. A BatchNorm layer in train mode then normalizes each query
+by its own statistics: over the spatial positions of that one image, per channel, which
+is instance normalization with the BN layer's affine parameters. Dropout is active.
+
+:class:`ProxyView` reproduces that in one batched forward. It is a structural copy of the
+proxy that shares every parameter and buffer with it (nothing is copied or changed), in
+which each BatchNorm layer normalizes per sample whenever the original layer would use
+batch statistics, and each ``nn.Linear`` can report the features entering it. Train/eval
+flags are read from the original modules at every call, so the proxy is used exactly as
+the caller gives it:
+
+* train mode: per-sample BN statistics, active dropout (independent masks per sample);
+  BN running statistics are *not* updated (the original updated them each query; they do
+  not affect train-mode outputs);
+* eval mode: the plain deterministic forward.
+
+Captured features live in thread-local storage, so one view can serve several threads.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections import OrderedDict
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ProxyView"]
+
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class _PerSampleBatchNorm(nn.Module):
+    """Wraps a BatchNorm layer; batch statistics are taken per sample."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        object.__setattr__(self, "bn", bn)
+        # Shared dicts: same parameter names as the proxy (torch.func.functional_call works).
+        self._parameters = bn._parameters
+        self._buffers = bn._buffers
+
+    def forward(self, x: Tensor) -> Tensor:
+        bn = self.bn
+        weight, bias = self._parameters.get("weight"), self._parameters.get("bias")
+        rm, rv = self._buffers.get("running_mean"), self._buffers.get("running_var")
+        use_batch_stats = bn.training or rm is None or rv is None
+        if not use_batch_stats:
+            return F.batch_norm(x, rm, rv, weight, bias, False, 0.0, bn.eps)
+        if x.dim() == 2:
+            raise ValueError(
+                f"{type(bn).__name__} in train mode on [N, C] inputs has one value per channel per query; "
+                "the original per-query forward fails on it too. Put the proxy in eval mode."
+            )
+        return F.instance_norm(x, None, None, weight, bias, True, 0.0, bn.eps)
+
+
+class _CaptureLinear(nn.Module):
+    """Wraps an nn.Linear; records its input (and output) in thread-local storage."""
+
+    def __init__(self, linear: nn.Linear, name: str, store: threading.local):
+        super().__init__()
+        self._parameters = linear._parameters  # shared, as in _PerSampleBatchNorm
+        self.name = name
+        object.__setattr__(self, "store", store)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.linear(x, self._parameters["weight"], self._parameters.get("bias"))
+        rec = getattr(self.store, "records", None)
+        if rec is not None and (self.store.only is None or self.store.only == self.name):
+            rec[self.name] = (x, out)
+        return out
+
+
+class ProxyView(nn.Module):
+    """A per-sample-semantics view of ``proxy`` that can report its last Linear's input.
+
+    Args:
+        proxy: the user's model; never modified.
+
+    Example:
+        >>> view = ProxyView(proxy)
+        >>> logits, h = view.forward_with_features(x)   # h: input of the final nn.Linear
+    """
+
+    def __init__(self, proxy: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "proxy", proxy)
+        self._store = threading.local()
+        self._pairs: List[Tuple[nn.Module, nn.Module]] = []
+        object.__setattr__(self, "view", self._copy(proxy, ""))
+        self.head_name: Optional[str] = None
+        self._head_lock = threading.Lock()
+
+    def _copy(self, module: nn.Module, name: str) -> nn.Module:
+        if isinstance(module, _BN_TYPES):
+            return _PerSampleBatchNorm(module)
+        if isinstance(module, nn.Linear):
+            return _CaptureLinear(module, name, self._store)
+        clone = copy.copy(module)  # shallow: shares the parameter and buffer dicts
+        clone.__dict__["_modules"] = OrderedDict(
+            (n, None if m is None else self._copy(m, f"{name}.{n}" if name else n))
+            for n, m in module._modules.items()
+        )
+        self._pairs.append((module, clone))
+        return clone
+
+    def _sync_modes(self) -> None:
+        for orig, clone in self._pairs:
+            clone.training = orig.training
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._sync_modes()
+        return self.view(x)
+
+    def _run(self, x: Tensor, only: Optional[str]) -> Tuple[Tensor, Dict[str, Tuple[Tensor, Tensor]]]:
+        self._sync_modes()
+        self._store.records = {}
+        self._store.only = only
+        try:
+            out = self.view(x)
+            return out, self._store.records
+        finally:
+            self._store.records = None
+
+    def find_head(self, x: Tensor) -> str:
+        """Name of the nn.Linear whose output is the model's output (checked on ``x``)."""
+        out, recs = self._run(x, None)
+        for name, (_, lin_out) in recs.items():
+            if lin_out is out:
+                return name
+        raise ValueError(
+            f"the proxy {type(self.proxy).__name__} does not return the output of an nn.Linear layer as its "
+            "logits, so the closed-form last-layer Jacobian (jacobian='fc') does not apply; "
+            "use jacobian='full' (explicit per-sample Jacobians)"
+        )
+
+    def forward_with_features(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """Logits and the input h of the final Linear layer (found on the first call)."""
+        if self.head_name is None:
+            with self._head_lock:
+                if self.head_name is None:
+                    self.head_name = self.find_head(x)
+        out, recs = self._run(x, self.head_name)
+        if self.head_name not in recs or recs[self.head_name][1] is not out:
+            raise ValueError(
+                f"the proxy {type(self.proxy).__name__} stopped returning the output of its layer "
+                f"'{self.head_name}'; use jacobian='full'"
+            )
+        h = recs[self.head_name][0]
+        return out, h.reshape(h.shape[0], -1)
+
+    def head(self) -> nn.Linear:
+        if self.head_name is None:
+            raise RuntimeError("head not found yet: call forward_with_features first")
+        return self.proxy.get_submodule(self.head_name)
+
+    def train(self, mode: bool = True) -> "ProxyView":  # the view follows the proxy's flags
+        self.training = mode
+        return self
