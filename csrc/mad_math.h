@@ -56,11 +56,13 @@ PP_HD double angular(const Quad& q, double zero_y) {
   bool u = q.A > q.zero_a, v = q.Y > zero_y;
   double r = (u ? 1.0 : 0.0) + (v ? 1.0 : 0.0);
   if (u && v) r -= 2.0 * q.C / (sqrt(q.A) * sqrt(q.Y));
+  if (!(r == r)) return 0.0;  // overflow in huge inputs: no direction information
   return r < 0.0 ? 0.0 : (r > 4.0 ? 4.0 : r);
 }
 
 PP_HD double surrogate(const Quad& q) {
   double r = q.A - 2.0 * q.C + q.Y;
+  if (!(r == r)) return 0.0;
   return r < 0.0 ? 0.0 : r;
 }
 
@@ -342,6 +344,7 @@ PP_HD void oracle_argmax_greedy(const Gram& g, Set cur, int kstar, bool objmax, 
         break;
       }
     }
+    if (it_c < 0) break;  // unreachable for finite values; keeps indices in range
     if (strictly_better(it_v, best)) {
       best = it_v;
       *best_t = t;
