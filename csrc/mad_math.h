@@ -446,6 +446,15 @@ PP_HD double kl_to_mix(const scalar_t* y, const scalar_t* ys, int K, double alph
   return acc;
 }
 
+// One entry of ỹ = (1 − α) y + α y* in the output dtype, kept > 0 where y_k > 0: a positive
+// entry that underflows to zero would make KL(y‖ỹ) infinite.
+template <typename scalar_t>
+PP_HD scalar_t mix_entry(scalar_t yk, scalar_t sk, double alpha) {
+  scalar_t v = (scalar_t)((1.0 - alpha) * (double)yk + alpha * (double)sk);
+  if (v == (scalar_t)0 && yk > (scalar_t)0) v = (scalar_t)(sizeof(scalar_t) == 4 ? 1.401298464324817e-45 : 4.9406564584124654e-324);
+  return v;
+}
+
 // Step size of the reference's line search toward y*.
 template <typename scalar_t>
 PP_HD double step_alpha(const scalar_t* y, const scalar_t* ys, int K, double eps, YDist dist, int kl_steps) {

@@ -372,8 +372,10 @@ def mad_step(y: Tensor, y_star: Tensor, epsilon: float, ydist: str = "l1", kl_st
         d = yd - sd
         norm = d.abs().sum(-1) if ydist == "l1" else torch.sqrt((d * d).sum(-1))
         alpha = (eps / (norm + ALPHA_EPS)).clamp(0.0, 1.0)
-    out = (1.0 - alpha)[:, None] * yd + alpha[:, None] * sd
-    return out.to(y.dtype)
+    out = ((1.0 - alpha)[:, None] * yd + alpha[:, None] * sd).to(y.dtype)
+    # keep ỹ_k > 0 where y_k > 0 (an underflow to 0 would make KL(y‖ỹ) infinite)
+    tiny = torch.finfo(y.dtype).smallest_normal * torch.finfo(y.dtype).eps
+    return torch.where((out == 0) & (y > 0), torch.full_like(out, tiny), out)
 
 
 def _simplex_tau(u: Tensor, radius: float) -> Tensor:

@@ -43,7 +43,7 @@ at::Tensor mad_step_cpu(const at::Tensor& y_, const at::Tensor& ys_, double epsi
         if (!ok_s) bad_s = true;
         const double alpha = (ok_y && ok_s) ? step_alpha(yr, sr, (int)K, epsilon, dist, (int)kl_steps) : 0.0;
         scalar_t* o = op + b * K;
-        for (int64_t k = 0; k < K; ++k) o[k] = (scalar_t)((1.0 - alpha) * (double)yr[k] + alpha * (double)sr[k]);
+        for (int64_t k = 0; k < K; ++k) o[k] = mix_entry(yr[k], sr[k], alpha);
       }
     });
   });

@@ -78,7 +78,7 @@ __global__ void step_kernel(const scalar_t* __restrict__ y, const scalar_t* __re
     const double alpha = warp_broadcast(warp_step_alpha(yr, sr, K, eps, dist, kl_steps, lane), 0);
     scalar_t* o = out + b * K;
     for (int k = lane; k < K; k += WARP_SIZE)
-      o[k] = (scalar_t)((1.0 - alpha) * (double)yr[k] + alpha * (double)sr[k]);
+      o[k] = mix_entry(yr[k], sr[k], alpha);
   }
 }
 
