@@ -1,0 +1,81 @@
+"""Defended queries per second: batched MAD vs the bare victim + proxy forward and vs a
+per-sample port of the original algorithm (tests/original_mad.py), same inputs, same run.
+
+Models: LeNet (K = 10), CIFAR VGG16-BN (K = 10 and 100, proxy in train mode as the
+original leaves it), and a 4096 → 256 last layer. Batch 1 and 256. The per-sample port is
+slow (K backward passes and Python loops per query), so it runs on at most
+`PORT_QUERIES[model]` queries of the batch; throughput is queries / second either way
+(`extra_info["queries"]`). Ratios: `python tools/bench_report.py <json>`.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ppoison_ext.defenses import MAD
+from ppoison_ext.models import get_net
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import original_mad as orig  # noqa: E402
+
+QUICK = os.environ.get("PPOISON_BENCH_QUICK") == "1"
+BATCHES = [1, 8] if QUICK else [1, 256]
+PORT_QUERIES = {"lenet": 64, "vgg16_bn_k10": 16, "vgg16_bn_k100": 4, "head_4096_256": 1}
+if QUICK:
+    PORT_QUERIES = {k: 1 for k in PORT_QUERIES}
+
+
+def _models(name):
+    torch.manual_seed(0)
+    if name == "lenet":
+        v, p = get_net("lenet", "mnist", num_classes=10), get_net("lenet", "mnist", num_classes=10)
+        shape = (1, 28, 28)
+    elif name.startswith("vgg16_bn"):
+        K = int(name.split("_k")[1])
+        v, p = get_net("vgg16_bn", "cifar", num_classes=K), get_net("vgg16_bn", "cifar", num_classes=K)
+        shape = (3, 32, 32)
+    else:
+        v, p = nn.Linear(4096, 256), nn.Linear(4096, 256)
+        shape = (4096,)
+    return v.eval(), p.train(), shape
+
+
+MODELS = ["lenet", "vgg16_bn_k10", "vgg16_bn_k100", "head_4096_256"]
+IMPLS = ["bare", "mad_extreme", "mad_argmax", "port_extreme", "port_argmax"]
+
+
+@pytest.mark.parametrize("B", BATCHES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("model", MODELS)
+def test_defense(benchmark, model, impl, B):
+    if QUICK and (model != "lenet" and (B > 1 or impl.startswith("port"))):
+        pytest.skip("quick mode: LeNet only beyond single bare/MAD queries")
+    victim, proxy, shape = _models(model)
+    x = torch.randn(B, *shape, generator=torch.Generator().manual_seed(1))
+    oracle = "argmax" if impl.endswith("argmax") else "extreme"
+    n = B
+    if impl == "bare":
+        def run():
+            with torch.no_grad():
+                return victim(x), proxy(x)
+    elif impl.startswith("mad"):
+        mad = MAD(victim, epsilon=0.5, proxy=proxy, oracle=oracle, objmax=True, exact_max_k=10)
+        run = lambda: mad.perturb(x)  # noqa: E731
+    else:
+        n = min(B, PORT_QUERIES[model])
+        xs = x[:n]
+        weight = proxy.weight if isinstance(proxy, nn.Linear) else None
+        run = lambda: orig.mad_per_sample(xs, victim, proxy, epsilon=0.5, oracle=oracle,  # noqa: E731
+                                          objmax=True, exact_max_k=10, weight=weight)
+    benchmark.extra_info.update({"model": model, "impl": impl, "B": B, "queries": n})
+    slow = impl.startswith("port") or (model.startswith("vgg") and B > 1)
+    out = benchmark.pedantic(run, rounds=2 if slow else 5, warmup_rounds=1 if not slow else 0, iterations=1)
+    if impl.startswith("mad") and model == "lenet":
+        # correctness after timing: the batched defense equals the per-sample original
+        # (tests/test_defense_fidelity.py checks every model and setting in float64)
+        ref, *_ = orig.mad_per_sample(x[:4], victim, proxy, epsilon=0.5, oracle=oracle, objmax=True, exact_max_k=10)
+        torch.testing.assert_close(out.y_prime[:4], ref, rtol=0, atol=1e-5)
