@@ -1,0 +1,279 @@
+"""Attacker (knockoff) training: ``ppoison train-attacker MODEL_DIR MODEL_ARCH TESTDATASET
+--budgets b1,b2,...`` (the original ``knockoff/adversary/train.py``).
+
+Reads the transfer set in ``MODEL_DIR`` (:func:`~ppoison_ext.attacks.load_transferset`;
+K must equal the test set's class count) and trains, as the original:
+
+* **one** model ``get_net(MODEL_ARCH, family(TESTDATASET), pretrained, num_classes=K)``,
+  created once before the budget loop and trained through the budgets **in the given
+  order**: the model at budget b has also been trained on every earlier budget, continuing
+  from the *last* (not the best) state;
+* per budget b: reseed numpy/torch/CUDA to ``--seed`` (42), take the **first b** transfer
+  samples loaded with the **test** transform of the test set's family (no augmentation),
+  build a **fresh optimizer** (``--optimizer_choice``: ``sgdm`` = SGD(lr, momentum) with no
+  weight decay; ``adam``/``adagrad`` ignore ``--lr``), ``StepLR(--lr-step 60, 0.1)`` and
+  train with soft cross-entropy (targets not renormalised; ``--argmaxed`` makes them one-hot);
+* per budget it writes ``checkpoint.<b>.pth.tar`` (best test accuracy),
+  ``train.<b>.log.tsv`` and ``last.<b>.pth.tar`` (the final state); ``params_train.json``
+  at the end.
+
+Resuming (not in the original): by default (``--resume auto``) a budget whose
+``last.<b>.pth.tar`` shows all epochs done is skipped on a rerun, and the model continues
+from that saved final state; a budget cut off mid-way continues from its last finished
+epoch. ``--resume none`` retrains everything; ``--resume PATH`` loads the weights of a
+checkpoint into the model before the first budget.
+
+Other differences: a budget larger than the transfer set is an error (the original
+silently trained on fewer samples under the larger budget's name); ``--weighted-loss``
+weights by the argmax class counts of the transfer set (the original crashed);
+``--test_subset N`` tests on the first N test images only.
+
+Example::
+
+    ppoison train-attacker models/final_bb_dist/MNIST-lenet-mad... lenet MNIST \\
+        --budgets 50,100,500,1000,10000,60000 --log-interval 500 --epochs 50 -d 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torch.utils.data import Subset
+
+from .. import distributed
+from ..attacks.transferset import load_transferset
+from ..checkpoint import load_checkpoint
+from ..datasets import dataset_to_modelfamily, get_dataset, get_transform
+from ..models import get_net
+from ..training import OPTIMIZERS, get_optimizer, seed_everything, soft_cross_entropy, train_model
+from .common import resolve_device, write_params
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["train_attacker", "parse_budgets", "build_parser", "main"]
+
+
+def parse_budgets(budgets: Union[str, Sequence[int], int]) -> List[int]:
+    """``"50,100,500"`` (or a list of ints) → ``[50, 100, 500]``; empty entries are skipped.
+
+    Raises:
+        ValueError: an entry is not a positive integer, or nothing is left.
+    """
+    if isinstance(budgets, int) and not isinstance(budgets, bool):
+        items: List[Any] = [budgets]
+    elif isinstance(budgets, str):
+        items = [b.strip() for b in budgets.split(",") if b.strip()]
+    elif isinstance(budgets, Sequence):
+        items = list(budgets)
+    else:
+        raise TypeError("budgets must be a comma-separated str or a list of ints, "
+                        f"got {type(budgets).__name__}")
+    out = []
+    for b in items:
+        try:
+            v = int(b)
+        except (TypeError, ValueError):
+            raise ValueError(f"budgets: {b!r} is not an integer") from None
+        if isinstance(b, bool) or v < 1 or (isinstance(b, float) and b != v):
+            raise ValueError(f"budgets: {b!r} is not a positive integer")
+        out.append(v)
+    if not out:
+        raise ValueError("budgets: no budget given (e.g. --budgets 50,100,1000)")
+    return out
+
+
+def train_attacker(
+    model_dir: Union[str, Path],
+    arch: str,
+    testdataset: str,
+    budgets: Union[str, Sequence[int]],
+    *,
+    device: Union[int, str, torch.device, None] = 0,
+    batch_size: int = 64,
+    epochs: int = 100,
+    lr: float = 0.01,
+    momentum: float = 0.5,
+    log_interval: int = 50,
+    resume: Optional[str] = "auto",
+    lr_step: int = 60,
+    lr_gamma: float = 0.1,
+    num_workers: int = 0,
+    pretrained: Optional[str] = None,
+    weighted_loss: bool = False,
+    argmaxed: bool = False,
+    optimizer_choice: str = "sgdm",
+    data_root: Optional[Union[str, Path]] = None,
+    seed: int = 42,
+    test_subset: Optional[int] = None,
+    progress: bool = True,
+    params: Optional[Dict[str, Any]] = None,
+) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Trains a knockoff through ``budgets`` on the transfer set in ``model_dir`` (see the
+    module docs); files go into ``model_dir``.
+
+    Args:
+        model_dir: folder holding the transfer set; outputs are written here.
+        arch: attacker architecture (of the test set's family).
+        testdataset: dataset whose test split measures the attacker (and whose family
+            picks the zoo and the transform).
+        budgets: ``"50,100"`` or ``[50, 100]``, trained in this order.
+        device: GPU index (-1 = CPU, falls back to the CPU), or a device.
+        batch_size, epochs, lr, momentum, lr_step, lr_gamma, log_interval: as the original.
+        resume: ``"auto"`` (skip finished budgets, continue an unfinished one), None/``"none"``
+            (start over), or a checkpoint path whose weights initialise the model.
+        num_workers: DataLoader workers.
+        pretrained: None, ``"imagenet"`` or a checkpoint path (``get_net``).
+        weighted_loss: class-weighted losses (counts of the argmax labels).
+        argmaxed: train on one-hot argmax labels instead of the posteriors.
+        optimizer_choice: ``sgd``, ``sgdm``, ``adam`` or ``adagrad``.
+        data_root: dataset root.
+        seed: reseeded before every budget (the original's 42).
+        test_subset: test on the first N test images only.
+        progress: show progress bars.
+        params: the values recorded in ``params_train.json`` (default: these arguments).
+
+    Returns:
+        ``(model, summary)``: the model after the last budget, and
+        ``{"budgets": [...], "results": {b: train_model summary}, "num_classes": K}``
+        (``results`` in training order).
+    """
+    model_dir = Path(model_dir)
+    budget_list = parse_budgets(budgets)
+    if optimizer_choice not in OPTIMIZERS:
+        raise ValueError(f"optimizer_choice must be one of {list(OPTIMIZERS)}, got {optimizer_choice!r}")
+    if not isinstance(testdataset, str) or testdataset not in dataset_to_modelfamily:
+        raise ValueError(f"testdataset must be one of {sorted(dataset_to_modelfamily)}, got {testdataset!r}")
+    if isinstance(resume, str) and resume.lower() in ("none", "no", "off", ""):
+        resume = None
+    if isinstance(device, torch.device):
+        dev = device
+    elif isinstance(device, str) and not device.lstrip("-").isdigit():
+        dev = torch.device(device)
+    else:
+        dev = resolve_device(0 if device is None else int(device))
+
+    ts = load_transferset(model_dir)
+    K = ts.num_classes
+    logger.info("transfer set %s: %d samples, %d classes", model_dir, len(ts), K)
+    too_big = [b for b in budget_list if b > len(ts)]
+    if too_big:
+        raise ValueError(f"budgets {too_big} exceed the {len(ts)} samples of the transfer set in {model_dir}")
+
+    family = dataset_to_modelfamily[testdataset]
+    transform = get_transform(family, "test")
+    testset = get_dataset(testdataset, train=False, transform=transform, root=data_root)
+    ts.check_classes(len(testset.classes), f"test set {testdataset}")
+    if test_subset is not None:
+        if isinstance(test_subset, bool) or not isinstance(test_subset, int) or test_subset < 1:
+            raise ValueError(f"test_subset must be a positive int or None, got {test_subset!r}")
+        testset = Subset(testset, list(range(min(test_subset, len(testset)))))
+
+    seed_everything(seed)  # the original: torch.manual_seed(42) before building the model
+    model = get_net(arch, family, pretrained, num_classes=K).to(dev)
+    auto = resume is not None and str(resume) in ("auto", "True")
+    if resume is not None and not auto:
+        load_checkpoint(resume, model, map_location=dev)
+        logger.info("initial weights from %s", resume)
+
+    results: Dict[int, Dict[str, Any]] = {}
+    for b in budget_list:
+        seed_everything(seed)
+        trainset = ts.dataset(transform=transform, n=b, argmaxed=argmaxed)
+        optimizer = get_optimizer(model.parameters(), optimizer_choice, lr=lr, momentum=momentum)
+        logger.info("=> training at budget %d", b)
+        model, summary = train_model(
+            model, trainset, model_dir, testset=testset, batch_size=batch_size, epochs=epochs, lr=lr,
+            momentum=momentum, lr_step=lr_step, lr_gamma=lr_gamma, optimizer=optimizer,
+            criterion=soft_cross_entropy, weighted_loss=weighted_loss, checkpoint_suffix=f".{b}", device=dev,
+            num_workers=num_workers, seed=seed, arch=arch, progress=progress, resume="auto" if auto else None,
+            save_last=True, log_interval=log_interval, num_classes=K,
+        )
+        if summary["skipped"]:
+            logger.info("budget %d: all %d epochs already done; continuing from its final state", b, epochs)
+        results[b] = summary
+
+    if distributed.is_main_process():
+        record = dict(params) if params is not None else {
+            "model_dir": str(model_dir), "model_arch": arch, "testdataset": testdataset,
+            "budgets": budgets if isinstance(budgets, str) else ",".join(map(str, budget_list)),
+            "device_id": device if isinstance(device, int) else str(device), "batch_size": batch_size,
+            "epochs": epochs, "lr": lr, "momentum": momentum, "log_interval": log_interval,
+            "resume": None if resume is None else str(resume), "lr_step": lr_step, "lr_gamma": lr_gamma,
+            "num_workers": num_workers, "pretrained": pretrained, "weighted_loss": weighted_loss,
+            "argmaxed": argmaxed, "optimizer_choice": optimizer_choice, "seed": seed,
+            "data_root": None if data_root is None else str(data_root), "test_subset": test_subset,
+        }
+        write_params(model_dir / "params_train.json", record)
+    return model, {"budgets": budget_list, "results": results, "num_classes": K}
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    from ..cli import add_common_arguments
+
+    p = argparse.ArgumentParser(prog=prog, description="Train a knockoff on a transfer set, through a list "
+                                "of budgets (knockoff/adversary/train.py).")
+    p.add_argument("model_dir", metavar="DIR", type=str, help="folder containing the transfer set")
+    p.add_argument("model_arch", metavar="MODEL_ARCH", type=str, help="model name")
+    p.add_argument("testdataset", metavar="DS_NAME", type=str, help="name of the test dataset")
+    p.add_argument("--budgets", metavar="B", type=str, required=True,
+                   help="comma-separated budgets, trained in this order on one model")
+    p.add_argument("-d", "--device_id", metavar="D", type=int, default=0,
+                   help="GPU index, -1 for CPU (default: 0; the CPU when there is no GPU)")
+    p.add_argument("-b", "--batch-size", dest="batch_size", type=int, default=64, metavar="N",
+                   help="input batch size for training (default: 64)")
+    p.add_argument("-e", "--epochs", type=int, default=100, metavar="N",
+                   help="epochs per budget (default: 100)")
+    p.add_argument("--lr", type=float, default=0.01, metavar="LR", help="learning rate (default: 0.01)")
+    p.add_argument("--momentum", type=float, default=0.5, metavar="M", help="SGD momentum (default: 0.5)")
+    p.add_argument("--log-interval", dest="log_interval", type=int, default=50, metavar="N",
+                   help="batches between progress log lines (default: 50)")
+    p.add_argument("--resume", default="auto", type=str, metavar="PATH",
+                   help="'auto' (default: skip finished budgets, continue an unfinished one), 'none', or a "
+                        "checkpoint whose weights initialise the model")
+    p.add_argument("--lr-step", dest="lr_step", type=int, default=60, metavar="N",
+                   help="StepLR step (default: 60)")
+    p.add_argument("--lr-gamma", dest="lr_gamma", type=float, default=0.1, metavar="N",
+                   help="StepLR decay (default: 0.1)")
+    p.add_argument("-w", "--num_workers", metavar="N", type=int, default=10,
+                   help="DataLoader worker processes (default: 10)")
+    p.add_argument("--pretrained", type=str, default=None, help="'imagenet' or a checkpoint path")
+    p.add_argument("--weighted-loss", dest="weighted_loss", action="store_true", default=False,
+                   help="class-weighted loss")
+    p.add_argument("--argmaxed", action="store_true", default=False,
+                   help="train on argmax (one-hot) labels instead of posteriors")
+    p.add_argument("--optimizer_choice", type=str, default="sgdm", choices=OPTIMIZERS,
+                   help="optimizer (default: sgdm; adam/adagrad ignore --lr)")
+    p.add_argument("--test_subset", type=int, default=None, metavar="N",
+                   help="test on the first N test images only")
+    add_common_arguments(p)
+    return p
+
+
+def main(argv: Optional[List[str]] = None, *, prog: Optional[str] = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    distributed.setup_logging()
+    params = {k: v for k, v in vars(args).items() if k != "no_progress"}
+    try:
+        train_attacker(
+            args.model_dir, args.model_arch, args.testdataset, args.budgets, device=args.device_id,
+            batch_size=args.batch_size, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
+            log_interval=args.log_interval, resume=args.resume, lr_step=args.lr_step, lr_gamma=args.lr_gamma,
+            num_workers=args.num_workers, pretrained=args.pretrained, weighted_loss=args.weighted_loss,
+            argmaxed=args.argmaxed, optimizer_choice=args.optimizer_choice, data_root=args.data_root,
+            seed=args.seed, test_subset=args.test_subset, progress=not args.no_progress, params=params,
+        )
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        logger.error("%s", err)
+        return 2
+    finally:
+        distributed.cleanup()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,214 @@
+"""Utility of a defended victim: ``ppoison eval-bbox VIC_DIR DEFENSE DEFENSE_ARGS --out_dir D``
+(the original ``defenses/adversary/eval_bbox.py``).
+
+Builds the defended black box (:func:`~ppoison_ext.pipeline.common.build_blackbox`, query
+log prefix ``test``), queries it with the victim's test split (``params.json`` dataset,
+``train=False``, family test transform, no shuffling) and writes into ``--out_dir``:
+
+* ``bboxeval.<N>.log.tsv`` — header ``run_id epoch split loss accuracy best_accuracy``, one
+  row ``[run_id, victim epochs, test, loss, acc, acc]``; N is the number of test images;
+* ``distancetest.log.tsv`` (+ the query log) — written by the defense's
+  :class:`~ppoison_ext.defenses.QueryLogger`: mean/std of ‖y−y′‖₁, ‖y−y′‖₂, KL(y‖y′) over
+  all test queries, every 1000 queries and once at the end;
+* ``params_evalbbox.json`` — the arguments, the parsed defense arguments (including
+  ``log_prefix='test'``, overriding same-named arguments, as the original) and ``created_on``.
+
+``accuracy`` is the top-1 accuracy (%) of argmax y′, as the original. Differences:
+
+* ``loss`` is the mean negative log-likelihood of the true label under y′ + 1e-7
+  renormalised, ``mean_i −log((y′_i,c + 1e-7) / Σ_k (y′_i,k + 1e-7))`` (the original applied
+  ``CrossEntropyLoss`` to the probabilities as if they were logits, and divided the sum of
+  per-batch means by N, so its value was meaningless);
+* ``--batch_size`` defaults to 256 (the original's 1 queries one image at a time; batching
+  does not change the outputs of the batch-independent defenses);
+* ``--test_subset N`` evaluates the first N test images only.
+
+Example::
+
+    ppoison eval-bbox models/victim/MNIST-lenet-train-nodefense mad "epsilon:0.5,objmax:True" --out_dir D
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from .. import distributed
+from ..checkpoint import atomic_write_text, modelfamily_for_dataset, read_params
+from ..datasets import get_dataset, get_transform
+from ..training import LOG_COLUMNS, seed_everything
+from .common import build_blackbox, resolve_device, write_params
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["eval_bbox", "build_parser", "main"]
+
+
+def eval_bbox(
+    victim_dir: Union[str, Path],
+    defense: str,
+    defense_args: Union[str, Dict[str, Any], None],
+    out_dir: Union[str, Path],
+    *,
+    batch_size: int = 256,
+    device: Union[int, str, torch.device, None] = 0,
+    num_workers: int = 0,
+    data_root: Optional[Union[str, Path]] = None,
+    seed: Optional[int] = 42,
+    test_subset: Optional[int] = None,
+    progress: bool = True,
+    params: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """Evaluates a defended victim on its test set (see the module docs).
+
+    Args:
+        victim_dir: the victim's folder (``params.json`` + checkpoint).
+        defense: defense name (``none``, ``topk``, ``rounding``, ``mad``, ``reverse_sigmoid``,
+            ``rand_noise``, or a ``*_wb`` variant).
+        defense_args: ``"key:value,..."`` string or mapping.
+        out_dir: output folder.
+        batch_size: queries per call (1 for the ``*_wb`` defenses, which train an online
+            attacker per query).
+        device: GPU index (-1 = CPU, falls back to the CPU), or a device.
+        num_workers: DataLoader workers.
+        data_root: dataset root.
+        seed: seeds the RNGs first (randomised defenses); None leaves them alone.
+        test_subset: evaluate the first N test images only.
+        progress: show a progress bar.
+        params: values recorded in ``params_evalbbox.json`` (default: these arguments).
+
+    Returns:
+        ``{"accuracy", "loss", "n", "l1_mean", "l1_std", "l2_mean", "l2_std", "kl_mean",
+        "kl_std", "log"}`` (accuracy in %, distances over all queries).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if distributed.launched_with_torchrun():
+        raise ValueError("eval-bbox runs in one process; start it with python, not torchrun")
+    if isinstance(device, torch.device):
+        dev = device
+    elif isinstance(device, str) and not device.lstrip("-").isdigit():
+        dev = torch.device(device)
+    else:
+        dev = resolve_device(0 if device is None else int(device))
+    if seed is not None:
+        seed_everything(seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vparams = read_params(victim_dir)
+    wb_kwargs = {"data_root": data_root} if defense.endswith("_wb") else {}
+    blackbox, qlog, kwargs = build_blackbox(victim_dir, defense, defense_args, device=dev, out_dir=out_dir,
+                                            log_prefix="test", **wb_kwargs)
+    if defense.endswith("_wb") and batch_size != 1:
+        logger.info("white-box defense %s: querying one image at a time", defense)
+        batch_size = 1
+    if kwargs.get("out_path") not in (None, str(out_dir)):
+        logger.info("defense_args out_path=%s ignored: the defense logs go to --out_dir %s",
+                    kwargs["out_path"], out_dir)
+    # the original reads params['dataset']; the other keys for model folders without it
+    dataset = next(vparams[k] for k in ("dataset", "testdataset", "queryset") if vparams.get(k))
+    family = modelfamily_for_dataset(dataset)
+    testset = get_dataset(dataset, train=False, transform=get_transform(family, "test"), root=data_root)
+    if test_subset is not None:
+        if isinstance(test_subset, bool) or not isinstance(test_subset, int) or test_subset < 1:
+            raise ValueError(f"test_subset must be a positive int or None, got {test_subset!r}")
+        testset = Subset(testset, list(range(min(test_subset, len(testset)))))
+    n = len(testset)
+    logger.info("evaluating %s (%s) on %s: %d test images, batch %d", defense, defense_args, dataset, n,
+                batch_size)
+
+    loader = DataLoader(testset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    nll_sum, correct, total = 0.0, 0, 0
+    try:
+        for x, y in tqdm(loader, desc="eval-bbox", disable=not progress, unit="batch"):
+            x, y = x.to(dev), y.to(dev)
+            y_prime = blackbox(x).detach().double()
+            p = y_prime + 1e-7
+            p = p / p.sum(1, keepdim=True)
+            nll_sum += float(-torch.log(p.gather(1, y.view(-1, 1))).sum().item())
+            correct += int(y_prime.argmax(1).eq(y).sum().item())
+            total += int(y.numel())
+    finally:
+        qlog.close()
+    acc = 100.0 * correct / max(total, 1)
+    loss = nll_sum / max(total, 1)
+    epoch = vparams.get("epochs", -1)
+    run_id = str(datetime.datetime.now())
+    log_path = out_dir / f"bboxeval.{n}.log.tsv"
+    row = [run_id, epoch, "test", loss, acc, acc]
+    atomic_write_text(log_path, "\t".join(LOG_COLUMNS) + "\n" + "\t".join(str(c) for c in row) + "\n")
+    stats = qlog.stats()
+    result = {"accuracy": acc, "loss": loss, "n": total, "log": str(log_path)}
+    result.update(zip(("l1_mean", "l1_std", "l2_mean", "l2_std", "kl_mean", "kl_std"), stats))
+    record = dict(params) if params is not None else {
+        "victim_model_dir": str(victim_dir), "defense": defense,
+        "defense_args": (defense_args if isinstance(defense_args, str) or defense_args is None
+                         else dict(defense_args)),
+        "out_dir": str(out_dir), "batch_size": batch_size,
+        "device_id": device if isinstance(device, int) else str(device), "nworkers": num_workers,
+        "data_root": None if data_root is None else str(data_root), "seed": seed, "test_subset": test_subset,
+    }
+    record.update(kwargs)
+    write_params(out_dir / "params_evalbbox.json", {k: _jsonable(v) for k, v in record.items()})
+    logger.info("accuracy %.2f%%, loss %.4f, l1 %.4f ± %.4f", acc, loss, result["l1_mean"], result["l1_std"])
+    return result
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    from ..cli import add_common_arguments
+    from ..defenses.args import DEFENSE_NAMES
+
+    p = argparse.ArgumentParser(prog=prog, description="Accuracy and perturbation size of a defended victim "
+                                "on its test set (defenses/adversary/eval_bbox.py).")
+    p.add_argument("victim_model_dir", metavar="VIC_DIR", type=str,
+                   help="victim folder (params.json + checkpoint.pth.tar)")
+    p.add_argument("defense", metavar="DEFENSE", type=str, choices=DEFENSE_NAMES,
+                   help=f"defense: {', '.join(DEFENSE_NAMES)}")
+    p.add_argument("defense_args", metavar="DEFENSE_ARGS", type=str,
+                   help="defense arguments 'key:value,...' (e.g. 'epsilon:0.5,objmax:True'; '' for none)")
+    p.add_argument("--out_dir", metavar="PATH", type=str, required=True, help="output folder")
+    p.add_argument("--batch_size", metavar="N", type=int, default=256,
+                   help="queries per call (default: 256; the original used 1)")
+    p.add_argument("-d", "--device_id", metavar="D", type=int, default=0,
+                   help="GPU index, -1 for CPU (default: 0; the CPU when there is no GPU)")
+    p.add_argument("-w", "--nworkers", metavar="N", type=int, default=10,
+                   help="DataLoader worker processes (default: 10)")
+    p.add_argument("--test_subset", type=int, default=None, metavar="N",
+                   help="evaluate the first N test images only")
+    add_common_arguments(p)
+    return p
+
+
+def main(argv: Optional[List[str]] = None, *, prog: Optional[str] = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    distributed.setup_logging()
+    params = {k: v for k, v in vars(args).items() if k != "no_progress"}
+    try:
+        eval_bbox(args.victim_model_dir, args.defense, args.defense_args, args.out_dir,
+                  batch_size=args.batch_size, device=args.device_id, num_workers=args.nworkers,
+                  data_root=args.data_root, seed=args.seed, test_subset=args.test_subset,
+                  progress=not args.no_progress, params=params)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        logger.error("%s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

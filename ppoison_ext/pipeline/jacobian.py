@@ -1,0 +1,273 @@
+"""Jacobian-based attacks: ``ppoison jacobian POLICY VIC_DIR DEFENSE DEFENSE_ARGS --model_adv ARCH
+--out_dir D --testset T --queryset Q`` (the original ``defenses/adversary/jacobian.py``).
+
+POLICY is ``jbda``, ``jbself`` or ``jbtop<k>`` (e.g. ``jbtop3``); the algorithm and the
+original's bugs (fixed by default, restored by ``--orig_aliasing``, ``--orig_jbself_store``,
+``--orig_clamp``, ``--orig_topk_cap``, ``--orig_pgd_sign``) are described in
+:mod:`ppoison_ext.attacks.jacobian`.
+
+Setup, as the original: seed numpy/torch/CUDA with ``--seed`` (42); the seed set is
+``np.random.choice(len(queryset), --seedsize, replace=False)`` of the query set's training
+split (its family's test transform, or train transform with ``--train_transform``); the
+substitute's family comes from ``--testset``, whose test split is evaluated after every
+substitute epoch; the black box is the defended victim (query log prefix ``transfer``).
+Defaults are the original's: ``--budget 10000 --seedsize 100 --rho None --sigma 3 --kappa None
+--tau 5 --train_epochs 20 --batch_size 64`` (substitute training batch), final substitute
+100 epochs (``--final_train_epochs``), λ = 0.1, PGD 8 × 0.01.
+
+Writes into ``--out_dir``: ``checkpoint.<queries>.pth.tar`` / ``train.<queries>.log.tsv`` for
+every substitute training (the last one, ``.<budget>``, is the reported attacker),
+``params_transfer.json``, the defense's ``distancetransfer.log.tsv`` and query log, and
+(not in the original) the final set D as a transfer set plus ``jbda_images.pt`` (see
+:func:`~ppoison_ext.attacks.jacobian.save_augmented_set`).
+
+Other differences: queries are batched (``--query_batch_size``, default 64; 1 reproduces the
+original's call pattern; forced to 1 for ``*_wb`` defenses); ``--model_adv`` defaults to the
+victim's architecture (the original crashed without it); ``--test_subset N`` tests the
+substitutes on the first N test images only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Subset
+
+from .. import distributed
+from ..attacks.jacobian import JacobianAdversary, parse_policy, pixel_bounds, save_augmented_set
+from ..checkpoint import read_params
+from ..datasets import dataset_to_modelfamily, get_dataset, get_transform
+from ..datasets.transforms import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, MNIST_MEAN, MNIST_STD
+from ..training import seed_everything
+from .common import build_blackbox, resolve_device, write_params
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run_jacobian", "build_parser", "main", "FAMILY_NORMALIZATION"]
+
+#: family -> (mean, std) of its Normalize transform.
+FAMILY_NORMALIZATION = {"mnist": (MNIST_MEAN, MNIST_STD), "cifar": (CIFAR_MEAN, CIFAR_STD),
+                        "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+
+
+def run_jacobian(
+    policy: str,
+    victim_dir: Union[str, Path],
+    defense: str,
+    defense_args: Union[str, Dict[str, Any], None],
+    *,
+    out_dir: Union[str, Path],
+    testset: str,
+    queryset: str,
+    model_adv: Optional[str] = None,
+    pretrained: Optional[str] = None,
+    budget: int = 10000,
+    seedsize: int = 100,
+    rho: Optional[int] = None,
+    sigma: int = 3,
+    kappa: Optional[int] = None,
+    tau: Optional[int] = 5,
+    train_epochs: int = 20,
+    final_train_epochs: int = 100,
+    batch_size: int = 64,
+    query_batch_size: int = 64,
+    train_transform: bool = False,
+    device: Union[int, str, torch.device, None] = 0,
+    num_workers: int = 0,
+    data_root: Optional[Union[str, Path]] = None,
+    seed: int = 42,
+    test_subset: Optional[int] = None,
+    orig_aliasing: bool = False,
+    orig_jbself_store: bool = False,
+    orig_clamp: bool = False,
+    orig_topk_cap: bool = False,
+    orig_pgd_sign: bool = False,
+    save_transferset: bool = True,
+    progress: bool = True,
+    params: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """Runs a Jacobian-based attack against a defended victim (see the module docs).
+
+    Returns:
+        The attack summary (:meth:`JacobianAdversary.run`) plus ``out_dir``, ``policy`` and
+        ``final_checkpoint`` (the reported attacker's checkpoint path).
+    """
+    strategy, k = parse_policy(policy)
+    if distributed.launched_with_torchrun():
+        raise ValueError("the jacobian attack runs in one process; start it with python, not torchrun")
+    for name, ds in (("testset", testset), ("queryset", queryset)):
+        if not isinstance(ds, str) or ds not in dataset_to_modelfamily:
+            raise ValueError(f"{name} must be one of {sorted(dataset_to_modelfamily)}, got {ds!r}")
+    if isinstance(seedsize, bool) or not isinstance(seedsize, int) or seedsize < 1:
+        raise ValueError(f"seedsize must be a positive int, got {seedsize!r}")
+    if isinstance(device, torch.device):
+        dev = device
+    elif isinstance(device, str) and not device.lstrip("-").isdigit():
+        dev = torch.device(device)
+    else:
+        dev = resolve_device(0 if device is None else int(device))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vparams = read_params(victim_dir)
+    K = int(vparams["num_classes"])
+    model_adv = model_adv or vparams["model_arch"]
+
+    seed_everything(seed)
+    wb_kwargs = {"data_root": data_root} if defense.endswith("_wb") else {}
+    blackbox, qlog, kwargs = build_blackbox(victim_dir, defense, defense_args, device=dev, out_dir=out_dir,
+                                            log_prefix="transfer", **wb_kwargs)
+    if defense.endswith("_wb") and query_batch_size != 1:
+        logger.info("white-box defense %s: querying one image at a time", defense)
+        query_batch_size = 1
+
+    q_family = dataset_to_modelfamily[queryset]
+    q_transform = get_transform(q_family, "train" if train_transform else "test")
+    qset = get_dataset(queryset, train=True, transform=q_transform, root=data_root)
+    if seedsize >= budget:
+        raise ValueError(f"seedsize ({seedsize}) must be smaller than budget ({budget})")
+    if seedsize > len(qset):
+        raise ValueError(f"seedsize ({seedsize}) exceeds the {len(qset)} images of {queryset}")
+    seed_idx = np.random.choice(len(qset), seedsize, replace=False)
+    x_seed = torch.stack([qset[int(i)][0] for i in seed_idx])
+
+    t_family = dataset_to_modelfamily[testset]
+    tset = get_dataset(testset, train=False, transform=get_transform(t_family, "test"), root=data_root)
+    if len(tset.classes) != K:
+        raise ValueError(f"testset {testset} has {len(tset.classes)} classes but the victim has K={K}")
+    if test_subset is not None:
+        if isinstance(test_subset, bool) or not isinstance(test_subset, int) or test_subset < 1:
+            raise ValueError(f"test_subset must be a positive int or None, got {test_subset!r}")
+        tset = Subset(tset, list(range(min(test_subset, len(tset)))))
+
+    mean, std = FAMILY_NORMALIZATION[q_family]
+    record = dict(params) if params is not None else {
+        "policy": policy, "victim_model_dir": str(victim_dir), "defense": defense,
+        "defense_args": (defense_args if isinstance(defense_args, str) or defense_args is None
+                         else dict(defense_args)),
+        "model_adv": model_adv, "pretrained": pretrained, "out_dir": str(out_dir), "testset": testset,
+        "queryset": queryset, "batch_size": batch_size, "train_transform": train_transform, "budget": budget,
+        "seedsize": seedsize, "rho": rho, "sigma": sigma, "kappa": kappa, "tau": tau,
+        "train_epochs": train_epochs,
+        "final_train_epochs": final_train_epochs, "query_batch_size": query_batch_size,
+        "device_id": device if isinstance(device, int) else str(device), "nworkers": num_workers,
+        "data_root": None if data_root is None else str(data_root), "seed": seed, "test_subset": test_subset,
+        "orig_aliasing": orig_aliasing, "orig_jbself_store": orig_jbself_store, "orig_clamp": orig_clamp,
+        "orig_topk_cap": orig_topk_cap, "orig_pgd_sign": orig_pgd_sign,
+    }
+    record.update(kwargs)
+    write_params(out_dir / "params_transfer.json", record)
+
+    adversary = JacobianAdversary(
+        blackbox, policy=policy, budget=budget, model_adv_name=model_adv, modelfamily=t_family, num_classes=K,
+        testset=tset, out_dir=out_dir, device=dev, model_adv_pretrained=pretrained, batch_size=batch_size,
+        train_epochs=train_epochs, final_train_epochs=final_train_epochs, kappa=kappa, tau=tau, rho=rho,
+        sigma=sigma,
+        query_batch_size=query_batch_size, bounds=pixel_bounds(mean, std), orig_aliasing=orig_aliasing,
+        orig_jbself_store=orig_jbself_store, orig_clamp=orig_clamp, orig_topk_cap=orig_topk_cap,
+        orig_pgd_sign=orig_pgd_sign, num_workers=num_workers, progress=progress)
+    try:
+        adversary.setup(x_seed, seed_idx.tolist())
+        D, _, summary = adversary.run()
+    finally:
+        qlog.close()
+    if save_transferset:
+        save_augmented_set(D, out_dir, mean=mean, std=std, meta={
+            "policy": policy, "victim_model_dir": str(victim_dir), "defense": defense,
+            "defense_args": record.get("defense_args"), "queryset": queryset, "seed": seed, "budget": budget})
+    summary.update(out_dir=str(out_dir), policy=policy,
+                   final_checkpoint=(summary["final"] or {}).get("checkpoint"))
+    record["queries"] = summary["queries"]
+    write_params(out_dir / "params_transfer.json", record)
+    logger.info("%s: %d queries, |D| = %d (%d distinct images), final substitute best test acc %.2f", policy,
+                summary["queries"], summary["size"], summary["unique"],
+                (summary["final"] or {}).get("best_test_acc", float("nan")))
+    return summary
+
+
+def _opt_int(v: str) -> Optional[int]:
+    return None if v.lower() in ("none", "") else int(v)
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    from ..cli import add_common_arguments
+    from ..defenses.args import DEFENSE_NAMES
+
+    p = argparse.ArgumentParser(prog=prog, description="Jacobian-based attacks (JBDA, JB-self, JB-top-k) "
+                                "against a defended victim (defenses/adversary/jacobian.py).")
+    p.add_argument("policy", metavar="PI", type=str, help="jbda, jbself or jbtop<k> (e.g. jbtop3)")
+    p.add_argument("victim_model_dir", metavar="VIC_DIR", type=str, help="victim folder")
+    p.add_argument("defense", metavar="DEFENSE", type=str, choices=DEFENSE_NAMES,
+                   help=f"defense: {', '.join(DEFENSE_NAMES)}")
+    p.add_argument("defense_args", metavar="DEFENSE_ARGS", type=str, help="defense arguments 'key:value,...'")
+    p.add_argument("--model_adv", metavar="STR", type=str, default=None,
+                   help="substitute architecture (default: the victim's)")
+    p.add_argument("--pretrained", metavar="STR", type=str, default=None, help="substitute initialisation")
+    p.add_argument("--out_dir", metavar="PATH", type=str, required=True, help="output folder")
+    p.add_argument("--testset", metavar="DSET", type=str, required=True, help="dataset of the victim")
+    p.add_argument("--queryset", metavar="DSET", type=str, required=True, help="dataset of the seed images")
+    p.add_argument("--batch_size", metavar="N", type=int, default=64,
+                   help="substitute training batch (default: 64)")
+    p.add_argument("--train_transform", action="store_true", help="seed images with the train transform")
+    p.add_argument("--budget", metavar="N", type=int, default=10000, help="query limit (default: 10000)")
+    p.add_argument("--seedsize", metavar="N", type=int, default=100,
+                   help="size of the seed set (default: 100)")
+    p.add_argument("--rho", metavar="N", type=_opt_int, default=None, help="number of augmentation rounds")
+    p.add_argument("--sigma", metavar="N", type=int, default=3, help="sample --kappa rows from this round on")
+    p.add_argument("--kappa", metavar="N", type=_opt_int, default=None, help="rows sampled per round")
+    p.add_argument("--tau", metavar="N", type=_opt_int, default=5, help="period of the step-size sign flip")
+    p.add_argument("--train_epochs", metavar="N", type=int, default=20, help="epochs per round (default: 20)")
+    p.add_argument("--final_train_epochs", metavar="N", type=int, default=100,
+                   help="epochs of the final substitute (default: 100)")
+    p.add_argument("--query_batch_size", metavar="N", type=int, default=64,
+                   help="images per black-box call (default: 64; the original used 1)")
+    p.add_argument("--test_subset", type=int, default=None, metavar="N",
+                   help="test on the first N test images only")
+    p.add_argument("-d", "--device_id", metavar="D", type=int, default=0,
+                   help="GPU index, -1 for CPU (default: 0; the CPU when there is no GPU)")
+    p.add_argument("-w", "--nworkers", metavar="N", type=int, default=10,
+                   help="DataLoader worker processes (default: 10)")
+    g = p.add_argument_group("original behaviour (bugs fixed by default)")
+    g.add_argument("--orig_aliasing", action="store_true",
+                   help="augment D in place (D stays at the seed images, duplicated)")
+    g.add_argument("--orig_jbself_store", action="store_true",
+                   help="jbself: store x+delta with the label of x-delta")
+    g.add_argument("--orig_clamp", action="store_true",
+                   help="FGSM clamps to [0,1] in normalised units; PGD does not clamp")
+    g.add_argument("--orig_topk_cap", action="store_true", help="jbtop: budget cap divides by 3 instead of k")
+    g.add_argument("--orig_pgd_sign", action="store_true",
+                   help="jbtop: clamp(-lambda, lambda) even for lambda < 0")
+    add_common_arguments(p)
+    return p
+
+
+def main(argv: Optional[List[str]] = None, *, prog: Optional[str] = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    distributed.setup_logging()
+    params = {k: v for k, v in vars(args).items() if k != "no_progress"}
+    try:
+        run_jacobian(
+            args.policy, args.victim_model_dir, args.defense, args.defense_args, out_dir=args.out_dir,
+            testset=args.testset, queryset=args.queryset, model_adv=args.model_adv,
+            pretrained=args.pretrained,
+            budget=args.budget, seedsize=args.seedsize, rho=args.rho, sigma=args.sigma, kappa=args.kappa,
+            tau=args.tau, train_epochs=args.train_epochs, final_train_epochs=args.final_train_epochs,
+            batch_size=args.batch_size, query_batch_size=args.query_batch_size,
+            train_transform=args.train_transform, device=args.device_id, num_workers=args.nworkers,
+            data_root=args.data_root, seed=args.seed, test_subset=args.test_subset,
+            orig_aliasing=args.orig_aliasing, orig_jbself_store=args.orig_jbself_store,
+            orig_clamp=args.orig_clamp, orig_topk_cap=args.orig_topk_cap, orig_pgd_sign=args.orig_pgd_sign,
+            progress=not args.no_progress, params=params,
+        )
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        logger.error("%s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,243 @@
+"""Victim training: ``ppoison train-victim DS_NAME MODEL_ARCH`` (the original
+``knockoff/victim/train.py``), and the MAD surrogate ("advproxy").
+
+Trains ``get_net(MODEL_ARCH, family(DS_NAME), pretrained, num_classes=K)`` on the
+dataset's training split (family train transform) and tests it on its test split (family
+test transform) after every epoch, with the original's defaults: 100 epochs, batch 64,
+SGD(lr 0.1, momentum 0.5, weight decay 5e-4), StepLR(30, 0.1), cross-entropy (class-
+weighted with ``--weighted-loss``). Writes into ``--out_path``:
+
+* ``params.json`` — the arguments (the original's keys ``dataset, model_arch, out_path,
+  device_id, batch_size, epochs, lr, momentum, log_interval, resume, lr_step, lr_gamma,
+  num_workers, train_subset, pretrained, weighted_loss``, plus ``num_classes``,
+  ``created_on``, and this version's ``seed``, ``data_root``, ``test_subset``);
+* ``checkpoint.pth.tar`` — best test accuracy so far (``weights_only``-loadable);
+* ``train.log.tsv`` — two rows per epoch (see :mod:`ppoison_ext.training`);
+* ``last.pth.tar`` — the latest state, for ``--resume auto``.
+
+**Surrogate (MAD proxy) creation** is the same command with
+``--epochs 1 --train_subset 10 --lr 0.0``: at lr 0 the weights stay at their
+initialisation (weight decay is scaled by lr too), only BatchNorm running statistics
+take one update from the 10-image batch. :func:`make_proxy` does exactly that.
+
+Differences from the original: ``--train_subset`` draws its subset with
+``numpy.random.RandomState(--seed)`` (the original used the unseeded global RNG), and the
+model is initialised after ``seed_everything(--seed)`` (the original set no seed).
+``--resume auto`` continues a killed run from ``last.pth.tar``.
+
+Example::
+
+    ppoison train-victim MNIST lenet -o models/victim/MNIST-lenet-train-nodefense -d 0
+    ppoison train-victim MNIST lenet -o models/victim/MNIST-lenet-train-nodefense-scratch-advproxy \\
+        --epochs 1 --train_subset 10 --lr 0.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Subset
+
+from .. import distributed
+from ..datasets import dataset_to_modelfamily, get_dataset, get_transform
+from ..models import get_net
+from ..training import seed_everything, train_model
+from .common import resolve_device, write_params
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["train_victim", "make_proxy", "build_parser", "main"]
+
+#: Where the original wrote by default was ``<knockoffnets>/models``; here: ``./models``.
+DEFAULT_OUT = "models"
+
+
+def _device_and_id(device: Union[int, str, torch.device, None]) -> Tuple[torch.device, Any]:
+    if isinstance(device, torch.device):
+        return device, str(device)
+    if device is None or isinstance(device, int) or (
+            isinstance(device, str) and device.lstrip("-").isdigit()):
+        idx = 0 if device is None else int(device)
+        return resolve_device(idx), idx
+    return torch.device(device), str(device)
+
+
+def _first(dataset, n: Optional[int], what: str):
+    if n is None:
+        return dataset
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{what} must be a positive int or None, got {n!r}")
+    return Subset(dataset, list(range(min(n, len(dataset)))))
+
+
+def train_victim(
+    dataset: str,
+    arch: str,
+    out_path: Union[str, Path] = DEFAULT_OUT,
+    *,
+    device: Union[int, str, torch.device, None] = 0,
+    batch_size: int = 64,
+    epochs: int = 100,
+    lr: float = 0.1,
+    momentum: float = 0.5,
+    log_interval: int = 100,
+    resume: Optional[str] = None,
+    lr_step: int = 30,
+    lr_gamma: float = 0.1,
+    num_workers: int = 0,
+    train_subset: Optional[int] = None,
+    pretrained: Optional[str] = None,
+    weighted_loss: bool = False,
+    data_root: Optional[Union[str, Path]] = None,
+    seed: Optional[int] = 42,
+    test_subset: Optional[int] = None,
+    progress: bool = True,
+) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Trains a victim model and writes ``params.json``, ``checkpoint.pth.tar`` and
+    ``train.log.tsv`` into ``out_path`` (see the module docs).
+
+    Args:
+        dataset: dataset name (e.g. ``"MNIST"``); its family picks the model zoo and transforms.
+        arch: architecture name of that family (e.g. ``"lenet"``).
+        out_path: output folder.
+        device: GPU index (-1 = CPU; falls back to the CPU without a GPU), or a device.
+        batch_size, epochs, lr, momentum, lr_step, lr_gamma, log_interval: as the original.
+        resume: a checkpoint path to continue from, or ``"auto"`` (``out_path/last.pth.tar``
+            if present).
+        num_workers: DataLoader workers.
+        train_subset: train on this many random training images (seeded with ``seed``).
+        pretrained: None, ``"imagenet"`` (imagenet family, local weights) or a checkpoint path.
+        weighted_loss: class-weighted cross-entropy (``w_c = min count / count_c``).
+        data_root: dataset root (default ``$PPOISON_DATA``, then the embedded data).
+        seed: seeds the RNGs and the subset draw; None leaves them unseeded (the original).
+        test_subset: test on the first N test images only (not in the original).
+        progress: show progress bars.
+
+    Returns:
+        ``(model, summary)`` from :func:`~ppoison_ext.training.train_model`, with
+        ``params`` (what was written to ``params.json``) added.
+    """
+    if not isinstance(dataset, str) or dataset not in dataset_to_modelfamily:
+        raise ValueError(f"dataset must be one of {sorted(dataset_to_modelfamily)}, got {dataset!r}")
+    if not isinstance(arch, str) or not arch:
+        raise ValueError(f"arch must be an architecture name, got {arch!r}")
+    dev, device_id = _device_and_id(device)
+    family = dataset_to_modelfamily[dataset]
+    if seed is not None:
+        seed_everything(seed)
+
+    trainset = get_dataset(dataset, train=True, transform=get_transform(family, "train"), root=data_root)
+    testset = get_dataset(dataset, train=False, transform=get_transform(family, "test"), root=data_root)
+    num_classes = len(trainset.classes)
+    if train_subset is not None:
+        if (isinstance(train_subset, bool) or not isinstance(train_subset, int)
+                or not 1 <= train_subset <= len(trainset)):
+            raise ValueError(f"train_subset must be an int in [1, {len(trainset)}], got {train_subset!r}")
+        rng = np.random.RandomState(seed) if seed is not None else np.random
+        idxs = rng.choice(np.arange(len(trainset)), size=train_subset, replace=False)
+        trainset = Subset(trainset, idxs.tolist())
+    testset = _first(testset, test_subset, "test_subset")
+    logger.info("victim %s/%s: %d train, %d test images, K=%d, device %s", dataset, arch, len(trainset),
+                len(testset), num_classes, dev)
+
+    model = get_net(arch, family, pretrained, num_classes=num_classes).to(dev)
+    out_path = Path(out_path)
+    model, summary = train_model(
+        model, trainset, out_path, testset=testset, batch_size=batch_size, epochs=epochs, lr=lr,
+        momentum=momentum, weight_decay=5e-4, lr_step=lr_step, lr_gamma=lr_gamma, weighted_loss=weighted_loss,
+        device=dev, num_workers=num_workers, arch=arch, progress=progress, resume=resume,
+        log_interval=log_interval, num_classes=num_classes,
+    )
+    params = {
+        "dataset": dataset, "model_arch": arch, "out_path": str(out_path), "device_id": device_id,
+        "batch_size": batch_size, "epochs": epochs, "lr": lr, "momentum": momentum,
+        "log_interval": log_interval,
+        "resume": None if resume is None else str(resume), "lr_step": lr_step, "lr_gamma": lr_gamma,
+        "num_workers": num_workers, "train_subset": train_subset, "pretrained": pretrained,
+        "weighted_loss": bool(weighted_loss), "num_classes": num_classes, "seed": seed,
+        "data_root": None if data_root is None else str(data_root), "test_subset": test_subset,
+    }
+    if distributed.is_main_process():
+        write_params(out_path / "params.json", params)
+    summary["params"] = params
+    return model, summary
+
+
+def make_proxy(dataset: str, arch: str, out_path: Union[str, Path],
+               **kwargs: Any) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The original's MAD surrogate recipe: :func:`train_victim` with ``epochs=1``,
+    ``train_subset=10``, ``lr=0.0`` (weights stay at their seeded initialisation; BatchNorm
+    statistics see one 10-image batch). Other keywords go to :func:`train_victim`."""
+    for key in ("epochs", "train_subset", "lr"):
+        if key in kwargs:
+            raise TypeError(f"make_proxy fixes {key}; call train_victim to choose it")
+    return train_victim(dataset, arch, out_path, epochs=1, train_subset=10, lr=0.0, **kwargs)
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    from ..cli import add_common_arguments
+
+    p = argparse.ArgumentParser(
+        prog=prog, description="Train a victim model (knockoff/victim/train.py). A MAD surrogate is "
+        "'--epochs 1 --train_subset 10 --lr 0.0'.")
+    p.add_argument("dataset", metavar="DS_NAME", type=str, help="dataset name, e.g. MNIST")
+    p.add_argument("model_arch", metavar="MODEL_ARCH", type=str, help="model name, e.g. lenet")
+    p.add_argument("-o", "--out_path", metavar="PATH", type=str, default=DEFAULT_OUT,
+                   help=f"output folder (default: ./{DEFAULT_OUT})")
+    p.add_argument("-d", "--device_id", metavar="D", type=int, default=0,
+                   help="GPU index, -1 for CPU (default: 0; the CPU when there is no GPU)")
+    p.add_argument("-b", "--batch-size", dest="batch_size", type=int, default=64, metavar="N",
+                   help="input batch size for training (default: 64)")
+    p.add_argument("-e", "--epochs", type=int, default=100, metavar="N",
+                   help="number of epochs (default: 100)")
+    p.add_argument("--lr", type=float, default=0.1, metavar="LR", help="learning rate (default: 0.1)")
+    p.add_argument("--momentum", type=float, default=0.5, metavar="M", help="SGD momentum (default: 0.5)")
+    p.add_argument("--log-interval", dest="log_interval", type=int, default=100, metavar="N",
+                   help="batches between progress log lines (default: 100)")
+    p.add_argument("--resume", default=None, type=str, metavar="PATH",
+                   help="checkpoint to continue from, or 'auto' (out_path/last.pth.tar if present)")
+    p.add_argument("--lr-step", dest="lr_step", type=int, default=30, metavar="N",
+                   help="StepLR step (default: 30)")
+    p.add_argument("--lr-gamma", dest="lr_gamma", type=float, default=0.1, metavar="N",
+                   help="StepLR decay (default: 0.1)")
+    p.add_argument("-w", "--num_workers", metavar="N", type=int, default=10,
+                   help="DataLoader worker processes (default: 10)")
+    p.add_argument("--train_subset", type=int, default=None, metavar="N",
+                   help="train on N random training images (seeded with --seed)")
+    p.add_argument("--test_subset", type=int, default=None, metavar="N",
+                   help="test on the first N test images only")
+    p.add_argument("--pretrained", type=str, default=None, help="'imagenet' or a checkpoint path")
+    p.add_argument("--weighted-loss", dest="weighted_loss", action="store_true", default=False,
+                   help="class-weighted cross-entropy")
+    add_common_arguments(p)
+    return p
+
+
+def main(argv: Optional[List[str]] = None, *, prog: Optional[str] = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    distributed.setup_logging()
+    try:
+        train_victim(
+            args.dataset, args.model_arch, args.out_path, device=args.device_id, batch_size=args.batch_size,
+            epochs=args.epochs, lr=args.lr, momentum=args.momentum, log_interval=args.log_interval,
+            resume=args.resume, lr_step=args.lr_step, lr_gamma=args.lr_gamma, num_workers=args.num_workers,
+            train_subset=args.train_subset, pretrained=args.pretrained, weighted_loss=args.weighted_loss,
+            data_root=args.data_root, seed=args.seed, test_subset=args.test_subset,
+            progress=not args.no_progress,
+        )
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        logger.error("%s", err)
+        return 2
+    finally:
+        distributed.cleanup()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

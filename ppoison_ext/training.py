@@ -1,0 +1,608 @@
+"""Training loops of the original Knockoff Nets code (``KO:knockoff/utils/model.py``).
+
+:func:`train_model` trains a model for ``epochs`` epochs with the original's semantics:
+
+* SGD(lr, momentum, weight_decay=5e-4) unless an ``optimizer`` is given, and
+  ``StepLR(lr_step, lr_gamma)`` stepped **after** each epoch (epochs 1..lr_step use lr).
+* ``checkpoint{suffix}.pth.tar`` is rewritten whenever the epoch's test accuracy is
+  ``>=`` the best so far, which means every epoch when there is no test set. Its
+  ``best_acc`` is the test accuracy of *that* epoch (as the original).
+* ``train{suffix}.log.tsv`` is appended to (header only when new): columns
+  ``run_id epoch split loss accuracy best_accuracy``, a ``train`` and a ``test`` row per
+  epoch. The losses keep the original's normalisation quirk: the **sum of the per-batch
+  mean losses divided by the number of samples** (about mean loss / batch size). Train
+  accuracy compares the argmax of the logits with the argmax of soft targets. Without a
+  test set the test row is ``-1 -1 -1``.
+
+Differences from the original, all deliberate:
+
+* Resumable. After every epoch ``last{suffix}.pth.tar`` holds the model, optimizer,
+  scheduler and RNG states, the epoch just finished and the history; ``resume='auto'``
+  continues a killed run from there, bit for bit (rows a killed run logged for an
+  unfinished epoch are dropped from the log). ``resume=<path>`` continues from a
+  checkpoint at the epoch *after* the saved one (the original restarted *at* the saved
+  epoch and did not restore the scheduler).
+* Checkpoints hold the architecture name, not the pickled class, so they load with
+  ``torch.load(weights_only=True)`` (:mod:`ppoison_ext.checkpoint`); every file is written
+  atomically.
+* ``weighted_loss`` takes the class counts from ``targets`` (the original needed
+  ``.samples`` and crashed on torchvision MNIST/CIFAR and on subsets).
+* Under ``torchrun`` the loop runs data-parallel (:mod:`ppoison_ext.distributed`).
+* Nothing is printed: progress goes to a tqdm bar on stderr (``progress=False`` disables
+  it) and messages to :mod:`logging`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import operator
+import random
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+from . import distributed as D
+from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "soft_cross_entropy",
+    "get_optimizer",
+    "OPTIMIZERS",
+    "seed_everything",
+    "class_weights",
+    "test_step",
+    "train_model",
+    "training_state",
+    "LOG_COLUMNS",
+]
+
+#: Header of ``train{suffix}.log.tsv``.
+LOG_COLUMNS = ["run_id", "epoch", "split", "loss", "accuracy", "best_accuracy"]
+
+#: Names accepted by :func:`get_optimizer` (the original's ``--optimizer_choice``).
+OPTIMIZERS = ("sgd", "sgdm", "adam", "adagrad")
+
+PathLike = Union[str, "Path"]
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+    """Cross-entropy with soft targets: ``mean_b(-Σ_k t_bk · log_softmax(z_b)_k)``.
+
+    The targets are used as given, **not renormalised** (top-k outputs whose rows sum to
+    less than 1 are used as-is, as in the original).
+
+    Args:
+        logits: [B, K].
+        targets: [B, K] (e.g. a victim's posteriors).
+        weights: optional per-class weights [K], multiplied into each term.
+
+    Returns:
+        A scalar tensor.
+    """
+    if logits.dim() != 2 or targets.shape != logits.shape:
+        raise ValueError(
+            f"logits and targets must both be [B, K], got {tuple(logits.shape)} and {tuple(targets.shape)}")
+    terms = -targets * F.log_softmax(logits, dim=1)
+    if weights is not None:
+        terms = terms * weights
+    return terms.sum(1).mean()
+
+
+def get_optimizer(params, name: str = "sgdm", lr: float = 0.01, momentum: float = 0.5,
+                  weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """The original's ``get_optimizer``: ``sgd`` → SGD(lr), ``sgdm`` → SGD(lr, momentum),
+    ``adam`` → Adam(), ``adagrad`` → Adagrad().
+
+    As in the original, ``adam`` and ``adagrad`` **ignore** ``lr`` and ``momentum`` and use
+    the library defaults (Adam lr 1e-3, Adagrad lr 1e-2). No weight decay unless given
+    (the original's attacker optimizer has none).
+
+    Raises:
+        ValueError: unknown ``name``, negative ``lr``/``momentum``/``weight_decay``.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer name must be one of {list(OPTIMIZERS)}, got {name!r}")
+    for arg, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            raise ValueError(f"{arg} must be a number >= 0, got {v!r}")
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgdm":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    logger.debug("get_optimizer(%r): lr=%s ignored, library default used (as the original)", name, lr)
+    if name == "adam":
+        return torch.optim.Adam(params, weight_decay=weight_decay)
+    return torch.optim.Adagrad(params, weight_decay=weight_decay)
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python's ``random``, NumPy's legacy global RNG and torch (CPU and CUDA)."""
+    seed = operator.index(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _dataset_targets(ds: Dataset) -> Optional[List[int]]:
+    """Hard labels of every item, without loading images (None if unknown)."""
+    if isinstance(ds, Subset):
+        inner = _dataset_targets(ds.dataset)
+        return None if inner is None else [inner[int(i)] for i in ds.indices]
+    t = getattr(ds, "targets", None)
+    if t is None and hasattr(ds, "samples"):
+        t = [s[1] for s in ds.samples]
+    if t is None and isinstance(ds, torch.utils.data.TensorDataset) and len(ds.tensors) > 1:
+        t = ds.tensors[1]
+    if t is None:
+        return None
+    if isinstance(t, Tensor):
+        return (t.argmax(1) if t.dim() == 2 else t).long().tolist()
+    return [int(v) for v in t]
+
+
+def class_weights(trainset: Dataset, num_classes: int) -> Tensor:
+    """The original's class weights ``w_c = min_c' count_c' / count_c`` (float32 [K]).
+
+    Counts come from the dataset's ``targets`` (argmax for soft targets), ``samples``, a
+    TensorDataset's second tensor, or a Subset of those.
+
+    Raises:
+        ValueError: the labels cannot be read, or a class has no sample.
+    """
+    labels = _dataset_targets(trainset)
+    if labels is None:
+        raise ValueError(f"weighted_loss needs the labels of the training set; {type(trainset).__name__} has "
+                         "no targets/samples attribute")
+    counts = torch.bincount(torch.tensor(labels, dtype=torch.long), minlength=num_classes).float()
+    if (counts == 0).any():
+        missing = torch.nonzero(counts == 0).flatten().tolist()
+        raise ValueError(f"weighted_loss: classes {missing[:10]} have no training sample")
+    return counts.min() / counts
+
+
+def _num_classes_of(model: nn.Module, dataset: Dataset) -> Optional[int]:
+    classes = getattr(dataset, "classes", None)
+    if classes is not None:
+        return len(classes)
+    inner = getattr(dataset, "dataset", None)
+    if inner is not None and hasattr(inner, "classes"):
+        return len(inner.classes)
+    lin = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return lin[-1].out_features if lin else None
+
+
+def _labels(targets: Tensor) -> Tensor:
+    return targets.argmax(1) if targets.dim() == 2 else targets
+
+
+def _check_positive_int(name: str, v: Any, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+    return int(v)
+
+
+def _check_nonneg(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
+        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    return float(v)
+
+
+def _eval_sums(model: nn.Module, loader, device: torch.device, criterion: Callable,
+               progress: bool = False, desc: str = "test") -> Tuple[float, int, int]:
+    """(Σ per-batch mean loss, #correct, #samples) over ``loader`` in eval mode."""
+    model.eval()
+    loss_sum, correct, total = 0.0, 0, 0
+    with torch.no_grad():
+        for inputs, targets in tqdm(loader, desc=desc, leave=False, disable=not progress):
+            inputs, targets = inputs.to(device), targets.to(device)
+            outputs = model(inputs)
+            loss_sum += float(criterion(outputs, targets).item())
+            correct += int(outputs.argmax(1).eq(_labels(targets)).sum().item())
+            total += int(targets.size(0))
+    return loss_sum, correct, total
+
+
+def _default_criterion(weight: Optional[Tensor]):
+    def criterion(outputs: Tensor, targets: Tensor) -> Tensor:
+        if targets.dim() == 2:
+            return soft_cross_entropy(outputs, targets, weight)
+        return F.cross_entropy(outputs, targets, weight=weight)
+    return criterion
+
+
+def test_step(model: nn.Module, loader, device: Union[str, torch.device, None] = None,
+              criterion: Optional[Callable] = None, *, progress: bool = False) -> Tuple[float, float]:
+    """Evaluates ``model`` on ``loader`` (the original ``test_step``).
+
+    Args:
+        model: put in eval mode (and left there, as the original).
+        loader: yields (inputs, targets); hard int labels or soft [B, K] targets.
+        device: where inputs go (default: the model's device).
+        criterion: loss of (outputs, targets); default cross-entropy (soft CE for 2-D targets).
+        progress: show a tqdm bar.
+
+    Returns:
+        ``(loss, accuracy)``: ``loss`` is the sum of the per-batch mean losses divided by
+        the number of samples (the original's normalisation), ``accuracy`` in percent
+        (argmax of the outputs vs the label, or the argmax of soft targets).
+    """
+    if device is None:
+        p = next(iter(model.parameters()), None)
+        device = p.device if p is not None else torch.device("cpu")
+    crit = criterion if criterion is not None else _default_criterion(None)
+    loss_sum, correct, total = _eval_sums(model, loader, torch.device(device), crit, progress)
+    if total == 0:
+        raise ValueError("test_step: the loader yielded no samples")
+    return loss_sum / total, 100.0 * correct / total
+
+
+test_step.__test__ = False  # not a pytest test when imported into a test module
+
+
+def _last_path(out_path: Path, suffix: str) -> Path:
+    return out_path / f"last{suffix}.pth.tar"
+
+
+def training_state(out_path: PathLike, checkpoint_suffix: str = "") -> Optional[Dict[str, Any]]:
+    """What ``last{suffix}.pth.tar`` in ``out_path`` says (no model needed):
+    ``{"epoch": epochs finished, "epochs": epochs planned, "best_test_acc", "history"}``,
+    or None when there is no such file."""
+    path = _last_path(Path(out_path), checkpoint_suffix)
+    if not path.is_file():
+        return None
+    ckpt = load_checkpoint(path)
+    return {k: ckpt.get(k) for k in ("epoch", "epochs", "best_test_acc", "best_train_acc", "history")}
+
+
+def _rng_state() -> Dict[str, Any]:
+    np_state = np.random.get_state()
+    out: Dict[str, Any] = {
+        "rng_torch": torch.get_rng_state(),
+        "rng_numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                      int(np_state[3]), float(np_state[4])],
+        "rng_python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["rng_cuda"] = list(torch.cuda.get_rng_state_all())
+    return out
+
+
+def _set_rng_state(ckpt: Dict[str, Any]) -> None:
+    if "rng_torch" in ckpt:
+        torch.set_rng_state(ckpt["rng_torch"].cpu())
+    if "rng_numpy" in ckpt:
+        name, keys, pos, has_gauss, cached = ckpt["rng_numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "rng_python" in ckpt:
+        version, internal, gauss = ckpt["rng_python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "rng_cuda" in ckpt and torch.cuda.is_available():
+        states = ckpt["rng_cuda"]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in states])
+
+
+def _fmt(v: Any) -> str:
+    return str(v)
+
+
+def _append_log(path: Path, rows: Sequence[Sequence[Any]]) -> None:
+    old = path.read_text() if path.exists() else "\t".join(LOG_COLUMNS) + "\n"
+    if old and not old.endswith("\n"):
+        old += "\n"
+    atomic_write_text(path, old + "".join("\t".join(_fmt(c) for c in r) + "\n" for r in rows))
+
+
+def _drop_unfinished_rows(path: Path, run_id: str, done: int) -> None:
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for i, line in enumerate(lines):
+        cols = line.split("\t")
+        if i > 0 and len(cols) >= 2 and cols[0] == run_id:
+            try:
+                if int(cols[1]) > done:
+                    continue
+            except ValueError:
+                pass
+        kept.append(line)
+    if len(kept) != len(lines):
+        atomic_write_text(path, "\n".join(kept) + "\n")
+
+
+def _resolve_resume(resume: Any, out_path: Path, suffix: str) -> Optional[Path]:
+    if resume is None or resume is False:
+        return None
+    if resume is True or (isinstance(resume, str) and resume == "auto"):
+        p = _last_path(out_path, suffix)
+        return p if p.is_file() else None
+    p = Path(resume)
+    if not p.is_file():
+        raise FileNotFoundError(f"resume={str(resume)!r}: no such checkpoint file")
+    return p
+
+
+# --- the training loop ---------------------------------------------------------------------------
+
+
+def train_model(
+    model: nn.Module,
+    trainset: Dataset,
+    out_path: PathLike,
+    *,
+    testset: Optional[Dataset] = None,
+    batch_size: int = 64,
+    epochs: int = 100,
+    lr: float = 0.1,
+    momentum: float = 0.5,
+    weight_decay: float = 5e-4,
+    lr_step: int = 30,
+    lr_gamma: float = 0.1,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler: Optional[Any] = None,
+    criterion: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+    criterion_test: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+    weighted_loss: bool = False,
+    checkpoint_suffix: str = "",
+    log_suffix: Optional[str] = None,
+    device: Union[str, torch.device, None] = None,
+    num_workers: int = 0,
+    seed: Optional[int] = None,
+    arch: Optional[str] = None,
+    progress: bool = True,
+    resume: Union[None, bool, str, PathLike] = None,
+    save_last: bool = True,
+    log_interval: int = 100,
+    num_classes: Optional[int] = None,
+) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Trains ``model`` on ``trainset`` (the original ``train_model``; see the module docs).
+
+    Args:
+        model: the model (moved to ``device``; trained in place).
+        trainset: yields (input, target); targets are int labels or soft [K] vectors.
+        out_path: folder for ``checkpoint{suffix}.pth.tar``, ``train{suffix}.log.tsv``
+            and ``last{suffix}.pth.tar`` (created).
+        testset: evaluated after every epoch (hard labels); None logs -1s.
+        batch_size, epochs, lr, momentum, weight_decay: SGD settings when no
+            ``optimizer`` is given (defaults: the original victim's).
+        lr_step, lr_gamma: ``StepLR`` stepped after each epoch (ignored with ``scheduler``).
+        optimizer: use this optimizer (on ``model``'s parameters) instead of SGD.
+        scheduler: use this scheduler instead of ``StepLR``.
+        criterion: training loss of (logits, targets); default cross-entropy (hard
+            labels), soft cross-entropy for 2-D targets. Pass :func:`soft_cross_entropy`
+            for transfer sets.
+        criterion_test: test loss; default cross-entropy.
+        weighted_loss: weight the default losses by :func:`class_weights` (the test loss
+            too, as the original).
+        checkpoint_suffix: file-name suffix, e.g. ``".1000"``.
+        log_suffix: suffix of the log file (default: ``checkpoint_suffix``).
+        device: training device (default CUDA if available, else CPU; a CUDA device falls
+            back to the CPU when there is no GPU). Under ``torchrun`` a CUDA device becomes
+            ``cuda:LOCAL_RANK``.
+        num_workers: DataLoader workers.
+        seed: if given, :func:`seed_everything` before training (not when resuming,
+            which restores the saved RNG states instead).
+        arch: architecture name stored in checkpoints (default: the class name).
+        progress: show tqdm bars (stderr; rank 0 only).
+        resume: None/False: start over (the log is still appended to, as the original);
+            ``"auto"``/True: continue from ``last{suffix}.pth.tar`` if it exists (a run
+            whose epochs are all done just loads its final state and returns); a path:
+            continue from that checkpoint.
+        save_last: write ``last{suffix}.pth.tar`` after every epoch (needed for resuming).
+        log_interval: log a progress message every this many batches (INFO).
+        num_classes: K for class weights / checkpoints (default: inferred).
+
+    Returns:
+        ``(model, summary)``: the trained model (unwrapped, in eval mode when a test set
+        was evaluated, as the original) and a dict with ``best_test_acc``,
+        ``best_train_acc``, ``epochs_done``, ``history`` (one dict per epoch: ``epoch``,
+        ``lr``, ``train_loss``, ``train_acc``, ``test_loss``, ``test_acc``),
+        ``checkpoint``, ``log``, ``last``, ``run_id``, ``resumed_from`` (epoch or None)
+        and ``skipped`` (True when a finished run was only reloaded).
+
+    Raises:
+        ValueError / TypeError: invalid arguments, naming them.
+        FileNotFoundError: ``resume`` names a missing file.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(trainset, Dataset):
+        raise TypeError(f"trainset must be a torch Dataset, got {type(trainset).__name__}")
+    if testset is not None and not isinstance(testset, Dataset):
+        raise TypeError(f"testset must be a torch Dataset or None, got {type(testset).__name__}")
+    batch_size = _check_positive_int("batch_size", batch_size)
+    epochs = _check_positive_int("epochs", epochs, 0)
+    lr = _check_nonneg("lr", lr)
+    momentum = _check_nonneg("momentum", momentum)
+    weight_decay = _check_nonneg("weight_decay", weight_decay)
+    lr_step = _check_positive_int("lr_step", lr_step)
+    lr_gamma = _check_nonneg("lr_gamma", lr_gamma)
+    num_workers = _check_positive_int("num_workers", num_workers, 0)
+    log_interval = _check_positive_int("log_interval", log_interval)
+    if not isinstance(checkpoint_suffix, str):
+        raise TypeError(f"checkpoint_suffix must be a str, got {type(checkpoint_suffix).__name__}")
+    if log_suffix is not None and not isinstance(log_suffix, str):
+        raise TypeError(f"log_suffix must be a str or None, got {type(log_suffix).__name__}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if len(trainset) == 0:
+        raise ValueError("trainset is empty")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        logger.warning("device %s requested but CUDA is not available; training on the CPU", device)
+        device = torch.device("cpu")
+
+    ctx = D.init_distributed(device)
+    device = ctx.device
+    main = ctx.is_main
+    out_path = Path(out_path)
+    if main:
+        out_path.mkdir(parents=True, exist_ok=True)
+    suffix = checkpoint_suffix
+    log_path = out_path / f"train{suffix if log_suffix is None else log_suffix}.log.tsv"
+    ckpt_path = out_path / f"checkpoint{suffix}.pth.tar"
+    last_path = _last_path(out_path, suffix)
+    arch = arch if arch is not None else type(model).__name__
+    if not isinstance(arch, str):
+        raise TypeError(f"arch must be a str (the architecture name), got {type(arch).__name__}")
+    if num_classes is None:
+        num_classes = _num_classes_of(model, trainset)
+
+    model.to(device)
+    weight = None
+    if weighted_loss:
+        if num_classes is None:
+            raise ValueError("weighted_loss needs num_classes")
+        weight = class_weights(trainset, num_classes).to(device)
+        logger.info("class weights: %s", weight.tolist())
+    crit_train = criterion if criterion is not None else _default_criterion(weight)
+    crit_test = criterion_test if criterion_test is not None else (
+        lambda o, t: F.cross_entropy(o, _labels(t), weight=weight))
+    if optimizer is None:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if scheduler is None:
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step, gamma=lr_gamma)
+
+    # ----- resume
+    start_epoch = 1
+    best_train_acc, best_test_acc = -1.0, -1.0
+    history: List[Dict[str, float]] = []
+    run_id = str(datetime.datetime.now())
+    resumed_from = None
+    resume_file = _resolve_resume(resume, out_path, suffix)
+    if resume_file is not None:
+        ckpt = load_checkpoint(resume_file, model, map_location=device)
+        done = int(ckpt.get("epoch", 0))
+        if ckpt.get("optimizer") is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scheduler") is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        else:  # an original-style checkpoint: fast-forward the schedule
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for _ in range(done):
+                    scheduler.step()
+        best_test_acc = float(ckpt.get("best_test_acc", ckpt.get("best_acc", -1.0)))
+        best_train_acc = float(ckpt.get("best_train_acc", -1.0))
+        history = [dict(h) for h in ckpt.get("history", [])]
+        run_id = ckpt.get("run_id", run_id)
+        _set_rng_state(ckpt)
+        start_epoch = done + 1
+        resumed_from = done
+        if main:
+            _drop_unfinished_rows(log_path, run_id, done)
+        logger.info("resuming %s from %s: %d epoch(s) done", log_path.name, resume_file.name, done)
+    elif seed is not None:
+        seed_everything(seed)
+    D.barrier()
+
+    summary: Dict[str, Any] = {
+        "checkpoint": str(ckpt_path), "log": str(log_path), "last": str(last_path) if save_last else None,
+        "run_id": run_id, "resumed_from": resumed_from,
+        "skipped": start_epoch > epochs and resumed_from is not None,
+    }
+    if start_epoch > epochs:
+        model.eval()
+        summary.update(best_test_acc=best_test_acc, best_train_acc=best_train_acc,
+                       epochs_done=start_epoch - 1, history=history)
+        return model, summary
+
+    # ----- data
+    pin = device.type == "cuda"
+    if ctx.distributed:
+        per_rank = max(1, math.ceil(batch_size / ctx.world_size))
+        sampler = DistributedSampler(trainset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                     seed=0 if seed is None else int(seed))
+        train_loader = DataLoader(trainset, batch_size=per_rank, sampler=sampler, num_workers=num_workers,
+                                  pin_memory=pin)
+    else:
+        sampler = None
+        train_loader = DataLoader(trainset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
+                                  pin_memory=pin)
+    test_loader = None
+    if testset is not None:
+        shard = testset if not ctx.distributed else Subset(
+            testset, D.shard_indices(len(testset), ctx.rank, ctx.world_size))
+        test_loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                 pin_memory=pin)
+    net = D.wrap_ddp(model, ctx)
+
+    show = progress and main
+    bar = tqdm(range(start_epoch, epochs + 1), desc=f"train{suffix}", disable=not show, unit="epoch",
+               initial=start_epoch - 1, total=epochs)
+    test_loss, test_acc = -1.0, -1.0
+    for epoch in bar:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        lr_now = float(optimizer.param_groups[0]["lr"])
+        # -- train step
+        net.train()
+        loss_sum, correct, total = 0.0, 0, 0
+        for batch_idx, (inputs, targets) in enumerate(
+                tqdm(train_loader, desc=f"epoch {epoch}", leave=False, disable=not show, unit="batch")):
+            inputs, targets = inputs.to(device, non_blocking=pin), targets.to(device, non_blocking=pin)
+            optimizer.zero_grad()
+            outputs = net(inputs)
+            loss = crit_train(outputs, targets)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.item())
+            correct += int(outputs.argmax(1).eq(_labels(targets)).sum().item())
+            total += int(targets.size(0))
+            if (batch_idx + 1) % log_interval == 0:
+                logger.info("[train] epoch %d [%d/%d]\tloss %.6f\tacc %.1f", epoch, total,
+                            len(train_loader.dataset), loss_sum / total, 100.0 * correct / total)
+        loss_sum, correct, total = D.all_reduce_sum([loss_sum, correct, total], device)
+        train_loss, train_acc = loss_sum / max(total, 1), 100.0 * correct / max(total, 1)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
+            scheduler.step()
+        best_train_acc = max(best_train_acc, train_acc)
+        # -- test step
+        if test_loader is not None:
+            tl, tc, tt = _eval_sums(model, test_loader, device, crit_test)  # unwrapped: shards may differ
+            tl, tc, tt = D.all_reduce_sum([tl, tc, tt], device)
+            test_loss, test_acc = tl / max(tt, 1), 100.0 * tc / max(tt, 1)
+            best_test_acc = max(best_test_acc, test_acc)
+        history.append({"epoch": epoch, "lr": lr_now, "train_loss": train_loss, "train_acc": train_acc,
+                        "test_loss": test_loss, "test_acc": test_acc})
+        bar.set_postfix(loss=f"{train_loss:.4g}", acc=f"{train_acc:.1f}", test=f"{test_acc:.1f}")
+        logger.info("epoch %d/%d: train loss %.6g acc %.2f; test loss %.6g acc %.2f (best %.2f)", epoch,
+                    epochs, train_loss, train_acc, test_loss, test_acc, best_test_acc)
+        if main:
+            sched_state = scheduler.state_dict() if hasattr(scheduler, "state_dict") else None
+            if test_acc >= best_test_acc:
+                save_checkpoint(ckpt_path, model, arch=arch, epoch=epoch, best_acc=test_acc,
+                                optimizer=optimizer, num_classes=num_classes,
+                                extra={"scheduler": sched_state})
+            _append_log(log_path, [[run_id, epoch, "train", train_loss, train_acc, best_train_acc],
+                                   [run_id, epoch, "test", test_loss, test_acc, best_test_acc]])
+            if save_last:  # written last: marks the epoch as done
+                extra = {"scheduler": sched_state, "epochs": epochs, "run_id": run_id,
+                         "best_train_acc": best_train_acc, "best_test_acc": best_test_acc, "history": history,
+                         **_rng_state()}
+                save_checkpoint(last_path, model, arch=arch, epoch=epoch, best_acc=test_acc,
+                                optimizer=optimizer, num_classes=num_classes, extra=extra)
+        D.barrier()
+    bar.close()
+    summary.update(best_test_acc=best_test_acc, best_train_acc=best_train_acc, epochs_done=epochs,
+                   history=history)
+    return model, summary
