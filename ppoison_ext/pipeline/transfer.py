@@ -1,0 +1,448 @@
+"""``ppoison transfer``: build a transfer set by querying a defended victim (the original
+``PP:defenses/adversary/transfer.py``).
+
+    ppoison transfer POLICY VIC_DIR DEFENSE DEFENSE_ARGS --out_dir D --queryset Q
+        [--budget N] [--nqueries N] [--qpi N] [--batch_size B] [-d ID] [-w N] [--train_transform]
+        [--data-root R] [--seed S] [--export-pickle] [--resume | --no-resume]
+        [--num-shards S --shard-id I] [--merge-shards S]
+        [--reward R --alpha A --delta D --online-lr LR --hierarchy JSON]   # adaptive only
+
+Writes into ``out_dir``: the transfer set (:mod:`ppoison_ext.attacks.transferset` format;
+``--export-pickle`` adds the original's ``transferset.pickle``), ``run_times.f64`` (seconds
+per black-box call) and ``run_times_summary.json`` (``{"batch_size", "mean", "std"}``),
+``params_transfer.json`` (the arguments, the parsed defense arguments, ``created_on``);
+the defense writes ``distancetransfer.log.tsv`` and ``queriestransfer.{f32,json}``
+(white-box defenses also ``online.log.tsv``).
+
+Defaults are the original's except ``--batch_size`` (256 instead of 1; the query order
+for a given batch size is still the original's). ``-w`` loads query images in that many
+DataLoader workers (the original ignored it); with ``--train_transform`` images are loaded
+in the main process so that random augmentations are reproducible.
+
+Resuming: a run killed at any moment (even SIGKILL) is continued by rerunning the same
+command: the committed queries are kept, the query log, run times and any white-box or
+adaptive state are cut back to them, and querying resumes at the next batch. The result
+equals an uninterrupted run's, stochastic defenses included, because the RNGs are seeded
+per batch (see :mod:`ppoison_ext.attacks.knockoff`); this differs from the original, which
+seeded once (its CUDA noise stream could not be reproduced anyway).
+
+Sharding (random policy, black-box defenses): ``--num-shards S --shard-id I`` queries only
+the batches t with t % S == I, into ``out_dir/shard-I/``; ``--merge-shards S`` (or
+:func:`merge_shards`) assembles the shards into ``out_dir`` in the original order, with the
+distance log and run times recomputed as one run would have written them. Under
+``torchrun`` (``RANK``/``WORLD_SIZE`` set) each rank is a shard by default, rank 0 waits for
+the others and merges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..attacks.knockoff import DEFAULT_SEED, REWARDS, RUN_TIMES_FILE, STATE_FILES, KnockoffNets
+from ..attacks.transferset import (INDEX_FILE, META, PATHS_FILE, X_FILE, Y_FILE, TransferSetError,
+                                   TransferSetWriter, export_pickle, load_transferset)
+from ..checkpoint import atomic_write_json, atomic_write_text, read_params
+from ..defenses import DEFENSE_NAMES, QueryLogger, parse_defense_args, read_queries
+from ..defenses.querylog import DISTANCE_COLUMNS
+from .common import build_blackbox, resolve_device, write_params
+
+__all__ = ["build_parser", "main", "transfer", "merge_shards", "shard_dir", "LOG_PREFIX"]
+
+logger = logging.getLogger(__name__)
+
+LOG_PREFIX = "transfer"
+LOG_EVERY = 1000
+
+
+def shard_dir(out_dir, shard_id: int) -> Path:
+    """Folder of shard ``shard_id`` of a sharded run."""
+    return Path(out_dir) / f"shard-{int(shard_id)}"
+
+
+def _committed(folder: Path) -> int:
+    """Queries committed in a transfer-set folder (0 if there is none)."""
+    if not (folder / META).exists() or not (folder / Y_FILE).exists():
+        return 0
+    try:
+        return len(load_transferset(folder))
+    except TransferSetError as err:
+        raise ValueError(f"{folder}: cannot read the transfer set there ({err}); use --no-resume") from err
+
+
+def _truncate_query_log(folder: Path, prefix: str, n_rows: int, every: int) -> None:
+    """Cuts a QueryLogger's files back to the first ``n_rows`` queries: rows beyond them, a
+    partial row, and the tail row written by ``close()`` go (it is rewritten at the end).
+    (Needed because QueryLogger has no way to forget queries that were logged but never
+    committed to the transfer set.)"""
+    meta = folder / f"queries{prefix}.json"
+    binf = folder / f"queries{prefix}.f32"
+    if meta.exists() and binf.exists():
+        _, K = read_queries(folder, prefix, with_k=True)
+        with open(binf, "r+b") as f:
+            f.truncate(min(binf.stat().st_size // ((2 * K + 2) * 4), n_rows) * (2 * K + 2) * 4)
+    elif n_rows == 0:
+        binf.unlink(missing_ok=True)
+    tsv = folder / f"distance{prefix}.log.tsv"
+    if tsv.exists():
+        lines = tsv.read_text().splitlines()
+        kept, last = [], 0
+        for line in lines[1:]:
+            try:
+                c = int(float(line.split("\t")[0]))
+            except (ValueError, IndexError):
+                continue
+            # rows are written when the count passes a multiple of `every`; a row that passes
+            # none is the tail row of close()
+            if c <= n_rows and c // every > last // every:
+                kept.append(line)
+                last = c
+        atomic_write_text(tsv, "\t".join(DISTANCE_COLUMNS) + "\n" + "".join(k + "\n" for k in kept))
+
+
+def _summary(folder: Path, batch_size: int, times: Sequence[float]) -> None:
+    t = np.asarray(times, dtype=np.float64)
+    t = t[np.isfinite(t)]
+    atomic_write_json(folder / "run_times_summary.json", {
+        "batch_size": int(batch_size),
+        "mean": float(t.mean()) if t.size else None,
+        "std": float(t.std()) if t.size else None,
+    })
+
+
+def _shard_env(num_shards: Optional[int], shard_id: Optional[int]):
+    """(S, I, under_torchrun) from the flags, else from torchrun's RANK / WORLD_SIZE."""
+    if num_shards is None and shard_id is None:
+        ws = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if ws > 1:
+            return ws, int(os.environ.get("RANK", "0")), True
+        return 1, 0, False
+    if num_shards is None or shard_id is None:
+        raise ValueError("--num-shards and --shard-id go together")
+    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
+        raise ValueError(f"num_shards must be a positive int, got {num_shards!r}")
+    if isinstance(shard_id, bool) or not isinstance(shard_id, int) or not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id must be in [0, {num_shards}), got {shard_id!r}")
+    return num_shards, shard_id, False
+
+
+def _query_set(name: str, train_transform: bool, data_root):
+    from ..datasets import dataset_to_modelfamily, get_dataset, get_transform
+
+    if name not in dataset_to_modelfamily:
+        raise ValueError(f"queryset: unknown dataset {name!r}; known: {sorted(dataset_to_modelfamily)}")
+    family = dataset_to_modelfamily[name]
+    transform = get_transform(family, "train" if train_transform else "test")
+    return get_dataset(name, train=True, transform=transform, root=data_root)
+
+
+def transfer(policy: str, victim_model_dir, defense: str, defense_args: str, *, out_dir, queryset: str,
+             budget: Optional[int] = None, nqueries: Optional[int] = None, qpi: int = 1,
+             batch_size: int = 256,
+             device_id: Any = 0, nworkers: int = 10, train_transform: bool = False, data_root=None,
+             seed: int = DEFAULT_SEED, export_pickle_file: bool = False, resume: bool = True,
+             num_shards: Optional[int] = None, shard_id: Optional[int] = None, reward: str = "all",
+             alpha: float = 0.1, delta: int = 25, online_lr: float = 0.01, hierarchy=None,
+             merge_timeout: Optional[float] = None, progress: bool = True) -> Path:
+    """Builds the transfer set (see the module docs); returns the folder written
+    (``out_dir``, or ``out_dir/shard-I`` for a shard that does not merge)."""
+    if policy not in ("random", "adaptive"):
+        raise ValueError(f"policy must be 'random' or 'adaptive', got {policy!r}")
+    if defense not in DEFENSE_NAMES:
+        raise ValueError(f"defense must be one of {list(DEFENSE_NAMES)}, got {defense!r}")
+    S, I, under_torchrun = _shard_env(num_shards, shard_id)
+    if S > 1 and policy != "random":
+        raise ValueError("--num-shards needs the random policy (the adaptive policy is sequential)")
+    if S > 1 and defense.endswith("_wb"):
+        raise ValueError(f"--num-shards cannot be used with {defense} (its online attacker is sequential)")
+    parsed = parse_defense_args(defense_args, defense)  # fail early, before loading anything
+    out_dir = Path(out_dir)
+    folder = shard_dir(out_dir, I) if S > 1 else out_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    log_dir = Path(parsed["out_path"]) if parsed.get("out_path") and S == 1 else folder
+
+    device = resolve_device(device_id)
+    if under_torchrun and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.manual_seed(seed)  # the original seeds torch with 42 before building anything
+    qs = _query_set(queryset, train_transform, data_root)
+    if budget is None:
+        budget = len(qs)
+
+    workers = 0 if train_transform else min(int(nworkers), os.cpu_count() or 1)
+    attack = KnockoffNets(strategy=policy, budget=budget, nqueries=nqueries, batch_size=batch_size, qpi=qpi,
+                          seed=seed, reward=reward, alpha=alpha, delta=delta, hierarchy=hierarchy,
+                          online_lr=online_lr, num_workers=workers,
+                          progress=progress and (not under_torchrun or I == 0))
+    done = 0
+    if not resume:
+        for name in ("params_transfer.json", "run_times_summary.json"):
+            (folder / name).unlink(missing_ok=True)
+    else:
+        done = attack.prepare_resume(folder, len(qs), S, I)  # before touching any log
+        _truncate_query_log(log_dir, LOG_PREFIX, done * qpi, LOG_EVERY)
+    wb_kwargs = {"data_root": data_root} if defense.endswith("_wb") else {}
+    bb, qlog, kwargs = build_blackbox(victim_model_dir, defense, defense_args, device=device, out_dir=log_dir,
+                                      log_prefix=LOG_PREFIX, log_every=LOG_EVERY, resume=resume, **wb_kwargs)
+    vparams = read_params(victim_model_dir)
+    K = int(vparams["num_classes"])
+    if policy == "adaptive" and reward in ("loss", "all"):
+        from ..checkpoint import modelfamily_for_dataset
+        from ..models import get_net
+        from .common import victim_dataset_name
+
+        torch.manual_seed(seed)
+        family = modelfamily_for_dataset(victim_dataset_name(vparams))
+        attack.online_model = get_net(vparams["model_arch"], family, num_classes=K).to(device)
+    meta = {"victim_model_dir": str(victim_model_dir), "defense": defense, "defense_args": defense_args,
+            "queryset": queryset, "train_transform": bool(train_transform)}
+    logger.info("transfer: %s, %s %s, queryset %s, %s", attack, defense, parsed, queryset, folder)
+    if done:
+        logger.info("transfer: resuming after %d committed queries", done)
+    attack.build_transferset(bb, qs, folder, resume=resume, device=device, num_classes=K, meta=meta,
+                             num_shards=S, shard_id=I)
+    qlog.close()  # only on success: the tail row after the last multiple of 1000
+    _summary(folder, batch_size, attack.run_times)
+    params: Dict[str, Any] = {
+        "policy": policy, "victim_model_dir": str(victim_model_dir), "defense": defense,
+        "defense_args": defense_args, "out_dir": str(out_dir), "budget": budget, "nqueries": nqueries,
+        "qpi": qpi, "queryset": queryset, "batch_size": batch_size, "device_id": device_id,
+        "nworkers": nworkers, "train_transform": bool(train_transform),
+        "data_root": None if data_root is None else str(data_root),
+        "seed": seed, "num_shards": S, "shard_id": I,
+    }
+    if policy == "adaptive":
+        params.update(reward=reward, alpha=alpha, delta=delta, online_lr=online_lr,
+                      hierarchy=None if hierarchy is None or isinstance(hierarchy, dict) else str(hierarchy))
+    for k, v in kwargs.items():  # the original copied every defense kwarg in (overwriting CLI keys)
+        params.setdefault(k, v)
+    params["defense_kwargs"] = kwargs
+    write_params(folder / "params_transfer.json", params)
+    if S > 1:
+        if not under_torchrun or I != 0:
+            return folder
+        _wait_for_shards(out_dir, S, merge_timeout)
+        merge_shards(out_dir, S, export_pickle_file=export_pickle_file, progress=progress)
+        return out_dir
+    if export_pickle_file:
+        export_pickle(folder)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards
+# ---------------------------------------------------------------------------------------------
+
+
+def _shard_run(folder: Path) -> Dict[str, Any]:
+    try:
+        meta = json.loads((folder / META).read_text())
+        return meta, meta["knockoff"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{folder}: not a shard of a transfer run ({err})") from err
+
+
+def _expected_shard_size(run: Dict[str, Any], shard: int) -> int:
+    B, nq, S = run["batch_size"], run["nqueries"], run["num_shards"]
+    n_batches = -(-nq // B)
+    return sum(min(B, nq - t * B) for t in range(shard, n_batches, S))
+
+
+def _wait_for_shards(out_dir: Path, S: int, timeout: Optional[float]) -> None:
+    start = time.monotonic()
+    while True:
+        pending = []
+        for i in range(S):
+            folder = shard_dir(out_dir, i)
+            try:
+                complete = ((folder / "params_transfer.json").exists()
+                            and _committed(folder) == _expected_shard_size(_shard_run(folder)[1], i))
+            except ValueError:
+                complete = False
+            if not complete:
+                pending.append(i)
+        if not pending:
+            return
+        if timeout is not None and time.monotonic() - start > timeout:
+            raise TimeoutError(f"shards {pending} of {out_dir} did not finish within {timeout} s")
+        time.sleep(2.0)
+
+
+def merge_shards(out_dir, num_shards: int, *, export_pickle_file: bool = False,
+                 progress: bool = True) -> Path:
+    """Assembles ``out_dir/shard-0 .. shard-{S-1}`` into the transfer set of one unsharded
+    run in ``out_dir``: queries in the original order, ``distancetransfer.log.tsv`` and
+    ``queriestransfer.*`` replayed in that order, run times concatenated, params and
+    summary written. Raises ValueError if a shard is missing, incomplete, or from another run.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 2:
+        raise ValueError(f"num_shards must be an int >= 2, got {num_shards!r}")
+    S = num_shards
+    shards, runs, metas = [], [], []
+    for i in range(S):
+        folder = shard_dir(out_dir, i)
+        if not (folder / META).exists():
+            raise ValueError(f"merge: shard {i} has no transfer set ({folder})")
+        meta, run = _shard_run(folder)
+        if run.get("num_shards") != S or run.get("shard_id") != i:
+            raise ValueError(f"merge: {folder} is shard {run.get('shard_id')} of {run.get('num_shards')}, "
+                             f"not {i} of {S}")
+        ts = load_transferset(folder)
+        want = _expected_shard_size(run, i)
+        if len(ts) != want:
+            raise ValueError(f"merge: shard {i} is incomplete ({len(ts)} of {want} queries); rerun it")
+        shards.append(ts)
+        runs.append(run)
+        metas.append(meta)
+    base = {k: v for k, v in runs[0].items() if k != "shard_id"}
+    for i, run in enumerate(runs):
+        if {k: v for k, v in run.items() if k != "shard_id"} != base:
+            raise ValueError(f"merge: shard {i} was built with other settings than shard 0")
+    B, nq, qpi = base["batch_size"], base["nqueries"], base["qpi"]
+    n_batches = -(-nq // B)
+    ts0 = shards[0]
+    merged_run = dict(base, num_shards=1, shard_id=0)
+    own = ("num_classes", "kind", "image_shape", "format_version")
+    desc = {k: v for k, v in metas[0].items() if k not in own}
+    desc.update(knockoff=merged_run, merged_from_shards=S)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".merge-"))
+    try:
+        writer = TransferSetWriter(tmp, num_classes=ts0.num_classes, kind=ts0.kind,
+                                   image_shape=ts0.meta.get("image_shape"), meta=desc, resume=False)
+        logs = []
+        for i in range(S):
+            folder = shard_dir(out_dir, i)
+            logs.append(read_queries(folder, LOG_PREFIX, with_k=True)
+                        if (folder / f"queries{LOG_PREFIX}.json").exists() else None)
+        qlog = None
+        if all(lg is not None for lg in logs):
+            qlog = QueryLogger(tmp, prefix=LOG_PREFIX, every=LOG_EVERY)
+        times_in = [np.fromfile(shard_dir(out_dir, i) / RUN_TIMES_FILE, dtype="<f8")
+                    if (shard_dir(out_dir, i) / RUN_TIMES_FILE).exists() else np.zeros(0) for i in range(S)]
+        times: List[float] = []
+        for t in tqdm(range(n_batches), disable=not progress, desc="merging shards", unit="batch"):
+            s, j = t % S, t // S
+            size = min(B, nq - t * B)
+            lo, hi = j * B, j * B + size
+            ts = shards[s]
+            x = ts.paths[lo:hi] if ts.kind == "paths" else np.asarray(ts.images[lo:hi])
+            writer.append(ts.indices[lo:hi], x, ts.y[lo:hi])
+            if qlog is not None:
+                rows, K = logs[s]
+                for c in range(qpi):
+                    blk = torch.from_numpy(rows[lo * qpi + c * size: lo * qpi + (c + 1) * size].copy())
+                    qlog.log(blk[:, :K], blk[:, K:2 * K], blk[:, 2 * K], blk[:, 2 * K + 1])
+            times.extend(times_in[s][j * qpi:(j + 1) * qpi].tolist())
+        writer.close()
+        if qlog is not None:
+            qlog.close()
+        with open(tmp / RUN_TIMES_FILE, "wb") as f:
+            f.write(np.asarray(times, dtype="<f8").tobytes())
+        _summary(tmp, B, times)
+        try:
+            params = json.loads((shard_dir(out_dir, 0) / "params_transfer.json").read_text())
+        except (OSError, ValueError):
+            params = {}
+        params.pop("created_on", None)
+        params.update(num_shards=S, shard_id=None, merged_from_shards=S)
+        write_params(tmp / "params_transfer.json", params)
+        # Data files first, the description last, so a reader never sees more rows than exist.
+        order = [X_FILE, PATHS_FILE, INDEX_FILE, Y_FILE]
+        names = sorted(p.name for p in tmp.iterdir())
+        rest = [n for n in names if n not in order and n != META]
+        for name in [n for n in order if n in names] + rest + [META]:
+            os.replace(tmp / name, out_dir / name)
+        for name in STATE_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if export_pickle_file:
+        export_pickle(out_dir)
+    logger.info("merged %d shards into %s (%d queries)", S, out_dir, nq)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ppoison transfer", description="Construct a transfer set by querying a "
+                                "(defended) victim (Knockoff Nets, random or adaptive policy)")
+    p.add_argument("policy", metavar="PI", choices=["random", "adaptive"],
+                   help="query policy: random | adaptive")
+    p.add_argument("victim_model_dir", metavar="PATH",
+                   help="victim folder (params.json + model_best.pth.tar or checkpoint.pth.tar)")
+    p.add_argument("defense", metavar="TYPE", choices=list(DEFENSE_NAMES),
+                   help=f"defense: {', '.join(DEFENSE_NAMES)}")
+    p.add_argument("defense_args", metavar="STR", help='defense arguments "k1:v1,k2:v2,..."')
+    p.add_argument("--out_dir", metavar="PATH", required=True, help="folder of the transfer set")
+    p.add_argument("--budget", metavar="N", type=int, default=None, help="# distinct images (default: all)")
+    p.add_argument("--nqueries", metavar="N", type=int, default=None, help="# queries (default: budget)")
+    p.add_argument("--qpi", metavar="N", type=int, default=1,
+                   help="# queries per image (posteriors averaged)")
+    p.add_argument("--queryset", metavar="TYPE", required=True, help="adversary's dataset (P_A(X))")
+    p.add_argument("--batch_size", metavar="B", type=int, default=256, help="queries per black-box call")
+    p.add_argument("-d", "--device_id", metavar="D", type=int, default=0, help="GPU id, -1 for the CPU")
+    p.add_argument("-w", "--nworkers", metavar="N", type=int, default=10, help="image-loading workers")
+    p.add_argument("--train_transform", action="store_true", help="augment query images (train transform)")
+    p.add_argument("--data-root", dest="data_root", metavar="DIR", default=None, help="dataset root")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="query-order and per-batch seed (42)")
+    p.add_argument("--export-pickle", dest="export_pickle_file", action="store_true",
+                   help="also write the original's transferset.pickle")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue a run interrupted in out_dir (default); --no-resume starts over")
+    p.add_argument("--num-shards", dest="num_shards", type=int, default=None,
+                   help="split the batches into S shards")
+    p.add_argument("--shard-id", dest="shard_id", type=int, default=None,
+                   help="the shard this process builds")
+    p.add_argument("--merge-shards", dest="merge_shards", type=int, default=None, metavar="S",
+                   help="only merge out_dir/shard-0..S-1 into out_dir")
+    p.add_argument("--merge-timeout", dest="merge_timeout", type=float, default=None,
+                   help="torchrun: seconds rank 0 waits for the other shards")
+    g = p.add_argument_group("adaptive policy")
+    g.add_argument("--reward", choices=list(REWARDS), default="all")
+    g.add_argument("--alpha", type=float, default=0.1, help="bandit step size")
+    g.add_argument("--delta", type=int, default=25, help="window of the diversity reward")
+    g.add_argument("--online-lr", dest="online_lr", type=float, default=0.01, help="online knockoff SGD lr")
+    g.add_argument("--hierarchy", metavar="JSON", default=None, help='{"coarse": [fine labels]} file')
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        if args.merge_shards is not None:
+            merge_shards(args.out_dir, args.merge_shards, export_pickle_file=args.export_pickle_file,
+                         progress=args.progress)
+            return 0
+        kw = vars(args)
+        kw.pop("merge_shards")
+        transfer(kw.pop("policy"), kw.pop("victim_model_dir"), kw.pop("defense"), kw.pop("defense_args"),
+                 **kw)
+    except (ValueError, TypeError, FileNotFoundError, TimeoutError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
