@@ -61,6 +61,12 @@ class Defense(nn.Module):
         with torch.no_grad():
             return F.softmax(self.model(x), dim=1)
 
+    def reseed(self, seed: Optional[int]) -> None:
+        """Restarts the defense's own random stream (``random`` oracle, noise) from ``seed``."""
+        if hasattr(self, "seed"):
+            self.seed = seed
+            self._generators = {}
+
     def defend(self, x: Tensor, y: Tensor) -> DefenseOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 

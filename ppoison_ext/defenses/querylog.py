@@ -118,7 +118,8 @@ class QueryLogger:
                     kept.append(line)
                     self._last_row_at = c
             self.tsv_path.write_text("\n".join(kept) + "\n")
-        self._last_row_at = (self._last_row_at // self.every) * self.every if self.count else 0
+        if not self.count:
+            self._last_row_at = 0
 
     # -- logging --------------------------------------------------------------------------
     def log(self, y: Tensor, y_prime: Tensor, obj: Optional[Tensor] = None, sobj: Optional[Tensor] = None) -> None:

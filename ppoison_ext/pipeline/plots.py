@@ -1,0 +1,98 @@
+"""Plots of a grid run, rebuilt from its results.json.
+
+* ``attacker_vs_budget.png`` — attacker test accuracy vs query budget, one panel per defense,
+  one line per setting (the undefended attacker dashed in every panel);
+* ``tradeoff.png`` — the paper's main figure: attacker test accuracy (largest budget) vs the
+  defended victim's test accuracy, one curve per defense across its settings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List
+
+__all__ = ["plot_results"]
+
+
+def _groups(rows: List[Dict], key) -> Dict:
+    out: Dict = {}
+    for r in rows:
+        out.setdefault(key(r), []).append(r)
+    return out
+
+
+def plot_results(out_dir) -> List[Path]:
+    """Draws both figures into ``out_dir`` (per victim × attack); returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    written = []
+    for (victim, attack), rs in _groups(rows, lambda r: (r["victim"], r["attack"])).items():
+        suffix = "" if len({(r["victim"], r["attack"]) for r in rows}) == 1 else f"-{victim}-{attack}"
+        labels = list(dict.fromkeys(r["label"] for r in rs))
+        base = sorted([r for r in rs if r["defense"] == "none"], key=lambda r: r["budget"])
+        # (a) attacker accuracy vs budget
+        n = len(labels)
+        cols = min(4, n)
+        nrows = math.ceil(n / cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.0 * nrows), squeeze=False, sharey=True)
+        for ax, label in zip(axes.flat, labels):
+            lr = [r for r in rs if r["label"] == label]
+            values = list(dict.fromkeys(r["value"] for r in lr))
+            cmap = plt.get_cmap("viridis")
+            for i, v in enumerate(values):
+                pts = sorted([r for r in lr if r["value"] == v], key=lambda r: r["budget"])
+                name = "" if v is None else f"{pts[0]['param']}={v}"
+                ax.plot([p["budget"] for p in pts], [p["attacker_acc"] for p in pts], "o-",
+                        color=cmap(i / max(1, len(values) - 1)) if len(values) > 1 else "C0", label=name or label)
+            if base and label != base[0]["label"]:
+                ax.plot([p["budget"] for p in base], [p["attacker_acc"] for p in base], "k--", lw=1, label="undefended")
+            ax.set_xscale("log")
+            ax.set_title(label, fontsize=10)
+            ax.set_xlabel("queries (budget)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="lower right")
+        for ax in axes[:, 0]:
+            ax.set_ylabel("attacker test acc. (%)")
+        for ax in list(axes.flat)[n:]:
+            ax.axis("off")
+        fig.suptitle(f"Attacker accuracy vs budget — victim {victim}, {attack} ({rs[0]['queryset']} queries)",
+                     fontsize=11)
+        fig.tight_layout()
+        path = out / f"attacker_vs_budget{suffix}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+        # (b) trade-off at the largest budget
+        bmax = max(r["budget"] for r in rs)
+        top = [r for r in rs if r["budget"] == bmax and r["defender_acc"] is not None]
+        fig, ax = plt.subplots(figsize=(6.4, 4.8))
+        markers = "osD^vP*Xh"
+        for i, label in enumerate(labels):
+            pts = sorted([r for r in top if r["label"] == label], key=lambda r: r["defender_acc"])
+            if not pts:
+                continue
+            style = "k*" if pts[0]["defense"] == "none" else f"{markers[i % len(markers)]}-"
+            ax.plot([p["defender_acc"] for p in pts], [p["attacker_acc"] for p in pts], style, label=label,
+                    markersize=11 if style == "k*" else 6)
+            for p in pts:
+                if p["value"] is not None:
+                    ax.annotate(f"{p['value']}", (p["defender_acc"], p["attacker_acc"]), fontsize=6,
+                                xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("defended victim: test accuracy (%)  (utility →)")
+        ax.set_ylabel(f"attacker test accuracy (%) at {bmax} queries  (← protection)")
+        ax.set_title(f"Defense trade-off — victim {victim}, {attack}", fontsize=11)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+        fig.tight_layout()
+        path = out / f"tradeoff{suffix}.png"
+        fig.savefig(path, dpi=130)
+        plt.close(fig)
+        written.append(path)
+    return written
