@@ -481,6 +481,13 @@ def train_model(
     if scheduler is None:
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step, gamma=lr_gamma)
 
+    def _save_last(epoch: int, test_acc: float) -> None:
+        sched = scheduler.state_dict() if hasattr(scheduler, "state_dict") else None
+        extra = {"scheduler": sched, "epochs": epochs, "run_id": run_id, "best_train_acc": best_train_acc,
+                 "best_test_acc": best_test_acc, "history": history, **_rng_state()}
+        save_checkpoint(last_path, model, arch=arch, epoch=epoch, best_acc=test_acc, optimizer=optimizer,
+                        num_classes=num_classes, extra=extra)
+
     # ----- resume
     start_epoch = 1
     best_train_acc, best_test_acc = -1.0, -1.0
@@ -510,8 +517,13 @@ def train_model(
         if main:
             _drop_unfinished_rows(log_path, run_id, done)
         logger.info("resuming %s from %s: %d epoch(s) done", log_path.name, resume_file.name, done)
-    elif seed is not None:
-        seed_everything(seed)
+    else:
+        if seed is not None:
+            seed_everything(seed)
+        if main and save_last and epochs >= 1:
+            # epoch 0: claims the run id before any log row is written, so that rows of a run
+            # killed inside its first epoch are recognised and dropped on resume
+            _save_last(0, -1.0)
     D.barrier()
 
     summary: Dict[str, Any] = {
@@ -596,11 +608,7 @@ def train_model(
             _append_log(log_path, [[run_id, epoch, "train", train_loss, train_acc, best_train_acc],
                                    [run_id, epoch, "test", test_loss, test_acc, best_test_acc]])
             if save_last:  # written last: marks the epoch as done
-                extra = {"scheduler": sched_state, "epochs": epochs, "run_id": run_id,
-                         "best_train_acc": best_train_acc, "best_test_acc": best_test_acc, "history": history,
-                         **_rng_state()}
-                save_checkpoint(last_path, model, arch=arch, epoch=epoch, best_acc=test_acc,
-                                optimizer=optimizer, num_classes=num_classes, extra=extra)
+                _save_last(epoch, test_acc)
         D.barrier()
     bar.close()
     summary.update(best_test_acc=best_test_acc, best_train_acc=best_train_acc, epochs_done=epochs,

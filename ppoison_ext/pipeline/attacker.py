@@ -47,11 +47,11 @@ from torch.utils.data import Subset
 
 from .. import distributed
 from ..attacks.transferset import load_transferset
-from ..checkpoint import load_checkpoint
+from ..checkpoint import load_checkpoint, read_params
 from ..datasets import dataset_to_modelfamily, get_dataset, get_transform
 from ..models import get_net
 from ..training import OPTIMIZERS, get_optimizer, seed_everything, soft_cross_entropy, train_model
-from .common import resolve_device, write_params
+from .common import resolve_device, victim_dataset_name, write_params
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,22 @@ def parse_budgets(budgets: Union[str, Sequence[int], int]) -> List[int]:
     if not out:
         raise ValueError("budgets: no budget given (e.g. --budgets 50,100,1000)")
     return out
+
+
+def _check_victim_dataset(model_dir: Path, meta: Dict[str, Any], testdataset: str) -> None:
+    """A transfer set built from a victim of another dataset is refused (when its victim is still
+    on disk to tell): the attacker would be measured on the wrong task."""
+    vdir = meta.get("victim_model_dir")
+    if not vdir or not (Path(vdir) / "params.json").is_file():
+        return
+    try:
+        vdataset = victim_dataset_name(read_params(vdir))
+    except ValueError:
+        return
+    if vdataset != testdataset:
+        raise ValueError(f"{Path(model_dir) / 'transferset.json'}: the transfer set was built from the victim in "
+                         f"{vdir}, trained on {vdataset}, but the attacker is to be tested on {testdataset}; "
+                         f"pass testdataset={vdataset!r} or the transfer set of a {testdataset} victim")
 
 
 def train_attacker(
@@ -159,6 +175,7 @@ def train_attacker(
 
     ts = load_transferset(model_dir)
     K = ts.num_classes
+    _check_victim_dataset(model_dir, ts.meta, testdataset)
     logger.info("transfer set %s: %d samples, %d classes", model_dir, len(ts), K)
     too_big = [b for b in budget_list if b > len(ts)]
     if too_big:

@@ -197,6 +197,41 @@ def _mark_done(folder: Path, settings: Dict[str, Any], extra: Optional[Dict[str,
                                              "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **(extra or {})})
 
 
+# What each step writes into its folder: deleted when the folder holds the outputs of other
+# settings, because every step resumes from what it finds (a victim or attacker checkpoint of
+# another recipe, a transfer set of another defense) and would otherwise mix the two.
+VICTIM_FILES = ("checkpoint.pth.tar", "last.pth.tar", "model_best.pth.tar", "train.log.tsv", "params.json",
+                "done.json")
+EVAL_FILES = ("bboxeval.*.log.tsv", "distancetest.log.tsv", "queriestest.*", "params_evalbbox.json", "done.json")
+ATTACKER_FILES = ("checkpoint.*.pth.tar", "last.*.pth.tar", "train.*.log.tsv", "params_train.json", "done.json")
+TRANSFER_FILES = ("transferset.*", "queriestransfer.*", "distancetransfer.log.tsv", "run_times*",
+                  "params_transfer.json") + ATTACKER_FILES
+
+
+def _start(folder: Path, settings: Dict[str, Any], patterns: Sequence[str], marker: Optional[Path] = None) -> None:
+    """Claims ``folder`` for ``settings`` before a step runs there. When ``marker`` (default
+    ``folder/started.json``) says an earlier run used other settings, the files of ``patterns``
+    are deleted first: a changed config reruns the step instead of resuming foreign files."""
+    marker = marker or folder / "started.json"
+    fingerprint = _fingerprint(settings)
+    previous = None
+    if marker.exists():
+        try:
+            previous = json.loads(marker.read_text()).get("fingerprint")
+        except (ValueError, AttributeError):
+            previous = "unreadable"
+    elif folder.exists() and any(f.is_file() for p in patterns for f in folder.glob(p)):
+        previous = "unknown"  # outputs from before markers existed: provenance unknown
+    if previous is not None and previous != fingerprint:
+        logger.warning("%s holds the outputs of other settings; starting over there", folder)
+        for pattern in patterns:
+            for f in folder.glob(pattern):
+                if f.is_file():
+                    f.unlink()
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(marker, {"fingerprint": fingerprint, "settings": settings})
+
+
 # ---------------------------------------------------------------------------------------------
 # Steps
 
@@ -208,13 +243,15 @@ def _victim_step(out: Path, exp: ExperimentSpec, v: VictimSpec, progress: bool) 
     pdir = out / "victims" / f"{v.key}-proxy"
     settings = {"victim": asdict(v), "seed": exp.seed}
     if not _done(vdir, settings):
+        _start(vdir, settings, VICTIM_FILES)
         train_victim(v.dataset, v.arch, vdir, device=exp.device, batch_size=v.batch_size, epochs=v.epochs, lr=v.lr,
                      momentum=v.momentum, lr_step=v.lr_step, lr_gamma=v.lr_gamma, train_subset=v.train_subset,
                      test_subset=v.test_subset, data_root=exp.data_root, seed=exp.seed, progress=progress,
                      resume="auto")
         _mark_done(vdir, settings)
-    psettings = {"proxy_of": v.key, "seed": exp.seed + 1}
+    psettings = {"proxy_of": asdict(v), "seed": exp.seed + 1}
     if not _done(pdir, psettings):
+        _start(pdir, psettings, VICTIM_FILES)
         make_proxy(v.dataset, v.arch, pdir, device=exp.device, data_root=exp.data_root, seed=exp.seed + 1,
                    test_subset=v.test_subset or 1000, progress=progress)
         _mark_done(pdir, psettings)
@@ -227,6 +264,7 @@ def _eval_step(job: Dict[str, Any]) -> Dict[str, Any]:
     folder = Path(job["folder"])
     if _done(folder, job["settings"]):
         return json.loads((folder / "done.json").read_text())["result"]
+    _start(folder, job["settings"], EVAL_FILES)
     res = eval_bbox(job["victim_dir"], job["defense"], job["args"], folder, batch_size=job["batch_size"],
                     device=job["device"], data_root=job["data_root"], seed=job["seed"],
                     test_subset=job["test_subset"], progress=False)
@@ -241,15 +279,16 @@ def _attack_step(job: Dict[str, Any]) -> Dict[str, Any]:
 
     folder = Path(job["folder"])
     a = job["attack"]
-    tsettings = {k: job["settings"][k] for k in ("victim", "defense", "args", "seed")}
+    tsettings = {k: job["settings"][k] for k in ("victim", "victim_recipe", "defense", "args", "seed")}
     tsettings["attack"] = {k: a[k] for k in ("policy", "queryset", "budget", "batch_size")}
     if not _done(folder / "transfer", tsettings):
+        _start(folder, tsettings, TRANSFER_FILES, marker=folder / "transfer" / "started.json")
         transfer(a["policy"], job["victim_dir"], job["defense"], job["args"], out_dir=folder, queryset=a["queryset"],
                  budget=a["budget"], batch_size=a["batch_size"], device_id=job["device"], nworkers=0,
                  data_root=job["data_root"], seed=job["seed"], progress=False)
-        (folder / "transfer").mkdir(exist_ok=True)
         _mark_done(folder / "transfer", tsettings)
     if not _done(folder, job["settings"]):
+        _start(folder, job["settings"], ATTACKER_FILES)
         train_attacker(folder, a["arch"], job["testset"], a["budgets"], device=job["device"],
                        batch_size=a["batch_size_train"], epochs=a["epochs"], lr=a["lr"], momentum=a["momentum"],
                        lr_step=a["lr_step"], argmaxed=a["argmaxed"], data_root=job["data_root"], seed=job["seed"],
@@ -258,9 +297,20 @@ def _attack_step(job: Dict[str, Any]) -> Dict[str, Any]:
     return {"folder": str(folder)}
 
 
-def _worker_init() -> None:
+def _orphan_watchdog(parent: int, interval: float = 0.5) -> None:
+    # A SIGKILLed grid cannot stop its workers; without this they would finish their cell and
+    # race the rerun writing the same folder. Exit as soon as the parent is gone.
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os._exit(1)
+
+
+def _worker_init(parent: int) -> None:
+    import threading
+
     import torch
 
+    threading.Thread(target=_orphan_watchdog, args=(parent,), daemon=True, name="orphan-watchdog").start()
     torch.set_num_threads(1)
     logging.getLogger().setLevel(logging.WARNING)
 
@@ -281,7 +331,8 @@ def _run_jobs(fn, jobs: List[Dict[str, Any]], workers: int, desc: str, progress:
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                 initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
             for fut in as_completed(futures):
                 results[futures[fut]] = fut.result()
@@ -312,7 +363,8 @@ def run_grid(config, out_dir, *, jobs: Optional[int] = None, device: Any = None,
         vdir, pdir = _victim_step(out, exp, v, progress)
         for d in defenses:
             for value, args in d.settings(str(pdir)):
-                base = {"victim": v.key, "defense": d.name, "args": args, "seed": exp.seed}
+                base = {"victim": v.key, "victim_recipe": _fingerprint(asdict(v)), "defense": d.name, "args": args,
+                        "seed": exp.seed}
                 eval_jobs.append({
                     "folder": str(out / "eval" / v.key / _slug(d.label) / _slug(value)),
                     "settings": {**base, "eval": asdict(cfg.eval)}, "victim_dir": str(vdir), "defense": d.name,
