@@ -1,7 +1,8 @@
 // Batched products of the proxy's per-class NLL Jacobian G [B, K, D].
 //   FC closed form (last Linear, features h, softmax p; row k of G is (p − e_k) ⊗ h):
 //     G·Gᵀ = ‖h‖² (I − 1pᵀ − p1ᵀ + ‖p‖² 11ᵀ)        Gᵀy = vec((Σy·p − y) hᵀ)
-//   Explicit G: G·Gᵀ (lower triangle, mirrored) and Gᵀy by direct summation.
+//   Explicit G: G·Gᵀ (lower triangle, mirrored) and Gᵀy by direct summation; G is checked for
+//   NaN/Inf only when the result shows one (every non-finite entry of G reaches it).
 // One task per sample row b (at::parallel_for over B).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -133,8 +134,8 @@ at::Tensor jacobian_gram_cpu(const at::Tensor& G_) {
     at::parallel_for(0, B, grain_for(K * K * std::max<int64_t>(D, 1) / 2), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const scalar_t* g = gp + b * K * D;
-        if (!row_finite(g, K * D)) bad = true;
         scalar_t* o = op + b * K * K;
+        bool diag_finite = true;
         for (int64_t k = 0; k < K; ++k) {
           const scalar_t* gk = g + k * D;
           for (int64_t l = 0; l <= k; ++l) {
@@ -144,7 +145,11 @@ at::Tensor jacobian_gram_cpu(const at::Tensor& G_) {
             o[k * K + l] = acc;
             o[l * K + k] = acc;
           }
+          diag_finite &= std::isfinite((double)o[k * K + k]);
         }
+        // A NaN/Inf in row k of G makes (GGᵀ)_kk = Σ g_kd² non-finite; only then scan G itself
+        // (a finite G whose squares overflow is not an input error).
+        if (!diag_finite && !row_finite(g, K * D)) bad = true;
       }
     });
   });
@@ -176,7 +181,6 @@ at::Tensor jacobian_tvec_cpu(const at::Tensor& G_, const at::Tensor& y_) {
         const scalar_t* g = gp + b * K * D;
         const scalar_t* yr = yp + b * K;
         if (!row_finite(yr, K)) bad_y = true;
-        if (!row_finite(g, K * D)) bad_g = true;
         scalar_t* o = op + b * D;
         for (int64_t d = 0; d < D; ++d) o[d] = 0;
         for (int64_t k = 0; k < K; ++k) {
@@ -184,6 +188,9 @@ at::Tensor jacobian_tvec_cpu(const at::Tensor& G_, const at::Tensor& y_) {
           const scalar_t* gk = g + k * D;
           for (int64_t d = 0; d < D; ++d) o[d] += yk * gk[d];
         }
+        // a NaN/Inf anywhere in G reaches the output (y_k·Inf is Inf or, for y_k = 0, NaN):
+        // one pass over G instead of two
+        if (!row_finite(o, D) && !row_finite(g, K * D)) bad_g = true;
       }
     });
   });
