@@ -2,7 +2,7 @@
 per-sample port of the original algorithm (tests/original_mad.py), same inputs, same run.
 
 Models: LeNet (K = 10), CIFAR VGG16-BN (K = 10 and 100, proxy in train mode as the
-original leaves it), and a 4096 → 256 last layer. Batch 1 and 256. The per-sample port is
+original leaves it), and last layers alone: 512 → 100 (VGG16-BN's CIFAR-100 head) and 4096 → 256. Batch 1 and 256. The per-sample port is
 slow (K backward passes and Python loops per query), so it runs on at most
 `PORT_QUERIES[model]` queries of the batch; throughput is queries / second either way
 (`extra_info["queries"]`). Ratios: `python tools/bench_report.py <json>`.
@@ -24,7 +24,7 @@ import original_mad as orig  # noqa: E402
 
 QUICK = os.environ.get("PPOISON_BENCH_QUICK") == "1"
 BATCHES = [1, 8] if QUICK else [1, 256]
-PORT_QUERIES = {"lenet": 64, "vgg16_bn_k10": 16, "vgg16_bn_k100": 4, "head_4096_256": 1}
+PORT_QUERIES = {"lenet": 64, "vgg16_bn_k10": 16, "vgg16_bn_k100": 4, "head_512_100": 4, "head_4096_256": 1}
 if QUICK:
     PORT_QUERIES = {k: 1 for k in PORT_QUERIES}
 
@@ -38,13 +38,14 @@ def _models(name):
         K = int(name.split("_k")[1])
         v, p = get_net("vgg16_bn", "cifar", num_classes=K), get_net("vgg16_bn", "cifar", num_classes=K)
         shape = (3, 32, 32)
-    else:
-        v, p = nn.Linear(4096, 256), nn.Linear(4096, 256)
-        shape = (4096,)
+    else:  # a last layer alone: "head_<features>_<classes>"
+        H, K = (int(n) for n in name.split("_")[1:])
+        v, p = nn.Linear(H, K), nn.Linear(H, K)
+        shape = (H,)
     return v.eval(), p.train(), shape
 
 
-MODELS = ["lenet", "vgg16_bn_k10", "vgg16_bn_k100", "head_4096_256"]
+MODELS = ["lenet", "vgg16_bn_k10", "vgg16_bn_k100", "head_512_100", "head_4096_256"]
 IMPLS = ["bare", "mad_extreme", "mad_argmax", "port_extreme", "port_argmax"]
 
 
