@@ -272,36 +272,46 @@ PP_HD int oracle_extreme(const Gram& g, bool objmax, double* value) {
 // Free bit j (0 = most significant) of the lexicographic rank maps to class index.
 PP_HD int free_index(int j, int kstar) { return j < kstar ? j : j + 1; }
 
+// Moves S from rank r to rank r + 1 (binary increment: the least significant free bit is the
+// last free index); a full cycle of increments brings S back to {k*}.
+template <typename Gram, typename Set>
+PP_HD void next_rank(const Gram& g, Set& cur, int64_t r, int nfree, int kstar) {
+  for (int j = nfree - 1; j >= 0; --j) {
+    int idx = free_index(j, kstar);
+    if ((r >> (nfree - 1 - j)) & 1) {
+      g.remove(cur, idx);
+    } else {
+      g.add(cur, idx);
+      break;
+    }
+  }
+}
+
 // Exact argmax-preserving oracle: every vertex containing k*, in the order of
 // itertools.product([0, 1], repeat=K) (the reference's), first maximum wins.
 // Returns the winning rank; bit (K-2-j) of the rank says whether free_index(j) ∈ S.
+// `values`: scratch for the 2^(K−1) objective values (one pass, then a scan for the first
+// maximum), or nullptr to recompute them in a second pass (no memory: the CUDA kernels).
 template <typename Gram, typename Set>
-PP_HD int64_t oracle_argmax_exact(const Gram& g, Set cur, int kstar, bool objmax, double* value) {
+PP_HD int64_t oracle_argmax_exact(const Gram& g, Set cur, int kstar, bool objmax, double* value,
+                                  double* values = nullptr) {
   const int nfree = g.K - 1;
   const int64_t count = (int64_t)1 << nfree;
   double best = -1.0;
   g.add(cur, kstar);
-  for (int pass = 0; pass < 2; ++pass) {
-    // A full cycle of rank increments brings S back to {k*}.
-    for (int64_t r = 0; r < count; ++r) {
-      double v = g.value(g.vertex(cur, kstar, kVertexWeight), objmax);
-      if (pass == 0) {
-        if (v > best) best = v;
-      } else if (tie_or_better(v, best)) {
-        *value = v;
-        return r;
-      }
-      // binary increment of the rank: the least significant free bit is the last index
-      for (int j = nfree - 1; j >= 0; --j) {
-        int idx = free_index(j, kstar);
-        if ((r >> (nfree - 1 - j)) & 1) {
-          g.remove(cur, idx);
-        } else {
-          g.add(cur, idx);
-          break;
-        }
-      }
+  for (int64_t r = 0; r < count; ++r) {
+    double v = g.value(g.vertex(cur, kstar, kVertexWeight), objmax);
+    if (values) values[r] = v;
+    if (v > best) best = v;
+    next_rank(g, cur, r, nfree, kstar);
+  }
+  for (int64_t r = 0; r < count; ++r) {
+    double v = values ? values[r] : g.value(g.vertex(cur, kstar, kVertexWeight), objmax);
+    if (tie_or_better(v, best)) {
+      *value = v;
+      return r;
     }
+    if (!values) next_rank(g, cur, r, nfree, kstar);
   }
   *value = best;
   return 0;

@@ -19,13 +19,18 @@ namespace ppoison {
 
 namespace {
 
+constexpr int kMaxBufferedK = 17;  // 2^16 doubles (512 KiB) per thread at most; above: two passes
+
 template <typename scalar_t>
 struct Scratch {
   std::vector<double> my, r;
   std::vector<unsigned char> mask;
   std::vector<int> order;
   std::vector<scalar_t> ysmooth;
-  explicit Scratch(int K) : my(K), r(K), mask(K), order(K), ysmooth(K) {}
+  std::vector<double> values;  // the exact argmax search's 2^(K−1) objective values
+  Scratch(int K, int64_t exact_max_k)
+      : my(K), r(K), mask(K), order(K), ysmooth(K),
+        values(K <= exact_max_k && K <= kMaxBufferedK ? (size_t)1 << (K - 1) : 0) {}
 };
 
 // The reference smooths y in its own dtype before the greedy search.
@@ -48,7 +53,7 @@ void search(const Gram& g, const Gram& g_smooth, Set set, Set set_smooth, Oracle
   if (oracle == Oracle::Argmax) {
     const int kstar = argmax_first(y, K);
     if (K <= exact_max_k) {
-      int64_t rank = oracle_argmax_exact(g, set, kstar, objmax, &v);
+      int64_t rank = oracle_argmax_exact(g, set, kstar, objmax, &v, s.values.empty() ? nullptr : s.values.data());
       mask_from_rank(rank, K, kstar, s.mask.data());
     } else {
       int t = 0, c = kstar;
@@ -132,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor> mad_oracle_cpu(const at::Tensor& y_, const c1
     scalar_t* sp = ystar.data_ptr<scalar_t>();
     scalar_t* vp = value.data_ptr<scalar_t>();
     at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-      Scratch<scalar_t> s((int)K);
+      Scratch<scalar_t> s((int)K, oracle == Oracle::Argmax ? exact_max_k : 0);
       std::vector<double> my_smooth(K), r_smooth(K);
       for (int64_t b = b0; b < b1; ++b) {
         const scalar_t* yr = yp + b * K;
