@@ -83,7 +83,7 @@ def test_mad_beats_random_noise_at_equal_defender_accuracy(results):
     assert mad < rn, _table(rows)
 
 
-def test_results_files_and_plots(results, tmp_path_factory):
+def test_results_files_and_plots(results):
     meta = results["meta"]
     assert len(meta["plots"]) == 2
     for p in meta["plots"]:

@@ -62,12 +62,15 @@ def _state(path: Path):
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
-def _kill_when(proc, ready, rng, timeout=120.0):
-    """SIGKILLs ``proc`` once ``ready()`` holds, plus a random 0-50 ms; True if it was still running."""
+def _kill_when(proc, ready, rng, timeout=120.0, jitter=0.05, watch=lambda: None):
+    """SIGKILLs ``proc`` once ``ready()`` holds, plus a random 0 to ``jitter`` s; ``watch()`` runs at
+    every poll and just before the kill. True if the process was still running."""
     deadline = time.monotonic() + timeout
     while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        watch()
         time.sleep(0.002)
-    time.sleep(rng.uniform(0, 0.05))
+    time.sleep(rng.uniform(0, jitter))
+    watch()
     alive = proc.poll() is None
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -195,16 +198,9 @@ def test_grid_sigkill_resume_skips_finished_cells_and_equals_uninterrupted(tmp_p
               lambda: len(cells()) >= 1]
     for ready in stages:
         proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        workers = []
-        deadline = time.monotonic() + 300
-        while not ready() and proc.poll() is None and time.monotonic() < deadline:
-            workers = _children(proc.pid) or workers
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0, 0.3))
-        workers = list(set(workers + _children(proc.pid)))
-        assert proc.poll() is None, "the grid finished before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        workers = set()
+        alive = _kill_when(proc, ready, rng, timeout=300, jitter=0.3, watch=lambda: workers.update(_children(proc.pid)))
+        assert alive, "the grid finished before it could be killed"
         # orphaned workers notice and exit instead of racing the rerun
         deadline = time.monotonic() + 20
         while any(_running(w) for w in workers) and time.monotonic() < deadline:
