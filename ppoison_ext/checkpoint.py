@@ -1,147 +1,48 @@
-"""Checkpoint and ``params.json`` I/O: atomic writes, ``weights_only`` loads, readable errors.
-
-File formats follow the original (``KO:knockoff/utils/model.py``, ``KO:knockoff/victim/train.py``):
+"""Checkpoint files: atomic writes, ``weights_only`` loads, readable errors.
 
 * ``checkpoint{suffix}.pth.tar`` / ``model_best.pth.tar``: a ``torch.save`` dict with
-  ``epoch``, ``arch``, ``state_dict``, ``best_acc``, ``optimizer`` (state_dict) and
-  ``created_on``. The original stored ``arch`` as the model **class object**, which
-  ``torch.load(weights_only=True)`` (the default since torch 2.6) refuses to unpickle.
-  Here ``arch`` is the architecture *name* (a str) and a ``num_classes`` int is added, so
-  every checkpoint holds only tensors and primitives and loads with ``weights_only=True``.
-  Old files can be converted once with :func:`convert_reference_checkpoint`.
-* ``params.json``: the training arguments; a model directory needs ``model_arch``,
-  ``num_classes`` and a dataset key (``dataset``, or ``testdataset`` / ``queryset``).
+  ``epoch``, ``arch``, ``state_dict``, ``best_acc``, ``optimizer`` (state_dict),
+  ``created_on`` and ``num_classes``. ``arch`` is the architecture *name* (a str), so every
+  checkpoint holds only tensors and primitives and loads with ``torch.load(weights_only=True)``.
+  Files that pickle the model class (as the reference code writes them) can be converted once
+  with :func:`convert_reference_checkpoint`.
 
-Every write goes through :func:`atomic_write`: a temporary file in the target's folder,
-flushed and fsync'ed, then ``os.replace``'d over the target, so readers never see a
-half-written file.
+Writes go through :func:`ppoison_ext.fileio.atomic_write`. This module needs only torch and
+:mod:`ppoison_ext.fileio`; building a model from a folder is :mod:`ppoison_ext.modeldir`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
-import json
 import logging
 import operator
-import os
 import pickle
 import re
-import stat
-import tempfile
 import types
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from .fileio import PathLike, atomic_write
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "atomic_write",
-    "atomic_save_bytes",
-    "atomic_write_text",
-    "atomic_write_json",
     "save_checkpoint",
     "load_checkpoint",
     "read_state_dict",
     "convert_reference_checkpoint",
-    "read_params",
-    "load_model_dir",
-    "modelfamily_for_dataset",
     "CHECKPOINT_NAMES",
 ]
 
-PathLike = Union[str, "os.PathLike[str]"]
-
-#: Files ``load_model_dir`` looks for, in order (the original loader's order).
+#: Checkpoint files of a model folder, in the order a loader tries them (the reference's).
 CHECKPOINT_NAMES: Tuple[str, ...] = ("model_best.pth.tar", "checkpoint.pth.tar")
 
 _RESERVED_KEYS = ("epoch", "arch", "state_dict", "best_acc", "optimizer", "created_on", "num_classes")
-_DATASET_KEYS = ("dataset", "testdataset", "queryset")
-
-
-# --- atomic writes -----------------------------------------------------------------------------
-
-
-def _umask() -> int:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(directory: Path) -> None:
-    if os.name != "posix":
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write(path: PathLike, write_fn: Callable[[IO[bytes]], None]) -> Path:
-    """Write a file atomically: ``write_fn(f)`` fills a temporary binary file in the same
-    folder, which is flushed, fsync'ed and ``os.replace``'d over ``path``.
-
-    Missing parent folders are created. The file gets the mode of the file it replaces,
-    or the usual ``0o666 & ~umask``. If ``write_fn`` raises, the temporary file is removed
-    and ``path`` is left as it was.
-
-    Returns:
-        ``path`` as a :class:`~pathlib.Path`.
-    """
-    path = Path(path)
-    directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-    except FileNotFoundError:
-        mode = 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
-    return path
-
-
-def atomic_save_bytes(path: PathLike, data: bytes) -> Path:
-    """Atomically write ``data`` to ``path`` (see :func:`atomic_write`)."""
-    data = bytes(data)
-    return atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Path:
-    """Atomically write ``text`` to ``path`` (see :func:`atomic_write`)."""
-    return atomic_save_bytes(path, text.encode(encoding))
-
-
-def atomic_write_json(
-    path: PathLike, obj: Any, *, indent: Optional[int] = 2, sort_keys: bool = False
-) -> Path:
-    """Atomically write ``obj`` as JSON (plus a final newline). ``obj`` is serialised
-    before the file is touched, so a non-serialisable object leaves ``path`` unchanged."""
-    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")
 
 
 # --- checkpoint contents ---------------------------------------------------------------------
@@ -169,23 +70,19 @@ def _check_safe(value: Any, where: str) -> None:
     )
 
 
-def _head(model: nn.Module) -> Tuple[Optional[str], Optional[nn.Module]]:
-    """The classifier head without running the model: the last registered Linear layer,
-    else the last Conv2d (SqueezeNet)."""
-    for kinds in ((nn.Linear,), (nn.Conv2d,)):
-        found = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
-        if found:
-            return found[-1]
-    return None, None
-
-
-def _num_classes(model: nn.Module) -> Optional[int]:
-    _, head = _head(model)
-    if isinstance(head, nn.Linear):
-        return int(head.out_features)
-    if isinstance(head, nn.Conv2d):
-        return int(head.out_channels)
+def _classifier_weight(sd: Mapping[str, Any]) -> Optional[str]:
+    """The state-dict key of the classifier's weight: the last 2-D ``*.weight`` (a Linear
+    layer), else the last 4-D one (a 1×1-conv head such as SqueezeNet's)."""
+    for ndim in (2, 4):
+        keys = [k for k, v in sd.items() if k.endswith("weight") and isinstance(v, Tensor) and v.dim() == ndim]
+        if keys:
+            return keys[-1]
     return None
+
+
+def _num_classes(sd: Mapping[str, Any]) -> Optional[int]:
+    key = _classifier_weight(sd)
+    return int(sd[key].shape[0]) if key is not None else None
 
 
 def save_checkpoint(
@@ -215,14 +112,15 @@ def save_checkpoint(
             f"arch must be the architecture name (a str such as 'vgg16'), got {type(arch).__name__}; "
             "pickling the class would make the checkpoint unreadable with weights_only=True"
         )
+    state_dict = model.state_dict()
     ckpt: Dict[str, Any] = {
         "epoch": operator.index(epoch),
         "arch": arch,
-        "state_dict": model.state_dict(),
+        "state_dict": state_dict,
         "best_acc": float(best_acc),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "created_on": str(_dt.datetime.now()),
-        "num_classes": operator.index(num_classes) if num_classes is not None else _num_classes(model),
+        "num_classes": operator.index(num_classes) if num_classes is not None else _num_classes(state_dict),
     }
     _check_safe(ckpt["optimizer"], "optimizer state_dict")
     for key, value in (extra or {}).items():
@@ -301,12 +199,16 @@ def _strip_module_prefix(sd: Mapping[str, Any]) -> Dict[str, Any]:
     return dict(sd)
 
 
-def _fit_state_dict(
-    sd: Mapping[str, Any], model: nn.Module, path: Path, strict: bool, arch: Any = None
-) -> Dict[str, Any]:
-    from .models.imagenet import remap_cadene_state_dict
+StateDictRemap = Callable[[Mapping[str, Tensor], nn.Module], Mapping[str, Tensor]]
 
-    sd = remap_cadene_state_dict(_strip_module_prefix(sd), model)
+
+def _fit_state_dict(
+    sd: Mapping[str, Any], model: nn.Module, path: Path, strict: bool, arch: Any = None,
+    remap: Optional[StateDictRemap] = None,
+) -> Dict[str, Any]:
+    sd = _strip_module_prefix(sd)
+    if remap is not None:
+        sd = dict(remap(sd, model))
     own = model.state_dict()
     mismatched = [
         (k, tuple(v.shape), tuple(own[k].shape))
@@ -318,8 +220,7 @@ def _fit_state_dict(
     if not (mismatched or missing or unexpected):
         return sd
     parts = []
-    head_name, _ = _head(model)
-    head_w = f"{head_name}.weight" if head_name else None
+    head_w = _classifier_weight(own)
     for k, src, dst in mismatched:
         if k == head_w and len(src) >= 1 and len(dst) >= 1 and src[0] != dst[0]:
             parts.append(f"checkpoint has K={src[0]} classes, model has {dst[0]}")
@@ -344,14 +245,16 @@ def load_checkpoint(
     *,
     map_location: Any = "cpu",
     strict: bool = True,
+    remap: Optional[StateDictRemap] = None,
 ) -> Dict[str, Any]:
     """Read a checkpoint with ``torch.load(weights_only=True)`` and optionally load it into
     ``model``.
 
     A bare state_dict file (e.g. torchvision weights) is accepted as
-    ``{"state_dict": ...}``. Keys saved from ``nn.DataParallel`` (``module.`` prefix) and
-    Cadene ``pretrainedmodels`` names (``last_linear``, ``_features``, ...) are mapped to the
-    model's.
+    ``{"state_dict": ...}``. Keys saved from ``nn.DataParallel`` (``module.`` prefix) are
+    mapped to the model's; ``remap(state_dict, model)`` renames other keys first (e.g.
+    :func:`ppoison_ext.models.imagenet.remap_cadene_state_dict` for Cadene
+    ``pretrainedmodels`` names).
 
     Returns:
         The checkpoint dict (``state_dict`` as loaded into the model).
@@ -367,7 +270,7 @@ def load_checkpoint(
     path = Path(path)
     ckpt = _as_checkpoint(_torch_load(path, map_location), path)
     if model is not None:
-        sd = _fit_state_dict(ckpt["state_dict"], model, path, strict, ckpt.get("arch"))
+        sd = _fit_state_dict(ckpt["state_dict"], model, path, strict, ckpt.get("arch"), remap)
         model.load_state_dict(sd, strict=strict)
         ckpt["state_dict"] = sd
     return ckpt
@@ -527,142 +430,3 @@ def convert_reference_checkpoint(
     return dst
 
 
-# --- params.json and model folders ------------------------------------------------------------------
-
-_FALLBACK_FAMILIES = {
-    "MNIST": "mnist", "FashionMNIST": "mnist", "KMNIST": "mnist", "EMNIST": "mnist",
-    "EMNISTLetters": "mnist", "notMNIST": "mnist",
-    "CIFAR10": "cifar", "CIFAR100": "cifar", "SVHN": "cifar", "TinyImageNet200": "cifar",
-}
-
-
-def modelfamily_for_dataset(dataset: str) -> str:
-    """The model family (``mnist``/``cifar``/``imagenet``) of a dataset name.
-
-    Uses ``ppoison_ext.datasets.dataset_to_modelfamily`` (a mapping or a function); if that
-    cannot be imported or does not know the name, a built-in map (MNIST-like → ``mnist``;
-    CIFAR10/100, SVHN, TinyImageNet200 → ``cifar``; anything else → ``imagenet``).
-    """
-    try:
-        from .datasets import dataset_to_modelfamily  # type: ignore[attr-defined]
-    except Exception as e:  # noqa: BLE001 - any import problem means: use the fallback
-        logger.debug("ppoison_ext.datasets.dataset_to_modelfamily unavailable (%s); using the built-in map",
-                     e)
-        dataset_to_modelfamily = None
-    family = None
-    if isinstance(dataset_to_modelfamily, Mapping):
-        family = dataset_to_modelfamily.get(dataset)
-    elif callable(dataset_to_modelfamily):
-        try:
-            family = dataset_to_modelfamily(dataset)
-        except (KeyError, ValueError):
-            family = None
-    if family is None:
-        family = _FALLBACK_FAMILIES.get(dataset, "imagenet")
-    return family
-
-
-def read_params(model_dir: PathLike, filename: str = "params.json") -> Dict[str, Any]:
-    """Read and validate a model folder's ``params.json``.
-
-    ``model_dir`` may also be the JSON file itself. Requires ``model_arch`` (non-empty str),
-    ``num_classes`` (int ≥ 1) and a dataset name under ``dataset``, ``testdataset`` or
-    ``queryset`` (a str; the first one present names the model family; null values are
-    ignored); other keys are returned unchecked.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: naming the file and key: malformed JSON, not an object, a missing key
-            or a value of the wrong type.
-    """
-    path = Path(model_dir)
-    if path.is_dir():
-        path = path / filename
-    if not path.is_file():
-        raise FileNotFoundError(f"params file {path} does not exist")
-    try:
-        params = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text: {e}") from e
-    if not isinstance(params, dict):
-        raise ValueError(f"{path} must hold a JSON object, got a {type(params).__name__}")
-
-    arch = params.get("model_arch")
-    if "model_arch" not in params:
-        raise ValueError(f"{path} has no 'model_arch' key (the architecture name, e.g. \"vgg16\")")
-    if not isinstance(arch, str) or not arch:
-        raise ValueError(f"{path}: 'model_arch' must be a non-empty string, got {arch!r}")
-    k = params.get("num_classes")
-    if "num_classes" not in params:
-        raise ValueError(f"{path} has no 'num_classes' key")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"{path}: 'num_classes' must be a positive integer, got {k!r}")
-    for key in _DATASET_KEYS:
-        value = params.get(key)
-        if value is not None and (not isinstance(value, str) or not value):
-            raise ValueError(f"{path}: {key!r} must be a dataset name (a non-empty string), got {value!r}")
-    if _dataset_name(params) is None:
-        raise ValueError(f"{path} has no dataset key (one of {list(_DATASET_KEYS)} naming a dataset)")
-    return params
-
-
-def _dataset_name(params: Mapping[str, Any]) -> Optional[str]:
-    return next((params[k] for k in _DATASET_KEYS if isinstance(params.get(k), str) and params[k]), None)
-
-
-def load_model_dir(
-    model_dir: PathLike,
-    *,
-    device: Union[str, torch.device] = "cpu",
-    checkpoint_names: Sequence[str] = CHECKPOINT_NAMES,
-    modelfamily: Optional[str] = None,
-    strict: bool = True,
-    model_kwargs: Optional[Mapping[str, Any]] = None,
-) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Build a model folder's architecture and load its weights (the original
-    ``Blackbox.from_modeldir``, without downloads).
-
-    Reads ``params.json`` (:func:`read_params`), builds
-    ``get_net(params['model_arch'], family, num_classes=params['num_classes'])`` with the
-    family of the params' dataset (or ``modelfamily``), and loads the first existing file of
-    ``checkpoint_names`` with :func:`load_checkpoint`.
-
-    Args:
-        model_dir: the folder.
-        device: where the model and tensors go.
-        checkpoint_names: file names tried in order.
-        modelfamily: overrides the dataset's family.
-        strict: passed to :func:`load_checkpoint`.
-        model_kwargs: extra ``get_net`` keywords (e.g. ``{"depth": 20}`` for cifar ``resnet``).
-
-    Returns:
-        ``(model, params)``; the model is on ``device`` in eval mode.
-
-    Raises:
-        FileNotFoundError: no folder, params file or checkpoint.
-        ValueError: invalid params or checkpoint (see :func:`read_params`, :func:`load_checkpoint`).
-    """
-    from .models import get_net
-
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model folder {model_dir} does not exist")
-    params = read_params(model_dir)
-    if modelfamily is None:
-        modelfamily = modelfamily_for_dataset(_dataset_name(params))
-    ckpt_path = next((model_dir / n for n in checkpoint_names if (model_dir / n).is_file()), None)
-    if ckpt_path is None:
-        raise FileNotFoundError(f"no checkpoint in {model_dir}: tried {list(checkpoint_names)}")
-    model = get_net(
-        params["model_arch"], modelfamily, num_classes=params["num_classes"], **dict(model_kwargs or {})
-    )
-    ckpt = load_checkpoint(ckpt_path, model, map_location=device, strict=strict)
-    model.to(device).eval()
-    logger.info(
-        "loaded %s (%s, %s family, K=%d) from %s: epoch %s, best_acc %s",
-        params["model_arch"], model_dir, modelfamily, params["num_classes"], ckpt_path.name,
-        ckpt.get("epoch"), ckpt.get("best_acc"),
-    )
-    return model, params

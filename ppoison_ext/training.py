@@ -52,7 +52,9 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from . import distributed as D
-from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
+from .fileio import atomic_write_text
+from .losses import soft_cross_entropy
 
 logger = logging.getLogger(__name__)
 
@@ -75,29 +77,6 @@ LOG_COLUMNS = ["run_id", "epoch", "split", "loss", "accuracy", "best_accuracy"]
 OPTIMIZERS = ("sgd", "sgdm", "adam", "adagrad")
 
 PathLike = Union[str, "Path"]
-
-
-def soft_cross_entropy(logits: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-    """Cross-entropy with soft targets: ``mean_b(-Σ_k t_bk · log_softmax(z_b)_k)``.
-
-    The targets are used as given, **not renormalised** (top-k outputs whose rows sum to
-    less than 1 are used as-is, as in the original).
-
-    Args:
-        logits: [B, K].
-        targets: [B, K] (e.g. a victim's posteriors).
-        weights: optional per-class weights [K], multiplied into each term.
-
-    Returns:
-        A scalar tensor.
-    """
-    if logits.dim() != 2 or targets.shape != logits.shape:
-        raise ValueError(
-            f"logits and targets must both be [B, K], got {tuple(logits.shape)} and {tuple(targets.shape)}")
-    terms = -targets * F.log_softmax(logits, dim=1)
-    if weights is not None:
-        terms = terms * weights
-    return terms.sum(1).mean()
 
 
 def get_optimizer(params, name: str = "sgdm", lr: float = 0.01, momentum: float = 0.5,

@@ -13,20 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from ppoison_ext import checkpoint as ckpt_io
-from ppoison_ext.checkpoint import (
-    atomic_save_bytes,
-    atomic_write,
-    atomic_write_json,
-    atomic_write_text,
-    convert_reference_checkpoint,
-    load_checkpoint,
-    load_model_dir,
-    modelfamily_for_dataset,
-    read_params,
-    read_state_dict,
-    save_checkpoint,
-)
+from ppoison_ext import fileio as ckpt_io
+from ppoison_ext.checkpoint import convert_reference_checkpoint, load_checkpoint, read_state_dict, save_checkpoint
+from ppoison_ext.fileio import atomic_save_bytes, atomic_write, atomic_write_json, atomic_write_text
+from ppoison_ext.modeldir import load_model_dir, modelfamily_for_dataset, read_params
 from ppoison_ext.models import get_net
 
 
@@ -343,15 +333,15 @@ def test_load_model_dir_family_and_errors(tmp_path, monkeypatch):
 
 
 def test_modelfamily_for_dataset(monkeypatch):
-    monkeypatch.setitem(sys.modules, "ppoison_ext.datasets", None)
+    from ppoison_ext import modeldir
+
+    monkeypatch.setattr(modeldir, "dataset_to_modelfamily", {})  # the built-in fallback alone
     assert modelfamily_for_dataset("FashionMNIST") == "mnist"
     assert modelfamily_for_dataset("TinyImageNet200") == "cifar"
     assert modelfamily_for_dataset("Caltech256") == "imagenet"
-    fake = types.ModuleType("ppoison_ext.datasets")
-    fake.dataset_to_modelfamily = {"MyDigits": "mnist"}
-    monkeypatch.setitem(sys.modules, "ppoison_ext.datasets", fake)
+    monkeypatch.setattr(modeldir, "dataset_to_modelfamily", {"MyDigits": "mnist"})
     assert modelfamily_for_dataset("MyDigits") == "mnist"
     assert modelfamily_for_dataset("CIFAR100") == "cifar"  # unknown to the map: built-in fallback
-    fake.dataset_to_modelfamily = lambda name: {"MyDigits": "mnist"}[name]
+    monkeypatch.setattr(modeldir, "dataset_to_modelfamily", lambda name: {"MyDigits": "mnist"}[name])
     assert modelfamily_for_dataset("MyDigits") == "mnist"
     assert modelfamily_for_dataset("KMNIST") == "mnist"

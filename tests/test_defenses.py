@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from ppoison_ext.checkpoint import atomic_write_json, save_checkpoint
+from ppoison_ext.checkpoint import save_checkpoint
+
+from ppoison_ext.fileio import atomic_write_json
 from ppoison_ext.defenses import (MAD, Blackbox, Defense, ProxyView, QueryLogger, RandomNoise, ReverseSigmoid,
                                   make_defense, parse_defense_args, read_queries)
 from ppoison_ext.defenses.querylog import DISTANCE_COLUMNS

@@ -11,7 +11,8 @@ from torch import nn
 
 from ppoison_ext.attacks.knockoff import AdaptivePolicy, KnockoffNets, load_hierarchy
 from ppoison_ext.attacks.transferset import load_transferset
-from ppoison_ext.checkpoint import atomic_write_json, save_checkpoint
+from ppoison_ext.checkpoint import save_checkpoint
+from ppoison_ext.fileio import atomic_write_json
 from ppoison_ext.models import get_net
 from ppoison_ext.pipeline import transfer as T
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ppoison_ext.attacks import TransferSetWriter
-from ppoison_ext.checkpoint import load_model_dir
+from ppoison_ext.modeldir import load_model_dir
 from ppoison_ext.datasets import get_dataset, get_transform
 from ppoison_ext.models import get_net
 from ppoison_ext.pipeline import attacker, evaluate, victim

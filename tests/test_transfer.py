@@ -16,7 +16,8 @@ import torch
 
 from ppoison_ext.attacks.knockoff import RUN_TIMES_FILE, random_query_order
 from ppoison_ext.attacks.transferset import Y_FILE, load_transferset
-from ppoison_ext.checkpoint import atomic_write_json, save_checkpoint
+from ppoison_ext.checkpoint import save_checkpoint
+from ppoison_ext.fileio import atomic_write_json
 from ppoison_ext.defenses import read_queries
 from ppoison_ext.defenses.querylog import DISTANCE_COLUMNS
 from ppoison_ext.models import get_net

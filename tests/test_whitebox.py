@@ -5,8 +5,11 @@ import pytest
 import torch
 
 from ppoison_ext.attacks.transferset import TransferSetWriter, load_transferset
-from ppoison_ext.attacks.whitebox import ONLINE_COLUMNS, ONLINE_LOG, WhiteboxDefense, make_wb_defense
-from ppoison_ext.checkpoint import atomic_write_json, load_model_dir, save_checkpoint
+from ppoison_ext.defenses import make_wb_defense
+from ppoison_ext.defenses.whitebox import ONLINE_COLUMNS, ONLINE_LOG, WhiteboxDefense
+from ppoison_ext.checkpoint import save_checkpoint
+from ppoison_ext.fileio import atomic_write_json
+from ppoison_ext.modeldir import load_model_dir
 from ppoison_ext.datasets import get_dataset, get_transform
 from ppoison_ext.defenses import QueryLogger, read_queries
 from ppoison_ext.models import get_net

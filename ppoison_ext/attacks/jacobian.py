@@ -63,7 +63,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 from tqdm import tqdm
 
-from ..checkpoint import atomic_write
+from ..fileio import atomic_write
 from ..models import get_net
 from ..training import soft_cross_entropy, train_model
 from .transferset import TransferSetWriter

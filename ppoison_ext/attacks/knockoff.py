@@ -80,7 +80,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_write
+from ..defenses import Defense, QueryLogger
+from ..fileio import atomic_write
 from .transferset import (INDEX_FILE, META, Y_FILE, TransferSet, TransferSetError, TransferSetWriter,
                           load_transferset)
 
@@ -256,18 +257,9 @@ def reseed_blackbox(blackbox: Any, seed: int) -> None:
     np.random.seed(seed)
     if not isinstance(blackbox, nn.Module):
         return
-    from ..defenses import Defense
-
     for m in blackbox.modules():
-        if not isinstance(m, Defense):
-            continue
-        if hasattr(m, "reseed") and callable(m.reseed):
+        if isinstance(m, Defense):
             m.reseed(seed)
-            continue
-        base = m.__dict__.setdefault("_knockoff_base_seed", getattr(m, "seed", None))
-        if base is not None and isinstance(getattr(m, "_generators", None), dict):
-            m.seed = batch_seed(int(base), seed)
-            m._generators.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -658,8 +650,6 @@ def _device_of(blackbox) -> torch.device:
 
 
 def _query_logger(blackbox):
-    from ..defenses import QueryLogger
-
     lg = getattr(blackbox, "logger", None)
     return lg if isinstance(lg, QueryLogger) else None
 
@@ -885,12 +875,7 @@ class KnockoffNets:
             blackbox.load_resume_state(None)
         qlog = _query_logger(blackbox)
         if qlog is not None and qlog.count != done * self.qpi:
-            if hasattr(qlog, "truncate"):
-                qlog.truncate(done * self.qpi)
-            else:
-                raise RuntimeError(f"the query log {qlog.out_dir} holds {qlog.count} queries, the transfer "
-                                   f"set {done} × qpi {self.qpi}; truncate it to the committed queries "
-                                   "first (ppoison_ext.pipeline.transfer does) or start over")
+            qlog.truncate(done * self.qpi)  # answered, never committed: a crash between the two
         times = _RunTimes(writer.folder / RUN_TIMES_FILE, n_batches_done * self.qpi)
         self.run_times = times.times
         return times

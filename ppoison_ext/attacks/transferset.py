@@ -31,7 +31,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..checkpoint import atomic_write_json
+from ..fileio import atomic_write_json
 
 __all__ = ["TransferSetWriter", "TransferSet", "load_transferset", "export_pickle", "TransferSetError"]
 

@@ -2,23 +2,28 @@
 
 Every defense is an ``nn.Module``: ``defense(x)`` returns the released posteriors [B, K];
 ``defense.perturb(x)`` also returns the undefended y and MAD's objective values.
+:func:`build_defense` builds any of them from a name and arguments.
 """
 
-from .args import DEFENSE_NAMES, defense_from_dir, make_defense, parse_defense_args
 from .base import Defense, DefenseOutput
 from .baselines import RandomNoise, ReverseSigmoid
 from .blackbox import Blackbox
+from .factory import (DEFENSE_KEYS, DEFENSE_NAMES, DefenseSpec, build_defense, defense_from_dir, make_defense,
+                      make_wb_defense, parse_defense_args)
 from .mad import MAD
 from .proxy import ProxyView
 from .querylog import QueryLogger, read_queries
+from .whitebox import WB_DEFENSES, WhiteboxDefense
 
 __all__ = [
     # base
     "Defense", "DefenseOutput",
     # defenses
-    "Blackbox", "MAD", "ReverseSigmoid", "RandomNoise",
+    "Blackbox", "MAD", "ReverseSigmoid", "RandomNoise", "WhiteboxDefense",
     # building
-    "parse_defense_args", "make_defense", "defense_from_dir", "DEFENSE_NAMES",
+    "build_defense", "DefenseSpec", "parse_defense_args", "DEFENSE_NAMES", "DEFENSE_KEYS", "WB_DEFENSES",
+    # deprecated builders
+    "make_defense", "defense_from_dir", "make_wb_defense",
     # logging and proxies
     "QueryLogger", "read_queries", "ProxyView",
 ]

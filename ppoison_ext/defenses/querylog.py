@@ -6,9 +6,11 @@ utility evaluation), in ``out_dir``:
 * ``distance<prefix>.log.tsv`` — the original's file: header
   ``call_count l1_mean l1_std l2_mean l2_std kl_mean kl_std``; one row each time the query
   count crosses a multiple of ``every`` (default 1000), with the mean and population std of
-  ‖y − y′‖₁, ‖y − y′‖₂ and KL(y‖y′) over *all* queries so far. Running sums make each row
-  O(1) (the original recomputed everything: O(N²) in all), and :meth:`QueryLogger.close`
-  writes a last row for the tail after the last multiple (the original dropped it).
+  ‖y − y′‖₁, ‖y − y′‖₂ and KL(y‖y′) over *all* queries so far, and a last row for the tail
+  after the last multiple, written by :meth:`QueryLogger.close`. The sums behind each row
+  are exact sums (``math.fsum``) over blocks of ``every`` queries aligned at query 0, so a
+  row depends only on the queries before it, never on how they were batched: a run resumed
+  from the per-query file writes the same bytes as one that never stopped.
 * ``queries<prefix>.f32`` + ``queries<prefix>.json`` — every query, appended as it comes:
   little-endian float32 rows ``[y (K), y′ (K), obj, sobj]`` (NaN where a defense has no
   objective), described by the JSON sidecar. No pickle: read it with
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import threading
 from pathlib import Path
 from typing import Optional, Tuple
@@ -28,6 +29,8 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 from torch import Tensor
+
+from ..fileio import AppendFile, append_text, atomic_write_text, truncate_file
 
 __all__ = ["QueryLogger", "read_queries", "DISTANCE_COLUMNS", "distances"]
 
@@ -43,6 +46,34 @@ def distances(y: Tensor, y_prime: Tensor) -> Tensor:
         kl_terms = torch.where(pos, y * (torch.log(torch.where(pos, y, torch.ones_like(y))) - torch.log(yp)),
                                torch.zeros_like(y))
     return torch.stack([d.abs().sum(-1), d.norm(dim=-1), kl_terms.sum(-1)], dim=1)
+
+
+_HEADER = "\t".join(DISTANCE_COLUMNS) + "\n"
+_SCALE = 2 ** 1074  # every finite float64 is an integer multiple of 2^-1074
+
+
+class _ExactSum:
+    """An exact running sum of float64 values (a scaled Python int); inf/NaN kept aside."""
+
+    __slots__ = ("num", "special")
+
+    def __init__(self) -> None:
+        self.num = 0
+        self.special = 0.0
+
+    def add(self, x: float) -> None:
+        if math.isfinite(x):
+            n, d = x.as_integer_ratio()
+            self.num += n * (_SCALE // d)
+        else:
+            self.special += x
+
+    def value(self, extra: float = 0.0) -> float:
+        """The sum plus ``extra``, rounded once to float64."""
+        if self.special != 0.0 or not math.isfinite(extra):
+            return self.special + extra
+        n, d = float(extra).as_integer_ratio()
+        return (self.num + n * (_SCALE // d)) / _SCALE
 
 
 def _fmt(v: float) -> str:
@@ -79,11 +110,8 @@ class QueryLogger:
         self.bin_path = self.out_dir / f"queries{prefix}.f32"
         self.meta_path = self.out_dir / f"queries{prefix}.json"
         self._lock = threading.Lock()
-        self.count = 0
-        self._sums = np.zeros((3, 2), dtype=np.float64)  # per distance: Σd, Σd²
-        self._last_row_at = 0
-        self._K: Optional[int] = None
-        self._bin = None
+        self._bin = AppendFile(self.bin_path)
+        self._reset()
         if resume:
             self._restore()
         else:
@@ -91,35 +119,66 @@ class QueryLogger:
                 if p.exists():
                     p.unlink()
         if not self.tsv_path.exists():
-            self.tsv_path.write_text("\t".join(DISTANCE_COLUMNS) + "\n")
+            atomic_write_text(self.tsv_path, _HEADER)
+
+    def _reset(self) -> None:
+        self.count = 0
+        # per distance, the exact Σd and Σd² of the full blocks of `every` queries so far
+        self._sums = [(_ExactSum(), _ExactSum()) for _ in range(3)]
+        self._pending = np.zeros((0, 3), dtype=np.float64)  # distances of the block in progress
+        self._last_row_at = 0
+        self._K: Optional[int] = None
 
     # -- restoring ----------------------------------------------------------------------
-    def _restore(self) -> None:
+    def _restore(self, keep: Optional[int] = None) -> None:
+        """Rebuilds the counts and sums from the query file (its first ``keep`` rows when
+        given), drops a row cut short by a crash and the distance rows past the kept queries."""
+        self._reset()
         if self.meta_path.exists() and self.bin_path.exists():
             rows, K = read_queries(self.out_dir, self.prefix, with_k=True)
+            if keep is not None:
+                rows = rows[:keep]
             self._K = K
-            keep = rows.shape[0] * (2 * K + 2) * 4
-            with open(self.bin_path, "r+b") as f:  # drop a row cut short by a crash
-                f.truncate(keep)
+            truncate_file(self.bin_path, rows.shape[0] * (2 * K + 2) * 4)
             if rows.shape[0]:
-                d = distances(torch.from_numpy(rows[:, :K]), torch.from_numpy(rows[:, K:2 * K])).numpy()
-                self._sums[:, 0] = d.sum(0)
-                self._sums[:, 1] = (d * d).sum(0)
+                self._add(distances(torch.from_numpy(rows[:, :K]), torch.from_numpy(rows[:, K:2 * K])).numpy())
             self.count = rows.shape[0]
+        elif keep == 0:
+            self.bin_path.unlink(missing_ok=True)
         if self.tsv_path.exists():
-            lines = self.tsv_path.read_text().splitlines()
-            kept = [lines[0]] if lines else ["\t".join(DISTANCE_COLUMNS)]
-            for line in lines[1:]:
+            kept = []
+            for line in self.tsv_path.read_text().splitlines()[1:]:
                 try:
                     c = int(float(line.split("\t")[0]))
                 except (ValueError, IndexError):
                     continue
-                if c <= self.count:
+                # a row is written when the count passes a multiple of `every`; a row that
+                # passes none is close()'s tail row, rewritten when the run ends
+                if c <= self.count and c // self.every > self._last_row_at // self.every:
                     kept.append(line)
                     self._last_row_at = c
-            self.tsv_path.write_text("\n".join(kept) + "\n")
-        if not self.count:
-            self._last_row_at = 0
+            atomic_write_text(self.tsv_path, _HEADER + "".join(k + "\n" for k in kept))
+
+    def truncate(self, n_queries: int) -> None:
+        """Forgets every query after the first ``n_queries`` (e.g. answered but never committed
+        by a run that crashed): the query file, the distance rows and the sums go back to
+        what they were after those queries."""
+        if isinstance(n_queries, bool) or not isinstance(n_queries, int) or n_queries < 0:
+            raise ValueError(f"n_queries must be an int >= 0, got {n_queries!r}")
+        with self._lock:
+            self._bin.close()
+            self._restore(keep=n_queries)
+
+    def _add(self, d: np.ndarray) -> None:
+        """Adds distance rows [n, 3] (queries count+1 … count+n) to the block sums."""
+        rows = np.concatenate([self._pending, d]) if self._pending.size else d
+        full = rows.shape[0] // self.every * self.every
+        for lo in range(0, full, self.every):
+            block = rows[lo:lo + self.every]
+            for j in range(3):
+                self._sums[j][0].add(math.fsum(block[:, j]))
+                self._sums[j][1].add(math.fsum(block[:, j] * block[:, j]))
+        self._pending = rows[full:].copy()
 
     # -- logging --------------------------------------------------------------------------
     def log(self, y: Tensor, y_prime: Tensor, obj: Optional[Tensor] = None, sobj: Optional[Tensor] = None) -> None:
@@ -146,13 +205,8 @@ class QueryLogger:
                         nan if obj is None else obj.detach().float().cpu().reshape(B, 1),
                         nan if sobj is None else sobj.detach().float().cpu().reshape(B, 1)]
                 rows = torch.cat(cols, dim=1).numpy().astype("<f4", copy=False)
-                if self._bin is None:
-                    self._bin = open(self.bin_path, "ab")
-                self._bin.write(rows.tobytes())
-                self._bin.flush()
-            with np.errstate(invalid="ignore"):
-                self._sums[:, 0] += d.sum(0)
-                self._sums[:, 1] += (d * d).sum(0)
+                self._bin.append(rows.tobytes())
+            self._add(d)
             self.count += B
             if self.count // self.every > self._last_row_at // self.every:
                 self._write_row()
@@ -161,20 +215,18 @@ class QueryLogger:
         """(l1_mean, l1_std, l2_mean, l2_std, kl_mean, kl_std) over all queries so far."""
         n = max(self.count, 1)
         out = []
-        with np.errstate(invalid="ignore"):
-            for s, s2 in self._sums:
-                mean = s / n
-                var = s2 / n - mean * mean
-                std = math.sqrt(max(var, 0.0)) if math.isfinite(var) else float("nan")
-                out += [mean, std]
+        for j, (s, s2) in enumerate(self._sums):
+            col = self._pending[:, j]
+            mean = s.value(math.fsum(col)) / n
+            with np.errstate(invalid="ignore"):
+                var = s2.value(math.fsum(col * col)) / n - mean * mean
+            std = math.sqrt(max(var, 0.0)) if math.isfinite(var) else float("nan")
+            out += [mean, std]
         return tuple(out)
 
     def _write_row(self) -> None:
         row = [str(self.count)] + [_fmt(v) for v in self.stats()]
-        with open(self.tsv_path, "a") as f:
-            f.write("\t".join(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_text(self.tsv_path, "\t".join(row) + "\n")
         self._last_row_at = self.count
 
     def close(self) -> None:
@@ -182,10 +234,7 @@ class QueryLogger:
         with self._lock:
             if self.count and self._last_row_at != self.count:
                 self._write_row()
-            if self._bin is not None:
-                os.fsync(self._bin.fileno())
-                self._bin.close()
-                self._bin = None
+            self._bin.close()
 
     def __enter__(self) -> "QueryLogger":
         return self

@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint import read_state_dict
 from . import cifar, imagenet, mnist
 
 logger = logging.getLogger(__name__)
@@ -247,8 +248,6 @@ def get_net(
             f"pretrained={str(pretrained)!r} is neither 'imagenet' nor an existing file"
         )
     model = _build(name, family, num_classes, **kwargs)
-    from ..checkpoint import read_state_dict  # lazy: checkpoint imports this package
-
     src = read_state_dict(path)
     if family == "imagenet":
         src = imagenet.remap_cadene_state_dict(src, model)

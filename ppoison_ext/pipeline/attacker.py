@@ -47,11 +47,12 @@ from torch.utils.data import Subset
 
 from .. import distributed
 from ..attacks.transferset import load_transferset
-from ..checkpoint import load_checkpoint, read_params
+from ..checkpoint import load_checkpoint
+from ..modeldir import dataset_name, read_params, write_params
 from ..datasets import dataset_to_modelfamily, get_dataset, get_transform
 from ..models import get_net
 from ..training import OPTIMIZERS, get_optimizer, seed_everything, soft_cross_entropy, train_model
-from .common import resolve_device, victim_dataset_name, write_params
+from .common import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def _check_victim_dataset(model_dir: Path, meta: Dict[str, Any], testdataset: st
     if not vdir or not (Path(vdir) / "params.json").is_file():
         return
     try:
-        vdataset = victim_dataset_name(read_params(vdir))
+        vdataset = dataset_name(read_params(vdir))
     except ValueError:
         return
     if vdataset != testdataset:

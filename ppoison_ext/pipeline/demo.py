@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..checkpoint import atomic_write_json, atomic_write_text
+from ..fileio import atomic_write_json, atomic_write_text
 from .grid import AMPLIFICATION_DROPS, load_config, run_grid
 from .plots import plot_results
 

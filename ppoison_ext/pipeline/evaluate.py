@@ -1,7 +1,7 @@
 """Utility of a defended victim: ``ppoison eval-bbox VIC_DIR DEFENSE DEFENSE_ARGS --out_dir D``
 (the original ``defenses/adversary/eval_bbox.py``).
 
-Builds the defended black box (:func:`~ppoison_ext.pipeline.common.build_blackbox`, query
+Builds the defended black box (:func:`~ppoison_ext.defenses.build_defense`, query
 log prefix ``test``), queries it with the victim's test split (``params.json`` dataset,
 ``train=False``, family test transform, no shuffling) and writes into ``--out_dir``:
 
@@ -42,10 +42,12 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from .. import distributed
-from ..checkpoint import atomic_write_text, modelfamily_for_dataset, read_params
+from ..fileio import atomic_write_text
+from ..defenses import WB_DEFENSES, DefenseSpec, QueryLogger, build_defense
+from ..modeldir import dataset_name, modelfamily_for_dataset, read_params, write_params
 from ..datasets import get_dataset, get_transform
 from ..training import LOG_COLUMNS, seed_everything
-from .common import build_blackbox, resolve_device, write_params
+from .common import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -104,17 +106,18 @@ def eval_bbox(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     vparams = read_params(victim_dir)
-    wb_kwargs = {"data_root": data_root} if defense.endswith("_wb") else {}
-    blackbox, qlog, kwargs = build_blackbox(victim_dir, defense, defense_args, device=dev, out_dir=out_dir,
-                                            log_prefix="test", **wb_kwargs)
+    spec = DefenseSpec.parse(defense, defense_args)
+    qlog = QueryLogger(out_dir, prefix="test")
+    blackbox = build_defense(spec, victim_dir=victim_dir, logger=qlog, device=dev, out_dir=out_dir,
+                             whitebox={"data_root": data_root} if defense in WB_DEFENSES else None)
+    kwargs = {**spec.args, "log_prefix": "test"}
     if defense.endswith("_wb") and batch_size != 1:
         logger.info("white-box defense %s: querying one image at a time", defense)
         batch_size = 1
     if kwargs.get("out_path") not in (None, str(out_dir)):
         logger.info("defense_args out_path=%s ignored: the defense logs go to --out_dir %s",
                     kwargs["out_path"], out_dir)
-    # the original reads params['dataset']; the other keys for model folders without it
-    dataset = next(vparams[k] for k in ("dataset", "testdataset", "queryset") if vparams.get(k))
+    dataset = dataset_name(vparams)
     family = modelfamily_for_dataset(dataset)
     testset = get_dataset(dataset, train=False, transform=get_transform(family, "test"), root=data_root)
     if test_subset is not None:
@@ -172,7 +175,7 @@ def _jsonable(v: Any) -> Any:
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     from ..cli import add_common_arguments
-    from ..defenses.args import DEFENSE_NAMES
+    from ..defenses import DEFENSE_NAMES
 
     p = argparse.ArgumentParser(prog=prog, description="Accuracy and perturbation size of a defended victim "
                                 "on its test set (defenses/adversary/eval_bbox.py).")

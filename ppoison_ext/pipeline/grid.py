@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..checkpoint import atomic_write_json, atomic_write_text
+from ..fileio import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 

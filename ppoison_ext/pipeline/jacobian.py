@@ -40,11 +40,12 @@ from torch.utils.data import Subset
 
 from .. import distributed
 from ..attacks.jacobian import JacobianAdversary, parse_policy, pixel_bounds, save_augmented_set
-from ..checkpoint import read_params
+from ..defenses import WB_DEFENSES, DefenseSpec, QueryLogger, build_defense
+from ..modeldir import read_params, write_params
 from ..datasets import dataset_to_modelfamily, get_dataset, get_transform
 from ..datasets.transforms import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, MNIST_MEAN, MNIST_STD
 from ..training import seed_everything
-from .common import build_blackbox, resolve_device, write_params
+from .common import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -118,9 +119,11 @@ def run_jacobian(
     model_adv = model_adv or vparams["model_arch"]
 
     seed_everything(seed)
-    wb_kwargs = {"data_root": data_root} if defense.endswith("_wb") else {}
-    blackbox, qlog, kwargs = build_blackbox(victim_dir, defense, defense_args, device=dev, out_dir=out_dir,
-                                            log_prefix="transfer", **wb_kwargs)
+    spec = DefenseSpec.parse(defense, defense_args)
+    qlog = QueryLogger(out_dir, prefix="transfer")
+    blackbox = build_defense(spec, victim_dir=victim_dir, logger=qlog, device=dev, out_dir=out_dir,
+                             whitebox={"data_root": data_root} if defense in WB_DEFENSES else None)
+    kwargs = {**spec.args, "log_prefix": "transfer"}
     if defense.endswith("_wb") and query_batch_size != 1:
         logger.info("white-box defense %s: querying one image at a time", defense)
         query_batch_size = 1
@@ -195,7 +198,7 @@ def _opt_int(v: str) -> Optional[int]:
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     from ..cli import add_common_arguments
-    from ..defenses.args import DEFENSE_NAMES
+    from ..defenses import DEFENSE_NAMES
 
     p = argparse.ArgumentParser(prog=prog, description="Jacobian-based attacks (JBDA, JB-self, JB-top-k) "
                                 "against a defended victim (defenses/adversary/jacobian.py).")

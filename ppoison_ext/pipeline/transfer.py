@@ -53,10 +53,10 @@ import torch
 from ..attacks.knockoff import DEFAULT_SEED, REWARDS, RUN_TIMES_FILE, STATE_FILES, KnockoffNets
 from ..attacks.transferset import (INDEX_FILE, META, PATHS_FILE, X_FILE, Y_FILE, TransferSetError,
                                    TransferSetWriter, export_pickle, load_transferset)
-from ..checkpoint import atomic_write_json, atomic_write_text, read_params
-from ..defenses import DEFENSE_NAMES, QueryLogger, parse_defense_args, read_queries
-from ..defenses.querylog import DISTANCE_COLUMNS
-from .common import build_blackbox, resolve_device, write_params
+from ..defenses import DEFENSE_NAMES, WB_DEFENSES, DefenseSpec, QueryLogger, build_defense, read_queries
+from ..fileio import atomic_save_bytes, atomic_write_json
+from ..modeldir import dataset_name, modelfamily_for_dataset, read_params, write_params
+from .common import resolve_device
 
 __all__ = ["build_parser", "main", "transfer", "merge_shards", "shard_dir", "LOG_PREFIX"]
 
@@ -79,36 +79,6 @@ def _committed(folder: Path) -> int:
         return len(load_transferset(folder))
     except TransferSetError as err:
         raise ValueError(f"{folder}: cannot read the transfer set there ({err}); use --no-resume") from err
-
-
-def _truncate_query_log(folder: Path, prefix: str, n_rows: int, every: int) -> None:
-    """Cuts a QueryLogger's files back to the first ``n_rows`` queries: rows beyond them, a
-    partial row, and the tail row written by ``close()`` go (it is rewritten at the end).
-    (Needed because QueryLogger has no way to forget queries that were logged but never
-    committed to the transfer set.)"""
-    meta = folder / f"queries{prefix}.json"
-    binf = folder / f"queries{prefix}.f32"
-    if meta.exists() and binf.exists():
-        _, K = read_queries(folder, prefix, with_k=True)
-        with open(binf, "r+b") as f:
-            f.truncate(min(binf.stat().st_size // ((2 * K + 2) * 4), n_rows) * (2 * K + 2) * 4)
-    elif n_rows == 0:
-        binf.unlink(missing_ok=True)
-    tsv = folder / f"distance{prefix}.log.tsv"
-    if tsv.exists():
-        lines = tsv.read_text().splitlines()
-        kept, last = [], 0
-        for line in lines[1:]:
-            try:
-                c = int(float(line.split("\t")[0]))
-            except (ValueError, IndexError):
-                continue
-            # rows are written when the count passes a multiple of `every`; a row that passes
-            # none is the tail row of close()
-            if c <= n_rows and c // every > last // every:
-                kept.append(line)
-                last = c
-        atomic_write_text(tsv, "\t".join(DISTANCE_COLUMNS) + "\n" + "".join(k + "\n" for k in kept))
 
 
 def _summary(folder: Path, batch_size: int, times: Sequence[float]) -> None:
@@ -166,7 +136,8 @@ def transfer(policy: str, victim_model_dir, defense: str, defense_args: str, *, 
         raise ValueError("--num-shards needs the random policy (the adaptive policy is sequential)")
     if S > 1 and defense.endswith("_wb"):
         raise ValueError(f"--num-shards cannot be used with {defense} (its online attacker is sequential)")
-    parsed = parse_defense_args(defense_args, defense)  # fail early, before loading anything
+    spec = DefenseSpec.parse(defense, defense_args)  # fail early, before loading anything
+    parsed = spec.args
     out_dir = Path(out_dir)
     folder = shard_dir(out_dir, I) if S > 1 else out_dir
     folder.mkdir(parents=True, exist_ok=True)
@@ -191,19 +162,19 @@ def transfer(policy: str, victim_model_dir, defense: str, defense_args: str, *, 
             (folder / name).unlink(missing_ok=True)
     else:
         done = attack.prepare_resume(folder, len(qs), S, I)  # before touching any log
-        _truncate_query_log(log_dir, LOG_PREFIX, done * qpi, LOG_EVERY)
-    wb_kwargs = {"data_root": data_root} if defense.endswith("_wb") else {}
-    bb, qlog, kwargs = build_blackbox(victim_model_dir, defense, defense_args, device=device, out_dir=log_dir,
-                                      log_prefix=LOG_PREFIX, log_every=LOG_EVERY, resume=resume, **wb_kwargs)
+    qlog = QueryLogger(log_dir, prefix=LOG_PREFIX, every=LOG_EVERY, resume=resume)
+    if resume:
+        qlog.truncate(done * qpi)  # queries answered but never committed to the transfer set
+    bb = build_defense(spec, victim_dir=victim_model_dir, logger=qlog, device=device, out_dir=log_dir,
+                       whitebox={"data_root": data_root} if defense in WB_DEFENSES else None)
+    kwargs = {**parsed, "log_prefix": LOG_PREFIX}
     vparams = read_params(victim_model_dir)
     K = int(vparams["num_classes"])
     if policy == "adaptive" and reward in ("loss", "all"):
-        from ..checkpoint import modelfamily_for_dataset
         from ..models import get_net
-        from .common import victim_dataset_name
 
         torch.manual_seed(seed)
-        family = modelfamily_for_dataset(victim_dataset_name(vparams))
+        family = modelfamily_for_dataset(dataset_name(vparams))
         attack.online_model = get_net(vparams["model_arch"], family, num_classes=K).to(device)
     meta = {"victim_model_dir": str(victim_model_dir), "defense": defense, "defense_args": defense_args,
             "queryset": queryset, "train_transform": bool(train_transform)}
@@ -350,8 +321,7 @@ def merge_shards(out_dir, num_shards: int, *, export_pickle_file: bool = False,
         writer.close()
         if qlog is not None:
             qlog.close()
-        with open(tmp / RUN_TIMES_FILE, "wb") as f:
-            f.write(np.asarray(times, dtype="<f8").tobytes())
+        atomic_save_bytes(tmp / RUN_TIMES_FILE, np.asarray(times, dtype="<f8").tobytes())
         _summary(tmp, B, times)
         try:
             params = json.loads((shard_dir(out_dir, 0) / "params_transfer.json").read_text())

@@ -48,7 +48,8 @@ from .. import distributed
 from ..datasets import dataset_to_modelfamily, get_dataset, get_transform
 from ..models import get_net
 from ..training import seed_everything, train_model
-from .common import resolve_device, write_params
+from ..modeldir import write_params
+from .common import resolve_device
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,161 @@
+"""Low-level file I/O shared by every layer: atomic replacement, appends, trimming.
+
+Every file that must never be seen half-written goes through :func:`atomic_write`: a
+temporary file in the target's folder, flushed and fsync'ed, then ``os.replace``'d over the
+target. Files that grow (logs, per-query records, call times) are appended with
+:class:`AppendFile` and cut back to a known length with :func:`truncate_file` when a run
+resumes after a crash. This module needs nothing but the standard library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Callable, Optional, Union
+
+__all__ = [
+    "PathLike",
+    "atomic_write",
+    "atomic_save_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "AppendFile",
+    "append_text",
+    "truncate_file",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: Path) -> None:
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: PathLike, write_fn: Callable[[IO[bytes]], None]) -> Path:
+    """Write a file atomically: ``write_fn(f)`` fills a temporary binary file in the same
+    folder, which is flushed, fsync'ed and ``os.replace``'d over ``path``.
+
+    Missing parent folders are created. The file gets the mode of the file it replaces,
+    or the usual ``0o666 & ~umask``. If ``write_fn`` raises, the temporary file is removed
+    and ``path`` is left as it was.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+    return path
+
+
+def atomic_save_bytes(path: PathLike, data: bytes) -> Path:
+    """Atomically write ``data`` to ``path`` (see :func:`atomic_write`)."""
+    data = bytes(data)
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Atomically write ``text`` to ``path`` (see :func:`atomic_write`)."""
+    return atomic_save_bytes(path, text.encode(encoding))
+
+
+def atomic_write_json(
+    path: PathLike, obj: Any, *, indent: Optional[int] = 2, sort_keys: bool = False
+) -> Path:
+    """Atomically write ``obj`` as JSON (plus a final newline). ``obj`` is serialised
+    before the file is touched, so a non-serialisable object leaves ``path`` unchanged."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")
+
+
+
+
+def truncate_file(path: PathLike, size: int) -> None:
+    """Cuts ``path`` to its first ``size`` bytes (a no-op when it is already shorter or missing)."""
+    path = Path(path)
+    if size < 0:
+        raise ValueError(f"size must be >= 0, got {size}")
+    with contextlib.suppress(FileNotFoundError):
+        if path.stat().st_size > size:
+            with open(path, "r+b") as f:
+                f.truncate(size)
+                f.flush()
+                os.fsync(f.fileno())
+
+
+def append_text(path: PathLike, text: str, *, fsync: bool = True, encoding: str = "utf-8") -> None:
+    """Appends ``text`` to ``path`` (created if missing); with ``fsync``, durable on return."""
+    with open(path, "a", encoding=encoding) as f:
+        f.write(text)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+
+
+class AppendFile:
+    """A binary file that only grows: ``append(data)`` writes and flushes; ``close()`` fsyncs.
+
+    Opened lazily on the first append, so creating one never creates the file.
+    """
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+        self._f: Optional[IO[bytes]] = None
+
+    def append(self, data: bytes) -> None:
+        if self._f is None:
+            self._f = open(self.path, "ab")
+        self._f.write(data)
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            os.fsync(self._f.fileno())
+            self._f.close()
+            self._f = None
+
+    def __enter__(self) -> "AppendFile":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
