@@ -55,6 +55,7 @@ from . import distributed as D
 from .checkpoint import load_checkpoint, save_checkpoint
 from .fileio import atomic_write_text
 from .losses import soft_cross_entropy
+from .models.heads import num_classes_of
 
 logger = logging.getLogger(__name__)
 
@@ -161,8 +162,7 @@ def _num_classes_of(model: nn.Module, dataset: Dataset) -> Optional[int]:
     inner = getattr(dataset, "dataset", None)
     if inner is not None and hasattr(inner, "classes"):
         return len(inner.classes)
-    lin = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return lin[-1].out_features if lin else None
+    return num_classes_of(model)
 
 
 def _labels(targets: Tensor) -> Tensor:

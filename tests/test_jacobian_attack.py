@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ppoison_ext.attacks import load_transferset
-from ppoison_ext.attacks.jacobian import (
+from ppoison_ext.attacks.jbda import (
     AugmentedSet,
     JacobianAdversary,
     clamp_original,

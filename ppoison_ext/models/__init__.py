@@ -9,7 +9,7 @@
 """
 
 from . import cifar, imagenet, mnist
-from .heads import example_input, last_linear, last_linear_name
+from .heads import classifier_head, example_input, last_linear, last_linear_name, num_classes_of
 from .imagenet import find_imagenet_weights, imagenet_weight_candidates, remap_cadene_state_dict
 from .zoo import (
     DEFAULT_NUM_CLASSES,
@@ -29,6 +29,8 @@ __all__ = [
     "INPUT_SIZES",
     "last_linear",
     "last_linear_name",
+    "classifier_head",
+    "num_classes_of",
     "example_input",
     "copy_weights_",
     "CopyReport",

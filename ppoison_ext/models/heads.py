@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["last_linear", "last_linear_name", "example_input"]
+__all__ = ["last_linear", "last_linear_name", "classifier_head", "num_classes_of", "example_input"]
 
 
 def example_input(model: nn.Module, batch_size: int = 1) -> Tensor:
@@ -106,3 +106,24 @@ def last_linear(model: nn.Module, example_input: Optional[Tensor] = None) -> nn.
 def last_linear_name(model: nn.Module, example_input: Optional[Tensor] = None) -> str:
     """The qualified name (as in ``named_modules()``) of :func:`last_linear`'s layer."""
     return _find(model, example_input)[0]
+
+
+def classifier_head(model: nn.Module) -> Tuple[Optional[str], Optional[nn.Module]]:
+    """The classifier head found without running the model: the last registered ``nn.Linear``,
+    else the last ``nn.Conv2d`` (a 1×1-conv head such as SqueezeNet's); (None, None) if neither.
+    :func:`last_linear` is the check that a Linear layer's output *is* the model's output."""
+    for kinds in ((nn.Linear,), (nn.Conv2d,)):
+        found = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
+        if found:
+            return found[-1]
+    return None, None
+
+
+def num_classes_of(model: nn.Module) -> Optional[int]:
+    """K, the output size of :func:`classifier_head`'s layer (None when there is none)."""
+    _, head = classifier_head(model)
+    if isinstance(head, nn.Linear):
+        return int(head.out_features)
+    if isinstance(head, nn.Conv2d):
+        return int(head.out_channels)
+    return None

@@ -4,7 +4,7 @@
 POLICY is ``jbda``, ``jbself`` or ``jbtop<k>`` (e.g. ``jbtop3``); the algorithm and the
 original's bugs (fixed by default, restored by ``--orig_aliasing``, ``--orig_jbself_store``,
 ``--orig_clamp``, ``--orig_topk_cap``, ``--orig_pgd_sign``) are described in
-:mod:`ppoison_ext.attacks.jacobian`.
+:mod:`ppoison_ext.attacks.jbda`.
 
 Setup, as the original: seed numpy/torch/CUDA with ``--seed`` (42); the seed set is
 ``np.random.choice(len(queryset), --seedsize, replace=False)`` of the query set's training
@@ -19,7 +19,7 @@ Writes into ``--out_dir``: ``checkpoint.<queries>.pth.tar`` / ``train.<queries>.
 every substitute training (the last one, ``.<budget>``, is the reported attacker),
 ``params_transfer.json``, the defense's ``distancetransfer.log.tsv`` and query log, and
 (not in the original) the final set D as a transfer set plus ``jbda_images.pt`` (see
-:func:`~ppoison_ext.attacks.jacobian.save_augmented_set`).
+:func:`~ppoison_ext.attacks.jbda.save_augmented_set`).
 
 Other differences: queries are batched (``--query_batch_size``, default 64; 1 reproduces the
 original's call pattern; forced to 1 for ``*_wb`` defenses); ``--model_adv`` defaults to the
@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import Subset
 
 from .. import distributed
-from ..attacks.jacobian import JacobianAdversary, parse_policy, pixel_bounds, save_augmented_set
+from ..attacks.jbda import JacobianAdversary, parse_policy, pixel_bounds, save_augmented_set
 from ..defenses import WB_DEFENSES, DefenseSpec, QueryLogger, build_defense
 from ..modeldir import read_params, write_params
 from ..datasets import dataset_to_modelfamily, get_dataset, get_transform

@@ -1,0 +1,559 @@
+"""Jacobian-based dataset augmentation attacks: JBDA, JB-self and JB-top-k.
+
+The reference implementation is ``JacobianAdversary`` of the prediction-poisoning code. JBDA follows Papernot et al., "Practical Black-Box Attacks against
+Machine Learning" (AsiaCCS 2017, arXiv 1602.02697); JB-self and JB-top-k follow PRADA
+(Juuti et al., EuroS&P 2019, arXiv 1805.02628).
+
+The attack, as the original runs it:
+
+1. Query a seed set S₀ (``seedsize`` query-set images) → D = {(x, y′)}; train a
+   throw-away substitute for 1 epoch (lr 0.01, momentum 0.9).
+2. Round ρ = 0, 1, ...: train a **fresh** substitute F_A on D (``train_epochs`` = 20, lr 0.1,
+   momentum 0.9, weight decay 5e-4, StepLR(30, 0.1), batch 64, soft cross-entropy), then
+   augment:
+
+   * sample D_s = κ random rows of D if ``kappa`` is set and ρ ≥ σ, else D_s = D;
+     cap |D_s| so the budget is not exceeded;
+   * step λ_ρ = 0.1·(−1)^round(ρ/τ) (Python's ``round``: half to even);
+   * ``jbda``: query x + λ·sign ∇ₓ CE(F_A(x), argmax y); ``jbself``: query x − λ·sign ∇;
+   * ``jbtop<k>``: for the k classes F_A ranks highest (the label's class excluded),
+     targeted PGD-L∞ (8 steps of 0.01, radius λ) ascending that logit; query x + δ for each;
+   * D ← D ∪ {(queried image, y′)} (truncated to the budget).
+3. Stop when the budget is spent (or after ``rho`` rounds) and train the final substitute
+   for ``final_train_epochs`` = 100 epochs at lr 0.01 (StepLR(30, 0.1)).
+
+Checkpoints ``checkpoint.<queries so far>.pth.tar`` and logs ``train.<queries>.log.tsv``
+come from :func:`~ppoison_ext.training.train_model` at every training, as the original.
+
+Bugs of the original, fixed here, each with a flag that restores the original behaviour:
+
+* ``orig_aliasing``: when D_s *is* D (κ unset, or ρ < σ) the original wrote the augmented
+  rows into D's own tensors, so D became [D′, D′]: the seed images were lost and the number
+  of distinct images never grew beyond the seed size. Fixed: D_s is a copy.
+* ``orig_jbself_store``: JB-self queried x − δ but stored x + δ with that label. Fixed:
+  the queried image is stored.
+* ``orig_clamp``: FGSM clamped x + δ into [0, 1] in *normalised* units (for MNIST raw
+  [0.1307, 0.4388]) and PGD did not clamp at all. Fixed: every queried image is clamped to
+  the valid pixel range [0, 1] expressed in normalised units, ``(0 − mean)/std`` to
+  ``(1 − mean)/std`` per channel.
+* ``orig_topk_cap``: the JB-top-k budget cap divided the remaining queries by a hard-coded
+  3 instead of k. Fixed: k, and the round stops exactly at the budget.
+* ``orig_pgd_sign``: with a negative λ the original's ``clamp(−λ, λ)`` has min > max and
+  sets every δ element to −|λ| (a constant brightness shift). Fixed: the PGD radius is |λ|.
+
+Queries go to the black box in batches of ``query_batch_size`` (the original used 1):
+the substitute is in eval mode, so gradients and PGD steps are per-sample, and the defenses
+treat a batch as independent queries. White-box (``*_wb``) defenses need batch 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset, TensorDataset
+from tqdm import tqdm
+
+from ..fileio import atomic_write
+from ..models import get_net
+from ..losses import soft_cross_entropy
+from ..training import train_model
+from .base import Attack
+from .transferset import TransferSet, TransferSetWriter, load_transferset
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "JacobianAdversary",
+    "AugmentedSet",
+    "parse_policy",
+    "step_size_for_round",
+    "pixel_bounds",
+    "fgsm_untargeted",
+    "clamp_original",
+    "pgd_linf_targeted",
+    "rand_sample",
+    "save_augmented_set",
+    "IMAGES_FILE",
+]
+
+#: The exact (normalised, float32) images of a saved augmented set.
+IMAGES_FILE = "jbda_images.pt"
+
+_TOP_RE = re.compile(r"^jbtop(\d+)$")
+
+
+def parse_policy(policy: str) -> Tuple[str, Optional[int]]:
+    """``"jbda"`` → ``("jbda", None)``, ``"jbself"`` → ``("jbself", None)``,
+    ``"jbtop3"`` → ``("jbtop", 3)``.
+
+    Raises:
+        ValueError: any other name, or ``jbtop0``.
+    """
+    if policy in ("jbda", "jbself"):
+        return policy, None
+    m = _TOP_RE.match(policy) if isinstance(policy, str) else None
+    if m is None or int(m.group(1)) < 1:
+        raise ValueError(
+            f"policy must be 'jbda', 'jbself' or 'jbtop<k>' with k >= 1 (e.g. 'jbtop3'), got {policy!r}")
+    return "jbtop", int(m.group(1))
+
+
+def step_size_for_round(rho: int, tau: Optional[int], base: float = 0.1) -> float:
+    """λ_ρ = base·(−1)^round(ρ/τ) (``round`` is Python's half-to-even, as the original;
+    Papernot et al. use ⌊ρ/τ⌋); ``base`` when ``tau`` is None."""
+    if tau is None:
+        return base
+    return base * ((-1) ** round(rho / tau))
+
+
+def pixel_bounds(mean: Sequence[float], std: Sequence[float]) -> Tuple[Tensor, Tensor]:
+    """The valid pixel range [0, 1] in normalised units: ``((0 − mean)/std, (1 − mean)/std)``
+    as [C, 1, 1] tensors."""
+    m = torch.tensor(list(mean), dtype=torch.float32).view(-1, 1, 1)
+    s = torch.tensor(list(std), dtype=torch.float32).view(-1, 1, 1)
+    return (0 - m) / s, (1 - m) / s
+
+
+def fgsm_untargeted(model: nn.Module, x: Tensor, targets: Tensor, epsilon: float) -> Tensor:
+    """δ = ε·sign(∇ₓ CE(model(x), targets)) per sample (no clamping; see :func:`clamp_original`).
+
+    The loss is summed over the batch, so each row's gradient equals the batch-1 gradient
+    of the original. Returns zeros for ε = 0.
+    """
+    if epsilon == 0:
+        return torch.zeros_like(x)
+    with torch.enable_grad():
+        xr = x.detach().clone().requires_grad_(True)
+        loss = F.cross_entropy(model(xr), targets, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, xr)
+    return epsilon * grad.sign()
+
+
+def clamp_original(x: Tensor, delta: Tensor) -> Tensor:
+    """The original's FGSM clamp ``min(max(δ, −x), 1 − x)``: x + δ ∈ [0, 1] in the units of
+    x, which are *normalised* units (the bug ``orig_clamp`` reproduces)."""
+    return torch.min(torch.max(delta, -x), 1 - x)
+
+
+def pgd_linf_targeted(model: nn.Module, x: Tensor, targets: Tensor, epsilon: float, alpha: float = 0.01,
+                      num_iter: int = 8, *, orig_sign: bool = False) -> Tensor:
+    """Targeted PGD-L∞ ascending logit ``targets`` (one class per row): ``num_iter`` steps
+    δ ← clamp(δ + α·sign ∇_δ z_c(x + δ), −ε, ε), from δ = 0, without an image-range clamp.
+
+    With ``orig_sign`` the clamp is the original's ``clamp(−ε, ε)`` even for ε < 0 (every
+    element becomes ε); otherwise the radius is |ε|.
+    """
+    eps = epsilon if orig_sign else abs(epsilon)
+    delta = torch.zeros_like(x)
+    idx = targets.view(-1, 1)
+    with torch.enable_grad():
+        for _ in range(num_iter):
+            d = delta.detach().requires_grad_(True)
+            loss = model(x + d).gather(1, idx).sum()
+            (grad,) = torch.autograd.grad(loss, d)
+            delta = torch.clamp(d.detach() + alpha * grad.sign(), min=-eps, max=eps)
+    return delta.detach()
+
+
+def rand_sample(n: int, kappa: int) -> Tensor:
+    """Indices of ``min(kappa, n)`` rows of ``range(n)`` drawn uniformly without replacement
+    with NumPy's global RNG, in increasing order (the original's boolean-mask copy)."""
+    k = min(int(kappa), n)
+    chosen = np.random.choice(np.arange(n), size=k, replace=False)
+    mask = np.zeros(n, dtype=bool)
+    mask[chosen] = True
+    return torch.from_numpy(np.nonzero(mask)[0]).long()
+
+
+@dataclass
+class AugmentedSet:
+    """The attacker's set D: normalised images ``x`` [N, C, H, W], released posteriors ``y``
+    [N, K] and ``origin`` [N] (the query-set index of a seed image, −1 for a synthetic one)."""
+
+    x: Tensor
+    y: Tensor
+    origin: Tensor
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def dataset(self) -> Dataset:
+        return TensorDataset(self.x, self.y)
+
+    def num_unique(self) -> int:
+        """Number of distinct images in ``x``."""
+        if len(self) == 0:
+            return 0
+        return int(torch.unique(self.x.reshape(len(self), -1), dim=0).shape[0])
+
+    def truncate(self, n: int) -> "AugmentedSet":
+        return AugmentedSet(self.x[:n], self.y[:n], self.origin[:n])
+
+
+def save_augmented_set(D: AugmentedSet, out_dir: Union[str, Path], *, mean: Sequence[float],
+                       std: Sequence[float], meta: Optional[Dict[str, Any]] = None) -> Path:
+    """Stores D in ``out_dir`` as a transfer set (:class:`~ppoison_ext.attacks.TransferSetWriter`)
+    plus its exact images.
+
+    Synthetic images are not uint8 images (δ = ±0.1 in normalised units is a fraction of a
+    grey level, and the original's clamp leaves [0, 1]), so:
+
+    * the transfer set holds the images de-normalised and rounded to uint8 (``kind
+      'images'``; ``index`` = ``origin``, −1 for synthetic rows), which ``train-attacker``
+      reads like any transfer set;
+    * ``jbda_images.pt`` holds the exact normalised float32 images [N, C, H, W], a plain
+      tensor saved with ``torch.save`` (loads with ``weights_only=True``).
+    """
+    out_dir = Path(out_dir)
+    x = D.x.detach().float().cpu()
+    m = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
+    raw = torch.round((x * s + m) * 255).clamp_(0, 255).to(torch.uint8)
+    raw = raw[:, 0] if raw.shape[1] == 1 else raw.permute(0, 2, 3, 1)
+    info = dict(meta or {})
+    info.update({"exact_images": IMAGES_FILE, "image_normalization": {"mean": list(mean), "std": list(std)}})
+    with TransferSetWriter(out_dir, num_classes=int(D.y.shape[1]), kind="images",
+                           image_shape=list(raw.shape[1:]), meta=info, resume=False) as w:
+        for start in range(0, len(D), 4096):
+            sl = slice(start, start + 4096)
+            w.append(D.origin[sl], raw[sl].numpy(), D.y[sl])
+    atomic_write(out_dir / IMAGES_FILE, lambda f: torch.save(x.contiguous(), f))
+    return out_dir
+
+
+class JacobianAdversary(Attack):
+    """JBDA / JB-self / JB-top-k against a (defended) black box (see the module docs).
+
+    :meth:`build_transferset` (the attack contract) queries the seed set and runs the
+    augmentation rounds; :meth:`run` after :meth:`setup` also trains the final substitute.
+
+    Args:
+        blackbox: callable x → released posteriors [B, K] (a
+            :class:`~ppoison_ext.defenses.Defense`); its ``call_count`` (if present) counts
+            queries, else this class counts them. None: given to :meth:`build_transferset`.
+        policy: ``jbda``, ``jbself`` or ``jbtop<k>``.
+        budget: total number of queries (seed set included).
+        model_adv_name: substitute architecture (``get_net`` name).
+        modelfamily: substitute family (the original: the test set's).
+        num_classes: K.
+        testset: evaluated after every substitute epoch (logs / best checkpoint).
+        out_dir: where checkpoints and logs go.
+        device: training / query device.
+        model_adv_pretrained: ``get_net``'s ``pretrained``.
+        batch_size: substitute training batch (64).
+        train_epochs: epochs per round (20, lr 0.1).
+        final_train_epochs: epochs of the final substitute (100, lr 0.01).
+        kappa: rows sampled per round from round ``sigma`` on (None: all of D).
+        tau: sign-flip period of λ (None: never).
+        rho: stop after this many rounds (None: when the budget is spent).
+        sigma: first round that samples ``kappa`` rows.
+        step_size: |λ| (0.1).
+        pgd_alpha, pgd_iters: JB-top-k PGD step and iterations (0.01, 8).
+        query_batch_size: images per black-box call.
+        bounds: valid pixel range in normalised units ``(lo, hi)`` ([C, 1, 1] tensors; see
+            :func:`pixel_bounds`), needed unless ``orig_clamp``.
+        useprobs: keep posteriors (True, the original's only setting) or one-hot labels.
+        orig_aliasing, orig_jbself_store, orig_clamp, orig_topk_cap, orig_pgd_sign:
+            reproduce the original's bugs (module docs).
+        num_workers: DataLoader workers for training.
+        progress: show progress bars.
+        model_kwargs: extra ``get_net`` keywords.
+    """
+
+    attack_params = ("policy", "budget", "model_adv_name", "kappa", "tau", "rho", "sigma", "step_size",
+                     "query_batch_size")
+
+    def __init__(self, blackbox: Optional[Callable[[Tensor], Tensor]] = None, *, policy: str = "jbda",
+                 budget: int = 10000,
+                 model_adv_name: str, modelfamily: str, num_classes: int, testset: Optional[Dataset],
+                 out_dir: Union[str, Path], device: Union[str, torch.device] = "cpu",
+                 model_adv_pretrained: Optional[str] = None, batch_size: int = 64, train_epochs: int = 20,
+                 final_train_epochs: int = 100, kappa: Optional[int] = None, tau: Optional[int] = 5,
+                 rho: Optional[int] = None, sigma: int = 3, step_size: float = 0.1, pgd_alpha: float = 0.01,
+                 pgd_iters: int = 8, query_batch_size: int = 64,
+                 bounds: Optional[Tuple[Tensor, Tensor]] = None, useprobs: bool = True,
+                 orig_aliasing: bool = False, orig_jbself_store: bool = False,
+                 orig_clamp: bool = False, orig_topk_cap: bool = False, orig_pgd_sign: bool = False,
+                 num_workers: int = 0, progress: bool = True, model_kwargs: Optional[Dict[str, Any]] = None):
+        self.policy = policy
+        self.strategy, self.topk = parse_policy(policy)
+        for name, v, lo in (("budget", budget, 1), ("num_classes", num_classes, 2),
+                            ("batch_size", batch_size, 1), ("train_epochs", train_epochs, 0),
+                            ("final_train_epochs", final_train_epochs, 0),
+                            ("query_batch_size", query_batch_size, 1), ("pgd_iters", pgd_iters, 0),
+                            ("sigma", sigma, -(1 << 62)), ("num_workers", num_workers, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        for name, v in (("kappa", kappa), ("tau", tau), ("rho", rho)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {v!r}")
+        if self.topk is not None and self.topk > num_classes - 1:
+            raise ValueError(f"policy {policy!r}: k must be at most K - 1 = {num_classes - 1}")
+        if not orig_clamp and bounds is None:
+            raise ValueError(
+                "bounds (the valid pixel range in normalised units) are needed unless orig_clamp=True")
+        self.blackbox = blackbox
+        self.budget = budget
+        self.model_adv_name = model_adv_name
+        self.model_adv_pretrained = model_adv_pretrained
+        self.modelfamily = modelfamily
+        self.num_classes = num_classes
+        self.testset = testset
+        self.out_dir = Path(out_dir)
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.train_epochs = train_epochs
+        self.final_train_epochs = final_train_epochs
+        self.kappa, self.tau, self.rho, self.sigma = kappa, tau, rho, sigma
+        self.step_size = float(step_size)
+        self.pgd_alpha, self.pgd_iters = float(pgd_alpha), pgd_iters
+        self.query_batch_size = query_batch_size
+        self.bounds = None if bounds is None else tuple(b.float().to(self.device) for b in bounds)
+        self.useprobs = useprobs
+        self.orig_aliasing, self.orig_jbself_store = orig_aliasing, orig_jbself_store
+        self.orig_clamp, self.orig_topk_cap, self.orig_pgd_sign = orig_clamp, orig_topk_cap, orig_pgd_sign
+        self.num_workers = num_workers
+        self.progress = progress
+        self.model_kwargs = dict(model_kwargs or {})
+        self.D: Optional[AugmentedSet] = None
+        self._own_count = 0
+        self.rounds: List[Dict[str, Any]] = []
+
+    # -- queries ------------------------------------------------------------------------------
+    @property
+    def call_count(self) -> int:
+        c = getattr(self.blackbox, "call_count", None)
+        return int(c) if isinstance(c, int) else self._own_count
+
+    def query(self, x: Tensor) -> Tensor:
+        """Released posteriors (CPU float32 [B, K]) for images x, in batches."""
+        out = []
+        for start in range(0, x.shape[0], self.query_batch_size):
+            xb = x[start:start + self.query_batch_size].to(self.device)
+            y = self.blackbox(xb).detach().float().cpu()
+            self._own_count += xb.shape[0]
+            if not self.useprobs:
+                y = F.one_hot(y.argmax(1), self.num_classes).float()
+            out.append(y)
+        if not out:
+            return torch.zeros(0, self.num_classes)
+        return torch.cat(out)
+
+    def _clip(self, x: Tensor) -> Tensor:
+        lo, hi = self.bounds
+        return torch.max(torch.min(x, hi), lo)
+
+    # -- training -------------------------------------------------------------------------------
+    def _new_model(self) -> nn.Module:
+        return get_net(self.model_adv_name, self.modelfamily, self.model_adv_pretrained,
+                       num_classes=self.num_classes, **self.model_kwargs).to(self.device)
+
+    def train_substitute(self, epochs: int, lr: float,
+                         momentum: float = 0.9) -> Tuple[nn.Module, Dict[str, Any]]:
+        """A fresh substitute trained on D (files suffixed ``.<queries so far>``)."""
+        model = self._new_model()
+        model, summary = train_model(
+            model, self.D.dataset(), self.out_dir, testset=self.testset, batch_size=self.batch_size,
+            epochs=epochs, lr=lr, momentum=momentum, lr_gamma=0.1, criterion=soft_cross_entropy,
+            checkpoint_suffix=f".{self.call_count}", device=self.device, num_workers=self.num_workers,
+            arch=self.model_adv_name, progress=self.progress, save_last=False, log_interval=500,
+            num_classes=self.num_classes)
+        return model, summary
+
+    # -- the attack ------------------------------------------------------------------------------
+    def setup(self, x_seed: Tensor, seed_indices: Optional[Sequence[int]] = None) -> AugmentedSet:
+        """Queries the seed images (normalised [N, C, H, W]) and trains the throw-away
+        1-epoch substitute (lr 0.01, momentum 0.9), as the original."""
+        if x_seed.dim() != 4 or x_seed.shape[0] == 0:
+            raise ValueError(f"x_seed must be a non-empty [N, C, H, W] tensor, got {tuple(x_seed.shape)}")
+        if x_seed.shape[0] >= self.budget:
+            raise ValueError(f"the seed set ({x_seed.shape[0]} images) must be smaller than the budget "
+                             f"({self.budget})")
+        x_seed = x_seed.detach().float().cpu()
+        y_seed = self.query(x_seed)
+        origin = (torch.as_tensor(list(seed_indices), dtype=torch.long) if seed_indices is not None
+                  else torch.full((x_seed.shape[0],), -1, dtype=torch.long))
+        self.D = AugmentedSet(x_seed.clone(), y_seed, origin)
+        logger.info("seed set: %d images queried", len(self.D))
+        self.train_substitute(epochs=1, lr=0.01)
+        return self.D
+
+    def _select(self, rho: int) -> Tuple[Optional[Tensor], int]:
+        """(row indices of D to augment, or None for all of D; their count)."""
+        n = len(self.D)
+        if self.kappa is not None and rho >= self.sigma:
+            sel = rand_sample(n, self.kappa)
+            return sel, int(sel.numel())
+        return None, n
+
+    def augment_fgsm(self, model: nn.Module, rho: int) -> AugmentedSet:
+        """One JBDA / JB-self round (see the module docs)."""
+        D = self.D
+        sel, m = self._select(rho)
+        remaining = self.budget - self.call_count
+        if m + self.call_count >= self.budget:
+            m = max(remaining, 0)
+            logger.info("reducing the augmentation set to %d rows to stay within the budget", m)
+        sampled = sel is not None
+        if sampled:
+            sel = sel[:m]
+            xs, ys, os_ = D.x[sel].clone(), D.y[sel].clone(), D.origin[sel].clone()
+        elif self.orig_aliasing:  # views of D: the writes below overwrite D itself
+            xs, ys, os_ = D.x[:m], D.y[:m], D.origin[:m]
+        else:
+            xs, ys, os_ = D.x[:m].clone(), D.y[:m].clone(), D.origin[:m].clone()
+        lam = step_size_for_round(rho, self.tau, self.step_size)
+        logger.info("round %d: augmenting %d rows (|D| = %d, %d queries so far), step %+.3g", rho, m, len(D),
+                    self.call_count, lam)
+        model.eval()
+        qb = self.query_batch_size
+        for start in tqdm(range(0, m, qb), desc=f"{self.strategy} round {rho}", leave=False,
+                          disable=not self.progress, unit="batch"):
+            sl = slice(start, min(start + qb, m))
+            x = xs[sl].to(self.device).clone()
+            targets = ys[sl].argmax(1).to(self.device)
+            delta = fgsm_untargeted(model, x, targets, lam)
+            if self.orig_clamp:
+                delta = clamp_original(x, delta)
+                x_plus, x_minus = x + delta, x - delta
+            else:
+                x_plus, x_minus = self._clip(x + delta), self._clip(x - delta)
+            x_query = x_plus if self.strategy == "jbda" else x_minus
+            y_new = self.query(x_query)
+            x_store = x_plus if (self.strategy == "jbda" or self.orig_jbself_store) else x_minus
+            xs[sl] = x_store.detach().cpu()
+            ys[sl] = y_new
+            os_[sl] = -1
+        new = AugmentedSet(torch.cat([D.x, xs]), torch.cat([D.y, ys]), torch.cat([D.origin, os_]))
+        return new.truncate(self.budget)
+
+    def augment_topk(self, model: nn.Module, rho: int) -> AugmentedSet:
+        """One JB-top-k round (see the module docs)."""
+        D, k = self.D, self.topk
+        sel, m = self._select(rho)
+        if m * k + self.call_count >= self.budget:
+            remaining = max(self.budget - self.call_count, 0)
+            m = int(math.ceil(remaining / (3.0 if self.orig_topk_cap else float(k))))
+        rows = sel[:m] if sel is not None else torch.arange(min(m, len(D)))
+        m = int(rows.numel())
+        lam = step_size_for_round(rho, self.tau, self.step_size)
+        logger.info("round %d: %d rows x %d classes (|D| = %d, %d queries so far), step %+.3g", rho, m, k,
+                    len(D), self.call_count, lam)
+        model.eval()
+        xs_aug, ys_aug = [], []
+        qb = max(1, self.query_batch_size // k)
+        for start in tqdm(range(0, m, qb), desc=f"jbtop{k} round {rho}", leave=False,
+                          disable=not self.progress, unit="batch"):
+            idx = rows[start:start + qb]
+            x = D.x[idx].to(self.device)
+            label = D.y[idx].argmax(1).to(self.device)
+            with torch.no_grad():
+                order = model(x).argsort(dim=1, descending=True)
+            keep = order != label.view(-1, 1)
+            classes = order[keep].view(x.shape[0], -1)[:, :k]  # top-k of F_A, the label's class removed
+            deltas = [pgd_linf_targeted(model, x, classes[:, j], lam, self.pgd_alpha, self.pgd_iters,
+                                        orig_sign=self.orig_pgd_sign) for j in range(k)]
+            xq = (x.unsqueeze(1) + torch.stack(deltas, 1)).reshape(-1, *x.shape[1:])  # sample-major
+            if not self.orig_clamp:
+                xq = self._clip(xq)
+            if not self.orig_topk_cap:
+                xq = xq[:max(self.budget - self.call_count, 0)]
+            if xq.shape[0] == 0:
+                break
+            ys_aug.append(self.query(xq))
+            xs_aug.append(xq.detach().cpu())
+        if not xs_aug:
+            return D
+        xa, ya = torch.cat(xs_aug), torch.cat(ys_aug)
+        oa = torch.full((xa.shape[0],), -1, dtype=torch.long)
+        new = AugmentedSet(torch.cat([D.x, xa]), torch.cat([D.y, ya]), torch.cat([D.origin, oa]))
+        return new.truncate(self.budget)
+
+    def build_transferset(self, blackbox, queryset, out_dir=None, *,
+                          seed_indices: Optional[Sequence[int]] = None) -> TransferSet:
+        """The attack contract: queries the seed set and runs the augmentation rounds against
+        ``blackbox``, and stores D in ``out_dir`` (:func:`save_augmented_set`).
+
+        Args:
+            blackbox: callable x → released posteriors [B, K].
+            queryset: the seed images: a normalised [N, C, H, W] tensor, or a dataset of
+                (image tensor, label) whose images are all used.
+            out_dir: the transfer-set folder (None: a new temporary folder).
+            seed_indices: the seed images' indices in the attacker's query set (stored as the
+                transfer set's ``index``; default −1).
+        """
+        if isinstance(queryset, Tensor):
+            x_seed = queryset
+        else:
+            x_seed = torch.stack([queryset[i][0] for i in range(len(queryset))])
+        out = self.output_folder(out_dir)
+        self.blackbox = blackbox
+        self.setup(x_seed, seed_indices)
+        D = self.augment()
+        lo, hi = self.bounds if self.bounds is not None else (torch.zeros(1), torch.ones(1))
+        std = (1.0 / (hi - lo)).flatten().cpu()  # bounds are ((0 - mean)/std, (1 - mean)/std)
+        mean = (-lo.flatten().cpu() * std)
+        save_augmented_set(D, out, mean=mean.tolist(), std=std.tolist(),
+                           meta={"policy": self.policy, "budget": self.budget})
+        return load_transferset(out)
+
+    def augment(self) -> AugmentedSet:
+        """Runs the augmentation rounds until the budget is spent (call :meth:`setup` first);
+        returns D. Each round trains a fresh substitute to craft its queries."""
+        self._rounds_until_final(train_final=False)
+        return self.D
+
+    def run(self) -> Tuple[AugmentedSet, nn.Module, Dict[str, Any]]:
+        """Runs the rounds and trains the final substitute (call :meth:`setup` first).
+
+        Returns:
+            ``(D, final substitute, summary)``; ``summary`` has ``rounds`` (per round: ``round``,
+            ``queries`` before augmenting, ``size`` and ``unique`` of D after it, ``step_size``,
+            ``best_test_acc`` of that round's substitute), ``final`` (the final training's
+            summary), ``queries``, ``size``, ``unique``.
+        """
+        model, final = self._rounds_until_final(train_final=True)
+        summary = {"rounds": self.rounds, "final": final, "queries": self.call_count, "size": len(self.D),
+                   "unique": self.D.num_unique()}
+        return self.D, model, summary
+
+    def _rounds_until_final(self, train_final: bool):
+        if self.D is None:
+            raise ValueError("call setup(x_seed) before run()")
+        if self.blackbox is None:
+            raise ValueError("no black box: pass it to JacobianAdversary(...) or build_transferset(...)")
+        rho = 0
+        final = None
+        model = None
+        while self.call_count < self.budget:
+            logger.info("=> substitute round %d (|D| = %d)", rho, len(self.D))
+            model, tsum = self.train_substitute(epochs=self.train_epochs, lr=0.1)
+            before = self.call_count
+            if self.strategy in ("jbda", "jbself"):
+                self.D = self.augment_fgsm(model, rho)
+            else:
+                self.D = self.augment_topk(model, rho)
+            self.rounds.append({"round": rho, "queries": before, "size": len(self.D),
+                                "unique": self.D.num_unique(),
+                                "step_size": step_size_for_round(rho, self.tau, self.step_size),
+                                "best_test_acc": tsum["best_test_acc"]})
+            rho += 1
+            stalled = self.call_count == before
+            if self.call_count >= self.budget or (self.rho is not None and rho >= self.rho) or stalled:
+                if stalled:
+                    logger.warning("round %d made no query; stopping", rho - 1)
+                if train_final:
+                    logger.info("=> %d queries (budget %d): training the final substitute", self.call_count,
+                                self.budget)
+                    model, final = self.train_substitute(epochs=self.final_train_epochs, lr=0.01)
+                break
+        return model, final
