@@ -141,7 +141,7 @@ def test_fc_jacobian_needs_a_linear_head():
         def forward(self, x):
             return 2 * self.fc(x)
 
-    mad = MAD(Logits(10), epsilon=0.5, proxy=Scaled(), objmax=True)
+    mad = MAD(Logits(10), epsilon=0.5, proxy=Scaled(), objmax=True, jacobian="fc")
     with pytest.raises(ValueError, match=r"Scaled.*jacobian='full'"):
         mad(torch.randn(2, 10))
     out = MAD(Logits(10), epsilon=0.5, proxy=Scaled(), objmax=True, jacobian="full")(torch.randn(2, 10))

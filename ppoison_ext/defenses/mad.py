@@ -4,7 +4,7 @@ Towards Defenses Against DNN Model Stealing Attacks", ICLR 2020, arXiv:1906.1090
 from __future__ import annotations
 
 import threading
-from typing import Iterable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .base import Defense, DefenseOutput
-from .proxy import ProxyView
+from .proxy import ProxyView, reference_jacobian_param
 
 __all__ = ["MAD"]
 
@@ -27,9 +27,11 @@ class MAD(Defense):
     Per batch: one victim forward (y), one proxy forward (p and the features h entering its
     last Linear layer), then the native ops: the oracle picks a target vertex y* per query
     (:func:`ppoison_ext.ops.mad_oracle`) and the line search steps toward it
-    (:func:`ppoison_ext.ops.mad_step`). With the default ``jacobian="fc"`` the Jacobian
-    G of the proxy's per-class NLL w.r.t. its last Linear weight enters only through its
-    closed-form Gram matrix ‖h‖²(I − 1pᵀ − p1ᵀ + ‖p‖²11ᵀ): no backward pass, no G.
+    (:func:`ppoison_ext.ops.mad_step`). The Jacobian G is that of the proxy's per-class NLL
+    w.r.t. the parameter the reference differentiates, its second-to-last parameter (the last
+    layer's weight). When the proxy's output is its last Linear layer's output up to a per-row
+    constant (plain logits, ``log_softmax``), G enters only through its closed-form Gram
+    matrix ‖h‖²(I − 1pᵀ − p1ᵀ + ‖p‖²11ᵀ): no backward pass, no G.
 
     Args:
         model: the victim.
@@ -50,10 +52,15 @@ class MAD(Defense):
         objmax: score candidates with the angular objective (the original's README uses
             it) instead of the surrogate ‖Gᵀ(ỹ − y)‖².
         disable_jacobian: use G = I.
-        jacobian: ``fc`` (last Linear weight, closed form) or ``full``: explicit per-sample
-            Jacobians of the NLL w.r.t. ``jacobian_params`` by torch.func, reduced to their
-            Gram matrices by :func:`ppoison_ext.ops.jacobian_gram`.
-        jacobian_params: for ``full``: ``"all"`` or parameter names / name prefixes.
+        jacobian: ``auto`` (default): per batch, the closed form when the proxy's output equals
+            its last Linear layer's output up to a per-row additive constant (checked by
+            value), else explicit per-sample Jacobians w.r.t. the proxy's second-to-last
+            parameter, as the reference computes them; ``fc``: the closed form, refused
+            (ValueError) when it does not apply; ``full``: explicit per-sample Jacobians of
+            the NLL w.r.t. ``jacobian_params`` by torch.func, reduced to their Gram matrices
+            by :func:`ppoison_ext.ops.jacobian_gram`.
+        jacobian_params: for ``full``: ``"all"`` (the default: every parameter, a different
+            defense from the reference's) or parameter names / name prefixes.
         exact_max_k: largest K whose argmax-preserving vertices are all enumerated (the
             original: 10; above it, its greedy search).
         seed: seeds the ``random`` oracle's generator (None: torch's global RNG).
@@ -78,7 +85,7 @@ class MAD(Defense):
         optim: str = "linesearch",
         objmax: bool = False,
         disable_jacobian: bool = False,
-        jacobian: str = "fc",
+        jacobian: str = "auto",
         jacobian_params: Union[str, Sequence[str]] = "all",
         exact_max_k: int = 16,
         seed: Optional[int] = None,
@@ -90,7 +97,7 @@ class MAD(Defense):
         if not (0.0 <= float(epsilon) < float("inf")):
             raise ValueError(f"epsilon must be finite and >= 0, got {epsilon}")
         choices = {"ydist": (ydist, ops.YDISTS), "oracle": (oracle, ops.ORACLES),
-                   "optim": (optim, ("linesearch", "projections")), "jacobian": (jacobian, ("fc", "full"))}
+                   "optim": (optim, ("linesearch", "projections")), "jacobian": (jacobian, ("auto", "fc", "full"))}
         for name, (v, allowed) in choices.items():
             if v not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {v!r}")
@@ -130,28 +137,28 @@ class MAD(Defense):
         return self._generators[device.type]
 
     # -- Gram of the proxy's NLL Jacobian -------------------------------------------------
-    def _fc_gram(self, x: Tensor) -> dict:
-        logits, h = self._view.forward_with_features(x)
+    @staticmethod
+    def _closed_form(logits: Tensor, h: Tensor) -> dict:
         p = F.softmax(logits, dim=1)
         return {"p": p, "h_sqnorm": (h.double() ** 2).sum(1).to(p.dtype)}
 
-    def _selected_params(self) -> dict:
+    def _selected_params(self, wanted: Union[str, Sequence[str]]) -> dict:
         named = dict(self._view.proxy.named_parameters())
-        if self.jacobian_params == "all":
+        if wanted == "all":
             return named
-        wanted: Iterable[str] = [self.jacobian_params] if isinstance(self.jacobian_params, str) else self.jacobian_params
+        wanted = [wanted] if isinstance(wanted, str) else list(wanted)
         sel = {n: t for n, t in named.items() if any(n == w or n.startswith(w + ".") for w in wanted)}
         if not sel:
-            raise ValueError(f"jacobian_params {list(wanted)} match no parameter of the proxy; "
+            raise ValueError(f"jacobian_params {wanted} match no parameter of the proxy; "
                              f"its parameters are {list(named)}")
         return sel
 
-    def _full_gram(self, x: Tensor, K: int) -> dict:
+    def _full_gram(self, x: Tensor, K: int, wanted: Union[str, Sequence[str]]) -> dict:
         from torch.func import functional_call, jacrev, vmap
 
         view = self._view
         view._sync_modes()
-        sel = {n: t.detach() for n, t in self._selected_params().items()}
+        sel = {n: t.detach() for n, t in self._selected_params(wanted).items()}
         D = sum(t.numel() for t in sel.values())
 
         def nll(params, xb):
@@ -168,26 +175,40 @@ class MAD(Defense):
                 grams.append(ops.jacobian_gram(G.detach()))
         return {"gram": torch.cat(grams, 0)}
 
+    def _auto_gram(self, x: Tensor, K: int, logits: Optional[Tensor] = None, h: Optional[Tensor] = None) -> dict:
+        if logits is None:
+            logits, h = self._view.features(x)
+        if h is not None:
+            return self._closed_form(logits, h)
+        return self._full_gram(x, K, [reference_jacobian_param(self._view.proxy)])
+
     def gram_args(self, x: Tensor, y: Tensor) -> dict:
         """Keyword arguments describing G·Gᵀ for the oracle and objective ops."""
         if self.uses_identity:
             return {}
+        K = y.shape[1]
         if self.jacobian == "full":
-            g = self._full_gram(x, y.shape[1])
+            g = self._full_gram(x, K, self.jacobian_params)
+        elif self.jacobian == "fc":
+            g = self._closed_form(*self._view.forward_with_features(x))
         else:
-            g = self._fc_gram(x)
+            g = self._auto_gram(x, K)
         return {k: v.to(device=y.device, dtype=y.dtype) for k, v in g.items()}
 
     # -- the defense ------------------------------------------------------------------------
     def perturb(self, x: Tensor) -> DefenseOutput:
-        if self._victim_is_proxy and self.jacobian == "fc" and not self.uses_identity and self.epsilon > 0:
+        if self._victim_is_proxy and self.jacobian != "full" and not self.uses_identity and self.epsilon > 0:
             # the victim is its own proxy: one forward gives y, p (= y) and h
             if not isinstance(x, Tensor):
                 raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
             with torch.no_grad():
-                logits, h = self._view.forward_with_features(x)
+                if self.jacobian == "fc":
+                    logits, h = self._view.forward_with_features(x)
+                else:
+                    logits, h = self._view.features(x)
                 y = F.softmax(logits, dim=1)
-                gram = {"p": y, "h_sqnorm": (h.double() ** 2).sum(1).to(y.dtype)}
+                gram = self._auto_gram(x, y.shape[1], logits, h)
+                gram = {k: v.to(device=y.device, dtype=y.dtype) for k, v in gram.items()}
                 out = self._defend_with(y, gram)
             with self._count_lock:
                 self.call_count += y.shape[0]

@@ -31,7 +31,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ProxyView"]
+__all__ = ["ProxyView", "reference_jacobian_param"]
+
+
+def _differ_by_row_constant(a: Tensor, b: Tensor) -> bool:
+    """Whether every row of a − b is one constant, to the rounding of ``a``'s dtype."""
+    d = a.double() - b.double()
+    spread = d.amax(1) - d.amin(1)
+    scale = b.double().abs().amax(1) + d.abs().amax(1) + 1.0
+    return bool((spread <= 16 * torch.finfo(a.dtype).eps * scale).all())
+
+
+def reference_jacobian_param(model: nn.Module) -> str:
+    """The name of the parameter the reference differentiates MAD's NLL by: the model's
+    second-to-last parameter (``list(model.parameters())[-2]``, the last layer's weight
+    when it has a bias)."""
+    names = [n for n, _ in model.named_parameters()]
+    if len(names) < 2:
+        raise ValueError(f"{type(model).__name__} has {len(names)} parameter(s); the reference's Jacobian "
+                         "takes the second-to-last one, so pass jacobian='full' with jacobian_params")
+    return names[-2]
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -96,7 +115,6 @@ class ProxyView(nn.Module):
         self._pairs: List[Tuple[nn.Module, nn.Module]] = []
         object.__setattr__(self, "view", self._copy(proxy, ""))
         self.head_name: Optional[str] = None
-        self._head_lock = threading.Lock()
 
     def _copy(self, module: nn.Module, name: str) -> nn.Module:
         if isinstance(module, _BN_TYPES):
@@ -129,32 +147,41 @@ class ProxyView(nn.Module):
         finally:
             self._store.records = None
 
-    def find_head(self, x: Tensor) -> str:
-        """Name of the nn.Linear whose output is the model's output (checked on ``x``)."""
-        out, recs = self._run(x, None)
-        for name, (_, lin_out) in recs.items():
+    @staticmethod
+    def _closed_form_head(out: Tensor, recs: Dict[str, Tuple[Tensor, Tensor]]) -> Optional[str]:
+        """The last called nn.Linear whose output equals ``out`` up to a per-row additive
+        constant (plain logits, ``log_softmax``, ``x - logsumexp``): softmax and the NLL's
+        gradient w.r.t. that layer's weight are then those of the layer's own output."""
+        for name, (_, lin_out) in reversed(list(recs.items())):
             if lin_out is out:
                 return name
-        raise ValueError(
-            f"the proxy {type(self.proxy).__name__} does not return the output of an nn.Linear layer as its "
-            "logits, so the closed-form last-layer Jacobian (jacobian='fc') does not apply; "
-            "use jacobian='full' (explicit per-sample Jacobians)"
-        )
+            if out.dim() == 2 and lin_out.shape == out.shape and _differ_by_row_constant(out, lin_out):
+                return name
+        return None
+
+    def features(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """The proxy's output and the input h [B, D] of its closed-form head, checked by value
+        on this batch; h is None when no nn.Linear qualifies (a conv head, scaled logits)."""
+        out, recs = self._run(x, None)
+        name = self._closed_form_head(out, recs)
+        if name is None:
+            return out, None
+        self.head_name = name
+        h = recs[name][0]
+        return out, h.reshape(h.shape[0], -1)
 
     def forward_with_features(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        """Logits and the input h of the final Linear layer (found on the first call)."""
-        if self.head_name is None:
-            with self._head_lock:
-                if self.head_name is None:
-                    self.head_name = self.find_head(x)
-        out, recs = self._run(x, self.head_name)
-        if self.head_name not in recs or recs[self.head_name][1] is not out:
+        """Logits and the input h of the final Linear layer; ValueError when the proxy's output
+        is not that layer's output up to a per-row constant."""
+        out, h = self.features(x)
+        if h is None:
             raise ValueError(
-                f"the proxy {type(self.proxy).__name__} stopped returning the output of its layer "
-                f"'{self.head_name}'; use jacobian='full'"
+                f"the proxy {type(self.proxy).__name__} does not return the output of an nn.Linear layer "
+                "(up to a per-row constant, e.g. log_softmax) as its logits, so the closed-form last-layer "
+                "Jacobian (jacobian='fc') does not apply; use jacobian='auto' or jacobian='full' "
+                "(explicit per-sample Jacobians)"
             )
-        h = recs[self.head_name][0]
-        return out, h.reshape(h.shape[0], -1)
+        return out, h
 
     def head(self) -> nn.Linear:
         if self.head_name is None:
