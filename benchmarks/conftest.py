@@ -72,3 +72,14 @@ def pedantic(benchmark):
             pytest.skip("out of GPU memory")
 
     return run
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    """Before pytest-benchmark saves: drop a benchmark cut off before its first round (an
+    interrupted run, e.g. tools/gpu_check.sh's SIGINT at the step's limit), whose empty stats
+    would make the whole --benchmark-json fail to write; the finished ones are kept."""
+    bs = getattr(session.config, "_benchmarksession", None)
+    if bs is not None and getattr(bs, "benchmarks", None):
+        bs.benchmarks[:] = [b for b in bs.benchmarks if b]
+    yield
