@@ -5,7 +5,9 @@ Models: LeNet (K = 10), CIFAR VGG16-BN (K = 10 and 100, proxy in train mode as t
 original leaves it), and last layers alone: 512 → 100 (VGG16-BN's CIFAR-100 head) and 4096 → 256. Batch 1 and 256. The per-sample port is
 slow (K backward passes and Python loops per query), so it runs on at most
 `PORT_QUERIES[model]` queries of the batch; throughput is queries / second either way
-(`extra_info["queries"]`). Ratios: `python tools/bench_report.py <json>`.
+(`extra_info["queries"]`). Every cell runs on each device present (`device`: cpu, cuda);
+on CUDA the timed call ends with a synchronize and one untimed warm-up round comes first.
+Ratios: `python tools/bench_report.py <json>`.
 """
 
 import os
@@ -29,7 +31,7 @@ if QUICK:
     PORT_QUERIES = {k: 1 for k in PORT_QUERIES}
 
 
-def _models(name):
+def _models(name, device):
     torch.manual_seed(0)
     if name == "lenet":
         v, p = get_net("lenet", "mnist", num_classes=10), get_net("lenet", "mnist", num_classes=10)
@@ -42,7 +44,7 @@ def _models(name):
         H, K = (int(n) for n in name.split("_")[1:])
         v, p = nn.Linear(H, K), nn.Linear(H, K)
         shape = (H,)
-    return v.eval(), p.train(), shape
+    return v.to(device).eval(), p.to(device).train(), shape
 
 
 MODELS = ["lenet", "vgg16_bn_k10", "vgg16_bn_k100", "head_512_100", "head_4096_256"]
@@ -52,11 +54,11 @@ IMPLS = ["bare", "mad_extreme", "mad_argmax", "port_extreme", "port_argmax"]
 @pytest.mark.parametrize("B", BATCHES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("model", MODELS)
-def test_defense(benchmark, model, impl, B):
+def test_defense(pedantic, model, impl, B, device):
     if QUICK and (model != "lenet" and (B > 1 or impl.startswith("port"))):
         pytest.skip("quick mode: LeNet only beyond single bare/MAD queries")
-    victim, proxy, shape = _models(model)
-    x = torch.randn(B, *shape, generator=torch.Generator().manual_seed(1))
+    victim, proxy, shape = _models(model, device)
+    x = torch.randn(B, *shape, generator=torch.Generator().manual_seed(1)).to(device)
     oracle = "argmax" if impl.endswith("argmax") else "extreme"
     n = B
     if impl == "bare":
@@ -72,9 +74,9 @@ def test_defense(benchmark, model, impl, B):
         weight = proxy.weight if isinstance(proxy, nn.Linear) else None
         run = lambda: orig.mad_per_sample(xs, victim, proxy, epsilon=0.5, oracle=oracle,  # noqa: E731
                                           objmax=True, exact_max_k=10, weight=weight)
-    benchmark.extra_info.update({"model": model, "impl": impl, "B": B, "queries": n})
-    slow = impl.startswith("port") or (model.startswith("vgg") and B > 1)
-    out = benchmark.pedantic(run, rounds=2 if slow else 5, warmup_rounds=1 if not slow else 0, iterations=1)
+    slow = impl.startswith("port") or (model.startswith("vgg") and B > 1 and device.type == "cpu")
+    out = pedantic(run, device, rounds=2 if slow else 5, warmup_rounds=0 if slow else 1,
+                   model=model, impl=impl, B=B, queries=n, dev=device.type)
     if impl.startswith("mad") and model == "lenet":
         # correctness after timing: the batched defense equals the per-sample original
         # (tests/test_defense_fidelity.py checks every model and setting in float64)
