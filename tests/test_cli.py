@@ -19,8 +19,8 @@ OURS = {"train-victim": ["DS_NAME", "MODEL_ARCH", "--train_subset", "--data-root
         "jacobian": ["--model_adv", "--queryset", "--testset", "--kappa", "--orig_aliasing",
                      "--orig_jbself_store", "--orig_clamp", "--orig_topk_cap", "--data-root", "--seed",
                      "--no-progress"],
-        "transfer": ["PI", "--out_dir", "--queryset", "--no-resume", "--merge-shards", "--data-root", "--seed",
-                     "--no-progress"]}
+        "transfer": ["PI", "--out_dir", "--queryset", "--no-resume", "--merge-shards", "--data-root",
+                     "--seed", "--no-progress"]}
 STEPS = {"ppoison_ext.pipeline.victim": "DS_NAME", "ppoison_ext.pipeline.attacker": "--budgets",
          "ppoison_ext.pipeline.evaluate": "DEFENSE_ARGS", "ppoison_ext.pipeline.jacobian": "--orig_aliasing",
          "ppoison_ext.pipeline.transfer": "--out_dir"}

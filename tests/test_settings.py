@@ -114,16 +114,18 @@ STEP_FLAGS = [
     (evaluate.EvalSettings, ["V", "mad", "epsilon:0.5", "--out_dir", "O", "--batch_size", "9", "-w", "0"],
      dict(victim_model_dir="V", defense="mad", defense_args="epsilon:0.5", out_dir="O", batch_size=9,
           nworkers=0, device_id=0, test_subset=None)),
-    (jacobian.JacobianSettings, ["jbtop3", "V", "none", "", "--out_dir", "O", "--testset", "MNIST", "--queryset",
-                                 "MNIST", "--rho", "none", "--kappa", "4", "--tau", "None", "--orig_clamp"],
+    (jacobian.JacobianSettings, ["jbtop3", "V", "none", "", "--out_dir", "O", "--testset", "MNIST",
+                                 "--queryset", "MNIST", "--rho", "none", "--kappa", "4", "--tau", "None",
+                                 "--orig_clamp"],
      dict(policy="jbtop3", defense="none", defense_args="", rho=None, kappa=4, tau=None, orig_clamp=True,
           budget=10000, seedsize=100, sigma=3, train_epochs=20, final_train_epochs=100, batch_size=64,
           query_batch_size=64, nworkers=10, model_adv=None)),
     (transfer.TransferSettings, ["adaptive", "V", "topk", "topk:1", "--out_dir", "O", "--queryset", "MNIST",
                                  "--export-pickle", "--no-resume", "--num-shards", "2", "--shard-id", "1",
                                  "--merge-timeout", "3", "--online-lr", "0.5", "--reward", "div"],
-     dict(policy="adaptive", export_pickle_file=True, resume=False, num_shards=2, shard_id=1, merge_timeout=3.0,
-          online_lr=0.5, reward="div", batch_size=256, qpi=1, nworkers=10, budget=None, alpha=0.1, delta=25)),
+     dict(policy="adaptive", export_pickle_file=True, resume=False, num_shards=2, shard_id=1,
+          merge_timeout=3.0, online_lr=0.5, reward="div", batch_size=256, qpi=1, nworkers=10, budget=None,
+          alpha=0.1, delta=25)),
 ]
 
 
@@ -158,7 +160,8 @@ def _grid_toml(tmp_path, victim_extra="", attack_extra=""):
 
 
 def test_grid_tables_are_checked_by_the_step_settings(tmp_path):
-    cfg = grid.load_config(_grid_toml(tmp_path, "weighted_loss = true", 'reward = "div"\noptimizer_choice = "adam"'))
+    path = _grid_toml(tmp_path, "weighted_loss = true", 'reward = "div"\noptimizer_choice = "adam"')
+    cfg = grid.load_config(path)
     assert cfg.victims[0].options == {"weighted_loss": True}
     assert cfg.attacks[0].options == {"reward": "div", "optimizer_choice": "adam"}
     for victim_extra, attack_extra, message in [
@@ -184,9 +187,12 @@ def _dry_run(monkeypatch, cfg_path, out):
     def record(self):
         folder = getattr(self, "out_dir", None) or getattr(self, "model_dir", None) or self.out_path
         ran[(type(self).__name__, str(Path(folder).relative_to(out)))] = self
-        return {"accuracy": 90.0, "loss": 0.0, "n": 1, "log": ""} if isinstance(self, evaluate.EvalSettings) else None
+        if isinstance(self, evaluate.EvalSettings):
+            return {"accuracy": 90.0, "loss": 0.0, "n": 1, "log": ""}
+        return None
 
-    for cls in (victim.VictimSettings, evaluate.EvalSettings, transfer.TransferSettings, attacker.AttackerSettings):
+    for cls in (victim.VictimSettings, evaluate.EvalSettings, transfer.TransferSettings,
+                attacker.AttackerSettings):
         monkeypatch.setattr(cls, "run", record)
     monkeypatch.setattr(victim, "make_proxy", lambda *a, **k: None)
     grid.run_grid(cfg_path, out, jobs=1, progress=False)
@@ -208,12 +214,12 @@ def test_grid_fingerprints_of_the_shipped_configs_are_unchanged(monkeypatch, tmp
             v.resume, v.num_workers, v.device_id, v.seed, v.no_progress) == \
         ("MNIST", "lenet", 1, 0.05, 0.9, 128, 30000, 2000, "auto", 0, -1, 42, True)
     t = ran[("TransferSettings", "attack/MNIST-lenet/knockoff-random/none/default")]
-    assert (t.policy, t.queryset, t.budget, t.batch_size, t.nworkers, t.resume, t.defense, t.defense_args) == \
-        ("random", "notMNIST", 2000, 1000, 0, True, "none", "")
+    assert (t.policy, t.queryset, t.budget, t.batch_size, t.nworkers, t.resume, t.defense,
+            t.defense_args) == ("random", "notMNIST", 2000, 1000, 0, True, "none", "")
     a = ran[("AttackerSettings", "attack/MNIST-lenet/knockoff-random/none/default")]
     assert (a.model_arch, a.testdataset, a.budgets, a.batch_size, a.epochs, a.lr, a.momentum, a.lr_step,
-            a.test_subset, a.num_workers, a.resume) == ("lenet", "MNIST", "2000", 64, 4, 0.02, 0.9, 60, 2000, 0,
-                                                        "auto")
+            a.test_subset, a.num_workers, a.resume) == \
+        ("lenet", "MNIST", "2000", 64, 4, 0.02, 0.9, 60, 2000, 0, "auto")
     e = ran[("EvalSettings", "eval/MNIST-lenet/none/default")]
     assert (e.batch_size, e.test_subset, e.nworkers, e.seed) == (1000, 2000, 0, 42)
 
@@ -222,9 +228,9 @@ def test_grid_passes_extra_step_settings_and_fingerprints_them(monkeypatch, tmp_
     path = _grid_toml(tmp_path, "weighted_loss = true", 'optimizer_choice = "adam"')
     ran, markers = _dry_run(monkeypatch, path, tmp_path / "g")
     assert ran[("VictimSettings", "victims/MNIST-lenet")].weighted_loss is True
-    assert ran[("AttackerSettings", "attack/MNIST-lenet/knockoff-random/none/default")].optimizer_choice == "adam"
-    assert markers["victims/MNIST-lenet"] != "f65b355cf28df6ac"
     cell = "attack/MNIST-lenet/knockoff-random/none/default"
+    assert ran[("AttackerSettings", cell)].optimizer_choice == "adam"
+    assert markers["victims/MNIST-lenet"] != "f65b355cf28df6ac"
     assert markers[cell] != "35003df444deff66"
     path = _grid_toml(tmp_path, "", 'optimizer_choice = "adam"')
     _, markers = _dry_run(monkeypatch, path, tmp_path / "g2")

@@ -250,8 +250,8 @@ class AttackerSettings(CommonSettings):
     log_interval: int = setting("--log-interval", default=50, metavar="N",
                                 help="batches between progress log lines (default: 50)")
     resume: str = setting("--resume", default="auto", metavar="PATH",
-                          help="'auto' (default: skip finished budgets, continue an unfinished one), 'none', or "
-                               "a checkpoint whose weights initialise the model")
+                          help="'auto' (default: skip finished budgets, continue an unfinished one), 'none', "
+                               "or a checkpoint whose weights initialise the model")
     lr_step: int = setting("--lr-step", default=60, metavar="N", help="StepLR step (default: 60)")
     lr_gamma: float = setting("--lr-gamma", default=0.1, metavar="N", help="StepLR decay (default: 0.1)")
     num_workers: int = setting("-w", "--num_workers", default=10, metavar="N",

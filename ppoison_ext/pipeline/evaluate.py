@@ -181,12 +181,15 @@ def _defense_names() -> List[str]:
 
 @dataclass(kw_only=True)
 class EvalSettings(CommonSettings):
-    """Accuracy and perturbation size of a defended victim on its test set (defenses/adversary/eval_bbox.py)."""
+    """Accuracy and perturbation size of a defended victim on its test set
+    (defenses/adversary/eval_bbox.py)."""
 
-    victim_model_dir: str = setting(metavar="VIC_DIR", help="victim folder (params.json + checkpoint.pth.tar)")
+    victim_model_dir: str = setting(metavar="VIC_DIR",
+                                    help="victim folder (params.json + checkpoint.pth.tar)")
     defense: str = setting(metavar="DEFENSE", choices=_defense_names, help="defense: %(choices)s")
     defense_args: str = setting(metavar="DEFENSE_ARGS",
-                                help="defense arguments 'key:value,...' (e.g. 'epsilon:0.5,objmax:True'; '' for none)")
+                                help="defense arguments 'key:value,...' (e.g. 'epsilon:0.5,objmax:True'; "
+                                     "'' for none)")
     out_dir: str = setting("--out_dir", metavar="PATH", help="output folder")
     batch_size: int = setting("--batch_size", default=256, metavar="N",
                               help="queries per call (default: 256; the original used 1)")

@@ -169,11 +169,13 @@ _OWNED = ("device_id", "data_root", "seed", "no_progress", "resume")
 
 #: grid table -> the steps it configures, in order (a key both steps have goes to the first)
 STEP_TABLES: Dict[str, Tuple[StepTable, ...]] = {
-    "victim": (StepTable("victim:VictimSettings", {"arch": "model_arch"}, _OWNED + ("out_path", "num_workers")),),
-    "attack": (StepTable("transfer:TransferSettings", {}, _OWNED + (
-                   "victim_model_dir", "defense", "defense_args", "out_dir", "nworkers", "num_shards", "shard_id",
-                   "merge_shards", "merge_timeout")),
-               StepTable("attacker:AttackerSettings", {"arch": "model_arch", "batch_size_train": "batch_size"},
+    "victim": (StepTable("victim:VictimSettings", {"arch": "model_arch"},
+                         _OWNED + ("out_path", "num_workers")),),
+    "attack": (StepTable("transfer:TransferSettings", {},
+                         _OWNED + ("victim_model_dir", "defense", "defense_args", "out_dir", "nworkers",
+                                   "num_shards", "shard_id", "merge_shards", "merge_timeout")),
+               StepTable("attacker:AttackerSettings",
+                         {"arch": "model_arch", "batch_size_train": "batch_size"},
                          _OWNED + ("model_dir", "testdataset", "budgets", "num_workers"))),
     "eval": (StepTable("evaluate:EvalSettings", {}, _OWNED + ("victim_model_dir", "defense", "defense_args",
                                                               "out_dir", "nworkers")),),
@@ -336,6 +338,8 @@ EVAL_FILES = ("bboxeval.*.log.tsv", "distancetest.log.tsv", "queriestest.*", "pa
 ATTACKER_FILES = ("checkpoint.*.pth.tar", "last.*.pth.tar", "train.*.log.tsv", "params_train.json", "done.json")
 TRANSFER_FILES = ("transferset.*", "queriestransfer.*", "distancetransfer.log.tsv", "run_times*",
                   "params_transfer.json") + ATTACKER_FILES
+# the cell settings a transfer set depends on (besides the attack table's transfer settings)
+_TRANSFER_KEYS = ("victim", "victim_recipe", "defense", "args", "seed")
 
 
 def _start(folder: Path, settings: Dict[str, Any], patterns: Sequence[str], marker: Optional[Path] = None) -> None:
@@ -479,25 +483,26 @@ def run_grid(config, out_dir, *, jobs: Optional[int] = None, device: Any = None,
         vdir, pdir = _victim_step(out, exp, v, progress)
         for d in defenses:
             for value, args in d.settings(str(pdir)):
-                base = {"victim": v.key, "victim_recipe": _fingerprint(_recipe(v)), "defense": d.name, "args": args,
-                        "seed": exp.seed}
+                base = {"victim": v.key, "victim_recipe": _fingerprint(_recipe(v)), "defense": d.name,
+                        "args": args, "seed": exp.seed}
                 folder = out / "eval" / v.key / _slug(d.label) / _slug(value)
                 eval_jobs.append({
                     "folder": str(folder), "settings": {**base, "eval": _recipe(cfg.eval)},
-                    "eval": _step_settings(cfg.eval, 0, victim_model_dir=str(vdir), defense=d.name, defense_args=args,
-                                           out_dir=str(folder), nworkers=0, **own),
+                    "eval": _step_settings(cfg.eval, 0, victim_model_dir=str(vdir), defense=d.name,
+                                           defense_args=args, out_dir=str(folder), nworkers=0, **own),
                 })
                 for a in cfg.attacks:
                     folder = out / "attack" / v.key / _slug(a.label) / _slug(d.label) / _slug(value)
                     attack_jobs.append({
                         "folder": str(folder), "settings": {**base, "attack": _recipe(a)},
                         # the transfer set depends on the victim, defense, seed and transfer settings only
-                        "transfer_settings": {**{k: base[k] for k in ("victim", "victim_recipe", "defense", "args",
-                                                                      "seed")}, "attack": _step_values(a, 0)},
+                        "transfer_settings": {**{k: base[k] for k in _TRANSFER_KEYS},
+                                              "attack": _step_values(a, 0)},
                         "transfer": _step_settings(a, 0, victim_model_dir=str(vdir), defense=d.name,
                                                    defense_args=args, out_dir=str(folder), nworkers=0, **own),
                         "attacker": _step_settings(a, 1, model_dir=str(folder), testdataset=v.dataset,
-                                                   budgets=",".join(map(str, a.budgets)), num_workers=0, **own),
+                                                   budgets=",".join(map(str, a.budgets)), num_workers=0,
+                                                   **own),
                     })
     refresh = lambda: collect_results(out, cfg, write=True)  # noqa: E731
     _run_jobs(_eval_step, eval_jobs, workers, "eval-bbox", progress, after=None)

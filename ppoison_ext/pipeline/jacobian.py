@@ -207,7 +207,8 @@ _ORIG = "original behaviour (bugs fixed by default)"
 
 @dataclass(kw_only=True)
 class JacobianSettings(CommonSettings):
-    """Jacobian-based attacks (JBDA, JB-self, JB-top-k) against a defended victim (defenses/adversary/jacobian.py)."""
+    """Jacobian-based attacks (JBDA, JB-self, JB-top-k) against a defended victim
+    (defenses/adversary/jacobian.py)."""
 
     policy: str = setting(metavar="PI", help="jbda, jbself or jbtop<k> (e.g. jbtop3)")
     victim_model_dir: str = setting(metavar="VIC_DIR", help="victim folder")
@@ -220,10 +221,13 @@ class JacobianSettings(CommonSettings):
     out_dir: str = setting("--out_dir", metavar="PATH", help="output folder")
     testset: str = setting("--testset", metavar="DSET", help="dataset of the victim")
     queryset: str = setting("--queryset", metavar="DSET", help="dataset of the seed images")
-    batch_size: int = setting("--batch_size", default=64, metavar="N", help="substitute training batch (default: 64)")
-    train_transform: bool = setting("--train_transform", default=False, help="seed images with the train transform")
+    batch_size: int = setting("--batch_size", default=64, metavar="N",
+                              help="substitute training batch (default: 64)")
+    train_transform: bool = setting("--train_transform", default=False,
+                                    help="seed images with the train transform")
     budget: int = setting("--budget", default=10000, metavar="N", help="query limit (default: 10000)")
-    seedsize: int = setting("--seedsize", default=100, metavar="N", help="size of the seed set (default: 100)")
+    seedsize: int = setting("--seedsize", default=100, metavar="N",
+                            help="size of the seed set (default: 100)")
     rho: Optional[int] = setting("--rho", default=None, metavar="N", parse=_opt_int,
                                  help="number of augmentation rounds")
     sigma: int = setting("--sigma", default=3, metavar="N", help="sample --kappa rows from this round on")
@@ -231,7 +235,8 @@ class JacobianSettings(CommonSettings):
                                    help="rows sampled per round")
     tau: Optional[int] = setting("--tau", default=5, metavar="N", parse=_opt_int,
                                  help="period of the step-size sign flip")
-    train_epochs: int = setting("--train_epochs", default=20, metavar="N", help="epochs per round (default: 20)")
+    train_epochs: int = setting("--train_epochs", default=20, metavar="N",
+                                help="epochs per round (default: 20)")
     final_train_epochs: int = setting("--final_train_epochs", default=100, metavar="N",
                                       help="epochs of the final substitute (default: 100)")
     query_batch_size: int = setting("--query_batch_size", default=64, metavar="N",
@@ -256,8 +261,9 @@ class JacobianSettings(CommonSettings):
         """:func:`run_jacobian` with these settings (recorded as ``params_transfer.json``)."""
         return run_jacobian(
             self.policy, self.victim_model_dir, self.defense, self.defense_args, out_dir=self.out_dir,
-            testset=self.testset, queryset=self.queryset, model_adv=self.model_adv, pretrained=self.pretrained,
-            budget=self.budget, seedsize=self.seedsize, rho=self.rho, sigma=self.sigma, kappa=self.kappa,
+            testset=self.testset, queryset=self.queryset, model_adv=self.model_adv,
+            pretrained=self.pretrained, budget=self.budget, seedsize=self.seedsize, rho=self.rho,
+            sigma=self.sigma, kappa=self.kappa,
             tau=self.tau, train_epochs=self.train_epochs, final_train_epochs=self.final_train_epochs,
             batch_size=self.batch_size, query_batch_size=self.query_batch_size,
             train_transform=self.train_transform, device=self.device_id, num_workers=self.nworkers,

@@ -33,8 +33,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .. import distributed
 
-__all__ = ["setting", "device_setting", "CommonSettings", "build_parser", "from_args", "from_dict", "check_values",
-           "check_value", "run_step"]
+__all__ = ["setting", "device_setting", "CommonSettings", "build_parser", "from_args", "from_dict",
+           "check_values", "check_value", "run_step"]
 
 S = TypeVar("S", bound="CommonSettings")
 
@@ -53,7 +53,9 @@ class Flag:
     group: Optional[str]
 
     def choice_list(self) -> Optional[List[Any]]:
-        return None if self.choices is None else list(self.choices() if callable(self.choices) else self.choices)
+        if self.choices is None:
+            return None
+        return list(self.choices() if callable(self.choices) else self.choices)
 
 
 def setting(*flags: str, default: Any = MISSING, help: str = "", metavar: Optional[str] = None,
@@ -142,7 +144,9 @@ def build_parser(cls: type, *, prog: Optional[str] = None, description: Optional
         flag = _flag(f)
         target = parser
         if flag.group:
-            target = groups.get(flag.group) or groups.setdefault(flag.group, parser.add_argument_group(flag.group))
+            if flag.group not in groups:
+                groups[flag.group] = parser.add_argument_group(flag.group)
+            target = groups[flag.group]
         kw: Dict[str, Any] = {"help": flag.help}
         if flag.metavar is not None:
             kw["metavar"] = flag.metavar
@@ -153,7 +157,7 @@ def build_parser(cls: type, *, prog: Optional[str] = None, description: Optional
         has_default = f.default is not MISSING
         if tp is bool and flag.parse is None:
             if not flag.flags:
-                raise TypeError(f"settings field {f.name!r}: a bool must be a flag, not a positional argument")
+                raise TypeError(f"settings field {f.name!r}: a bool must be a flag, not a positional")
             kw.pop("metavar", None)
             kw["action"] = argparse.BooleanOptionalAction if f.default is True else "store_true"
             kw["default"] = bool(f.default) if has_default else False

@@ -390,20 +390,24 @@ _ADAPTIVE = "adaptive policy"
 class TransferSettings(CommonSettings):
     """Construct a transfer set by querying a (defended) victim (Knockoff Nets, random or adaptive policy)."""
 
-    policy: str = setting(metavar="PI", choices=["random", "adaptive"], help="query policy: random | adaptive")
-    victim_model_dir: str = setting(metavar="PATH",
-                                    help="victim folder (params.json + model_best.pth.tar or checkpoint.pth.tar)")
+    policy: str = setting(metavar="PI", choices=["random", "adaptive"],
+                          help="query policy: random | adaptive")
+    victim_model_dir: str = setting(metavar="PATH", help="victim folder (params.json + model_best.pth.tar "
+                                                         "or checkpoint.pth.tar)")
     defense: str = setting(metavar="TYPE", choices=list(DEFENSE_NAMES), help="defense: %(choices)s")
     defense_args: str = setting(metavar="STR", help='defense arguments "k1:v1,k2:v2,..."')
     out_dir: str = setting("--out_dir", metavar="PATH", help="folder of the transfer set")
-    budget: Optional[int] = setting("--budget", default=None, metavar="N", help="# distinct images (default: all)")
-    nqueries: Optional[int] = setting("--nqueries", default=None, metavar="N", help="# queries (default: budget)")
+    budget: Optional[int] = setting("--budget", default=None, metavar="N",
+                                    help="# distinct images (default: all)")
+    nqueries: Optional[int] = setting("--nqueries", default=None, metavar="N",
+                                      help="# queries (default: budget)")
     qpi: int = setting("--qpi", default=1, metavar="N", help="# queries per image (posteriors averaged)")
     queryset: str = setting("--queryset", metavar="TYPE", help="adversary's dataset (P_A(X))")
     batch_size: int = setting("--batch_size", default=256, metavar="B", help="queries per black-box call")
     device_id: int = device_setting("GPU id, -1 for the CPU")
     nworkers: int = setting("-w", "--nworkers", default=10, metavar="N", help="image-loading workers")
-    train_transform: bool = setting("--train_transform", default=False, help="augment query images (train transform)")
+    train_transform: bool = setting("--train_transform", default=False,
+                                    help="augment query images (train transform)")
     export_pickle_file: bool = setting("--export-pickle", default=False,
                                        help="also write the original's transferset.pickle")
     resume: bool = setting("--resume", default=True,

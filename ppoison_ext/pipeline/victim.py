@@ -185,7 +185,8 @@ def make_proxy(dataset: str, arch: str, out_path: Union[str, Path],
 
 @dataclass(kw_only=True)
 class VictimSettings(CommonSettings):
-    """Train a victim model (knockoff/victim/train.py). A MAD surrogate is '--epochs 1 --train_subset 10 --lr 0.0'."""
+    """Train a victim model (knockoff/victim/train.py). A MAD surrogate is
+    '--epochs 1 --train_subset 10 --lr 0.0'."""
 
     dataset: str = setting(metavar="DS_NAME", help="dataset name, e.g. MNIST")
     model_arch: str = setting(metavar="MODEL_ARCH", help="model name, e.g. lenet")
@@ -200,7 +201,8 @@ class VictimSettings(CommonSettings):
     log_interval: int = setting("--log-interval", default=100, metavar="N",
                                 help="batches between progress log lines (default: 100)")
     resume: Optional[str] = setting("--resume", default=None, metavar="PATH",
-                                    help="checkpoint to continue from, or 'auto' (out_path/last.pth.tar if present)")
+                                    help="checkpoint to continue from, or 'auto' (out_path/last.pth.tar if "
+                                         "present)")
     lr_step: int = setting("--lr-step", default=30, metavar="N", help="StepLR step (default: 30)")
     lr_gamma: float = setting("--lr-gamma", default=0.1, metavar="N", help="StepLR decay (default: 0.1)")
     num_workers: int = setting("-w", "--num_workers", default=10, metavar="N",
