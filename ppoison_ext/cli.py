@@ -8,9 +8,10 @@
     ppoison eval-bbox VIC_DIR mad "epsilon:0.5,objmax:True" --out_dir D
     ppoison jacobian jbda VIC_DIR none "" --model_adv lenet --out_dir J --testset MNIST --queryset MNIST
 
-Each subcommand is ``ppoison_ext.pipeline.<module>.main(argv)`` (also runnable as
-``python tools/<step>.py``); ``ppoison <subcommand> --help`` lists its flags. Modules are
-imported only when their subcommand runs.
+Each subcommand is ``ppoison_ext.pipeline.<module>.main(argv, prog=...)`` (also runnable as
+``python -m ppoison_ext.pipeline.<module>``); ``ppoison <subcommand> --help`` lists its flags,
+which each step declares once in its settings dataclass (:mod:`ppoison_ext.pipeline.settings`).
+Modules are imported only when their subcommand runs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import importlib
 import sys
 from typing import Dict, List, Optional, Tuple
 
-__all__ = ["main", "SUBCOMMANDS", "add_common_arguments", "build_parser"]
+__all__ = ["main", "SUBCOMMANDS", "build_parser"]
 
 #: subcommand -> (module, one-line description)
 SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
@@ -39,17 +40,6 @@ SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
     "grid": ("ppoison_ext.pipeline.grid",
              "an experiment grid from a TOML file (victims x attacks x defenses x settings x budgets)"),
 }
-
-
-def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds ``--data-root``, ``--seed`` and ``--no-progress`` (shared by every step)."""
-    parser.add_argument("--data-root", dest="data_root", metavar="DIR", default=None,
-                        help="dataset root (default: $PPOISON_DATA, then the embedded MNIST/notMNIST data)")
-    parser.add_argument("--seed", type=int, default=42, metavar="N",
-                        help="random seed (default: 42, the original's DEFAULT_SEED)")
-    parser.add_argument("--no-progress", dest="no_progress", action="store_true",
-                        help="hide the progress bars")
-    return parser
 
 
 def _version() -> str:
@@ -77,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``ppoison``: dispatches ``ppoison <subcommand> args...`` to the
-    subcommand module's ``main(args)``. Returns the exit status."""
+    subcommand module's ``main(args, prog="ppoison <subcommand>")``. Returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if not argv or argv[0].startswith("-"):
@@ -102,19 +92,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise
     entry = getattr(module, "main", None)
     if entry is None:
-        sys.stderr.write(f"ppoison: {module_name} has no main(argv) function\n")
+        sys.stderr.write(f"ppoison: {module_name} has no main(argv, prog=...) function\n")
         return 2
-    status = entry(rest, prog=f"ppoison {name}") if _takes_prog(entry) else entry(rest)
-    return int(status or 0)
-
-
-def _takes_prog(fn) -> bool:
-    import inspect
-
-    try:
-        return "prog" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
+    return int(entry(rest, prog=f"ppoison {name}") or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

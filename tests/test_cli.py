@@ -1,4 +1,4 @@
-"""The `ppoison` command and the `tools/<step>.py` scripts."""
+"""The `ppoison` command and `python -m ppoison_ext.pipeline.<step>`."""
 
 from __future__ import annotations
 
@@ -18,9 +18,12 @@ OURS = {"train-victim": ["DS_NAME", "MODEL_ARCH", "--train_subset", "--data-root
         "eval-bbox": ["VIC_DIR", "DEFENSE_ARGS", "--out_dir", "--batch_size", "--data-root", "--seed"],
         "jacobian": ["--model_adv", "--queryset", "--testset", "--kappa", "--orig_aliasing",
                      "--orig_jbself_store", "--orig_clamp", "--orig_topk_cap", "--data-root", "--seed",
-                     "--no-progress"]}
-TOOLS = {"train_victim.py": "DS_NAME", "train_attacker.py": "--budgets", "eval_bbox.py": "DEFENSE_ARGS",
-         "jacobian.py": "--orig_aliasing", "transfer.py": "--out_dir"}
+                     "--no-progress"],
+        "transfer": ["PI", "--out_dir", "--queryset", "--no-resume", "--merge-shards", "--data-root",
+                     "--seed", "--no-progress"]}
+STEPS = {"ppoison_ext.pipeline.victim": "DS_NAME", "ppoison_ext.pipeline.attacker": "--budgets",
+         "ppoison_ext.pipeline.evaluate": "DEFENSE_ARGS", "ppoison_ext.pipeline.jacobian": "--orig_aliasing",
+         "ppoison_ext.pipeline.transfer": "--out_dir"}
 
 
 def _exists(module: str) -> bool:
@@ -83,17 +86,17 @@ def test_unknown_subcommand_and_errors(capsys, tmp_path):
     assert cli.main(["train-victim", "NoSuchSet", "lenet", "-o", str(tmp_path), "-d", "-1"]) == 2
 
 
-_RUN_SCRIPTS = """
+_RUN_MODULES = """
 import contextlib, io, runpy, sys
-for script in sys.argv[1:]:
-    sys.argv = [script, "--help"]
+for module in sys.argv[1:]:
+    sys.argv = [module, "--help"]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         try:
-            runpy.run_path(script, run_name="__main__")
+            runpy.run_module(module, run_name="__main__", alter_sys=True)  # python -m <module>
         except SystemExit as e:
-            assert e.code == 0, (script, e.code)
-    print("=== " + script)
+            assert e.code == 0, (module, e.code)
+    print("=== " + module)
     print(buf.getvalue())
 sys.argv = ["ppoison", "--version"]
 try:
@@ -103,26 +106,25 @@ except SystemExit as e:
 """
 
 
-def test_tool_scripts_help():
+def test_step_modules_run_with_python_m():
     env = dict(os.environ)
-    env.pop("PYTHONPATH", None)  # the scripts must find the checkout on their own
-    scripts = [s for s in TOOLS if s != "transfer.py" or _exists("ppoison_ext.pipeline.transfer")]
-    # one real `python tools/train_victim.py --help`; the others run as __main__ in one interpreter
-    # (saves a torch import per script on slow machines)
-    first = subprocess.Popen([sys.executable, str(REPO / "tools" / scripts[0]), "--help"], env=env, cwd="/",
+    env.pop("PYTHONPATH", None)  # python -m finds the checkout from the working directory
+    modules = [m for m in STEPS if _exists(m)]
+    # one real `python -m ppoison_ext.pipeline.victim --help`; the others run as __main__ in one
+    # interpreter (saves a torch import per module on slow machines)
+    first = subprocess.Popen([sys.executable, "-m", modules[0], "--help"], env=env, cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    others = [str(REPO / "tools" / s) for s in scripts[1:]]
-    rest = subprocess.Popen([sys.executable, "-c", _RUN_SCRIPTS] + others,
-                            env=env, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rest = subprocess.Popen([sys.executable, "-c", _RUN_MODULES] + modules[1:],
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out0, err0 = first.communicate(timeout=180)
     out1, err1 = rest.communicate(timeout=180)
     assert first.returncode == 0, err0[-2000:]
     assert rest.returncode == 0, err1[-2000:]
-    assert scripts[0] in out0 and TOOLS[scripts[0]] in out0
+    assert f"python -m {modules[0]}" in out0 and STEPS[modules[0]] in out0
     sections = {chunk.split("\n", 1)[0].strip(): chunk for chunk in out1.split("=== ")[1:]}
-    for script in scripts[1:]:
-        text = sections[str(REPO / "tools" / script)]
-        assert TOOLS[script] in text, script
-        # transfer's parser (another module) names its own prog
-        assert script in text or script == "transfer.py"
+    for module in modules[1:]:
+        text = sections[module]
+        assert STEPS[module] in text, module
+        assert f"python -m {module}" in text, module
     assert out1.rstrip().endswith(__version__)
+

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -52,11 +53,13 @@ from ..modeldir import dataset_name, read_params, write_params
 from ..datasets import dataset_to_modelfamily, get_dataset, get_transform
 from ..models import get_net
 from ..training import OPTIMIZERS, get_optimizer, seed_everything, soft_cross_entropy, train_model
+from . import settings
 from .common import resolve_device
+from .settings import CommonSettings, device_setting, setting
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["train_attacker", "parse_budgets", "build_parser", "main"]
+__all__ = ["train_attacker", "parse_budgets", "AttackerSettings", "build_parser", "main"]
 
 
 def parse_budgets(budgets: Union[str, Sequence[int], int]) -> List[int]:
@@ -230,68 +233,58 @@ def train_attacker(
     return model, {"budgets": budget_list, "results": results, "num_classes": K}
 
 
-def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
-    from ..cli import add_common_arguments
+@dataclass(kw_only=True)
+class AttackerSettings(CommonSettings):
+    """Train a knockoff on a transfer set, through a list of budgets (knockoff/adversary/train.py)."""
 
-    p = argparse.ArgumentParser(prog=prog, description="Train a knockoff on a transfer set, through a list "
-                                "of budgets (knockoff/adversary/train.py).")
-    p.add_argument("model_dir", metavar="DIR", type=str, help="folder containing the transfer set")
-    p.add_argument("model_arch", metavar="MODEL_ARCH", type=str, help="model name")
-    p.add_argument("testdataset", metavar="DS_NAME", type=str, help="name of the test dataset")
-    p.add_argument("--budgets", metavar="B", type=str, required=True,
-                   help="comma-separated budgets, trained in this order on one model")
-    p.add_argument("-d", "--device_id", metavar="D", type=int, default=0,
-                   help="GPU index, -1 for CPU (default: 0; the CPU when there is no GPU)")
-    p.add_argument("-b", "--batch-size", dest="batch_size", type=int, default=64, metavar="N",
-                   help="input batch size for training (default: 64)")
-    p.add_argument("-e", "--epochs", type=int, default=100, metavar="N",
-                   help="epochs per budget (default: 100)")
-    p.add_argument("--lr", type=float, default=0.01, metavar="LR", help="learning rate (default: 0.01)")
-    p.add_argument("--momentum", type=float, default=0.5, metavar="M", help="SGD momentum (default: 0.5)")
-    p.add_argument("--log-interval", dest="log_interval", type=int, default=50, metavar="N",
-                   help="batches between progress log lines (default: 50)")
-    p.add_argument("--resume", default="auto", type=str, metavar="PATH",
-                   help="'auto' (default: skip finished budgets, continue an unfinished one), 'none', or a "
-                        "checkpoint whose weights initialise the model")
-    p.add_argument("--lr-step", dest="lr_step", type=int, default=60, metavar="N",
-                   help="StepLR step (default: 60)")
-    p.add_argument("--lr-gamma", dest="lr_gamma", type=float, default=0.1, metavar="N",
-                   help="StepLR decay (default: 0.1)")
-    p.add_argument("-w", "--num_workers", metavar="N", type=int, default=10,
-                   help="DataLoader worker processes (default: 10)")
-    p.add_argument("--pretrained", type=str, default=None, help="'imagenet' or a checkpoint path")
-    p.add_argument("--weighted-loss", dest="weighted_loss", action="store_true", default=False,
-                   help="class-weighted loss")
-    p.add_argument("--argmaxed", action="store_true", default=False,
-                   help="train on argmax (one-hot) labels instead of posteriors")
-    p.add_argument("--optimizer_choice", type=str, default="sgdm", choices=OPTIMIZERS,
-                   help="optimizer (default: sgdm; adam/adagrad ignore --lr)")
-    p.add_argument("--test_subset", type=int, default=None, metavar="N",
-                   help="test on the first N test images only")
-    add_common_arguments(p)
-    return p
+    model_dir: str = setting(metavar="DIR", help="folder containing the transfer set")
+    model_arch: str = setting(metavar="MODEL_ARCH", help="model name")
+    testdataset: str = setting(metavar="DS_NAME", help="name of the test dataset")
+    budgets: str = setting("--budgets", metavar="B",
+                           help="comma-separated budgets, trained in this order on one model")
+    device_id: int = device_setting()
+    batch_size: int = setting("-b", "--batch-size", default=64, metavar="N",
+                              help="input batch size for training (default: 64)")
+    epochs: int = setting("-e", "--epochs", default=100, metavar="N", help="epochs per budget (default: 100)")
+    lr: float = setting("--lr", default=0.01, metavar="LR", help="learning rate (default: 0.01)")
+    momentum: float = setting("--momentum", default=0.5, metavar="M", help="SGD momentum (default: 0.5)")
+    log_interval: int = setting("--log-interval", default=50, metavar="N",
+                                help="batches between progress log lines (default: 50)")
+    resume: str = setting("--resume", default="auto", metavar="PATH",
+                          help="'auto' (default: skip finished budgets, continue an unfinished one), 'none', "
+                               "or a checkpoint whose weights initialise the model")
+    lr_step: int = setting("--lr-step", default=60, metavar="N", help="StepLR step (default: 60)")
+    lr_gamma: float = setting("--lr-gamma", default=0.1, metavar="N", help="StepLR decay (default: 0.1)")
+    num_workers: int = setting("-w", "--num_workers", default=10, metavar="N",
+                               help="DataLoader worker processes (default: 10)")
+    pretrained: Optional[str] = setting("--pretrained", default=None, help="'imagenet' or a checkpoint path")
+    weighted_loss: bool = setting("--weighted-loss", default=False, help="class-weighted loss")
+    argmaxed: bool = setting("--argmaxed", default=False,
+                             help="train on argmax (one-hot) labels instead of posteriors")
+    optimizer_choice: str = setting("--optimizer_choice", default="sgdm", choices=OPTIMIZERS,
+                                    help="optimizer (default: sgdm; adam/adagrad ignore --lr)")
+    test_subset: Optional[int] = setting("--test_subset", default=None, metavar="N",
+                                         help="test on the first N test images only")
+
+    def run(self) -> Tuple[nn.Module, Dict[str, Any]]:
+        """:func:`train_attacker` with these settings (recorded as ``params_train.json``)."""
+        return train_attacker(
+            self.model_dir, self.model_arch, self.testdataset, self.budgets, device=self.device_id,
+            batch_size=self.batch_size, epochs=self.epochs, lr=self.lr, momentum=self.momentum,
+            log_interval=self.log_interval, resume=self.resume, lr_step=self.lr_step, lr_gamma=self.lr_gamma,
+            num_workers=self.num_workers, pretrained=self.pretrained, weighted_loss=self.weighted_loss,
+            argmaxed=self.argmaxed, optimizer_choice=self.optimizer_choice, data_root=self.data_root,
+            seed=self.seed, test_subset=self.test_subset, progress=not self.no_progress, params=self.params(),
+        )
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    return settings.build_parser(AttackerSettings, prog=prog)
 
 
 def main(argv: Optional[List[str]] = None, *, prog: Optional[str] = None) -> int:
-    args = build_parser(prog).parse_args(argv)
-    distributed.setup_logging()
-    params = {k: v for k, v in vars(args).items() if k != "no_progress"}
-    try:
-        train_attacker(
-            args.model_dir, args.model_arch, args.testdataset, args.budgets, device=args.device_id,
-            batch_size=args.batch_size, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
-            log_interval=args.log_interval, resume=args.resume, lr_step=args.lr_step, lr_gamma=args.lr_gamma,
-            num_workers=args.num_workers, pretrained=args.pretrained, weighted_loss=args.weighted_loss,
-            argmaxed=args.argmaxed, optimizer_choice=args.optimizer_choice, data_root=args.data_root,
-            seed=args.seed, test_subset=args.test_subset, progress=not args.no_progress, params=params,
-        )
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        logger.error("%s", err)
-        return 2
-    finally:
-        distributed.cleanup()
-    return 0
+    return settings.run_step(AttackerSettings, argv, prog=prog)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    raise SystemExit(main(prog=f"python -m {__spec__.name}"))

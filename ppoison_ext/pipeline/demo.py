@@ -14,7 +14,6 @@ when rerun. ``--fast`` runs the small configuration CI uses (``configs/mnist_fas
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import sys

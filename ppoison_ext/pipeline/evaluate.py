@@ -34,6 +34,7 @@ import argparse
 import datetime
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -47,11 +48,13 @@ from ..defenses import WB_DEFENSES, DefenseSpec, QueryLogger, build_defense
 from ..modeldir import dataset_name, modelfamily_for_dataset, read_params, write_params
 from ..datasets import get_dataset, get_transform
 from ..training import LOG_COLUMNS, seed_everything
+from . import settings
 from .common import resolve_device
+from .settings import CommonSettings, device_setting, setting
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["eval_bbox", "build_parser", "main"]
+__all__ = ["eval_bbox", "EvalSettings", "build_parser", "main"]
 
 
 def eval_bbox(
@@ -173,45 +176,47 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
-    from ..cli import add_common_arguments
+def _defense_names() -> List[str]:
     from ..defenses import DEFENSE_NAMES
 
-    p = argparse.ArgumentParser(prog=prog, description="Accuracy and perturbation size of a defended victim "
-                                "on its test set (defenses/adversary/eval_bbox.py).")
-    p.add_argument("victim_model_dir", metavar="VIC_DIR", type=str,
-                   help="victim folder (params.json + checkpoint.pth.tar)")
-    p.add_argument("defense", metavar="DEFENSE", type=str, choices=DEFENSE_NAMES,
-                   help=f"defense: {', '.join(DEFENSE_NAMES)}")
-    p.add_argument("defense_args", metavar="DEFENSE_ARGS", type=str,
-                   help="defense arguments 'key:value,...' (e.g. 'epsilon:0.5,objmax:True'; '' for none)")
-    p.add_argument("--out_dir", metavar="PATH", type=str, required=True, help="output folder")
-    p.add_argument("--batch_size", metavar="N", type=int, default=256,
-                   help="queries per call (default: 256; the original used 1)")
-    p.add_argument("-d", "--device_id", metavar="D", type=int, default=0,
-                   help="GPU index, -1 for CPU (default: 0; the CPU when there is no GPU)")
-    p.add_argument("-w", "--nworkers", metavar="N", type=int, default=10,
-                   help="DataLoader worker processes (default: 10)")
-    p.add_argument("--test_subset", type=int, default=None, metavar="N",
-                   help="evaluate the first N test images only")
-    add_common_arguments(p)
-    return p
+    return list(DEFENSE_NAMES)
+
+
+@dataclass(kw_only=True)
+class EvalSettings(CommonSettings):
+    """Accuracy and perturbation size of a defended victim on its test set
+    (defenses/adversary/eval_bbox.py)."""
+
+    victim_model_dir: str = setting(metavar="VIC_DIR",
+                                    help="victim folder (params.json + checkpoint.pth.tar)")
+    defense: str = setting(metavar="DEFENSE", choices=_defense_names, help="defense: %(choices)s")
+    defense_args: str = setting(metavar="DEFENSE_ARGS",
+                                help="defense arguments 'key:value,...' (e.g. 'epsilon:0.5,objmax:True'; "
+                                     "'' for none)")
+    out_dir: str = setting("--out_dir", metavar="PATH", help="output folder")
+    batch_size: int = setting("--batch_size", default=256, metavar="N",
+                              help="queries per call (default: 256; the original used 1)")
+    device_id: int = device_setting()
+    nworkers: int = setting("-w", "--nworkers", default=10, metavar="N",
+                            help="DataLoader worker processes (default: 10)")
+    test_subset: Optional[int] = setting("--test_subset", default=None, metavar="N",
+                                         help="evaluate the first N test images only")
+
+    def run(self) -> Dict[str, Any]:
+        """:func:`eval_bbox` with these settings (recorded as ``params_evalbbox.json``)."""
+        return eval_bbox(self.victim_model_dir, self.defense, self.defense_args, self.out_dir,
+                         batch_size=self.batch_size, device=self.device_id, num_workers=self.nworkers,
+                         data_root=self.data_root, seed=self.seed, test_subset=self.test_subset,
+                         progress=not self.no_progress, params=self.params())
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    return settings.build_parser(EvalSettings, prog=prog)
 
 
 def main(argv: Optional[List[str]] = None, *, prog: Optional[str] = None) -> int:
-    args = build_parser(prog).parse_args(argv)
-    distributed.setup_logging()
-    params = {k: v for k, v in vars(args).items() if k != "no_progress"}
-    try:
-        eval_bbox(args.victim_model_dir, args.defense, args.defense_args, args.out_dir,
-                  batch_size=args.batch_size, device=args.device_id, num_workers=args.nworkers,
-                  data_root=args.data_root, seed=args.seed, test_subset=args.test_subset,
-                  progress=not args.no_progress, params=params)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        logger.error("%s", err)
-        return 2
-    return 0
+    return settings.run_step(EvalSettings, argv, prog=prog)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    raise SystemExit(main(prog=f"python -m {__spec__.name}"))

@@ -29,6 +29,14 @@ Config (TOML; unknown keys are errors):
 * ``[[defense]]``: ``label``, ``name`` (the original's names), ``args`` (a defense_args
   template: ``{value}`` is replaced by each entry of ``values``, ``{proxy}`` by the proxy
   folder), optional ``param`` and ``values``.
+
+The victim, attack and eval tables configure the steps' settings (:data:`STEP_TABLES`): a key
+is checked by the step's settings dataclass (type, choices), and any other setting of the step
+is accepted too, e.g. ``weighted_loss = true`` in ``[[victim]]`` (``VictimSettings``),
+``optimizer_choice = "adam"`` or ``reward = "div"`` in ``[[attack]]`` (``AttackerSettings``,
+``TransferSettings``). The settings the grid sets itself (folders, device, seed, data root,
+workers, resuming) are not accepted. Extra keys are fingerprinted with their table, so setting
+one reruns what it affects.
 """
 
 from __future__ import annotations
@@ -38,7 +46,6 @@ import csv
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -48,10 +55,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..fileio import atomic_write_json, atomic_write_text
+from .settings import check_value
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GridConfig", "load_config", "run_grid", "collect_results", "build_parser", "main"]
+__all__ = ["GridConfig", "STEP_TABLES", "load_config", "run_grid", "collect_results", "build_parser", "main"]
 
 try:
     import tomllib
@@ -80,6 +88,8 @@ class VictimSpec:
     lr_gamma: float = 0.1
     train_subset: Optional[int] = None
     test_subset: Optional[int] = None
+    #: further train-victim settings (VictimSettings fields), from the table's other keys
+    options: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -102,12 +112,16 @@ class AttackSpec:
     batch_size_train: int = 64
     argmaxed: bool = False
     test_subset: Optional[int] = None
+    #: further transfer / train-attacker settings (TransferSettings, AttackerSettings fields)
+    options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class EvalSpec:
     batch_size: int = 1000
     test_subset: Optional[int] = None
+    #: further eval-bbox settings (EvalSettings fields)
+    options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -133,14 +147,131 @@ class GridConfig:
     eval: EvalSpec
 
 
+@dataclass(frozen=True)
+class StepTable:
+    """How a grid table configures one step: the step's settings dataclass (``"module:Class"``
+    in this package), the table keys named differently there, and the settings the grid sets."""
+
+    settings: str
+    renamed: Dict[str, str]
+    grid_owned: Tuple[str, ...]
+
+    @property
+    def cls(self) -> type:
+        import importlib
+
+        module, name = self.settings.split(":")
+        return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+
+
+_OWNED = ("device_id", "data_root", "seed", "no_progress", "resume")
+
+#: grid table -> the steps it configures, in order (a key both steps have goes to the first)
+STEP_TABLES: Dict[str, Tuple[StepTable, ...]] = {
+    "victim": (StepTable("victim:VictimSettings", {"arch": "model_arch"},
+                         _OWNED + ("out_path", "num_workers")),),
+    "attack": (StepTable("transfer:TransferSettings", {},
+                         _OWNED + ("victim_model_dir", "defense", "defense_args", "out_dir", "nworkers",
+                                   "num_shards", "shard_id", "merge_shards", "merge_timeout")),
+               StepTable("attacker:AttackerSettings",
+                         {"arch": "model_arch", "batch_size_train": "batch_size"},
+                         _OWNED + ("model_dir", "testdataset", "budgets", "num_workers"))),
+    "eval": (StepTable("evaluate:EvalSettings", {}, _OWNED + ("victim_model_dir", "defense", "defense_args",
+                                                              "out_dir", "nworkers")),),
+}
+_TABLE_OF = {VictimSpec: "victim", AttackSpec: "attack", EvalSpec: "eval"}
+
+
+def _spec_keys(cls) -> List[str]:
+    return [f.name for f in fields(cls) if f.name != "options"]
+
+
+def _route(table: str, key: str, spec_key: bool) -> Optional[Tuple[int, str]]:
+    """(step index, setting name) a key of ``table`` sets, or None for a key of the grid's own
+    (``label``, ``budgets``); raises ValueError for an extra key the grid sets itself or
+    that has another name in the table."""
+    for i, step in enumerate(STEP_TABLES[table]):
+        names = {f.name for f in fields(step.cls)}
+        if spec_key:
+            name = step.renamed.get(key, key)
+            if name in names and name not in step.grid_owned:
+                return i, name
+            continue
+        if key in step.renamed.values():
+            table_key = next(k for k, v in step.renamed.items() if v == key)
+            raise ValueError(f"{key!r} is called {table_key!r} here")
+        if key in names:
+            if key in step.grid_owned:
+                raise ValueError(f"{key!r} is set by the grid")
+            return i, key
+    if spec_key:
+        return None
+    raise KeyError(key)
+
+
+def _accepted(cls) -> List[str]:
+    extra = {f.name for step in STEP_TABLES[_TABLE_OF[cls]] for f in fields(step.cls)
+             if f.name not in step.grid_owned and f.name not in step.renamed.values()}
+    return sorted(set(_spec_keys(cls)) | extra)
+
+
 def _build(cls, raw: Dict[str, Any], where: str):
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected a table, got {type(raw).__name__}")
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - names)
+    table = _TABLE_OF.get(cls)
+    names = _spec_keys(cls)
+    values: Dict[str, Any] = {}
+    options: Dict[str, Any] = {}
+    unknown = []
+    for key, value in raw.items():
+        if table is None:
+            if key in names:
+                values[key] = value
+            else:
+                unknown.append(key)
+            continue
+        try:
+            route = _route(table, key, key in names)
+        except KeyError:
+            unknown.append(key)
+            continue
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        if route is not None:  # a step setting: the step's dataclass checks it
+            check_value(STEP_TABLES[table][route[0]].cls, route[1], value, where, key=key)
+        (values if key in names else options)[key] = value
     if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; accepted: {sorted(names)}")
-    return cls(**raw)
+        accepted = names if table is None else _accepted(cls)
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; accepted: {sorted(accepted)}")
+    return cls(**values, options=options) if table is not None else cls(**values)
+
+
+def _step_values(spec, step: int) -> Dict[str, Any]:
+    """The table keys of ``spec`` (its fields and options) that set step ``step``'s settings,
+    under the table's names."""
+    table = _TABLE_OF[type(spec)]
+    out = {}
+    for key in _spec_keys(type(spec)):
+        route = _route(table, key, True)
+        if route is not None and route[0] == step:
+            out[key] = getattr(spec, key)
+    out.update({k: v for k, v in spec.options.items() if _route(table, k, False)[0] == step})
+    return out
+
+
+def _step_settings(spec, step: int, **grid_values: Any):
+    """Step ``step``'s settings dataclass from ``spec`` and the values the grid sets."""
+    table = STEP_TABLES[_TABLE_OF[type(spec)]][step]
+    values = {table.renamed.get(k, k): v for k, v in _step_values(spec, step).items()}
+    return table.cls(**values, **grid_values)
+
+
+def _recipe(spec) -> Dict[str, Any]:
+    """What a spec's outputs depend on, for the fingerprints: its fields, its options flat
+    (none in the shipped configs, so their fingerprints are those of ``asdict`` before options)."""
+    d = asdict(spec)
+    d.update(d.pop("options", None) or {})
+    return d
 
 
 def load_config(path) -> GridConfig:
@@ -206,6 +337,8 @@ EVAL_FILES = ("bboxeval.*.log.tsv", "distancetest.log.tsv", "queriestest.*", "pa
 ATTACKER_FILES = ("checkpoint.*.pth.tar", "last.*.pth.tar", "train.*.log.tsv", "params_train.json", "done.json")
 TRANSFER_FILES = ("transferset.*", "queriestransfer.*", "distancetransfer.log.tsv", "run_times*",
                   "params_transfer.json") + ATTACKER_FILES
+# the cell settings a transfer set depends on (besides the attack table's transfer settings)
+_TRANSFER_KEYS = ("victim", "victim_recipe", "defense", "args", "seed")
 
 
 def _start(folder: Path, settings: Dict[str, Any], patterns: Sequence[str], marker: Optional[Path] = None) -> None:
@@ -237,19 +370,17 @@ def _start(folder: Path, settings: Dict[str, Any], patterns: Sequence[str], mark
 
 
 def _victim_step(out: Path, exp: ExperimentSpec, v: VictimSpec, progress: bool) -> Tuple[Path, Path]:
-    from .victim import make_proxy, train_victim
+    from .victim import make_proxy
 
     vdir = out / "victims" / v.key
     pdir = out / "victims" / f"{v.key}-proxy"
-    settings = {"victim": asdict(v), "seed": exp.seed}
+    settings = {"victim": _recipe(v), "seed": exp.seed}
     if not _done(vdir, settings):
         _start(vdir, settings, VICTIM_FILES)
-        train_victim(v.dataset, v.arch, vdir, device=exp.device, batch_size=v.batch_size, epochs=v.epochs, lr=v.lr,
-                     momentum=v.momentum, lr_step=v.lr_step, lr_gamma=v.lr_gamma, train_subset=v.train_subset,
-                     test_subset=v.test_subset, data_root=exp.data_root, seed=exp.seed, progress=progress,
-                     resume="auto")
+        _step_settings(v, 0, out_path=str(vdir), device_id=exp.device, data_root=exp.data_root, seed=exp.seed,
+                       no_progress=not progress, resume="auto", num_workers=0).run()
         _mark_done(vdir, settings)
-    psettings = {"proxy_of": asdict(v), "seed": exp.seed + 1}
+    psettings = {"proxy_of": _recipe(v), "seed": exp.seed + 1}
     if not _done(pdir, psettings):
         _start(pdir, psettings, VICTIM_FILES)
         make_proxy(v.dataset, v.arch, pdir, device=exp.device, data_root=exp.data_root, seed=exp.seed + 1,
@@ -259,40 +390,26 @@ def _victim_step(out: Path, exp: ExperimentSpec, v: VictimSpec, progress: bool) 
 
 
 def _eval_step(job: Dict[str, Any]) -> Dict[str, Any]:
-    from .evaluate import eval_bbox
-
     folder = Path(job["folder"])
     if _done(folder, job["settings"]):
         return json.loads((folder / "done.json").read_text())["result"]
     _start(folder, job["settings"], EVAL_FILES)
-    res = eval_bbox(job["victim_dir"], job["defense"], job["args"], folder, batch_size=job["batch_size"],
-                    device=job["device"], data_root=job["data_root"], seed=job["seed"],
-                    test_subset=job["test_subset"], progress=False)
+    res = job["eval"].run()
     res = {k: v for k, v in res.items() if k != "log"}
     _mark_done(folder, job["settings"], {"result": res})
     return res
 
 
 def _attack_step(job: Dict[str, Any]) -> Dict[str, Any]:
-    from .attacker import train_attacker
-    from .transfer import transfer
-
     folder = Path(job["folder"])
-    a = job["attack"]
-    tsettings = {k: job["settings"][k] for k in ("victim", "victim_recipe", "defense", "args", "seed")}
-    tsettings["attack"] = {k: a[k] for k in ("policy", "queryset", "budget", "batch_size")}
+    tsettings = job["transfer_settings"]
     if not _done(folder / "transfer", tsettings):
         _start(folder, tsettings, TRANSFER_FILES, marker=folder / "transfer" / "started.json")
-        transfer(a["policy"], job["victim_dir"], job["defense"], job["args"], out_dir=folder, queryset=a["queryset"],
-                 budget=a["budget"], batch_size=a["batch_size"], device_id=job["device"], nworkers=0,
-                 data_root=job["data_root"], seed=job["seed"], progress=False)
+        job["transfer"].run()
         _mark_done(folder / "transfer", tsettings)
     if not _done(folder, job["settings"]):
         _start(folder, job["settings"], ATTACKER_FILES)
-        train_attacker(folder, a["arch"], job["testset"], a["budgets"], device=job["device"],
-                       batch_size=a["batch_size_train"], epochs=a["epochs"], lr=a["lr"], momentum=a["momentum"],
-                       lr_step=a["lr_step"], argmaxed=a["argmaxed"], data_root=job["data_root"], seed=job["seed"],
-                       test_subset=a["test_subset"], progress=False)
+        job["attacker"].run()
         _mark_done(folder, job["settings"])
     return {"folder": str(folder)}
 
@@ -359,24 +476,32 @@ def run_grid(config, out_dir, *, jobs: Optional[int] = None, device: Any = None,
                                           "defenses": [asdict(d) for d in defenses], "eval": asdict(cfg.eval)})
     t0 = time.time()
     eval_jobs, attack_jobs = [], []
+    # what the grid sets in every step (the rest comes from the tables, see STEP_TABLES)
+    own = {"device_id": exp.device, "data_root": exp.data_root, "seed": exp.seed, "no_progress": True}
     for v in cfg.victims:
         vdir, pdir = _victim_step(out, exp, v, progress)
         for d in defenses:
             for value, args in d.settings(str(pdir)):
-                base = {"victim": v.key, "victim_recipe": _fingerprint(asdict(v)), "defense": d.name, "args": args,
-                        "seed": exp.seed}
+                base = {"victim": v.key, "victim_recipe": _fingerprint(_recipe(v)), "defense": d.name,
+                        "args": args, "seed": exp.seed}
+                folder = out / "eval" / v.key / _slug(d.label) / _slug(value)
                 eval_jobs.append({
-                    "folder": str(out / "eval" / v.key / _slug(d.label) / _slug(value)),
-                    "settings": {**base, "eval": asdict(cfg.eval)}, "victim_dir": str(vdir), "defense": d.name,
-                    "args": args, "batch_size": cfg.eval.batch_size, "test_subset": cfg.eval.test_subset,
-                    "device": exp.device, "data_root": exp.data_root, "seed": exp.seed,
+                    "folder": str(folder), "settings": {**base, "eval": _recipe(cfg.eval)},
+                    "eval": _step_settings(cfg.eval, 0, victim_model_dir=str(vdir), defense=d.name,
+                                           defense_args=args, out_dir=str(folder), nworkers=0, **own),
                 })
                 for a in cfg.attacks:
+                    folder = out / "attack" / v.key / _slug(a.label) / _slug(d.label) / _slug(value)
                     attack_jobs.append({
-                        "folder": str(out / "attack" / v.key / _slug(a.label) / _slug(d.label) / _slug(value)),
-                        "settings": {**base, "attack": asdict(a)}, "victim_dir": str(vdir), "defense": d.name,
-                        "args": args, "attack": asdict(a), "testset": v.dataset, "device": exp.device,
-                        "data_root": exp.data_root, "seed": exp.seed,
+                        "folder": str(folder), "settings": {**base, "attack": _recipe(a)},
+                        # the transfer set depends on the victim, defense, seed and transfer settings only
+                        "transfer_settings": {**{k: base[k] for k in _TRANSFER_KEYS},
+                                              "attack": _step_values(a, 0)},
+                        "transfer": _step_settings(a, 0, victim_model_dir=str(vdir), defense=d.name,
+                                                   defense_args=args, out_dir=str(folder), nworkers=0, **own),
+                        "attacker": _step_settings(a, 1, model_dir=str(folder), testdataset=v.dataset,
+                                                   budgets=",".join(map(str, a.budgets)), num_workers=0,
+                                                   **own),
                     })
     refresh = lambda: collect_results(out, cfg, write=True)  # noqa: E731
     _run_jobs(_eval_step, eval_jobs, workers, "eval-bbox", progress, after=None)

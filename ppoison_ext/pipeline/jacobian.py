@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -45,11 +46,13 @@ from ..modeldir import read_params, write_params
 from ..datasets import dataset_to_modelfamily, get_dataset, get_transform
 from ..datasets.transforms import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, MNIST_MEAN, MNIST_STD
 from ..training import seed_everything
+from . import settings
 from .common import resolve_device
+from .settings import CommonSettings, device_setting, setting
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_jacobian", "build_parser", "main", "FAMILY_NORMALIZATION"]
+__all__ = ["run_jacobian", "JacobianSettings", "build_parser", "main", "FAMILY_NORMALIZATION"]
 
 #: family -> (mean, std) of its Normalize transform.
 FAMILY_NORMALIZATION = {"mnist": (MNIST_MEAN, MNIST_STD), "cifar": (CIFAR_MEAN, CIFAR_STD),
@@ -196,81 +199,91 @@ def _opt_int(v: str) -> Optional[int]:
     return None if v.lower() in ("none", "") else int(v)
 
 
-def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
-    from ..cli import add_common_arguments
+def _defense_names() -> List[str]:
     from ..defenses import DEFENSE_NAMES
 
-    p = argparse.ArgumentParser(prog=prog, description="Jacobian-based attacks (JBDA, JB-self, JB-top-k) "
-                                "against a defended victim (defenses/adversary/jacobian.py).")
-    p.add_argument("policy", metavar="PI", type=str, help="jbda, jbself or jbtop<k> (e.g. jbtop3)")
-    p.add_argument("victim_model_dir", metavar="VIC_DIR", type=str, help="victim folder")
-    p.add_argument("defense", metavar="DEFENSE", type=str, choices=DEFENSE_NAMES,
-                   help=f"defense: {', '.join(DEFENSE_NAMES)}")
-    p.add_argument("defense_args", metavar="DEFENSE_ARGS", type=str, help="defense arguments 'key:value,...'")
-    p.add_argument("--model_adv", metavar="STR", type=str, default=None,
-                   help="substitute architecture (default: the victim's)")
-    p.add_argument("--pretrained", metavar="STR", type=str, default=None, help="substitute initialisation")
-    p.add_argument("--out_dir", metavar="PATH", type=str, required=True, help="output folder")
-    p.add_argument("--testset", metavar="DSET", type=str, required=True, help="dataset of the victim")
-    p.add_argument("--queryset", metavar="DSET", type=str, required=True, help="dataset of the seed images")
-    p.add_argument("--batch_size", metavar="N", type=int, default=64,
-                   help="substitute training batch (default: 64)")
-    p.add_argument("--train_transform", action="store_true", help="seed images with the train transform")
-    p.add_argument("--budget", metavar="N", type=int, default=10000, help="query limit (default: 10000)")
-    p.add_argument("--seedsize", metavar="N", type=int, default=100,
-                   help="size of the seed set (default: 100)")
-    p.add_argument("--rho", metavar="N", type=_opt_int, default=None, help="number of augmentation rounds")
-    p.add_argument("--sigma", metavar="N", type=int, default=3, help="sample --kappa rows from this round on")
-    p.add_argument("--kappa", metavar="N", type=_opt_int, default=None, help="rows sampled per round")
-    p.add_argument("--tau", metavar="N", type=_opt_int, default=5, help="period of the step-size sign flip")
-    p.add_argument("--train_epochs", metavar="N", type=int, default=20, help="epochs per round (default: 20)")
-    p.add_argument("--final_train_epochs", metavar="N", type=int, default=100,
-                   help="epochs of the final substitute (default: 100)")
-    p.add_argument("--query_batch_size", metavar="N", type=int, default=64,
-                   help="images per black-box call (default: 64; the original used 1)")
-    p.add_argument("--test_subset", type=int, default=None, metavar="N",
-                   help="test on the first N test images only")
-    p.add_argument("-d", "--device_id", metavar="D", type=int, default=0,
-                   help="GPU index, -1 for CPU (default: 0; the CPU when there is no GPU)")
-    p.add_argument("-w", "--nworkers", metavar="N", type=int, default=10,
-                   help="DataLoader worker processes (default: 10)")
-    g = p.add_argument_group("original behaviour (bugs fixed by default)")
-    g.add_argument("--orig_aliasing", action="store_true",
-                   help="augment D in place (D stays at the seed images, duplicated)")
-    g.add_argument("--orig_jbself_store", action="store_true",
-                   help="jbself: store x+delta with the label of x-delta")
-    g.add_argument("--orig_clamp", action="store_true",
-                   help="FGSM clamps to [0,1] in normalised units; PGD does not clamp")
-    g.add_argument("--orig_topk_cap", action="store_true", help="jbtop: budget cap divides by 3 instead of k")
-    g.add_argument("--orig_pgd_sign", action="store_true",
-                   help="jbtop: clamp(-lambda, lambda) even for lambda < 0")
-    add_common_arguments(p)
-    return p
+    return list(DEFENSE_NAMES)
+
+
+_ORIG = "original behaviour (bugs fixed by default)"
+
+
+@dataclass(kw_only=True)
+class JacobianSettings(CommonSettings):
+    """Jacobian-based attacks (JBDA, JB-self, JB-top-k) against a defended victim
+    (defenses/adversary/jacobian.py)."""
+
+    policy: str = setting(metavar="PI", help="jbda, jbself or jbtop<k> (e.g. jbtop3)")
+    victim_model_dir: str = setting(metavar="VIC_DIR", help="victim folder")
+    defense: str = setting(metavar="DEFENSE", choices=_defense_names, help="defense: %(choices)s")
+    defense_args: str = setting(metavar="DEFENSE_ARGS", help="defense arguments 'key:value,...'")
+    model_adv: Optional[str] = setting("--model_adv", default=None, metavar="STR",
+                                       help="substitute architecture (default: the victim's)")
+    pretrained: Optional[str] = setting("--pretrained", default=None, metavar="STR",
+                                        help="substitute initialisation")
+    out_dir: str = setting("--out_dir", metavar="PATH", help="output folder")
+    testset: str = setting("--testset", metavar="DSET", help="dataset of the victim")
+    queryset: str = setting("--queryset", metavar="DSET", help="dataset of the seed images")
+    batch_size: int = setting("--batch_size", default=64, metavar="N",
+                              help="substitute training batch (default: 64)")
+    train_transform: bool = setting("--train_transform", default=False,
+                                    help="seed images with the train transform")
+    budget: int = setting("--budget", default=10000, metavar="N", help="query limit (default: 10000)")
+    seedsize: int = setting("--seedsize", default=100, metavar="N",
+                            help="size of the seed set (default: 100)")
+    rho: Optional[int] = setting("--rho", default=None, metavar="N", parse=_opt_int,
+                                 help="number of augmentation rounds")
+    sigma: int = setting("--sigma", default=3, metavar="N", help="sample --kappa rows from this round on")
+    kappa: Optional[int] = setting("--kappa", default=None, metavar="N", parse=_opt_int,
+                                   help="rows sampled per round")
+    tau: Optional[int] = setting("--tau", default=5, metavar="N", parse=_opt_int,
+                                 help="period of the step-size sign flip")
+    train_epochs: int = setting("--train_epochs", default=20, metavar="N",
+                                help="epochs per round (default: 20)")
+    final_train_epochs: int = setting("--final_train_epochs", default=100, metavar="N",
+                                      help="epochs of the final substitute (default: 100)")
+    query_batch_size: int = setting("--query_batch_size", default=64, metavar="N",
+                                    help="images per black-box call (default: 64; the original used 1)")
+    test_subset: Optional[int] = setting("--test_subset", default=None, metavar="N",
+                                         help="test on the first N test images only")
+    device_id: int = device_setting()
+    nworkers: int = setting("-w", "--nworkers", default=10, metavar="N",
+                            help="DataLoader worker processes (default: 10)")
+    orig_aliasing: bool = setting("--orig_aliasing", default=False, group=_ORIG,
+                                  help="augment D in place (D stays at the seed images, duplicated)")
+    orig_jbself_store: bool = setting("--orig_jbself_store", default=False, group=_ORIG,
+                                      help="jbself: store x+delta with the label of x-delta")
+    orig_clamp: bool = setting("--orig_clamp", default=False, group=_ORIG,
+                               help="FGSM clamps to [0,1] in normalised units; PGD does not clamp")
+    orig_topk_cap: bool = setting("--orig_topk_cap", default=False, group=_ORIG,
+                                  help="jbtop: budget cap divides by 3 instead of k")
+    orig_pgd_sign: bool = setting("--orig_pgd_sign", default=False, group=_ORIG,
+                                  help="jbtop: clamp(-lambda, lambda) even for lambda < 0")
+
+    def run(self) -> Dict[str, Any]:
+        """:func:`run_jacobian` with these settings (recorded as ``params_transfer.json``)."""
+        return run_jacobian(
+            self.policy, self.victim_model_dir, self.defense, self.defense_args, out_dir=self.out_dir,
+            testset=self.testset, queryset=self.queryset, model_adv=self.model_adv,
+            pretrained=self.pretrained, budget=self.budget, seedsize=self.seedsize, rho=self.rho,
+            sigma=self.sigma, kappa=self.kappa,
+            tau=self.tau, train_epochs=self.train_epochs, final_train_epochs=self.final_train_epochs,
+            batch_size=self.batch_size, query_batch_size=self.query_batch_size,
+            train_transform=self.train_transform, device=self.device_id, num_workers=self.nworkers,
+            data_root=self.data_root, seed=self.seed, test_subset=self.test_subset,
+            orig_aliasing=self.orig_aliasing, orig_jbself_store=self.orig_jbself_store,
+            orig_clamp=self.orig_clamp, orig_topk_cap=self.orig_topk_cap, orig_pgd_sign=self.orig_pgd_sign,
+            progress=not self.no_progress, params=self.params(),
+        )
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    return settings.build_parser(JacobianSettings, prog=prog)
 
 
 def main(argv: Optional[List[str]] = None, *, prog: Optional[str] = None) -> int:
-    args = build_parser(prog).parse_args(argv)
-    distributed.setup_logging()
-    params = {k: v for k, v in vars(args).items() if k != "no_progress"}
-    try:
-        run_jacobian(
-            args.policy, args.victim_model_dir, args.defense, args.defense_args, out_dir=args.out_dir,
-            testset=args.testset, queryset=args.queryset, model_adv=args.model_adv,
-            pretrained=args.pretrained,
-            budget=args.budget, seedsize=args.seedsize, rho=args.rho, sigma=args.sigma, kappa=args.kappa,
-            tau=args.tau, train_epochs=args.train_epochs, final_train_epochs=args.final_train_epochs,
-            batch_size=args.batch_size, query_batch_size=args.query_batch_size,
-            train_transform=args.train_transform, device=args.device_id, num_workers=args.nworkers,
-            data_root=args.data_root, seed=args.seed, test_subset=args.test_subset,
-            orig_aliasing=args.orig_aliasing, orig_jbself_store=args.orig_jbself_store,
-            orig_clamp=args.orig_clamp, orig_topk_cap=args.orig_topk_cap, orig_pgd_sign=args.orig_pgd_sign,
-            progress=not args.no_progress, params=params,
-        )
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        logger.error("%s", err)
-        return 2
-    return 0
+    return settings.run_step(JacobianSettings, argv, prog=prog)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    raise SystemExit(main(prog=f"python -m {__spec__.name}"))

@@ -41,9 +41,9 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -56,9 +56,11 @@ from ..attacks.transferset import (INDEX_FILE, META, PATHS_FILE, X_FILE, Y_FILE,
 from ..defenses import DEFENSE_NAMES, WB_DEFENSES, DefenseSpec, QueryLogger, build_defense, read_queries
 from ..fileio import atomic_save_bytes, atomic_write_json
 from ..modeldir import dataset_name, modelfamily_for_dataset, read_params, write_params
+from . import settings
 from .common import resolve_device
+from .settings import CommonSettings, device_setting, setting
 
-__all__ = ["build_parser", "main", "transfer", "merge_shards", "shard_dir", "LOG_PREFIX"]
+__all__ = ["build_parser", "main", "transfer", "merge_shards", "shard_dir", "TransferSettings", "LOG_PREFIX"]
 
 logger = logging.getLogger(__name__)
 
@@ -351,68 +353,73 @@ def merge_shards(out_dir, num_shards: int, *, export_pickle_file: bool = False,
 # ---------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ppoison transfer", description="Construct a transfer set by querying a "
-                                "(defended) victim (Knockoff Nets, random or adaptive policy)")
-    p.add_argument("policy", metavar="PI", choices=["random", "adaptive"],
-                   help="query policy: random | adaptive")
-    p.add_argument("victim_model_dir", metavar="PATH",
-                   help="victim folder (params.json + model_best.pth.tar or checkpoint.pth.tar)")
-    p.add_argument("defense", metavar="TYPE", choices=list(DEFENSE_NAMES),
-                   help=f"defense: {', '.join(DEFENSE_NAMES)}")
-    p.add_argument("defense_args", metavar="STR", help='defense arguments "k1:v1,k2:v2,..."')
-    p.add_argument("--out_dir", metavar="PATH", required=True, help="folder of the transfer set")
-    p.add_argument("--budget", metavar="N", type=int, default=None, help="# distinct images (default: all)")
-    p.add_argument("--nqueries", metavar="N", type=int, default=None, help="# queries (default: budget)")
-    p.add_argument("--qpi", metavar="N", type=int, default=1,
-                   help="# queries per image (posteriors averaged)")
-    p.add_argument("--queryset", metavar="TYPE", required=True, help="adversary's dataset (P_A(X))")
-    p.add_argument("--batch_size", metavar="B", type=int, default=256, help="queries per black-box call")
-    p.add_argument("-d", "--device_id", metavar="D", type=int, default=0, help="GPU id, -1 for the CPU")
-    p.add_argument("-w", "--nworkers", metavar="N", type=int, default=10, help="image-loading workers")
-    p.add_argument("--train_transform", action="store_true", help="augment query images (train transform)")
-    p.add_argument("--data-root", dest="data_root", metavar="DIR", default=None, help="dataset root")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="query-order and per-batch seed (42)")
-    p.add_argument("--export-pickle", dest="export_pickle_file", action="store_true",
-                   help="also write the original's transferset.pickle")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue a run interrupted in out_dir (default); --no-resume starts over")
-    p.add_argument("--num-shards", dest="num_shards", type=int, default=None,
-                   help="split the batches into S shards")
-    p.add_argument("--shard-id", dest="shard_id", type=int, default=None,
-                   help="the shard this process builds")
-    p.add_argument("--merge-shards", dest="merge_shards", type=int, default=None, metavar="S",
-                   help="only merge out_dir/shard-0..S-1 into out_dir")
-    p.add_argument("--merge-timeout", dest="merge_timeout", type=float, default=None,
-                   help="torchrun: seconds rank 0 waits for the other shards")
-    g = p.add_argument_group("adaptive policy")
-    g.add_argument("--reward", choices=list(REWARDS), default="all")
-    g.add_argument("--alpha", type=float, default=0.1, help="bandit step size")
-    g.add_argument("--delta", type=int, default=25, help="window of the diversity reward")
-    g.add_argument("--online-lr", dest="online_lr", type=float, default=0.01, help="online knockoff SGD lr")
-    g.add_argument("--hierarchy", metavar="JSON", default=None, help='{"coarse": [fine labels]} file')
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    return p
+_ADAPTIVE = "adaptive policy"
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        if args.merge_shards is not None:
-            merge_shards(args.out_dir, args.merge_shards, export_pickle_file=args.export_pickle_file,
-                         progress=args.progress)
-            return 0
-        kw = vars(args)
-        kw.pop("merge_shards")
-        transfer(kw.pop("policy"), kw.pop("victim_model_dir"), kw.pop("defense"), kw.pop("defense_args"),
-                 **kw)
-    except (ValueError, TypeError, FileNotFoundError, TimeoutError) as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
-    return 0
+@dataclass(kw_only=True)
+class TransferSettings(CommonSettings):
+    """Construct a transfer set by querying a (defended) victim (Knockoff Nets, random or adaptive policy)."""
+
+    policy: str = setting(metavar="PI", choices=["random", "adaptive"],
+                          help="query policy: random | adaptive")
+    victim_model_dir: str = setting(metavar="PATH", help="victim folder (params.json + model_best.pth.tar "
+                                                         "or checkpoint.pth.tar)")
+    defense: str = setting(metavar="TYPE", choices=list(DEFENSE_NAMES), help="defense: %(choices)s")
+    defense_args: str = setting(metavar="STR", help='defense arguments "k1:v1,k2:v2,..."')
+    out_dir: str = setting("--out_dir", metavar="PATH", help="folder of the transfer set")
+    budget: Optional[int] = setting("--budget", default=None, metavar="N",
+                                    help="# distinct images (default: all)")
+    nqueries: Optional[int] = setting("--nqueries", default=None, metavar="N",
+                                      help="# queries (default: budget)")
+    qpi: int = setting("--qpi", default=1, metavar="N", help="# queries per image (posteriors averaged)")
+    queryset: str = setting("--queryset", metavar="TYPE", help="adversary's dataset (P_A(X))")
+    batch_size: int = setting("--batch_size", default=256, metavar="B", help="queries per black-box call")
+    device_id: int = device_setting("GPU id, -1 for the CPU")
+    nworkers: int = setting("-w", "--nworkers", default=10, metavar="N", help="image-loading workers")
+    train_transform: bool = setting("--train_transform", default=False,
+                                    help="augment query images (train transform)")
+    export_pickle_file: bool = setting("--export-pickle", default=False,
+                                       help="also write the original's transferset.pickle")
+    resume: bool = setting("--resume", default=True,
+                           help="continue a run interrupted in out_dir (default); --no-resume starts over")
+    num_shards: Optional[int] = setting("--num-shards", default=None, help="split the batches into S shards")
+    shard_id: Optional[int] = setting("--shard-id", default=None, help="the shard this process builds")
+    merge_shards: Optional[int] = setting("--merge-shards", default=None, metavar="S",
+                                          help="only merge out_dir/shard-0..S-1 into out_dir")
+    merge_timeout: Optional[float] = setting("--merge-timeout", default=None,
+                                             help="torchrun: seconds rank 0 waits for the other shards")
+    reward: str = setting("--reward", default="all", choices=list(REWARDS), group=_ADAPTIVE)
+    alpha: float = setting("--alpha", default=0.1, help="bandit step size", group=_ADAPTIVE)
+    delta: int = setting("--delta", default=25, help="window of the diversity reward", group=_ADAPTIVE)
+    online_lr: float = setting("--online-lr", default=0.01, help="online knockoff SGD lr", group=_ADAPTIVE)
+    hierarchy: Optional[str] = setting("--hierarchy", default=None, metavar="JSON",
+                                       help='{"coarse": [fine labels]} file', group=_ADAPTIVE)
+
+    def run(self) -> Path:
+        """:func:`transfer` with these settings (or, with ``merge_shards``, :func:`merge_shards`
+        only); returns the folder written."""
+        if self.merge_shards is not None:
+            return merge_shards(self.out_dir, self.merge_shards, export_pickle_file=self.export_pickle_file,
+                                progress=not self.no_progress)
+        return transfer(
+            self.policy, self.victim_model_dir, self.defense, self.defense_args, out_dir=self.out_dir,
+            queryset=self.queryset, budget=self.budget, nqueries=self.nqueries, qpi=self.qpi,
+            batch_size=self.batch_size, device_id=self.device_id, nworkers=self.nworkers,
+            train_transform=self.train_transform, data_root=self.data_root, seed=self.seed,
+            export_pickle_file=self.export_pickle_file, resume=self.resume, num_shards=self.num_shards,
+            shard_id=self.shard_id, reward=self.reward, alpha=self.alpha, delta=self.delta,
+            online_lr=self.online_lr, hierarchy=self.hierarchy, merge_timeout=self.merge_timeout,
+            progress=not self.no_progress,
+        )
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    return settings.build_parser(TransferSettings, prog=prog)
+
+
+def main(argv: Optional[List[str]] = None, *, prog: Optional[str] = None) -> int:
+    return settings.run_step(TransferSettings, argv, prog=prog)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main(prog=f"python -m {__spec__.name}"))

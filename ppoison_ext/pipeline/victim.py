@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -49,11 +50,13 @@ from ..datasets import dataset_to_modelfamily, get_dataset, get_transform
 from ..models import get_net
 from ..training import seed_everything, train_model
 from ..modeldir import write_params
+from . import settings
 from .common import resolve_device
+from .settings import CommonSettings, device_setting, setting
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["train_victim", "make_proxy", "build_parser", "main"]
+__all__ = ["train_victim", "make_proxy", "VictimSettings", "build_parser", "main"]
 
 #: Where the original wrote by default was ``<knockoffnets>/models``; here: ``./models``.
 DEFAULT_OUT = "models"
@@ -181,64 +184,56 @@ def make_proxy(dataset: str, arch: str, out_path: Union[str, Path],
     return train_victim(dataset, arch, out_path, epochs=1, train_subset=10, lr=0.0, **kwargs)
 
 
-def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
-    from ..cli import add_common_arguments
+@dataclass(kw_only=True)
+class VictimSettings(CommonSettings):
+    """Train a victim model (knockoff/victim/train.py). A MAD surrogate is
+    '--epochs 1 --train_subset 10 --lr 0.0'."""
 
-    p = argparse.ArgumentParser(
-        prog=prog, description="Train a victim model (knockoff/victim/train.py). A MAD surrogate is "
-        "'--epochs 1 --train_subset 10 --lr 0.0'.")
-    p.add_argument("dataset", metavar="DS_NAME", type=str, help="dataset name, e.g. MNIST")
-    p.add_argument("model_arch", metavar="MODEL_ARCH", type=str, help="model name, e.g. lenet")
-    p.add_argument("-o", "--out_path", metavar="PATH", type=str, default=DEFAULT_OUT,
-                   help=f"output folder (default: ./{DEFAULT_OUT})")
-    p.add_argument("-d", "--device_id", metavar="D", type=int, default=0,
-                   help="GPU index, -1 for CPU (default: 0; the CPU when there is no GPU)")
-    p.add_argument("-b", "--batch-size", dest="batch_size", type=int, default=64, metavar="N",
-                   help="input batch size for training (default: 64)")
-    p.add_argument("-e", "--epochs", type=int, default=100, metavar="N",
-                   help="number of epochs (default: 100)")
-    p.add_argument("--lr", type=float, default=0.1, metavar="LR", help="learning rate (default: 0.1)")
-    p.add_argument("--momentum", type=float, default=0.5, metavar="M", help="SGD momentum (default: 0.5)")
-    p.add_argument("--log-interval", dest="log_interval", type=int, default=100, metavar="N",
-                   help="batches between progress log lines (default: 100)")
-    p.add_argument("--resume", default=None, type=str, metavar="PATH",
-                   help="checkpoint to continue from, or 'auto' (out_path/last.pth.tar if present)")
-    p.add_argument("--lr-step", dest="lr_step", type=int, default=30, metavar="N",
-                   help="StepLR step (default: 30)")
-    p.add_argument("--lr-gamma", dest="lr_gamma", type=float, default=0.1, metavar="N",
-                   help="StepLR decay (default: 0.1)")
-    p.add_argument("-w", "--num_workers", metavar="N", type=int, default=10,
-                   help="DataLoader worker processes (default: 10)")
-    p.add_argument("--train_subset", type=int, default=None, metavar="N",
-                   help="train on N random training images (seeded with --seed)")
-    p.add_argument("--test_subset", type=int, default=None, metavar="N",
-                   help="test on the first N test images only")
-    p.add_argument("--pretrained", type=str, default=None, help="'imagenet' or a checkpoint path")
-    p.add_argument("--weighted-loss", dest="weighted_loss", action="store_true", default=False,
-                   help="class-weighted cross-entropy")
-    add_common_arguments(p)
-    return p
+    dataset: str = setting(metavar="DS_NAME", help="dataset name, e.g. MNIST")
+    model_arch: str = setting(metavar="MODEL_ARCH", help="model name, e.g. lenet")
+    out_path: str = setting("-o", "--out_path", default=DEFAULT_OUT, metavar="PATH",
+                            help=f"output folder (default: ./{DEFAULT_OUT})")
+    device_id: int = device_setting()
+    batch_size: int = setting("-b", "--batch-size", default=64, metavar="N",
+                              help="input batch size for training (default: 64)")
+    epochs: int = setting("-e", "--epochs", default=100, metavar="N", help="number of epochs (default: 100)")
+    lr: float = setting("--lr", default=0.1, metavar="LR", help="learning rate (default: 0.1)")
+    momentum: float = setting("--momentum", default=0.5, metavar="M", help="SGD momentum (default: 0.5)")
+    log_interval: int = setting("--log-interval", default=100, metavar="N",
+                                help="batches between progress log lines (default: 100)")
+    resume: Optional[str] = setting("--resume", default=None, metavar="PATH",
+                                    help="checkpoint to continue from, or 'auto' (out_path/last.pth.tar if "
+                                         "present)")
+    lr_step: int = setting("--lr-step", default=30, metavar="N", help="StepLR step (default: 30)")
+    lr_gamma: float = setting("--lr-gamma", default=0.1, metavar="N", help="StepLR decay (default: 0.1)")
+    num_workers: int = setting("-w", "--num_workers", default=10, metavar="N",
+                               help="DataLoader worker processes (default: 10)")
+    train_subset: Optional[int] = setting("--train_subset", default=None, metavar="N",
+                                          help="train on N random training images (seeded with --seed)")
+    test_subset: Optional[int] = setting("--test_subset", default=None, metavar="N",
+                                         help="test on the first N test images only")
+    pretrained: Optional[str] = setting("--pretrained", default=None, help="'imagenet' or a checkpoint path")
+    weighted_loss: bool = setting("--weighted-loss", default=False, help="class-weighted cross-entropy")
+
+    def run(self) -> Tuple[nn.Module, Dict[str, Any]]:
+        """:func:`train_victim` with these settings."""
+        return train_victim(
+            self.dataset, self.model_arch, self.out_path, device=self.device_id, batch_size=self.batch_size,
+            epochs=self.epochs, lr=self.lr, momentum=self.momentum, log_interval=self.log_interval,
+            resume=self.resume, lr_step=self.lr_step, lr_gamma=self.lr_gamma, num_workers=self.num_workers,
+            train_subset=self.train_subset, pretrained=self.pretrained, weighted_loss=self.weighted_loss,
+            data_root=self.data_root, seed=self.seed, test_subset=self.test_subset,
+            progress=not self.no_progress,
+        )
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    return settings.build_parser(VictimSettings, prog=prog)
 
 
 def main(argv: Optional[List[str]] = None, *, prog: Optional[str] = None) -> int:
-    args = build_parser(prog).parse_args(argv)
-    distributed.setup_logging()
-    try:
-        train_victim(
-            args.dataset, args.model_arch, args.out_path, device=args.device_id, batch_size=args.batch_size,
-            epochs=args.epochs, lr=args.lr, momentum=args.momentum, log_interval=args.log_interval,
-            resume=args.resume, lr_step=args.lr_step, lr_gamma=args.lr_gamma, num_workers=args.num_workers,
-            train_subset=args.train_subset, pretrained=args.pretrained, weighted_loss=args.weighted_loss,
-            data_root=args.data_root, seed=args.seed, test_subset=args.test_subset,
-            progress=not args.no_progress,
-        )
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        logger.error("%s", err)
-        return 2
-    finally:
-        distributed.cleanup()
-    return 0
+    return settings.run_step(VictimSettings, argv, prog=prog)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    raise SystemExit(main(prog=f"python -m {__spec__.name}"))

@@ -1,0 +1,281 @@
+"""Typed settings of the pipeline steps: one dataclass per step, shared by the command line,
+the grid's TOML tables and Python calls.
+
+A step declares its settings next to its code, each field with :func:`setting`, which records
+the command-line flag beside the default and the type::
+
+    @dataclass(kw_only=True)
+    class VictimSettings(CommonSettings):
+        dataset: str = setting(metavar="DS_NAME", help="dataset name, e.g. MNIST")       # positional
+        batch_size: int = setting("-b", "--batch-size", default=64, metavar="N", help="batch size")
+        weighted_loss: bool = setting("--weighted-loss", default=False, help="...")     # store_true
+
+        def run(self):
+            return train_victim(self.dataset, ..., batch_size=self.batch_size)
+
+and gets ``build_parser(VictimSettings)`` (argparse: the flags, their types from the
+annotations, ``required`` for flags without a default), ``from_args`` (parsed flags to the
+dataclass), :func:`from_dict` / :func:`check_values` (a mapping such as a TOML table: unknown
+keys, wrong types and values outside ``choices`` are ValueErrors naming the key) and
+:func:`run_step`, the one ``main(argv)`` of every step. Field names are the flags' ``dest``
+(``--batch-size`` → ``batch_size``), so ``params*.json`` records keep the original's keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections.abc
+import dataclasses
+import logging
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
+
+from .. import distributed
+
+__all__ = ["setting", "device_setting", "CommonSettings", "build_parser", "from_args", "from_dict",
+           "check_values", "check_value", "run_step"]
+
+S = TypeVar("S", bound="CommonSettings")
+
+_FLAG = "ppoison_flag"  # the key of a field's metadata that holds its Flag
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How one settings field appears on the command line (see :func:`setting`)."""
+
+    flags: Tuple[str, ...]
+    help: str
+    metavar: Optional[str]
+    choices: Union[Sequence[Any], Callable[[], Sequence[Any]], None]
+    parse: Optional[Callable[[str], Any]]
+    group: Optional[str]
+
+    def choice_list(self) -> Optional[List[Any]]:
+        if self.choices is None:
+            return None
+        return list(self.choices() if callable(self.choices) else self.choices)
+
+
+def setting(*flags: str, default: Any = MISSING, help: str = "", metavar: Optional[str] = None,
+            choices: Union[Sequence[Any], Callable[[], Sequence[Any]], None] = None,
+            parse: Optional[Callable[[str], Any]] = None, group: Optional[str] = None) -> Any:
+    """A dataclass field that is also a command-line argument.
+
+    Args:
+        flags: the option strings (``"-b", "--batch-size"``); none makes a positional argument.
+            The field's name is the ``dest``.
+        default: the default; a flag without one is required.
+        help, metavar: as argparse (``%(default)s`` and ``%(choices)s`` work in ``help``).
+        choices: the allowed values, or a function returning them (looked up when a parser is
+            built or a value checked, so the step module need not import them at load time).
+        parse: converts the command-line string (default: the annotated type, ``int`` for
+            ``Optional[int]``); ``bool`` fields are switches instead: ``store_true`` when the
+            default is False, ``--x/--no-x`` when it is True.
+        group: the title of the ``--help`` section the flag is listed in.
+    """
+    return field(default=default, metadata={_FLAG: Flag(tuple(flags), help, metavar, choices, parse, group)})
+
+
+def device_setting(help: str = "GPU index, -1 for CPU (default: 0; the CPU when there is no GPU)") -> Any:
+    """The original's ``-d/--device_id`` flag (default 0) of every step."""
+    return setting("-d", "--device_id", default=0, metavar="D", help=help)
+
+
+@dataclass(kw_only=True)
+class CommonSettings:
+    """The settings every step has: ``--data-root``, ``--seed``, ``--no-progress``.
+    Step settings subclass it and implement :meth:`run`."""
+
+    data_root: Optional[str] = setting("--data-root", default=None, metavar="DIR",
+                                       help="dataset root (default: $PPOISON_DATA, then the embedded "
+                                            "MNIST/notMNIST data)")
+    seed: int = setting("--seed", default=42, metavar="N", help="random seed (default: 42, the original's "
+                                                                "DEFAULT_SEED)")
+    no_progress: bool = setting("--no-progress", default=False, help="hide the progress bars")
+
+    def run(self) -> Any:
+        """Runs the step with these settings; returns what the step function returns."""
+        raise NotImplementedError(f"{type(self).__name__} does not define run()")
+
+    def params(self) -> Dict[str, Any]:
+        """The settings as the ``params*.json`` record of a run (every flag but ``--no-progress``),
+        in command-line order."""
+        return {f.name: getattr(self, f.name) for f in _ordered(type(self)) if f.name != "no_progress"}
+
+
+def _ordered(cls: type) -> List[dataclasses.Field]:
+    """The fields of ``cls`` with the common ones last (dataclass inheritance puts them first)."""
+    common = {f.name for f in fields(CommonSettings)}
+    own = [f for f in fields(cls) if f.name not in common]
+    return own + [f for f in fields(cls) if f.name in common]
+
+
+def _hints(cls: type) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _strip_optional(tp: Any) -> Tuple[Any, bool]:
+    if typing.get_origin(tp) is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], len(args) < len(typing.get_args(tp))
+        return tp, type(None) in typing.get_args(tp)
+    return tp, False
+
+
+def _flag(f: dataclasses.Field) -> Flag:
+    flag = f.metadata.get(_FLAG)
+    if flag is None:
+        raise TypeError(f"settings field {f.name!r} is not declared with setting()")
+    return flag
+
+
+def build_parser(cls: type, *, prog: Optional[str] = None, description: Optional[str] = None,
+                 parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    """An argparse parser with one argument per field of the settings dataclass ``cls``
+    (the common flags last). ``description`` defaults to the class docstring."""
+    if parser is None:
+        parser = argparse.ArgumentParser(prog=prog, description=description or _doc(cls))
+    hints = _hints(cls)
+    groups: Dict[str, Any] = {}
+    for f in _ordered(cls):
+        flag = _flag(f)
+        target = parser
+        if flag.group:
+            if flag.group not in groups:
+                groups[flag.group] = parser.add_argument_group(flag.group)
+            target = groups[flag.group]
+        kw: Dict[str, Any] = {"help": flag.help}
+        if flag.metavar is not None:
+            kw["metavar"] = flag.metavar
+        choices = flag.choice_list()
+        if choices is not None:
+            kw["choices"] = choices
+        tp, _ = _strip_optional(hints[f.name])
+        has_default = f.default is not MISSING
+        if tp is bool and flag.parse is None:
+            if not flag.flags:
+                raise TypeError(f"settings field {f.name!r}: a bool must be a flag, not a positional")
+            kw.pop("metavar", None)
+            kw["action"] = argparse.BooleanOptionalAction if f.default is True else "store_true"
+            kw["default"] = bool(f.default) if has_default else False
+        else:
+            kw["type"] = flag.parse or (tp if tp in (int, float, str) else str)
+            if has_default:
+                kw["default"] = f.default
+        if flag.flags:
+            kw["dest"] = f.name
+            if not has_default:
+                kw["required"] = True
+            target.add_argument(*flag.flags, **kw)
+        else:
+            if has_default:
+                kw["nargs"] = "?"
+            target.add_argument(f.name, **kw)
+    return parser
+
+
+def _doc(cls: type) -> Optional[str]:
+    doc = cls.__doc__ or ""
+    if doc.startswith(cls.__name__ + "("):  # the signature dataclass writes when there is no docstring
+        return None
+    return " ".join(doc.strip().split("\n\n")[0].split()) or None
+
+
+def from_args(cls: Type[S], args: argparse.Namespace) -> S:
+    """The settings dataclass from a namespace parsed by :func:`build_parser` ``(cls)``."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    inner, optional = _strip_optional(tp)
+    if value is None:
+        return optional or inner is Any
+    if inner is Any or isinstance(inner, TypeVar):
+        return True
+    if inner is bool:
+        return isinstance(value, bool)
+    if inner is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if inner is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if inner is str:
+        return isinstance(value, str)
+    origin = typing.get_origin(inner)
+    if origin is Union:
+        return any(_type_ok(value, a) for a in typing.get_args(inner))
+    if origin in (list, tuple, collections.abc.Sequence):
+        args = typing.get_args(inner)
+        return isinstance(value, (list, tuple)) and (not args or all(_type_ok(v, args[0]) for v in value))
+    if origin in (dict, collections.abc.Mapping):
+        return isinstance(value, dict)
+    return isinstance(value, inner) if isinstance(inner, type) else True
+
+
+def _type_name(tp: Any) -> str:
+    inner, optional = _strip_optional(tp)
+    name = getattr(inner, "__name__", None) or str(inner).replace("typing.", "")
+    return f"{name} or None" if optional else name
+
+
+def check_value(cls: type, name: str, value: Any, where: str, *, key: Optional[str] = None) -> Any:
+    """Checks ``value`` against the field ``name`` of the settings dataclass ``cls`` (type and
+    choices); returns it, or raises ValueError naming ``key`` (default ``name``) and ``where``."""
+    key = key or name
+    by_name = {f.name: f for f in fields(cls)}
+    if name not in by_name:
+        raise ValueError(f"{where}: unknown key {key!r}")
+    tp = _hints(cls)[name]
+    if not _type_ok(value, tp):
+        raise ValueError(f"{where}: {key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    flag = by_name[name].metadata.get(_FLAG)
+    choices = flag.choice_list() if flag is not None else None
+    if choices is not None and value is not None and value not in choices:
+        raise ValueError(f"{where}: {key} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_values(cls: type, mapping: Mapping[str, Any], where: str, *,
+                 exclude: Sequence[str] = ()) -> Dict[str, Any]:
+    """Checks every entry of ``mapping`` with :func:`check_value`; keys that are no field of
+    ``cls`` (or are in ``exclude``) are an error naming them and the accepted keys."""
+    if not isinstance(mapping, Mapping):
+        raise ValueError(f"{where}: expected a table, got {type(mapping).__name__}")
+    names = [f.name for f in _ordered(cls) if f.name not in exclude]
+    unknown = sorted(set(mapping) - set(names))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; accepted: {sorted(names)}")
+    return {k: check_value(cls, k, v, where) for k, v in mapping.items()}
+
+
+def from_dict(cls: Type[S], mapping: Mapping[str, Any], where: str) -> S:
+    """The settings dataclass ``cls`` from a mapping (e.g. a TOML table), checked by
+    :func:`check_values`; a missing required setting is a ValueError too."""
+    values = check_values(cls, mapping, where)
+    missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+               and f.name not in values]
+    if missing:
+        raise ValueError(f"{where}: missing required keys {missing}")
+    return cls(**values)
+
+
+def run_step(cls: Type[CommonSettings], argv: Optional[List[str]] = None, *,
+             prog: Optional[str] = None) -> int:
+    """The ``main(argv)`` of a step: parses ``argv`` into ``cls``, sets up logging
+    (:func:`ppoison_ext.distributed.setup_logging`), runs ``settings.run()`` and cleans the
+    process group up. A ValueError, TypeError, FileNotFoundError or TimeoutError (bad input, a
+    missing file, shards that never finished) is logged under the step's module and gives exit
+    status 2; bad flags exit with argparse's status 2 before anything runs. Returns 0 otherwise.
+    """
+    settings = from_args(cls, build_parser(cls, prog=prog).parse_args(argv))
+    distributed.setup_logging()
+    try:
+        settings.run()
+    except (ValueError, TypeError, FileNotFoundError, TimeoutError) as err:
+        logging.getLogger(cls.__module__).error("%s", err)
+        return 2
+    finally:
+        distributed.cleanup()
+    return 0
