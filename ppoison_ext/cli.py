@@ -1,4 +1,4 @@
-"""The ``ppoison`` command: one subcommand per step of the original pipeline.
+"""The ``ppoison`` command: one subcommand per step of the reference's pipeline.
 
 ::
 
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ppoison",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Prediction Poisoning (MAD) and model-stealing attacks: the original pipeline's steps.",
+        description="Prediction Poisoning (MAD) and model-stealing attacks: the reference pipeline's steps.",
         epilog=f"subcommands:\n{lines}\n\nRun 'ppoison <subcommand> --help' for a subcommand's flags.",
         usage="ppoison [-h] [--version] <subcommand> [args ...]",
     )

@@ -1,30 +1,30 @@
 """Jacobian-based attacks: ``ppoison jacobian POLICY VIC_DIR DEFENSE DEFENSE_ARGS --model_adv ARCH
---out_dir D --testset T --queryset Q`` (the original ``defenses/adversary/jacobian.py``).
+--out_dir D --testset T --queryset Q`` (the reference's ``defenses/adversary/jacobian.py``).
 
 POLICY is ``jbda``, ``jbself`` or ``jbtop<k>`` (e.g. ``jbtop3``); the algorithm and the
-original's bugs (fixed by default, restored by ``--orig_aliasing``, ``--orig_jbself_store``,
-``--orig_clamp``, ``--orig_topk_cap``, ``--orig_pgd_sign``) are described in
+reference bugs that ``--orig_aliasing``, ``--orig_jbself_store``, ``--orig_clamp``,
+``--orig_topk_cap`` and ``--orig_pgd_sign`` restore (all fixed by default) are described in
 :mod:`ppoison_ext.attacks.jbda`.
 
-Setup, as the original: seed numpy/torch/CUDA with ``--seed`` (42); the seed set is
+Setup: seed numpy/torch/CUDA with ``--seed`` (42); the seed set is
 ``np.random.choice(len(queryset), --seedsize, replace=False)`` of the query set's training
 split (its family's test transform, or train transform with ``--train_transform``); the
 substitute's family comes from ``--testset``, whose test split is evaluated after every
 substitute epoch; the black box is the defended victim (query log prefix ``transfer``).
-Defaults are the original's: ``--budget 10000 --seedsize 100 --rho None --sigma 3 --kappa None
+Defaults follow the reference: ``--budget 10000 --seedsize 100 --rho None --sigma 3 --kappa None
 --tau 5 --train_epochs 20 --batch_size 64`` (substitute training batch), final substitute
 100 epochs (``--final_train_epochs``), λ = 0.1, PGD 8 × 0.01.
 
 Writes into ``--out_dir``: ``checkpoint.<queries>.pth.tar`` / ``train.<queries>.log.tsv`` for
 every substitute training (the last one, ``.<budget>``, is the reported attacker),
 ``params_transfer.json``, the defense's ``distancetransfer.log.tsv`` and query log, and
-(not in the original) the final set D as a transfer set plus ``jbda_images.pt`` (see
-:func:`~ppoison_ext.attacks.jbda.save_augmented_set`).
+the final set D as a transfer set plus ``jbda_images.pt`` (see
+:func:`~ppoison_ext.attacks.jbda.save_augmented_set`), so ``train-attacker`` can train on it.
 
-Other differences: queries are batched (``--query_batch_size``, default 64; 1 reproduces the
-original's call pattern; forced to 1 for ``*_wb`` defenses); ``--model_adv`` defaults to the
-victim's architecture (the original crashed without it); ``--test_subset N`` tests the
-substitutes on the first N test images only.
+Queries are batched (``--query_batch_size``, default 64; 1 gives one query per call, the
+reference's call pattern; forced to 1 for ``*_wb`` defenses); ``--model_adv`` defaults to the
+victim's architecture; ``--test_subset N`` tests the substitutes on the first N test images
+only. Deliberate differences from the reference: ``docs/differences.md``.
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ def _defense_names() -> List[str]:
     return list(DEFENSE_NAMES)
 
 
-_ORIG = "original behaviour (bugs fixed by default)"
+_ORIG = "restore reference bugs (fixed by default)"
 
 
 @dataclass(kw_only=True)
@@ -243,7 +243,7 @@ class JacobianSettings(CommonSettings):
     final_train_epochs: int = setting("--final_train_epochs", default=100, metavar="N",
                                       help="epochs of the final substitute (default: 100)")
     query_batch_size: int = setting("--query_batch_size", default=64, metavar="N",
-                                    help="images per black-box call (default: 64; the original used 1)")
+                                    help="images per black-box call (default: 64; the reference used 1)")
     test_subset: Optional[int] = setting("--test_subset", default=None, metavar="N",
                                          help="test on the first N test images only")
     device_id: int = device_setting()

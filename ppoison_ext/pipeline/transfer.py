@@ -1,5 +1,5 @@
-"""``ppoison transfer``: build a transfer set by querying a defended victim (the original
-``PP:defenses/adversary/transfer.py``).
+"""``ppoison transfer``: build a transfer set by querying a defended victim (the reference's
+``defenses/adversary/transfer.py``).
 
     ppoison transfer POLICY VIC_DIR DEFENSE DEFENSE_ARGS --out_dir D --queryset Q
         [--budget N] [--nqueries N] [--qpi N] [--batch_size B] [-d ID] [-w N] [--train_transform]
@@ -8,27 +8,27 @@
         [--reward R --alpha A --delta D --online-lr LR --hierarchy JSON]   # adaptive only
 
 Writes into ``out_dir``: the transfer set (:mod:`ppoison_ext.attacks.transferset` format;
-``--export-pickle`` adds the original's ``transferset.pickle``), ``run_times.f64`` (seconds
+``--export-pickle`` adds the reference's ``transferset.pickle``), ``run_times.f64`` (seconds
 per black-box call) and ``run_times_summary.json`` (``{"batch_size", "mean", "std"}``),
 ``params_transfer.json`` (the arguments, the parsed defense arguments, ``created_on``);
 the defense writes ``distancetransfer.log.tsv`` and ``queriestransfer.{f32,json}``
 (white-box defenses also ``online.log.tsv``).
 
-Defaults are the original's except ``--batch_size`` (256 instead of 1; the query order
-for a given batch size is still the original's). ``-w`` loads query images in that many
-DataLoader workers (the original ignored it); with ``--train_transform`` images are loaded
-in the main process so that random augmentations are reproducible.
+Defaults follow the reference except ``--batch_size`` (256 images per black-box call, for
+speed; the query order for a given batch size is the reference's). ``-w`` loads query
+images in that many DataLoader workers; with ``--train_transform`` images are loaded in the
+main process so that random augmentations are reproducible.
 
 Resuming: a run killed at any moment (even SIGKILL) is continued by rerunning the same
 command: the committed queries are kept, the query log, run times and any white-box or
 adaptive state are cut back to them, and querying resumes at the next batch. The result
 equals an uninterrupted run's, stochastic defenses included, because the RNGs are seeded
-per batch (see :mod:`ppoison_ext.attacks.knockoff`); this differs from the original, which
-seeded once (its CUDA noise stream could not be reproduced anyway).
+per batch from ``(--seed, batch index)`` (see :mod:`ppoison_ext.attacks.knockoff`).
+Deliberate differences from the reference: ``docs/differences.md``.
 
 Sharding (random policy, black-box defenses): ``--num-shards S --shard-id I`` queries only
 the batches t with t % S == I, into ``out_dir/shard-I/``; ``--merge-shards S`` (or
-:func:`merge_shards`) assembles the shards into ``out_dir`` in the original order, with the
+:func:`merge_shards`) assembles the shards into ``out_dir`` in the unsharded order, with the
 distance log and run times recomputed as one run would have written them. Under
 ``torchrun`` (``RANK``/``WORLD_SIZE`` set) each rank is a shard by default, rank 0 waits for
 the others and merges.
@@ -148,7 +148,7 @@ def transfer(policy: str, victim_model_dir, defense: str, defense_args: str, *, 
     device = resolve_device(device_id)
     if under_torchrun and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    torch.manual_seed(seed)  # the original seeds torch with 42 before building anything
+    torch.manual_seed(seed)  # seed torch (default 42) before building anything, as the reference
     qs = _query_set(queryset, train_transform, data_root)
     if budget is None:
         budget = len(qs)
@@ -198,7 +198,7 @@ def transfer(policy: str, victim_model_dir, defense: str, defense_args: str, *, 
     if policy == "adaptive":
         params.update(reward=reward, alpha=alpha, delta=delta, online_lr=online_lr,
                       hierarchy=None if hierarchy is None or isinstance(hierarchy, dict) else str(hierarchy))
-    for k, v in kwargs.items():  # the original copied every defense kwarg in (overwriting CLI keys)
+    for k, v in kwargs.items():  # defense kwargs are recorded too, without overwriting CLI keys
         params.setdefault(k, v)
     params["defense_kwargs"] = kwargs
     write_params(folder / "params_transfer.json", params)
@@ -255,7 +255,7 @@ def _wait_for_shards(out_dir: Path, S: int, timeout: Optional[float]) -> None:
 def merge_shards(out_dir, num_shards: int, *, export_pickle_file: bool = False,
                  progress: bool = True) -> Path:
     """Assembles ``out_dir/shard-0 .. shard-{S-1}`` into the transfer set of one unsharded
-    run in ``out_dir``: queries in the original order, ``distancetransfer.log.tsv`` and
+    run in ``out_dir``: queries in the unsharded order, ``distancetransfer.log.tsv`` and
     ``queriestransfer.*`` replayed in that order, run times concatenated, params and
     summary written. Raises ValueError if a shard is missing, incomplete, or from another run.
     """
@@ -379,7 +379,7 @@ class TransferSettings(CommonSettings):
     train_transform: bool = setting("--train_transform", default=False,
                                     help="augment query images (train transform)")
     export_pickle_file: bool = setting("--export-pickle", default=False,
-                                       help="also write the original's transferset.pickle")
+                                       help="also write the reference's transferset.pickle")
     resume: bool = setting("--resume", default=True,
                            help="continue a run interrupted in out_dir (default); --no-resume starts over")
     num_shards: Optional[int] = setting("--num-shards", default=None, help="split the batches into S shards")
