@@ -7,4 +7,4 @@ keys), :mod:`.inputs` (request decoding and its 4xx answers). Needs the ``serve`
 (``pip install 'ppoison_ext[serve]'``); importing this package alone needs nothing more.
 """
 
-__all__ = ["app", "auth", "batcher", "inputs", "keygen", "ledger", "main"]
+__all__ = ["app", "auth", "batcher", "inputs", "keygen", "ledger", "main", "process"]
