@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import torch
 from torch import Tensor
 
 from ..defenses import QueryLogger
@@ -69,6 +70,15 @@ class LedgerEntry:
     obj: Optional[Tensor] = None
     sobj: Optional[Tensor] = None
     client_request_id: Optional[str] = None
+
+
+def _stack(group: Sequence[LedgerEntry]):
+    if len(group) == 1:
+        e = group[0]
+        return e.y, e.y_prime, e.obj, e.sobj
+    cat = lambda ts: None if any(t is None for t in ts) else torch.cat(list(ts))  # noqa: E731
+    return (torch.cat([e.y for e in group]), torch.cat([e.y_prime for e in group]),
+            cat([e.obj for e in group]), cat([e.sobj for e in group]))
 
 
 class Ledger:
@@ -144,13 +154,15 @@ class Ledger:
             rows: List[tuple] = []
             now = time.time()
             try:
+                groups: Dict[str, List[LedgerEntry]] = {}
                 for e in entries:
-                    lg = self._logger(e.key_id)
                     first = self.used.get(e.key_id, 0) + counts.get(e.key_id, 0)
-                    lg.log(e.y, e.y_prime, e.obj, e.sobj)
                     n = int(e.y_prime.shape[0])
                     counts[e.key_id] = counts.get(e.key_id, 0) + n
                     rows.append((e.request_id, e.key_id, n, first, now, e.client_request_id))
+                    groups.setdefault(e.key_id, []).append(e)
+                for key_id, group in groups.items():  # one append per key and batch, in request order
+                    self._logger(key_id).log(*_stack(group))
                 if self.durable:
                     for key_id in counts:
                         fd = os.open(self._loggers[key_id].bin_path, os.O_RDONLY)
