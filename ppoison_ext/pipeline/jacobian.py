@@ -25,6 +25,11 @@ Queries are batched (``--query_batch_size``, default 64; 1 gives one query per c
 reference's call pattern; forced to 1 for ``*_wb`` defenses); ``--model_adv`` defaults to the
 victim's architecture; ``--test_subset N`` tests the substitutes on the first N test images
 only. Deliberate differences from the reference: ``docs/differences.md``.
+
+Over HTTP: with a URL for VIC_DIR (``ppoison jacobian jbda http://127.0.0.1:8000 --api-key-file F
+...``) the black box is a :class:`~ppoison_ext.client.RemoteBlackbox`; DEFENSE / DEFENSE_ARGS
+are left out (the server's defense is used), K and the default ``--model_adv`` come from
+``/v1/info``, and the query log is the server's.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import torch
 from torch.utils.data import Subset
 
 from .. import distributed
+from ..client import RemoteBlackbox, is_url, read_api_key
 from ..attacks.jbda import JacobianAdversary, parse_policy, pixel_bounds, save_augmented_set
 from ..defenses import WB_DEFENSES, DefenseSpec, QueryLogger, build_defense
 from ..modeldir import read_params, write_params
@@ -62,7 +68,7 @@ FAMILY_NORMALIZATION = {"mnist": (MNIST_MEAN, MNIST_STD), "cifar": (CIFAR_MEAN, 
 def run_jacobian(
     policy: str,
     victim_dir: Union[str, Path],
-    defense: str,
+    defense: Optional[str],
     defense_args: Union[str, Dict[str, Any], None],
     *,
     out_dir: Union[str, Path],
@@ -94,6 +100,7 @@ def run_jacobian(
     save_transferset: bool = True,
     progress: bool = True,
     params: Optional[Dict[str, Any]] = None,
+    api_key_file: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Runs a Jacobian-based attack against a defended victim (see the module docs).
 
@@ -117,16 +124,30 @@ def run_jacobian(
         dev = resolve_device(0 if device is None else int(device))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    vparams = read_params(victim_dir)
+    remote = is_url(str(victim_dir))
+    if remote:  # the served victim: its defense, query log and seed are the server's
+        if defense_args:
+            raise ValueError("defense_args: the served victim's defense runs on the server; give none with a URL")
+        blackbox = RemoteBlackbox(str(victim_dir), api_key=read_api_key(api_key_file) if api_key_file else None)
+        if defense is not None and defense != blackbox.info["defense"]:
+            raise ValueError(f"defense: the server at {victim_dir} runs {blackbox.info['defense']!r}, "
+                             f"not {defense!r}")
+        defense = blackbox.info["defense"]
+        vparams = {"model_arch": blackbox.info["model"], "num_classes": blackbox.num_classes}
+    else:
+        vparams = read_params(victim_dir)
     K = int(vparams["num_classes"])
     model_adv = model_adv or vparams["model_arch"]
 
     seed_everything(seed)
-    spec = DefenseSpec.parse(defense, defense_args)
-    qlog = QueryLogger(out_dir, prefix="transfer")
-    blackbox = build_defense(spec, victim_dir=victim_dir, logger=qlog, device=dev, out_dir=out_dir,
-                             whitebox={"data_root": data_root} if defense in WB_DEFENSES else None)
-    kwargs = {**spec.args, "log_prefix": "transfer"}
+    if remote:
+        qlog, kwargs = None, {"log_prefix": "transfer"}
+    else:
+        spec = DefenseSpec.parse(defense, defense_args)
+        qlog = QueryLogger(out_dir, prefix="transfer")
+        blackbox = build_defense(spec, victim_dir=victim_dir, logger=qlog, device=dev, out_dir=out_dir,
+                                 whitebox={"data_root": data_root} if defense in WB_DEFENSES else None)
+        kwargs = {**spec.args, "log_prefix": "transfer"}
     if defense.endswith("_wb") and query_batch_size != 1:
         logger.info("white-box defense %s: querying one image at a time", defense)
         query_batch_size = 1
@@ -180,7 +201,8 @@ def run_jacobian(
         adversary.setup(x_seed, seed_idx.tolist())
         D, _, summary = adversary.run()
     finally:
-        qlog.close()
+        if qlog is not None:
+            qlog.close()
     if save_transferset:
         save_augmented_set(D, out_dir, mean=mean, std=std, meta={
             "policy": policy, "victim_model_dir": str(victim_dir), "defense": defense,
@@ -214,9 +236,13 @@ class JacobianSettings(CommonSettings):
     (defenses/adversary/jacobian.py)."""
 
     policy: str = setting(metavar="PI", help="jbda, jbself or jbtop<k> (e.g. jbtop3)")
-    victim_model_dir: str = setting(metavar="VIC_DIR", help="victim folder")
-    defense: str = setting(metavar="DEFENSE", choices=_defense_names, help="defense: %(choices)s")
-    defense_args: str = setting(metavar="DEFENSE_ARGS", help="defense arguments 'key:value,...'")
+    victim_model_dir: str = setting(metavar="VIC_DIR", help="victim folder, or a served victim's URL")
+    defense: Optional[str] = setting(default=None, metavar="DEFENSE", choices=_defense_names,
+                                     help="defense: %(choices)s (left out when VIC_DIR is a URL)")
+    defense_args: Optional[str] = setting(default=None, metavar="DEFENSE_ARGS",
+                                          help="defense arguments 'key:value,...' (none with a URL)")
+    api_key_file: Optional[str] = setting("--api-key-file", default=None, metavar="FILE",
+                                          help="API key of a served victim (VIC_DIR a URL)")
     model_adv: Optional[str] = setting("--model_adv", default=None, metavar="STR",
                                        help="substitute architecture (default: the victim's)")
     pretrained: Optional[str] = setting("--pretrained", default=None, metavar="STR",
@@ -273,7 +299,7 @@ class JacobianSettings(CommonSettings):
             data_root=self.data_root, seed=self.seed, test_subset=self.test_subset,
             orig_aliasing=self.orig_aliasing, orig_jbself_store=self.orig_jbself_store,
             orig_clamp=self.orig_clamp, orig_topk_cap=self.orig_topk_cap, orig_pgd_sign=self.orig_pgd_sign,
-            progress=not self.no_progress, params=self.params(),
+            progress=not self.no_progress, params=self.params(), api_key_file=self.api_key_file,
         )
 
 
