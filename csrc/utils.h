@@ -156,7 +156,15 @@ inline OracleInputs check_oracle_args(const at::Tensor& y, const c10::optional<a
   return in;
 }
 
-inline void check_objective_args(const at::Tensor& yt, const at::Tensor& y) {
+// Checked, contiguous arguments of mad_objective and its outputs obj, sur [B].
+struct ObjectiveCall {
+  GramArgs gram;
+  at::Tensor yt, y, obj, sur;
+};
+
+inline ObjectiveCall objective_call(const at::Tensor& yt, const at::Tensor& y, const c10::optional<at::Tensor>& p,
+                                    const c10::optional<at::Tensor>& h_sqnorm,
+                                    const c10::optional<at::Tensor>& gram) {
   check_float(y, "y");
   check_dim(y, 2, "y", "[B, K]");
   check_classes(y.size(1), "y");
@@ -165,6 +173,13 @@ inline void check_objective_args(const at::Tensor& yt, const at::Tensor& y) {
   check_like(yt, "y_tilde", y, "y");
   check_size(yt, 0, y.size(0), "y_tilde", "samples");
   check_size(yt, 1, y.size(1), "y_tilde", "classes");
+  ObjectiveCall c;
+  c.gram = check_gram_args(y, p, h_sqnorm, gram);
+  c.yt = yt.contiguous();
+  c.y = y.contiguous();
+  c.obj = at::empty({y.size(0)}, y.options());
+  c.sur = at::empty({y.size(0)}, y.options());
+  return c;
 }
 
 inline void check_project_args(const at::Tensor& v, double radius) {

@@ -18,13 +18,10 @@ std::tuple<at::Tensor, at::Tensor> mad_objective_cpu(const at::Tensor& yt_, cons
                                                      const c10::optional<at::Tensor>& p_,
                                                      const c10::optional<at::Tensor>& hsq_,
                                                      const c10::optional<at::Tensor>& gram_) {
-  check_objective_args(yt_, y_);
-  GramArgs ga = check_gram_args(y_, p_, hsq_, gram_);
-  const int64_t B = y_.size(0), K = y_.size(1);
-  auto y = y_.contiguous();
-  auto yt = yt_.contiguous();
-  auto obj = at::empty({B}, y.options());
-  auto sur = at::empty({B}, y.options());
+  const ObjectiveCall c = objective_call(yt_, y_, p_, hsq_, gram_);
+  const GramArgs& ga = c.gram;
+  const at::Tensor &y = c.y, &yt = c.yt, &obj = c.obj, &sur = c.sur;
+  const int64_t B = y.size(0), K = y.size(1);
   if (B == 0) return {obj, sur};
   std::atomic<bool> bad_y{false}, bad_t{false}, bad_p{false}, bad_h{false}, bad_m{false};
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "mad_objective_cpu", [&] {

@@ -45,15 +45,12 @@ std::tuple<at::Tensor, at::Tensor> mad_objective_cuda(const at::Tensor& yt_, con
                                                       const c10::optional<at::Tensor>& p_,
                                                       const c10::optional<at::Tensor>& hsq_,
                                                       const c10::optional<at::Tensor>& gram_) {
-  check_objective_args(yt_, y_);
-  GramArgs ga = check_gram_args(y_, p_, hsq_, gram_);
-  check_cuda_inputs({{y_, "y"}, {yt_, "y_tilde"}, {ga.p, "p"}, {ga.hsq, "h_sqnorm"}, {ga.gram, "gram"}});
-  const c10::cuda::CUDAGuard guard(y_.device());
-  const int64_t B = y_.size(0), K = y_.size(1);
-  auto y = y_.contiguous();
-  auto yt = yt_.contiguous();
-  auto obj = at::empty({B}, y.options());
-  auto sur = at::empty({B}, y.options());
+  const ObjectiveCall c = objective_call(yt_, y_, p_, hsq_, gram_);
+  const GramArgs& ga = c.gram;
+  check_cuda_inputs({{c.y, "y"}, {c.yt, "y_tilde"}, {ga.p, "p"}, {ga.hsq, "h_sqnorm"}, {ga.gram, "gram"}});
+  const c10::cuda::CUDAGuard guard(c.y.device());
+  const at::Tensor &y = c.y, &yt = c.yt, &obj = c.obj, &sur = c.sur;
+  const int64_t B = y.size(0), K = y.size(1);
   if (B == 0) return {obj, sur};
   check_values({{y, "y", ValueCheck::Finite},
                 {yt, "y_tilde", ValueCheck::Finite},
