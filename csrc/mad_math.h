@@ -42,15 +42,21 @@ struct Quad {
 };
 
 // True when v ties or beats best: ties go to the earlier candidate.
-PP_HD bool tie_or_better(double v, double best) {
-  double scale = fabs(best) > 1.0 ? fabs(best) : 1.0;
-  return v >= best - kTieRel * scale;
+// The scale of the tie tolerance: relative to |best|, floored at 1 for the angular objective
+// (its values lie in [0, 4]); the surrogate ‖Gᵀ(ỹ − y)‖² scales with the proxy's features, so
+// its ties are purely relative (an absolute floor would make every small-feature row a tie).
+PP_HD double tie_scale(double best, bool angular) {
+  const double a = fabs(best);
+  return angular && a < 1.0 ? 1.0 : a;
+}
+
+PP_HD bool tie_or_better(double v, double best, bool angular) {
+  return v >= best - kTieRel * tie_scale(best, angular);
 }
 
 // Strictly better than best by more than the tie tolerance.
-PP_HD bool strictly_better(double v, double best) {
-  double scale = fabs(best) > 1.0 ? fabs(best) : 1.0;
-  return v > best + kTieRel * scale;
+PP_HD bool strictly_better(double v, double best, bool angular) {
+  return v > best + kTieRel * tie_scale(best, angular);
 }
 
 PP_HD double angular(const Quad& q, double zero_y) {
@@ -387,7 +393,7 @@ PP_HD int oracle_extreme(const Gram& g, bool objmax, double* value) {
   }
   for (int k = 0; k < kmax; ++k) {
     double v = g.value(g.single(k), objmax);
-    if (tie_or_better(v, best)) {
+    if (tie_or_better(v, best, objmax)) {
       *value = v;
       return k;
     }
@@ -410,7 +416,7 @@ PP_HD int64_t scan_vertices(const Gram& g, typename Gram::Exact& e, int kstar, b
     const int lo = (int)(r & low_mask);
     if (lo == 0) g.exact_block(e, kstar, r >> e.L);
     const double v = g.value(g.exact_vertex(e, lo, kstar, kVertexWeight), objmax);
-    if (first_tie ? tie_or_better(v, best) : (r == 0 || v > found_v)) {
+    if (first_tie ? tie_or_better(v, best, objmax) : (r == 0 || v > found_v)) {
       found = r;
       found_v = v;
       if (first_tie) break;
@@ -474,13 +480,13 @@ PP_HD void oracle_argmax_greedy(const Gram& g, Set cur, int kstar, bool objmax, 
     for (int c = 0; c < it_c; ++c) {
       if (in_set[c]) continue;
       double v = g.value(g.vertex_plus(cur, c, kstar, kVertexWeight), objmax);
-      if (tie_or_better(v, it_v)) {
+      if (tie_or_better(v, it_v, objmax)) {
         it_c = c;
         it_v = v;
         break;
       }
     }
-    if (strictly_better(it_v, best)) {
+    if (strictly_better(it_v, best, objmax)) {
       best = it_v;
       *best_t = t;
       *best_c = it_c;
