@@ -382,6 +382,23 @@ def test_cli_transfer_recover_then_train_with_s4l(tmp_path, victim_dir):
     assert p["semitrainweight"] == 1.0 and p["transferset_subdir"] == "aware"
 
 
+def test_cli_partial_bayes_on_a_shadow_table(tmp_path, victim_dir):
+    from ppoison_ext.pipeline import transfer
+
+    out = tmp_path / "ts"
+    rc = transfer.main(["random", str(victim_dir), "mad", "epsilon:0.5,oracle:argmax", "--out_dir", str(out),
+                        "--queryset", "notMNIST", "--budget", "32", "--batch_size", "32", "-d", "-1", "-w", "0",
+                        "--recover", "pbayes", "--recover-table", "shadow", "--num-shadows", "2",
+                        "--shadow-epochs", "1", "--shadow-images", "64", "--table-size", "64", "--no-progress"])
+    assert rc == 0 and len(list((out / "shadows").glob("shadow-*/params.json"))) == 2
+    from ppoison_ext.attacks import RecoveryTable
+
+    table = RecoveryTable.load(out / "aware" / "recover_table.pt")
+    assert len(table) == 64 and table.meta["source"] == "shadow" and table.meta["num_shadows"] == 2
+    aware = load_transferset(out / "aware")
+    assert torch.allclose(aware.y.sum(1), torch.ones(32), atol=1e-5)
+
+
 def test_grid_accepts_the_aware_keys(tmp_path):
     from ppoison_ext.pipeline.grid import _step_settings, load_config
 

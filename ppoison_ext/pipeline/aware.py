@@ -71,7 +71,8 @@ def postprocess_transfer(s: Any, folder: Path) -> Path:
         if len(shadow_folders(shadow_dir)) < s.num_shadows:
             train_shadow_models(shadow_dir, dataset=s.shadow_dataset or dataset_name(vparams),
                                 arch=vparams["model_arch"], num_classes=int(vparams["num_classes"]),
-                                num_shadows=s.num_shadows, epochs=s.shadow_epochs, seed=s.seed, device=dev,
+                                num_shadows=s.num_shadows, epochs=s.shadow_epochs, per_shadow=s.shadow_images,
+                                seed=s.seed, device=dev,
                                 data_root=s.data_root, progress=not s.no_progress)
         shadows = load_shadow_models(shadow_dir, device=dev, limit=s.num_shadows)
     spec = DefenseSpec.parse(s.defense, s.defense_args)
@@ -84,7 +85,7 @@ def postprocess_transfer(s: Any, folder: Path) -> Path:
                                          "concentration", "recover_norm", "tolerance", "top1_recover",
                                          "recover_epochs", "recover_batch_size", "recover_bn_train",
                                          "epsilon_filter", "shadow_dir", "num_shadows", "shadow_epochs",
-                                         "shadow_dataset", "seed")}
+                                         "shadow_images", "shadow_dataset", "seed")}
     record.update(raw_transferset=str(folder), leaks_clean_posteriors=bool(
         attack.table is not None and attack.table.meta.get("leaks_clean_posteriors")))
     write_params(out / "params_aware.json", record)

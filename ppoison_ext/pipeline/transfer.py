@@ -432,6 +432,8 @@ class TransferSettings(CommonSettings):
                                         help="shadow models (default: out_dir/shadows; trained when missing)")
     num_shadows: int = setting("--num-shadows", default=20, group=_AWARE, help="shadow models (20)")
     shadow_epochs: int = setting("--shadow-epochs", default=5, group=_AWARE, help="shadow training epochs (5)")
+    shadow_images: Optional[int] = setting("--shadow-images", default=None, metavar="N", group=_AWARE,
+                                           help="images per shadow (default: the pool split evenly)")
     shadow_dataset: Optional[str] = setting("--shadow-dataset", default=None, group=_AWARE,
                                             help="shadow training data (default: the victim's dataset)")
     aware_out: Optional[str] = setting("--aware-out", default=None, metavar="DIR", group=_AWARE,
