@@ -282,11 +282,15 @@ class KnockoffNets(Attack):
         self.run_times = times.times
         return times
 
-    def _query(self, blackbox, x: Tensor, times: RunTimes) -> Tensor:
+    #: load the batch's images anew for every one of the qpi calls (Smoothing: independent augmentations)
+    reload_per_query = False
+
+    def _query(self, blackbox, x: Tensor, times: RunTimes, reload=None) -> Tensor:
         ys = []
-        for _ in range(self.qpi):
+        for q in range(self.qpi):
+            xq = reload().to(x.device) if q > 0 and reload is not None and self.reload_per_query else x
             t0 = time.perf_counter()
-            y = blackbox(x)
+            y = blackbox(xq)
             y = y.detach().float().cpu()
             times.append(time.perf_counter() - t0)
             ys.append(y)
@@ -324,7 +328,7 @@ class KnockoffNets(Attack):
                 for t, idxs in todo:
                     reseed_blackbox(blackbox, batch_seed(self.seed, t))
                     x = next(loader)[0] if loader is not None else load_images(queryset, idxs)
-                    y = self._query(blackbox, x.to(device), times)
+                    y = self._query(blackbox, x.to(device), times, lambda: load_images(queryset, idxs))
                     done += len(idxs)
                     self._snapshot(slots, t, done, blackbox, None)
                     writer.append(idxs, raw_items(queryset, idxs, kind), y)
@@ -360,7 +364,7 @@ class KnockoffNets(Attack):
                     rng = np.random.default_rng(seed_t)
                     idxs, paths = policy.sample(min(B, nqueries - done), rng)
                     x = load_images(queryset, idxs)
-                    y = self._query(blackbox, x.to(device), times)
+                    y = self._query(blackbox, x.to(device), times, lambda: load_images(queryset, idxs))
                     policy.update(x, y, paths)
                     done += len(idxs)
                     self._snapshot(slots, t, done, blackbox, policy)

@@ -132,6 +132,9 @@ def train_attacker(
     test_subset: Optional[int] = None,
     progress: bool = True,
     params: Optional[Dict[str, Any]] = None,
+    transferset_subdir: Optional[str] = None,
+    semitrainweight: float = 0.0,
+    semidataset: Optional[str] = None,
 ) -> Tuple[nn.Module, Dict[str, Any]]:
     """Trains a knockoff through ``budgets`` on the transfer set in ``model_dir`` (see the
     module docs); files go into ``model_dir``.
@@ -156,6 +159,12 @@ def train_attacker(
         test_subset: test on the first N test images only.
         progress: show progress bars.
         params: the values recorded in ``params_train.json`` (default: these arguments).
+        transferset_subdir: train on the transfer set in ``model_dir/transferset_subdir``
+            (e.g. ``aware``, a defense-aware set); outputs still go to ``model_dir``.
+        semitrainweight: S4L: weight of the rotation loss on the unlabelled query set (0: off;
+            1.0 in the reference's runs), :mod:`ppoison_ext.attacks.s4l`.
+        semidataset: S4L's unlabelled set (train split, test transform; default: the transfer
+            set's query set).
 
     Returns:
         ``(model, summary)``: the model after the last budget, and
@@ -177,7 +186,7 @@ def train_attacker(
     else:
         dev = resolve_device(0 if device is None else int(device))
 
-    ts = load_transferset(model_dir)
+    ts = load_transferset(model_dir / transferset_subdir if transferset_subdir else model_dir)
     K = ts.num_classes
     _check_victim_dataset(model_dir, ts.meta, testdataset)
     logger.info("transfer set %s: %d samples, %d classes", model_dir, len(ts), K)
@@ -201,16 +210,20 @@ def train_attacker(
         load_checkpoint(resume, model, map_location=dev)
         logger.info("initial weights from %s", resume)
 
+    criterion, extra_params = soft_cross_entropy, []
+    if semitrainweight:
+        criterion = _s4l_criterion(model, ts, semidataset, transform, semitrainweight, batch_size, seed, data_root)
+        extra_params = list(criterion.parameters())
     results: Dict[int, Dict[str, Any]] = {}
     for b in budget_list:
         seed_everything(seed)
         trainset = ts.dataset(transform=transform, n=b, argmaxed=argmaxed)
-        optimizer = get_optimizer(model.parameters(), optimizer_choice, lr=lr, momentum=momentum)
+        optimizer = get_optimizer(list(model.parameters()) + extra_params, optimizer_choice, lr=lr, momentum=momentum)
         logger.info("=> training at budget %d", b)
         model, summary = train_model(
             model, trainset, model_dir, testset=testset, batch_size=batch_size, epochs=epochs, lr=lr,
             momentum=momentum, lr_step=lr_step, lr_gamma=lr_gamma, optimizer=optimizer,
-            criterion=soft_cross_entropy, weighted_loss=weighted_loss, checkpoint_suffix=f".{b}", device=dev,
+            criterion=criterion, weighted_loss=weighted_loss, checkpoint_suffix=f".{b}", device=dev,
             num_workers=num_workers, seed=seed, arch=arch, progress=progress, resume="auto" if auto else None,
             save_last=True, log_interval=log_interval, num_classes=K,
         )
@@ -228,9 +241,21 @@ def train_attacker(
             "num_workers": num_workers, "pretrained": pretrained, "weighted_loss": weighted_loss,
             "argmaxed": argmaxed, "optimizer_choice": optimizer_choice, "seed": seed,
             "data_root": None if data_root is None else str(data_root), "test_subset": test_subset,
+            "transferset_subdir": transferset_subdir, "semitrainweight": semitrainweight, "semidataset": semidataset,
         }
         write_params(model_dir / "params_train.json", record)
     return model, {"budgets": budget_list, "results": results, "num_classes": K}
+
+
+def _s4l_criterion(model, ts, semidataset, transform, weight, batch_size, seed, data_root):
+    from ..attacks.s4l import S4LCriterion
+
+    name = semidataset or ts.meta.get("queryset")
+    if not name:
+        raise ValueError("semitrainweight: the transfer set does not name its query set; pass semidataset")
+    unlabelled = get_dataset(name, train=True, transform=transform, root=data_root)
+    logger.info("S4L: rotation loss (weight %s) on %d unlabelled %s images", weight, len(unlabelled), name)
+    return S4LCriterion(model, unlabelled, weight=weight, batch_size=batch_size, seed=seed)
 
 
 @dataclass(kw_only=True)
@@ -265,6 +290,12 @@ class AttackerSettings(CommonSettings):
                                     help="optimizer (default: sgdm; adam/adagrad ignore --lr)")
     test_subset: Optional[int] = setting("--test_subset", default=None, metavar="N",
                                          help="test on the first N test images only")
+    transferset_subdir: Optional[str] = setting("--transferset-subdir", default=None, metavar="NAME",
+                                                help="train on MODEL_DIR/NAME (e.g. 'aware', a defense-aware set)")
+    semitrainweight: float = setting("--semitrainweight", default=0.0, metavar="W",
+                                     help="S4L rotation-loss weight on the unlabelled query set (0: off; 1.0)")
+    semidataset: Optional[str] = setting("--semidataset", default=None, metavar="DS_NAME",
+                                         help="S4L unlabelled set (default: the transfer set's query set)")
 
     def run(self) -> Tuple[nn.Module, Dict[str, Any]]:
         """:func:`train_attacker` with these settings (recorded as ``params_train.json``)."""
@@ -275,6 +306,8 @@ class AttackerSettings(CommonSettings):
             num_workers=self.num_workers, pretrained=self.pretrained, weighted_loss=self.weighted_loss,
             argmaxed=self.argmaxed, optimizer_choice=self.optimizer_choice, data_root=self.data_root,
             seed=self.seed, test_subset=self.test_subset, progress=not self.no_progress, params=self.params(),
+            transferset_subdir=self.transferset_subdir, semitrainweight=self.semitrainweight,
+            semidataset=self.semidataset,
         )
 
 

@@ -6,6 +6,7 @@
         [--data-root R] [--seed S] [--export-pickle] [--resume | --no-resume]
         [--num-shards S --shard-id I] [--merge-shards S]
         [--reward R --alpha A --delta D --online-lr LR --hierarchy JSON]   # adaptive only
+        [--recover none|pbayes|ddae --hardlabel ...]                        # defense-aware (pipeline/aware.py)
 
 Writes into ``out_dir``: the transfer set (:mod:`ppoison_ext.attacks.transferset` format;
 ``--export-pickle`` adds the reference's ``transferset.pickle``), ``run_times.f64`` (seconds
@@ -376,6 +377,13 @@ def merge_shards(out_dir, num_shards: int, *, export_pickle_file: bool = False,
 
 
 _ADAPTIVE = "adaptive policy"
+_AWARE = "defense-aware attack"
+
+
+def _aware():
+    from . import aware
+
+    return aware
 
 
 @dataclass(kw_only=True)
@@ -420,6 +428,42 @@ class TransferSettings(CommonSettings):
     online_lr: float = setting("--online-lr", default=0.01, help="online knockoff SGD lr", group=_ADAPTIVE)
     hierarchy: Optional[str] = setting("--hierarchy", default=None, metavar="JSON",
                                        help='{"coarse": [fine labels]} file', group=_ADAPTIVE)
+    # defense-aware attacks (ppoison_ext/pipeline/aware.py): raw set kept in out_dir, result in aware_out
+    hardlabel: bool = setting("--hardlabel", default=False, group=_AWARE,
+                              help="Top-1: one-hot(argmax) labels, after any recovery")
+    recover: str = setting("--recover", default="none", choices=lambda: list(_aware().RESTORERS), group=_AWARE,
+                           help="restorer: none | pbayes (Partial Bayes) | ddae (D-DAE / D-DAE+ MLP)")
+    recover_table: str = setting("--recover-table", default="dirichlet", choices=["dirichlet", "shadow"],
+                                 group=_AWARE, help="true samples: dirichlet (D-DAE+, Partial Bayes) | shadow (D-DAE)")
+    dirichlet_prior: str = setting("--dirichlet-prior", default="sparse", choices=["sparse", "released", "oracle"],
+                                   group=_AWARE, help="sparse Dirichlet(1/K) (default) | centred on the released "
+                                   "outputs | oracle: centred on the clean outputs (leaks, the reference's)")
+    table_size: int = setting("--table-size", default=1_000_000, metavar="N", group=_AWARE,
+                              help="recovery table size (default: 1e6)")
+    concentration: float = setting("--concentration", default=8.0, group=_AWARE,
+                                   help="centred Dirichlet concentration factor (default: 8)")
+    recover_norm: float = setting("--recover-norm", default=1.0, group=_AWARE, help="Partial Bayes L_p (default 1)")
+    tolerance: float = setting("--tolerance", default=0.01, group=_AWARE, help="Partial Bayes tolerance (0.01)")
+    top1_recover: bool = setting("--top1-recover", default=True, group=_AWARE,
+                                 help="Partial Bayes: candidates with the same top-1 (default; "
+                                      "--no-top1-recover for defenses that move it)")
+    recover_epochs: int = setting("--recover-epochs", default=200, group=_AWARE, help="D-DAE epochs (200)")
+    recover_batch_size: int = setting("--recover-batch-size", default=1024, group=_AWARE,
+                                      help="D-DAE batch (1024)")
+    recover_bn_train: bool = setting("--recover-bn-train", default=False, group=_AWARE,
+                                     help="D-DAE: restore in train-mode BatchNorm, one batch (the reference's quirk)")
+    epsilon_filter: Optional[float] = setting("--epsilon-filter", default=None, group=_AWARE,
+                                              help="keep table pairs within this L1 distance (quantizers)")
+    shadow_dir: Optional[str] = setting("--shadow-dir", default=None, metavar="DIR", group=_AWARE,
+                                        help="shadow models (default: out_dir/shadows; trained when missing)")
+    num_shadows: int = setting("--num-shadows", default=20, group=_AWARE, help="shadow models (20)")
+    shadow_epochs: int = setting("--shadow-epochs", default=5, group=_AWARE, help="shadow training epochs (5)")
+    shadow_images: Optional[int] = setting("--shadow-images", default=None, metavar="N", group=_AWARE,
+                                           help="images per shadow (default: the pool split evenly)")
+    shadow_dataset: Optional[str] = setting("--shadow-dataset", default=None, group=_AWARE,
+                                            help="shadow training data (default: the victim's dataset)")
+    aware_out: Optional[str] = setting("--aware-out", default=None, metavar="DIR", group=_AWARE,
+                                       help="folder of the defense-aware transfer set (default: out_dir/aware)")
 
     def run(self) -> Path:
         """:func:`transfer` with these settings (or, with ``merge_shards``, :func:`merge_shards`
@@ -427,7 +471,7 @@ class TransferSettings(CommonSettings):
         if self.merge_shards is not None:
             return merge_shards(self.out_dir, self.merge_shards, export_pickle_file=self.export_pickle_file,
                                 progress=not self.no_progress)
-        return transfer(
+        folder = transfer(
             self.policy, self.victim_model_dir, self.defense, self.defense_args, out_dir=self.out_dir,
             queryset=self.queryset, budget=self.budget, nqueries=self.nqueries, qpi=self.qpi,
             batch_size=self.batch_size, device_id=self.device_id, nworkers=self.nworkers,
@@ -437,6 +481,9 @@ class TransferSettings(CommonSettings):
             online_lr=self.online_lr, hierarchy=self.hierarchy, merge_timeout=self.merge_timeout,
             progress=not self.no_progress, api_key_file=self.api_key_file,
         )
+        if _aware().aware_requested(self) and Path(folder) == Path(self.out_dir):  # not for a lone shard
+            _aware().postprocess_transfer(self, folder)
+        return folder
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:

@@ -1,0 +1,171 @@
+"""Defense-aware attackers (ModelGuard's attacker suite): Smoothing, Top-1, and restoring the
+released posteriors with a recovery table (Partial Bayes, D-DAE, D-DAE+).
+
+Each is an :class:`~ppoison_ext.attacks.base.Attack`. A defense-aware run keeps the raw
+transfer set the inner attack built in ``out_dir`` and writes the transfer set to train on in
+``out_dir/aware`` (:data:`AWARE_SUBDIR`), returned by ``build_transferset``:
+
+* :class:`Smoothing` — Knockoff Nets querying each image ``qpi`` (3) times under independent
+  random augmentations (default: the query set family's train transform) and storing the mean
+  of the outputs. The images are stored raw; the substitute trains on their test transform.
+  (The MNIST family's train transform is deterministic, so there Smoothing only averages a
+  stochastic defense's noise unless ``augment`` is given.)
+* :class:`DefenseAware` — any inner attack, then (optionally) a restorer fitted on a recovery
+  table built with the defense's perturbation function (white-box, see
+  :mod:`ppoison_ext.attacks.recovery`), then (optionally) hard labels.
+* :class:`Top1` — hard labels: one-hot(top-1 ỹ), after any recovery.
+
+Example:
+    >>> attack = DefenseAware(KnockoffNets(budget=5000), restorer=DDAE(), table_source="dirichlet")
+    >>> ts = attack.build_transferset(defense, queryset, "out/")   # raw in out/, restored in out/aware
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .base import Attack
+from .knockoff import KnockoffNets
+from .recovery import PRIORS, TABLE_FILE, TABLE_SOURCES, RecoveryTable, build_recovery_table
+from .restorers import Restorer, hard_labels, transform_transferset
+from .transferset import TransferSet
+
+__all__ = ["Smoothing", "DefenseAware", "Top1", "AWARE_SUBDIR", "query_inputs"]
+
+logger = logging.getLogger(__name__)
+
+AWARE_SUBDIR = "aware"
+
+
+def query_inputs(ts: TransferSet, transform: Callable) -> Tensor:
+    """The stored queries of ``ts`` as model inputs [N, ...] (``transform`` of each image)."""
+    return torch.stack([transform(ts.image(i)) for i in range(len(ts))]) if len(ts) else torch.zeros(0)
+
+
+class Smoothing(KnockoffNets):
+    """Knockoff Nets with ``qpi`` augmented queries per image, the label their mean.
+
+    Args:
+        qpi: queries per image (3, as ModelGuard's runs).
+        augment: the transform applied to each query (default: the query set family's train
+            transform, passed in by the caller as ``queryset.transform`` is replaced).
+        **kwargs: :class:`KnockoffNets` settings (``num_workers`` is forced to 0 so the
+            augmentations are reseeded per batch and reproducible).
+    """
+
+    def __init__(self, *, qpi: int = 3, augment: Optional[Callable] = None, **kwargs: Any):
+        kwargs["num_workers"] = 0
+        super().__init__(qpi=qpi, **kwargs)
+        self.augment = augment
+
+    def build_transferset(self, blackbox, queryset, out_dir=None, **kwargs) -> TransferSet:
+        if self.augment is not None:
+            queryset = copy.copy(queryset)
+            queryset.transform = self.augment
+        return super().build_transferset(blackbox, queryset, out_dir, **kwargs)
+
+    #: each of the qpi calls loads (so re-augments) the batch's images anew
+    reload_per_query = True
+
+
+class DefenseAware(Attack):
+    """An inner attack's transfer set, restored with a recovery table and/or made hard labels.
+
+    Args:
+        inner: the attack that queries the black box (default ``KnockoffNets()``).
+        restorer: a :class:`~ppoison_ext.attacks.restorers.Restorer` (``PartialBayes()``,
+            ``DDAE()``) or None (no recovery).
+        table_source: ``dirichlet`` or ``shadow`` (``shadows`` needed).
+        prior: the Dirichlet prior: ``sparse`` (default), ``released`` or ``oracle`` (leaks
+            the victim's clean posteriors of the queries; the reference's D-DAE+/Partial Bayes).
+        table_size, concentration, epsilon: :func:`~ppoison_ext.attacks.recovery.build_recovery_table`.
+        shadows: shadow models (D-DAE).
+        perturb: the defense's perturbation function ``(x, y_true) -> y'`` (default: the
+            black box's own ``defend``: white-box).
+        hard_label: one-hot top-1 labels after recovery (Top-1).
+        transform: turns stored images into the inputs the table is built on (default: the
+            query set's ``transform``).
+        seed: table sampling seed.
+        table_batch_size: rows per perturbation call.
+    """
+
+    attack_params = ("inner", "restorer", "table_source", "prior", "table_size", "concentration", "hard_label")
+
+    def __init__(self, inner: Optional[Attack] = None, *, restorer: Optional[Restorer] = None,
+                 table_source: str = "dirichlet", prior: str = "sparse", table_size: int = 1_000_000,
+                 concentration: float = 8.0, epsilon: Optional[float] = None,
+                 shadows: Optional[Sequence[nn.Module]] = None,
+                 perturb: Optional[Callable[[Tensor, Tensor], Tensor]] = None, hard_label: bool = False,
+                 transform: Optional[Callable] = None, seed: int = 42, table_batch_size: int = 1024):
+        self.inner = inner if inner is not None else KnockoffNets()
+        if not isinstance(self.inner, Attack):
+            raise TypeError(f"inner must be an Attack, got {type(self.inner).__name__}")
+        if restorer is not None and not isinstance(restorer, Restorer):
+            raise TypeError(f"restorer must have fit(table) and restore(y), got {type(restorer).__name__}")
+        if table_source not in TABLE_SOURCES:
+            raise ValueError(f"table_source must be one of {list(TABLE_SOURCES)}, got {table_source!r}")
+        if prior not in PRIORS:
+            raise ValueError(f"prior must be one of {list(PRIORS)}, got {prior!r}")
+        if table_source == "shadow" and restorer is not None and not shadows:
+            raise ValueError("table_source 'shadow' needs shadows=")
+        self.restorer, self.table_source, self.prior = restorer, table_source, prior
+        self.table_size, self.concentration, self.epsilon = table_size, concentration, epsilon
+        self.shadows, self.perturb, self.hard_label = shadows, perturb, bool(hard_label)
+        self.transform, self.seed, self.table_batch_size = transform, seed, table_batch_size
+        self.table: Optional[RecoveryTable] = None
+
+    def build_transferset(self, blackbox, queryset, out_dir=None, **kwargs) -> TransferSet:
+        out = self.output_folder(out_dir)
+        raw = self.inner.build_transferset(blackbox, queryset, out, **kwargs)
+        transform = self.transform if self.transform is not None else getattr(queryset, "transform", None)
+        return self.postprocess(raw, blackbox, out / AWARE_SUBDIR, transform=transform)
+
+    def postprocess(self, raw: TransferSet, blackbox, out_dir: Union[str, Path], *,
+                    transform: Optional[Callable] = None) -> TransferSet:
+        """Restores (when a restorer is set) and/or hard-labels ``raw`` into ``out_dir``; the
+        recovery table is saved there as ``recover_table.pt``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        fn: Callable[[Tensor], Tensor] = lambda y: y  # noqa: E731
+        meta: dict = {"defense_aware": {"restorer": repr(self.restorer), "hard_label": self.hard_label}}
+        if self.restorer is not None:
+            if transform is None:
+                raise ValueError("transform: needed to turn the stored queries into inputs for the table")
+            x = query_inputs(raw, transform)
+            perturb = self.perturb if self.perturb is not None else blackbox
+            clean = None
+            if self.prior == "oracle":
+                victim_probs = getattr(blackbox, "victim_probs", None)
+                if victim_probs is None:
+                    raise ValueError("prior 'oracle' needs the black box's clean posteriors (victim_probs)")
+                dev = next(blackbox.parameters()).device if isinstance(blackbox, nn.Module) else "cpu"
+                clean = torch.cat([victim_probs(x[lo:lo + 1024].to(dev)).float().cpu()
+                                   for lo in range(0, len(x), 1024)])
+            self.table = build_recovery_table(
+                perturb, x, source=self.table_source, prior=self.prior, table_size=self.table_size,
+                concentration=self.concentration, shadows=self.shadows, released=raw.y, clean=clean,
+                epsilon=self.epsilon, batch_size=self.table_batch_size, seed=self.seed)
+            self.table.save(out / TABLE_FILE)
+            self.restorer.fit(self.table)
+            restorer = self.restorer
+            fn = restorer.restore
+            meta["defense_aware"]["table"] = self.table.meta
+        if self.hard_label:
+            inner_fn = fn
+            fn = lambda y: hard_labels(inner_fn(y))  # noqa: E731
+        return transform_transferset(raw, out, fn, meta=meta)
+
+
+class Top1(DefenseAware):
+    """Hard labels: the transfer set's posteriors become one-hot(top-1), after any recovery
+    (``restorer=`` and the table settings as :class:`DefenseAware`)."""
+
+    def __init__(self, inner: Optional[Attack] = None, **kwargs: Any):
+        kwargs["hard_label"] = True
+        super().__init__(inner, **kwargs)

@@ -1,0 +1,295 @@
+"""The recovery table of the defense-aware attackers: pairs (true posterior, perturbed posterior).
+
+A restorer (:mod:`ppoison_ext.attacks.restorers`) learns the map perturbed → true from a
+table of pairs the attacker builds offline (ModelGuard's ``Table_Recover``): "true" samples
+are drawn from shadow models run on the attacker's query inputs, or from a Dirichlet
+distribution, and each is pushed through the defense's perturbation function.
+
+**White-box assumption.** The perturbation function is the defense's own ``defend(x, y)``
+(:meth:`ppoison_ext.defenses.Defense.defend`) run by the attacker on its own copy of the
+defense: the attacker knows the defense, its hyperparameters and any model it uses besides the
+victim (MAD's proxy, which needs the input x: the pair's query input is passed). These calls
+are not queries to the victim; they are never logged or counted as such.
+
+Dirichlet priors (``prior``):
+
+* ``sparse`` (default): one Dirichlet(1/K·1) for all samples (the reference's fallback
+  without an estimation set). Uses nothing the attacker does not have.
+* ``released``: per query i, a Dirichlet with concentration ỹ_i·K·c centred on the
+  *released* posterior ỹ_i — what the attacker saw. Does not leak, but is biased when the
+  defense moves the top-1 class.
+* ``oracle``: per query i, concentration y_i·K·c centred on the victim's **clean** posterior
+  y_i of the attacker's query (the reference's D-DAE+ / Partial Bayes recipe, which reads
+  y through ``return_origin``). This **leaks** the undefended outputs to the attacker;
+  tables built so carry ``meta["leaks_clean_posteriors"] = True``.
+
+Storage: :meth:`RecoveryTable.save` writes tensors and a JSON string with ``torch.save``
+(loaded with ``weights_only=True``; nothing is unpickled), atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..fileio import atomic_write
+from ..models.heads import num_classes_of
+from .runstate import reseed_blackbox
+
+__all__ = ["RecoveryTable", "dirichlet_samples", "shadow_samples", "defense_perturbation", "build_recovery_table",
+           "PRIORS", "TABLE_SOURCES", "TABLE_FILE"]
+
+logger = logging.getLogger(__name__)
+
+PRIORS = ("sparse", "released", "oracle")
+TABLE_SOURCES = ("dirichlet", "shadow")
+TABLE_FILE = "recover_table.pt"
+_MIN_ALPHA = 1e-6  # a zero entry in a centre gives α = 0, which Dirichlet sampling rejects
+
+
+@dataclass
+class RecoveryTable:
+    """Pairs (true [N, K], perturbed [N, K]) with the query-input index each pair was
+    computed on (``index`` [N], int64) and a description ``meta``."""
+
+    true: Tensor
+    perturbed: Tensor
+    index: Tensor
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.true.dim() != 2 or self.perturbed.shape != self.true.shape:
+            raise ValueError(f"true and perturbed must both be [N, K], got {tuple(self.true.shape)} and "
+                             f"{tuple(self.perturbed.shape)}")
+        if self.index.shape != (self.true.shape[0],):
+            raise ValueError(f"index must be [{self.true.shape[0]}], got {tuple(self.index.shape)}")
+        self.true = self.true.float().contiguous()
+        self.perturbed = self.perturbed.float().contiguous()
+        self.index = self.index.long()
+
+    def __len__(self) -> int:
+        return int(self.true.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.true.shape[1])
+
+    def filter_epsilon(self, epsilon: float, p: float = 1.0) -> "RecoveryTable":
+        """Only the pairs with ‖true − perturbed‖_p ≤ ``epsilon`` (the reference keeps these
+        against a quantizer: the true samples that found a centroid within ε)."""
+        d = torch.linalg.vector_norm((self.true - self.perturbed).double(), ord=p, dim=1)
+        keep = d <= float(epsilon)
+        meta = dict(self.meta, epsilon_filter=float(epsilon), epsilon_filter_kept=int(keep.sum()))
+        return RecoveryTable(self.true[keep], self.perturbed[keep], self.index[keep], meta)
+
+    def save(self, path: Union[str, Path]) -> Path:
+        buf = io.BytesIO()
+        torch.save({"true": self.true, "perturbed": self.perturbed, "index": self.index,
+                    "meta": json.dumps(self.meta, default=str)}, buf)
+        return atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "RecoveryTable":
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(d["true"], d["perturbed"], d["index"], json.loads(d["meta"]))
+
+
+def _rng(seed: Union[int, np.random.Generator, None]) -> np.random.Generator:
+    return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+
+
+def dirichlet_samples(n: int, num_classes: int, *, centres: Optional[Tensor] = None, concentration: float = 8.0,
+                      seed: Union[int, np.random.Generator, None] = 42):
+    """True samples from a Dirichlet prior.
+
+    Args:
+        n: table size. With ``centres`` [N, K]: ⌊n / N⌋ samples per centre (at least 1),
+            with concentration α_i = max(c_i·K·``concentration``, 1e-6); without: n samples of
+            Dirichlet(1/K·1).
+        num_classes: K.
+        centres: per-query centres (rows on the simplex), or None.
+        concentration: the factor c of the centred prior.
+        seed: an int or a numpy Generator.
+
+    Returns:
+        ``(samples [M, K] float32, centre_index [M] int64)`` (index -1 without centres).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if not concentration > 0:
+        raise ValueError(f"concentration must be > 0, got {concentration!r}")
+    rng = _rng(seed)
+    K = int(num_classes)
+    if centres is None:
+        alpha = np.full((n, K), 1.0 / K)
+        index = np.full(n, -1, dtype=np.int64)
+    else:
+        c = centres.detach().double().cpu().numpy()
+        if c.ndim != 2 or c.shape[1] != K:
+            raise ValueError(f"centres must be [N, {K}], got {list(c.shape)}")
+        s = max(1, n // c.shape[0])
+        alpha = np.repeat(np.maximum(c * K * concentration, _MIN_ALPHA), s, axis=0)
+        index = np.repeat(np.arange(c.shape[0], dtype=np.int64), s)
+    g = rng.standard_gamma(alpha)
+    tot = g.sum(1, keepdims=True)
+    bad = tot[:, 0] <= 0  # every gamma underflowed: put the mass on the largest α
+    if bad.any():
+        g[bad] = np.eye(K)[alpha[bad].argmax(1)]
+        tot[bad] = 1.0
+    return torch.from_numpy((g / tot).astype(np.float32)), torch.from_numpy(index)
+
+
+def shadow_samples(shadows: Sequence[nn.Module], x: Tensor, *, batch_size: int = 256,
+                   device: Union[str, torch.device, None] = None):
+    """The softmax outputs of every shadow model on the query inputs ``x`` [N, ...]
+    (eval mode, no gradients). Returns ``(samples [S·N, K], input_index [S·N])``."""
+    outs = []
+    for model in shadows:
+        dev = torch.device(device) if device is not None else next(model.parameters()).device
+        model.eval()
+        with torch.no_grad():
+            outs.append(torch.cat([F.softmax(model(x[lo:lo + batch_size].to(dev)), 1).float().cpu()
+                                   for lo in range(0, x.shape[0], batch_size)]))
+    index = torch.arange(x.shape[0]).repeat(len(shadows))
+    return torch.cat(outs), index
+
+
+def defense_perturbation(defense: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+    """The perturbation function ``(x, y_true) -> y'`` of a defense: its ``defend(x, y)``
+    (white-box: the attacker runs its own copy of the defense; see the module docs)."""
+    defend = getattr(defense, "defend", None)
+    if defend is None:
+        raise TypeError(f"{type(defense).__name__} has no defend(x, y); pass a perturbation function "
+                        "(x, y_true) -> y' instead")
+
+    def perturb(x: Tensor, y: Tensor) -> Tensor:
+        with torch.no_grad():
+            return defend(x, y).y_prime
+
+    return perturb
+
+
+def build_recovery_table(
+    perturb: Union[nn.Module, Callable[[Tensor, Tensor], Tensor]],
+    x: Tensor,
+    *,
+    source: str = "dirichlet",
+    prior: str = "sparse",
+    table_size: int = 1_000_000,
+    concentration: float = 8.0,
+    shadows: Optional[Sequence[nn.Module]] = None,
+    released: Optional[Tensor] = None,
+    clean: Optional[Tensor] = None,
+    epsilon: Optional[float] = None,
+    batch_size: int = 256,
+    seed: int = 42,
+    device: Union[str, torch.device, None] = None,
+) -> RecoveryTable:
+    """Builds a recovery table (see the module docs).
+
+    Args:
+        perturb: a defense (its ``defend`` is used) or a function ``(x, y_true) -> y'``.
+        x: the attacker's query inputs [N, ...] (as the victim takes them).
+        source: ``dirichlet`` or ``shadow`` (``shadows`` required; when the shadows give
+            more than ``table_size`` samples a random subset is kept, when fewer the rest
+            is filled from the Dirichlet ``prior``).
+        prior: ``sparse``, ``released`` (needs ``released`` [N, K]) or ``oracle`` (needs
+            ``clean`` [N, K], the victim's undefended posteriors: leaks).
+        table_size: number of pairs.
+        concentration: the centred priors' factor.
+        epsilon: keep only pairs within this L1 distance (quantizer defenses).
+        batch_size: rows per perturbation call.
+        seed: seeds the sampling, the pairing of unindexed samples with inputs, and the
+            defense (:func:`~ppoison_ext.attacks.runstate.reseed_blackbox`).
+        device: where x and y go for the perturbation (default: the defense's device).
+
+    Returns:
+        The :class:`RecoveryTable`.
+    """
+    if source not in TABLE_SOURCES:
+        raise ValueError(f"source must be one of {list(TABLE_SOURCES)}, got {source!r}")
+    if prior not in PRIORS:
+        raise ValueError(f"prior must be one of {list(PRIORS)}, got {prior!r}")
+    if isinstance(table_size, bool) or not isinstance(table_size, int) or table_size < 1:
+        raise ValueError(f"table_size must be a positive int, got {table_size!r}")
+    N = int(x.shape[0])
+    if N == 0:
+        raise ValueError("x: no query inputs to build the table on")
+    rng = np.random.default_rng(seed)
+    fn = defense_perturbation(perturb) if isinstance(perturb, nn.Module) else perturb
+    if device is None and isinstance(perturb, nn.Module):
+        p = next(iter(perturb.parameters()), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    K = None
+    parts, idx_parts = [], []
+    meta: Dict[str, Any] = {"source": source, "prior": prior, "table_size": table_size,
+                            "concentration": float(concentration), "seed": int(seed), "num_queries": N,
+                            "leaks_clean_posteriors": False}
+    if source == "shadow":
+        if not shadows:
+            raise ValueError("source 'shadow' needs shadow models (shadows=)")
+        t, i = shadow_samples(shadows, x, batch_size=batch_size)
+        if len(t) > table_size:
+            keep = torch.from_numpy(np.sort(rng.choice(len(t), table_size, replace=False)))
+            t, i = t[keep], i[keep]
+        parts.append(t)
+        idx_parts.append(i)
+        K = t.shape[1]
+        meta["num_shadows"] = len(shadows)
+    missing = table_size - sum(len(p) for p in parts)
+    if missing > 0:
+        centres = None
+        if prior == "released":
+            if released is None:
+                raise ValueError("prior 'released' needs the released posteriors (released=)")
+            centres = released
+        elif prior == "oracle":
+            if clean is None:
+                raise ValueError("prior 'oracle' needs the victim's clean posteriors (clean=)")
+            centres = clean
+            meta["leaks_clean_posteriors"] = True
+            logger.warning("recovery table: the oracle-centred Dirichlet prior uses the victim's clean "
+                           "posteriors of the queries (an oracle leak, as the reference's D-DAE+)")
+        if K is None:
+            ref = centres if centres is not None else (released if released is not None else clean)
+            K = int(ref.shape[1]) if ref is not None else _probe_k(perturb)
+        if centres is not None and centres.shape[0] != N:
+            raise ValueError(f"{prior} centres must have one row per query input ({N}), got {centres.shape[0]}")
+        t, i = dirichlet_samples(missing, K, centres=centres, concentration=concentration, seed=rng)
+        parts.append(t)
+        idx_parts.append(i)
+        meta["dirichlet_samples"] = int(len(t))
+    true = torch.cat(parts)
+    index = torch.cat(idx_parts)
+    unpaired = index < 0  # samples of no query: paired with a random query input, for defenses using x
+    if unpaired.any():
+        index[unpaired] = torch.from_numpy(rng.integers(0, N, int(unpaired.sum())))
+    if isinstance(perturb, nn.Module):
+        reseed_blackbox(perturb, int(seed))
+    pert = []
+    for lo in range(0, len(true), batch_size):
+        xb = x[index[lo:lo + batch_size]].to(device)
+        pert.append(fn(xb, true[lo:lo + batch_size].to(device)).detach().float().cpu())
+    table = RecoveryTable(true, torch.cat(pert), index, meta)
+    if epsilon is not None:
+        table = table.filter_epsilon(epsilon)
+    logger.info("recovery table: %d pairs (%s, prior %s)", len(table), source, prior)
+    return table
+
+
+def _probe_k(perturb) -> int:
+    model = getattr(perturb, "model", None)
+    k = num_classes_of(model) if isinstance(model, nn.Module) else None
+    if k is None:
+        raise ValueError("cannot tell K: pass released= or clean=, or a defense wrapping a classifier")
+    return k

@@ -1,0 +1,268 @@
+"""Restorers: undo a defense's perturbation of released posteriors, learnt from a recovery table.
+
+A restorer follows one protocol, :class:`Restorer`: ``fit(table)`` on a
+:class:`~ppoison_ext.attacks.recovery.RecoveryTable`, then ``restore(y_tilde) -> y_hat``
+([M, K] → [M, K]). :func:`transform_transferset` applies such a map to a transfer set's
+posteriors and writes a **new** transfer-set folder (the raw one is kept), so any attack's
+transfer set can be restored and/or turned into hard labels (:func:`hard_labels`).
+
+* :class:`PartialBayes` — ModelGuard's nearest-neighbour posterior mean: for ỹ with top-1 l,
+  the mean of the table's true samples (with true top-1 l) whose perturbed sample lies within
+  max(tolerance, nearest distance) of ỹ in L_p.
+* :class:`DDAE` — the D-DAE / D-DAE+ restorer MLP (perturbed → true), with the reference's
+  widths, loss (mean L1 × K) and schedule. The reference never switches it to eval mode and
+  restores the whole transfer set as one batch in train mode (BatchNorm on batch statistics);
+  ``train_mode_bn=True`` reproduces that, the default restores in eval mode (running
+  statistics, output independent of the batch).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Protocol, Tuple, Union, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .recovery import RecoveryTable
+from .transferset import TransferSet, TransferSetWriter, load_transferset
+
+__all__ = ["Restorer", "PartialBayes", "DDAE", "RestorerMLP", "DDAE_WIDTHS", "hard_labels",
+           "transform_transferset"]
+
+logger = logging.getLogger(__name__)
+
+#: hidden widths (h1, h2) of the D-DAE MLP by K, as the reference's table (other K: pass hidden=)
+DDAE_WIDTHS: Dict[int, Tuple[int, int]] = {10: (128, 64), 43: (512, 256), 100: (1024, 512), 200: (2048, 1024),
+                                           256: (2048, 1024)}
+
+
+@runtime_checkable
+class Restorer(Protocol):
+    """``fit(table) -> self``; ``restore(y_tilde [M, K]) -> [M, K]``."""
+
+    def fit(self, table: RecoveryTable) -> "Restorer": ...
+
+    def restore(self, y_tilde: Tensor) -> Tensor: ...
+
+
+def hard_labels(y: Tensor) -> Tensor:
+    """One-hot rows at the first maximum of each row of ``y`` [M, K] (float32)."""
+    return F.one_hot(y.argmax(1), y.shape[1]).float()
+
+
+def _check_table(table: RecoveryTable) -> None:
+    if not isinstance(table, RecoveryTable):
+        raise TypeError(f"table must be a RecoveryTable, got {type(table).__name__}")
+    if len(table) == 0:
+        raise ValueError("the recovery table is empty")
+
+
+class PartialBayes:
+    """Nearest-neighbour posterior mean over a recovery table (ModelGuard's Partial Bayes).
+
+    Args:
+        norm: p of the L_p distance between ỹ and the perturbed entries (the recipes use 1).
+        tolerance: entries within max(tolerance, nearest distance) are averaged (0.01).
+        top1_recover: restrict the candidates to entries whose true top-1 is ỹ's top-1
+            (for defenses that keep the top-1 class); when no entry has that top-1, all
+            entries are candidates (the reference fails there).
+        mean: the mean of the qualifying true samples (default), else the nearest entry's.
+        chunk: queries per distance block.
+    """
+
+    def __init__(self, *, norm: float = 1.0, tolerance: float = 0.01, top1_recover: bool = True,
+                 mean: bool = True, chunk: int = 1024):
+        if not norm >= 1:
+            raise ValueError(f"norm must be >= 1, got {norm!r}")
+        if not tolerance >= 0:
+            raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
+        self.norm, self.tolerance, self.top1_recover, self.mean, self.chunk = float(norm), float(tolerance), \
+            bool(top1_recover), bool(mean), int(chunk)
+        self.table: Optional[RecoveryTable] = None
+
+    def __repr__(self) -> str:
+        return (f"PartialBayes(norm={self.norm}, tolerance={self.tolerance}, top1_recover={self.top1_recover}, "
+                f"mean={self.mean})")
+
+    def fit(self, table: RecoveryTable) -> "PartialBayes":
+        _check_table(table)
+        self.table = table
+        self._true = table.true.double()
+        self._pert = table.perturbed.double()
+        self._top1 = table.true.argmax(1)
+        return self
+
+    def _candidates(self, label: int) -> Tuple[Tensor, Tensor]:
+        if self.top1_recover:
+            sel = self._top1 == label
+            if bool(sel.any()):
+                return self._true[sel], self._pert[sel]
+            logger.warning("partial bayes: no table entry has true top-1 %d; using all entries", label)
+        return self._true, self._pert
+
+    def restore(self, y_tilde: Tensor) -> Tensor:
+        if self.table is None:
+            raise RuntimeError("PartialBayes: call fit(table) first")
+        y = y_tilde.detach().double().cpu()
+        if y.dim() != 2 or y.shape[1] != self.table.num_classes:
+            raise ValueError(f"y_tilde must be [M, {self.table.num_classes}], got {tuple(y.shape)}")
+        out = torch.empty_like(y)
+        labels = y.argmax(1) if self.top1_recover else torch.zeros(len(y), dtype=torch.long)
+        for label in labels.unique().tolist():
+            rows = (labels == label).nonzero().squeeze(1)
+            true, pert = self._candidates(label)
+            step = max(1, min(self.chunk, (1 << 24) // max(1, len(pert))))
+            for lo in range(0, len(rows), step):
+                r = rows[lo:lo + step]
+                d = torch.cdist(y[r], pert, p=self.norm)
+                dmin = d.min(1, keepdim=True).values
+                if self.mean:
+                    w = (d <= dmin.clamp(min=self.tolerance)).double()
+                    out[r] = (w @ true) / w.sum(1, keepdim=True)
+                else:
+                    out[r] = true[d.argmin(1)]
+        return out.float()
+
+
+class RestorerMLP(nn.Module):
+    """Linear(K→h1) → BN → LeakyReLU(0.2) → Linear(h1→h2) → BN → LeakyReLU(0.2) →
+    Linear(h2→K) → BN(K) → LeakyReLU(0.2) → softmax (the reference's ``Recover_NN``)."""
+
+    def __init__(self, num_classes: int, hidden: Tuple[int, int]):
+        super().__init__()
+        h1, h2 = hidden
+        K = num_classes
+        self.net = nn.Sequential(nn.Linear(K, h1), nn.BatchNorm1d(h1), nn.LeakyReLU(0.2),
+                                 nn.Linear(h1, h2), nn.BatchNorm1d(h2), nn.LeakyReLU(0.2),
+                                 nn.Linear(h2, K), nn.BatchNorm1d(K), nn.LeakyReLU(0.2))
+
+    def forward(self, y: Tensor) -> Tensor:
+        return F.softmax(self.net(y), dim=1)
+
+
+def ddae_loss(out: Tensor, target: Tensor) -> Tensor:
+    """The D-DAE loss: mean absolute error × K (= the mean per-sample L1 distance)."""
+    return (out - target).abs().mean() * out.shape[1]
+
+
+class DDAE:
+    """The D-DAE / D-DAE+ restorer (an MLP trained perturbed → true on a recovery table).
+
+    D-DAE uses a shadow-model table, D-DAE+ a Dirichlet one; the restorer is the same.
+
+    Args:
+        hidden: (h1, h2); default :data:`DDAE_WIDTHS` [K] (ValueError for another K).
+        epochs, batch_size, lr, momentum, weight_decay, lr_step, lr_gamma: the reference's
+            200, 1024, SGD 1e-2 / 0.9 / 1e-4, StepLR(100, 0.5).
+        train_mode_bn: restore in train mode, all rows as one batch (the reference's quirk:
+            BatchNorm uses the batch's statistics, and updates its running ones); default
+            False: eval mode, in ``restore_batch_size`` blocks.
+        seed: seeds the initialisation and the shuffling.
+        device: training device.
+        progress: tqdm bar over epochs.
+    """
+
+    def __init__(self, *, hidden: Optional[Tuple[int, int]] = None, epochs: int = 200, batch_size: int = 1024,
+                 lr: float = 1e-2, momentum: float = 0.9, weight_decay: float = 1e-4, lr_step: int = 100,
+                 lr_gamma: float = 0.5, train_mode_bn: bool = False, restore_batch_size: int = 65536,
+                 seed: int = 42, device: Union[str, torch.device] = "cpu", progress: bool = False):
+        for name, v in (("epochs", epochs), ("batch_size", batch_size), ("lr_step", lr_step),
+                        ("restore_batch_size", restore_batch_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "epochs" else 1):
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.hidden = tuple(hidden) if hidden is not None else None
+        self.epochs, self.batch_size, self.lr, self.momentum = epochs, batch_size, float(lr), float(momentum)
+        self.weight_decay, self.lr_step, self.lr_gamma = float(weight_decay), lr_step, float(lr_gamma)
+        self.train_mode_bn, self.restore_batch_size = bool(train_mode_bn), restore_batch_size
+        self.seed, self.device, self.progress = int(seed), torch.device(device), progress
+        self.net: Optional[RestorerMLP] = None
+        self.history: list = []
+
+    def __repr__(self) -> str:
+        return (f"DDAE(hidden={self.hidden}, epochs={self.epochs}, batch_size={self.batch_size}, lr={self.lr}, "
+                f"train_mode_bn={self.train_mode_bn})")
+
+    @staticmethod
+    def widths(num_classes: int) -> Tuple[int, int]:
+        if num_classes not in DDAE_WIDTHS:
+            raise ValueError(f"the D-DAE widths are defined for K in {sorted(DDAE_WIDTHS)}, got K={num_classes}; "
+                             "pass hidden=(h1, h2)")
+        return DDAE_WIDTHS[num_classes]
+
+    def fit(self, table: RecoveryTable) -> "DDAE":
+        from tqdm.auto import tqdm
+
+        _check_table(table)
+        K = table.num_classes
+        hidden = self.hidden or self.widths(K)
+        torch.manual_seed(self.seed)
+        self.net = RestorerMLP(K, hidden).to(self.device)
+        opt = torch.optim.SGD(self.net.parameters(), lr=self.lr, momentum=self.momentum,
+                              weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.StepLR(opt, self.lr_step, self.lr_gamma)
+        x, y = table.perturbed.to(self.device), table.true.to(self.device)
+        g = torch.Generator().manual_seed(self.seed)
+        n = len(table)
+        self.history = []
+        for _ in tqdm(range(self.epochs), disable=not self.progress, desc="D-DAE restorer", unit="epoch"):
+            self.net.train()
+            perm = torch.randperm(n, generator=g).to(self.device)
+            tot, cnt = 0.0, 0
+            for lo in range(0, n, self.batch_size):
+                b = perm[lo:lo + self.batch_size]
+                if len(b) < 2:  # BatchNorm cannot train on one row
+                    continue
+                loss = ddae_loss(self.net(x[b]), y[b])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                tot, cnt = tot + loss.item() * len(b), cnt + len(b)
+            sched.step()
+            self.history.append(tot / max(cnt, 1))
+        return self
+
+    def restore(self, y_tilde: Tensor) -> Tensor:
+        if self.net is None:
+            raise RuntimeError("DDAE: call fit(table) first")
+        y = y_tilde.detach().float().to(self.device)
+        if self.train_mode_bn:
+            self.net.train()
+            with torch.no_grad():
+                return self.net(y).cpu()
+        self.net.eval()
+        with torch.no_grad():
+            return torch.cat([self.net(y[lo:lo + self.restore_batch_size]).cpu()
+                              for lo in range(0, len(y), self.restore_batch_size)])
+
+
+def transform_transferset(src: Union[TransferSet, str, Path], out_dir: Union[str, Path],
+                          fn: Callable[[Tensor], Tensor], *, meta: Optional[Dict[str, Any]] = None,
+                          chunk: int = 10000) -> TransferSet:
+    """Writes a new transfer set in ``out_dir``: the queries of ``src`` with posteriors
+    ``fn(src.y)`` (``fn`` sees all rows at once, as the reference restores the whole set).
+    ``src``'s description is kept and ``meta`` added. ``out_dir`` must differ from ``src``."""
+    ts = src if isinstance(src, TransferSet) else load_transferset(src)
+    out = Path(out_dir)
+    if out.resolve() == ts.folder.resolve():
+        raise ValueError(f"out_dir must differ from the source transfer set ({ts.folder})")
+    y = fn(ts.y)
+    if not isinstance(y, Tensor) or y.shape != ts.y.shape:
+        raise ValueError(f"the transform must return a [{len(ts)}, {ts.num_classes}] tensor")
+    if not torch.isfinite(y).all():
+        raise ValueError("the transform returned NaN or Inf posteriors")
+    own = ("num_classes", "kind", "image_shape", "format_version")
+    desc = {k: v for k, v in ts.meta.items() if k not in own}
+    desc["derived_from"] = str(ts.folder)
+    desc.update(meta or {})
+    image_shape = ts.meta.get("image_shape")
+    with TransferSetWriter(out, num_classes=ts.num_classes, kind=ts.kind, image_shape=image_shape, meta=desc,
+                           resume=False) as w:
+        for lo in range(0, len(ts), chunk):
+            hi = min(len(ts), lo + chunk)
+            x = ts.paths[lo:hi] if ts.kind == "paths" else np.asarray(ts.images[lo:hi])
+            w.append(ts.indices[lo:hi], x, y[lo:hi])
+    return load_transferset(out)
