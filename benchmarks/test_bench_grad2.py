@@ -110,7 +110,7 @@ def test_grad2_defense(pedantic, model, B, impl, target, device):
         run = lambda: orig.grad2_per_sample(x, victim, surrogate, [0.5], t)[:, 0]  # noqa: E731
     slow = impl == "port" or model == "vgg16_bn"
     out = pedantic(run, device, rounds=3 if slow else 10, warmup_rounds=1,
-                   model=model, impl=impl, target=target, B=B, dev=device.type)
+                   model=model, impl=impl, target=target, B=B, queries=B, dev=device.type)
     if impl in ("grad2", "port"):
         y = F.softmax(victim(x), 1).detach().to(out.device)
         assert (out > 0).all()
