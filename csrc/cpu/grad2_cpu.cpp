@@ -26,7 +26,7 @@ at::Tensor grad2_allocate_cpu(const at::Tensor& p_, const at::Tensor& c_, c10::A
     const scalar_t* pp = p.data_ptr<scalar_t>();
     const scalar_t* cp = c.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B, std::max<int64_t>(1, 4096 / (K * (E + 2))), [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, B, std::max<int64_t>(1, 65536 / (K * (E + 2))), [&](int64_t b0, int64_t b1) {
       std::vector<int> order((size_t)K);
       for (int64_t b = b0; b < b1; ++b) {
         const scalar_t* pr = pp + b * K;
