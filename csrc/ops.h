@@ -34,7 +34,11 @@ at::Tensor project_simplex_cpu(const at::Tensor& v, double radius);
 // Euclidean projection of each row onto {‖x‖₁ ≤ radius}.
 at::Tensor project_l1_ball_cpu(const at::Tensor& v, double radius);
 
+// GRAD² allocation ỹ [B, E, K]: mass ≤ ε/2 moved onto argmin c from the largest-c classes.
+at::Tensor grad2_allocate_cpu(const at::Tensor& p, const at::Tensor& c, c10::ArrayRef<double> epsilons);
+
 #ifdef WITH_CUDA
+at::Tensor grad2_allocate_cuda(const at::Tensor& p, const at::Tensor& c, c10::ArrayRef<double> epsilons);
 at::Tensor jacobian_gram_fc_cuda(const at::Tensor& p, const at::Tensor& h_sqnorm);
 at::Tensor jacobian_tvec_fc_cuda(const at::Tensor& p, const at::Tensor& h, const at::Tensor& y);
 at::Tensor jacobian_gram_cuda(const at::Tensor& G);

@@ -42,6 +42,7 @@ __all__ = [
     "mad_step",
     "project_simplex",
     "project_l1_ball",
+    "grad2_allocate",
     "ORACLES",
     "YDISTS",
 ]
@@ -274,6 +275,42 @@ def project_l1_ball(v: Tensor, radius: float) -> Tensor:
     return torch.ops.ppoison.project_l1_ball.default(_tensor(v, "v"), _number(radius, "radius"))
 
 
+def _budgets(epsilons) -> list:
+    if isinstance(epsilons, Tensor):
+        if epsilons.dim() > 1:
+            raise ValueError(f"epsilons must be a number or a 1-D sequence, got a tensor of shape "
+                             f"{tuple(epsilons.shape)}")
+        epsilons = epsilons.reshape(-1).tolist()
+    elif isinstance(epsilons, (int, float)) and not isinstance(epsilons, bool):
+        epsilons = [epsilons]
+    elif not isinstance(epsilons, (list, tuple)):
+        raise TypeError(f"epsilons must be a number or a sequence of numbers, got {type(epsilons).__name__}")
+    return [_number(e, "epsilons") for e in epsilons]
+
+
+def grad2_allocate(p: Tensor, c: Tensor, epsilons) -> Tensor:
+    """GRAD²'s allocation step (Mazeika et al., ICML 2022): per sample and budget, the exact
+    minimiser of cᵀx over {x on the simplex, ‖x − p‖₁ ≤ ε}, then GR's floor.
+
+    Per row: receiver r = argmin c (lowest index among equal minima); donors = the other
+    classes in descending order of c (equal c: lowest index first); G = min(1 − p_r, ε/2);
+    take_d = clamp(G − S_d, 0, p_d) with S the exclusive cumulative sum of p along the donor
+    order; x = p − take, x_r = p_r + Σ take; ``ỹ = clamp(x, 1e-15, 1) / Σ clamp(x, 1e-15, 1)``.
+    ε = 0 gives p with exact zeros floored at 1e-15 (renormalised). Before the floor
+    ‖x − p‖₁ = 2G ≤ ε. Computed in float64, rounded once. Inference-only.
+
+    Args:
+        p: the victim posteriors (rows on the simplex).
+        c: the coefficients (only their order within a row matters).
+        epsilons: one budget (a number) or several (a sequence, E ≥ 1), each finite and ≥ 0.
+
+    Shape:
+        p, c: [B, K]; returns [B, E, K] (E = 1 for a single number).
+    """
+    _same_device(("p", _tensor(p, "p")), ("c", _tensor(c, "c")))
+    return torch.ops.ppoison.grad2_allocate.default(p, c, _budgets(epsilons))
+
+
 # ---------------------------------------------------------------------------------------
 # Fake (meta) kernels: output shapes for FakeTensor tracing / torch.compile, and what
 # torch.library.opcheck's test_faketensor checks against the real kernels.
@@ -337,3 +374,9 @@ def _project_simplex_fake(v, radius):
 def _project_l1_ball_fake(v, radius):
     _fake_bk(v)
     return torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("ppoison::grad2_allocate")
+def _grad2_allocate_fake(p, c, epsilons):
+    B, K = _fake_bk(p)
+    return p.new_empty((B, len(epsilons), K))

@@ -24,6 +24,7 @@ __all__ = [
     "mad_step",
     "project_simplex",
     "project_l1_ball",
+    "grad2_allocate",
 ]
 
 VERTEX_WEIGHT = 1e-5  # up-weight of the top class in argmax-preserving vertices
@@ -411,3 +412,29 @@ def project_l1_ball(v: Tensor, radius: float) -> Tensor:
     out = torch.sign(v) * (u - _simplex_tau(u, radius)).clamp(min=0)
     keep = u.double().sum(-1, keepdim=True) <= radius
     return torch.where(keep, v, out)
+
+
+GRAD2_FLOOR = 1e-15  # GR: clamp(x, 1e-15, 1) before renormalising
+
+
+def grad2_allocate(p: Tensor, c: Tensor, epsilons) -> Tensor:
+    if isinstance(epsilons, (int, float)):
+        epsilons = [epsilons]
+    pd = p.double()
+    B, K = p.shape
+    eps = torch.as_tensor([float(e) for e in epsilons], dtype=torch.float64, device=p.device)
+    r = c.argmin(1)  # first minimum
+    rows = torch.arange(B, device=p.device)
+    pr = pd[rows, r]
+    donors = pd.clone()
+    donors[rows, r] = 0.0  # the receiver gives nothing
+    order = torch.sort(c, dim=1, descending=True, stable=True).indices  # equal c: lowest index first
+    ps = donors.gather(1, order)  # [B, K]
+    S = ps.cumsum(1) - ps  # exclusive
+    G = torch.minimum((1.0 - pr)[:, None], eps[None, :] / 2)  # [B, E]
+    take_sorted = torch.minimum((G[:, :, None] - S[:, None, :]).clamp(min=0.0), ps[:, None, :])
+    take = torch.zeros_like(take_sorted).scatter_(2, order[:, None, :].expand_as(take_sorted), take_sorted)
+    x = pd[:, None, :] - take
+    x[rows, :, r] = pr[:, None] + take.sum(2)
+    x = x.clamp(GRAD2_FLOOR, 1.0)
+    return (x / x.sum(2, keepdim=True)).to(p.dtype)

@@ -233,6 +233,7 @@ def run(sm: Smoke, seed: int) -> None:
             for r in ((0.5, 3.0) if sm.quick else (0.5, 1.0, 3.0)):
                 sm.case(f"project_simplex r={r} {tag}", ops.project_simplex, v, r)
                 sm.case(f"project_l1_ball r={r} {tag}", ops.project_l1_ball, v, r)
+            sm.case(f"grad2_allocate {tag}", ops.grad2_allocate, y, v, [0.0, 0.05, 0.3, 1.0, 2.0])
             simplex_rows, l1_rows = _feasible_rows(K, dt)
             for fn, rows in ((ops.project_simplex, simplex_rows), (ops.project_l1_ball, l1_rows)):
                 out = sm.case(f"{fn.__name__} feasible rows {tag}", fn, rows, 1.0, exact=(0,))
@@ -259,6 +260,7 @@ def run(sm: Smoke, seed: int) -> None:
             ("mad_step l1", ops.mad_step, (y, ys, 0.3, "l1"), {}, ()),
             ("project_simplex", ops.project_simplex, (v, 1.0), {}, ()),
             ("project_l1_ball", ops.project_l1_ball, (v, 0.5), {}, ()),
+            ("grad2_allocate", ops.grad2_allocate, (y, v, [0.1, 1.0]), {}, ()),
         ]
         tag = f"{str(dt)[6:]} B={B} K={K}"
         for name, fn, args, kw, exact in calls:
@@ -297,6 +299,7 @@ def run(sm: Smoke, seed: int) -> None:
             ("tvec nan G", ops.jacobian_tvec, (nan_G, y), {}),
             ("gram_fc inf p", ops.jacobian_gram_fc, (inf_p, hsq), {}),
             ("tvec_fc nan y", ops.jacobian_tvec_fc, (p, h, nan_y), {}),
+            ("grad2 nan c", ops.grad2_allocate, (y, nan_y, 0.1), {}),
         ]
         for name, fn, args, kw in errs:
             sm.same_error(f"error {name} {tag}", fn, *args, **kw)

@@ -8,6 +8,8 @@ Every defense is an ``nn.Module``: ``defense(x)`` returns the released posterior
 from .base import Defense, DefenseOutput
 from .baselines import RandomNoise, ReverseSigmoid
 from .blackbox import Blackbox
+from .grad2 import GRAD2, flatten_params, watermark_target
+from .grad2_baselines import MADGR, RandomGR, ReverseSigmoidGR
 from .factory import (DEFENSE_KEYS, DEFENSE_NAMES, DefenseSpec, build_defense, defense_from_dir, make_defense,
                       make_wb_defense, parse_defense_args)
 from .mad import MAD
@@ -20,6 +22,7 @@ __all__ = [
     "Defense", "DefenseOutput",
     # defenses
     "Blackbox", "MAD", "ReverseSigmoid", "RandomNoise", "WhiteboxDefense",
+    "GRAD2", "MADGR", "ReverseSigmoidGR", "RandomGR", "flatten_params", "watermark_target",
     # building
     "build_defense", "DefenseSpec", "parse_defense_args", "DEFENSE_NAMES", "DEFENSE_KEYS", "WB_DEFENSES",
     # deprecated builders

@@ -1,7 +1,8 @@
 """The one way to build a defense: a name plus arguments.
 
 :func:`build_defense` takes a defense name (``none``, ``topk``, ``rounding``, ``mad``,
-``reverse_sigmoid``, ``rand_noise`` and the white-box ``*_wb`` variants) and its arguments as
+``reverse_sigmoid``, ``rand_noise``, ``grad2`` with GR's baselines ``mad_gr``, ``reverse_sigmoid_gr``,
+``rand_gr``, and the white-box ``*_wb`` variants) and its arguments as
 a ``"key:value,key:value"`` string (the reference's ``defense_args`` syntax), a mapping, or
 keywords — or a :class:`DefenseSpec` parsed once before. The CLI steps, the grid and Python
 users all go through it.
@@ -26,6 +27,8 @@ from ..modeldir import load_model_dir
 from .base import Defense
 from .baselines import RandomNoise, ReverseSigmoid
 from .blackbox import Blackbox
+from .grad2 import GRAD2
+from .grad2_baselines import MADGR, RandomGR, ReverseSigmoidGR
 from .mad import MAD
 from .querylog import QueryLogger
 from .whitebox import WB_DEFENSES, build_whitebox
@@ -69,6 +72,15 @@ DEFENSE_KEYS: Dict[str, Dict[str, Callable[[str], Any]]] = {
     "reverse_sigmoid": {"beta": float, "gamma": float, **_COMMON},
     "rand_noise": {"epsilon_z": float, "dist_z": str, "strat": str, "seed": int, **_COMMON},
 }
+# -- GRAD² and GR's versions of its baselines (defenses/grad2.py, defenses/grad2_baselines.py) --
+DEFENSE_KEYS.update({
+    "grad2": {"epsilon": float, "target": str, "jacobian": str, "seed": int, "batch_independent": _bool,
+              "model_adv_proxy": _opt_str, **_COMMON},
+    "mad_gr": {"epsilon": float, "model_adv_proxy": _opt_str, **_COMMON},
+    "reverse_sigmoid_gr": {"beta": float, "gamma": float, **_COMMON},
+    "rand_gr": {"epsilon": float, "seed": int, **_COMMON},
+})
+# -- end GRAD² --
 DEFENSE_KEYS["mad_wb"] = {**DEFENSE_KEYS["mad"], **_WB}
 DEFENSE_KEYS["reverse_sigmoid_wb"] = {**DEFENSE_KEYS["reverse_sigmoid"], **_WB}
 DEFENSE_KEYS["rand_noise_wb"] = {**DEFENSE_KEYS["rand_noise"], **_WB}
@@ -213,6 +225,49 @@ _BUILDERS: Dict[str, Callable[..., Defense]] = {
     "rand_noise": _rand_noise,
     "mad": _mad,
 }
+
+
+# -- GRAD² and GR's versions of its baselines -------------------------------------------------
+def _gr_surrogate(name: str, model: nn.Module, kw: Dict[str, Any], proxy, device):
+    """The surrogate: proxy= or the model folder model_adv_proxy (GR puts it in eval mode)."""
+    proxy_dir = kw.pop("model_adv_proxy", None)
+    if proxy_dir is not None:
+        if proxy is not None:
+            raise ValueError("give the surrogate either as model_adv_proxy in defense_args or as proxy=, not both")
+        proxy = _load_proxy(proxy_dir, device if device is not None else next(model.parameters()).device)
+    if proxy is None:
+        raise ValueError(f"defense {name} needs a surrogate: model_adv_proxy:DIR in defense_args, or proxy=")
+    return proxy
+
+
+def _grad2(model: nn.Module, kw: Dict[str, Any], *, proxy, logger, device) -> GRAD2:
+    if "epsilon" not in kw:
+        raise ValueError("defense grad2 needs epsilon (e.g. 'epsilon:0.5,target:all_ones')")
+    surrogate = _gr_surrogate("grad2", model, kw, proxy, device)
+    return GRAD2(model, surrogate=surrogate, logger=logger, **kw)
+
+
+def _mad_gr(model: nn.Module, kw: Dict[str, Any], *, proxy, logger, device) -> MADGR:
+    if "epsilon" not in kw:
+        raise ValueError("defense mad_gr needs epsilon (e.g. 'epsilon:0.5')")
+    return MADGR(model, surrogate=_gr_surrogate("mad_gr", model, kw, proxy, device), logger=logger, **kw)
+
+
+def _needs(name: str, key: str, cls):
+    def build(model: nn.Module, kw: Dict[str, Any], *, logger, **_):
+        if key not in kw:
+            raise ValueError(f"defense {name} needs {key} (e.g. '{key}:0.5')")
+        return cls(model, logger=logger, **kw)
+    return build
+
+
+_BUILDERS.update({
+    "grad2": _grad2,
+    "mad_gr": _mad_gr,
+    "reverse_sigmoid_gr": _needs("reverse_sigmoid_gr", "beta", ReverseSigmoidGR),
+    "rand_gr": _needs("rand_gr", "epsilon", RandomGR),
+})
+# -- end GRAD² --
 
 
 def build_defense(defense: Union[str, DefenseSpec], args: Union[str, Mapping[str, Any], None] = None, *,

@@ -1,0 +1,57 @@
+// GRAD²'s allocation step: p, c [B, K], budgets ε [E] → ỹ [B, E, K] (formula in grad2_math.h).
+// One task per row: one sort of the donors, then an O(K) walk per budget.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <vector>
+
+#include "../grad2_checks.h"
+#include "../grad2_math.h"
+#include "../ops.h"
+
+namespace ppoison {
+
+at::Tensor grad2_allocate_cpu(const at::Tensor& p_, const at::Tensor& c_, c10::ArrayRef<double> epsilons) {
+  check_grad2_args(p_, c_, epsilons);
+  const int64_t B = p_.size(0), K = p_.size(1), E = (int64_t)epsilons.size();
+  auto p = p_.contiguous();
+  auto c = c_.contiguous();
+  auto out = at::empty({B, E, K}, p.options());
+  if (B == 0) return out;
+  std::atomic<bool> bad_p{false}, bad_c{false};
+  const std::vector<double> eps(epsilons.begin(), epsilons.end());
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "grad2_allocate_cpu", [&] {
+    const scalar_t* pp = p.data_ptr<scalar_t>();
+    const scalar_t* cp = c.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B, std::max<int64_t>(1, 65536 / (K * (E + 2))), [&](int64_t b0, int64_t b1) {
+      std::vector<int> order((size_t)K);
+      for (int64_t b = b0; b < b1; ++b) {
+        const scalar_t* pr = pp + b * K;
+        const scalar_t* cr = cp + b * K;
+        bool ok_p = true, ok_c = true;
+        for (int64_t k = 0; k < K; ++k) {
+          ok_p &= std::isfinite((double)pr[k]);
+          ok_c &= std::isfinite((double)cr[k]);
+        }
+        if (!ok_p) bad_p = true;
+        if (!ok_c) bad_c = true;
+        scalar_t* o = op + b * E * K;
+        if (!(ok_p && ok_c)) {
+          for (int64_t i = 0; i < E * K; ++i) o[i] = scalar_t(0);
+          continue;
+        }
+        grad2_allocate_row(pr, cr, (int)K, eps.data(), (int)E, order.data(), o);
+      }
+    });
+  });
+  report_nonfinite(bad_p, "p");
+  report_nonfinite(bad_c, "c");
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(ppoison, CPU, m) { m.impl("grad2_allocate", &grad2_allocate_cpu); }
+
+}  // namespace ppoison

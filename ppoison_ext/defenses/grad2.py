@@ -1,0 +1,327 @@
+"""GRAD²: gradient redirection (Mazeika, Li, Forsyth. "How to Steer Your Adversary: Targeted
+and Efficient Model Stealing Defenses with Gradient Redirection", ICML 2022, arXiv:2206.14157).
+
+The defender holds a surrogate of the attacker's model and releases, per query, the posterior
+ỹ within L1 distance ε of the victim's y that moves the surrogate's training gradient
+Gᵀỹ furthest along a target direction a (maximise ⟨Gᵀỹ, a⟩; GR's code minimises ⟨Gᵀỹ, t⟩
+with t = −a). The objective is linear in ỹ, with coefficients
+
+    c_nj = (1/B) [v_nj − q_nᵀ v_n],   v_n = J_n t,  J_n = ∂z_n/∂θ,
+
+z_n the surrogate's logits, q_n = softmax(z_n). ``v`` is one forward-mode JVP of the
+surrogate over the batch (``torch.func.jvp``), not GR's double backward; the allocation is the
+native op :func:`ppoison_ext.ops.grad2_allocate`.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from .base import Defense, DefenseOutput
+from .proxy import ProxyView
+
+__all__ = ["GRAD2", "TARGETS", "watermark_target", "flatten_params"]
+
+TARGETS = ("all_ones", "min_ip", "max_norm")
+_JVP_CHUNK = 1 << 25  # elements of per-sample parameter-sized tensors per vmap chunk (min_ip, batch_independent)
+
+
+def flatten_params(module: nn.Module) -> Tensor:
+    """The module's parameters flattened and concatenated in ``named_parameters()`` order [P]:
+    the layout of a user target (e.g. ``-flatten_params(surrogate)`` is GR's MAX-NORM t)."""
+    return torch.cat([p.detach().reshape(-1) for _, p in module.named_parameters()])
+
+
+def watermark_target(surrogate: nn.Module, x_w: Tensor, y_w: Tensor) -> Tensor:
+    """GR's WATERMARK target a [P]: the surrogate's log-likelihood gradient
+    ∇_θ mean_n Σ_k y_w,nk log softmax(surrogate(x_w))_nk, in ``named_parameters()`` order.
+
+    Args:
+        x_w: watermark inputs [N, ...]; y_w: their (one-hot) labels [N, K].
+    """
+    params = [p for _, p in surrogate.named_parameters()]
+    with torch.enable_grad():
+        logits = surrogate(x_w)
+        loss = (y_w * F.log_softmax(logits, dim=1)).sum(1).mean(0)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
+
+
+class GRAD2(Defense):
+    """GRAD² as GR's ``method_gradient_redirection`` computes it, batched.
+
+    Per batch: one victim forward (y), then the surrogate's coefficients c [B, K] by one
+    forward-mode JVP along the target (``min_ip``: one backward pass for the target first),
+    then :func:`ppoison_ext.ops.grad2_allocate`: up to ε/2 of mass moved onto argmin c, taken
+    from the largest-c classes first, and GR's clamp(·, 1e-15, 1)-and-renormalise. Every
+    output is on the simplex, within L1 ε of y (up to the 1e-15 floors).
+
+    Args:
+        model: the victim.
+        epsilon: the L1 budget ε ≥ 0 (one per defense; GR evaluates a list of budgets per call,
+            which :meth:`perturb_budgets` and the op offer). ε = 0 releases y with exact zeros
+            floored at 1e-15 (GR's renormalisation) and runs no surrogate.
+        surrogate: the defender's model of the attacker (same classes as the victim), or a
+            sequence of them: then one is drawn uniformly per batch (GR's ``sample_surrogates``),
+            from this defense's generator. Each is put in eval mode, as GR uses them
+            (BatchNorm running statistics, no dropout); its parameters are never changed.
+        target: the paper's direction a (maximise ⟨Gᵀỹ, a⟩), as GR's experiments name them:
+
+            * ``all_ones``: a = 1 over every parameter (GR's main setting ``ALL-ONES``);
+            * ``max_norm``: a = θ, the surrogate's own current parameters (``MAX-NORM``);
+            * ``min_ip``: minimise the inner product with the clean gradient, t = the
+              batch-mean log-likelihood gradient at y (``MIN-IP``). **This couples the samples
+              of a batch** (the spec's one exception): the same query can get a different
+              answer in another batch. ``batch_independent=True`` evaluates it per sample;
+            * a tensor a [P], flattened over the surrogate's parameters in
+              ``named_parameters()`` order (:func:`flatten_params`'s layout), e.g.
+              :func:`watermark_target`. With ``jacobian="fc"`` it may instead hold the last
+              Linear layer's parameters only (weight row-major, then bias).
+        jacobian: ``full`` (J over every parameter, one JVP) or ``fc``: the closed forms on the
+            surrogate's last Linear layer (v_n = T_W h_n + t_b with (T_W, t_b) the target's
+            slice of that layer; ``min_ip``: v_n = (1/B) Σ_i (h_iᵀh_n + 1)(y_i − q_i)); no
+            autograd at all. Refused for ``all_ones``, whose last-layer coefficients are
+            identically zero.
+        seed: seeds the draw among several surrogates (None: torch's global RNG).
+        batch_independent: ``min_ip`` per sample (t_n = that sample's own log-likelihood
+            gradient, c_n = v_n − q_nᵀv_n) and, with several surrogates, one draw per sample.
+            The other targets are batch-independent already.
+        logger: optional :class:`~ppoison_ext.defenses.QueryLogger`.
+
+    Shape:
+        x: [B, ...] as the victim takes it; returns [B, K].
+
+    Example:
+        >>> defense = GRAD2(victim, epsilon=0.5, surrogate=surrogate, target="all_ones")
+        >>> y_prime = defense(x)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        epsilon: float,
+        surrogate: Union[nn.Module, Sequence[nn.Module]],
+        target: Union[str, Tensor] = "all_ones",
+        jacobian: str = "full",
+        seed: Optional[int] = None,
+        batch_independent: bool = False,
+        logger=None,
+    ):
+        super().__init__(model, logger=logger)
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
+            raise TypeError(f"epsilon must be a real number, got {type(epsilon).__name__}")
+        if not (0.0 <= float(epsilon) < float("inf")):
+            raise ValueError(f"epsilon must be finite and >= 0, got {epsilon}")
+        surrogates = [surrogate] if isinstance(surrogate, nn.Module) else surrogate
+        if not isinstance(surrogates, (list, tuple)) or not surrogates:
+            raise TypeError(f"surrogate must be a torch.nn.Module or a non-empty sequence of them, got "
+                            f"{type(surrogate).__name__}")
+        for i, s in enumerate(surrogates):
+            if not isinstance(s, nn.Module):
+                raise TypeError(f"surrogate[{i}] must be a torch.nn.Module, got {type(s).__name__}")
+        if jacobian not in ("full", "fc"):
+            raise ValueError(f"jacobian must be one of ['full', 'fc'], got {jacobian!r}")
+        if not isinstance(batch_independent, bool):
+            raise TypeError(f"batch_independent must be a bool, got {type(batch_independent).__name__}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        if isinstance(target, str):
+            if target not in TARGETS:
+                raise ValueError(f"target must be one of {list(TARGETS)} or a tensor, got {target!r}")
+            if target == "all_ones" and jacobian == "fc":
+                raise ValueError("target='all_ones' with jacobian='fc' is refused: on the last layer its "
+                                 "coefficients are identically zero (the fc block of every log-softmax gradient "
+                                 "sums to zero), so the allocation would be ordered by rounding noise; use "
+                                 "jacobian='full'")
+        elif isinstance(target, Tensor):
+            if not torch.is_floating_point(target):
+                raise TypeError(f"target tensor must be floating point, got {target.dtype}")
+            if target.dim() != 1:
+                raise ValueError(f"target tensor must be 1-D [P], got shape {tuple(target.shape)}")
+            if not bool(torch.isfinite(target).all()):
+                raise ValueError("target tensor contains NaN or Inf values")
+        else:
+            raise TypeError(f"target must be a str ({list(TARGETS)}) or a tensor, got {type(target).__name__}")
+        self.epsilon = float(epsilon)
+        self.surrogates = nn.ModuleList([s.eval() for s in surrogates])
+        self._views: List[Optional[ProxyView]] = [None] * len(surrogates)
+        self.jacobian, self.seed, self.batch_independent = jacobian, seed, batch_independent
+        self.target_name = target if isinstance(target, str) else "tensor"
+        self._target = None if isinstance(target, str) else target.detach()
+        if self._target is not None:
+            for i, s in enumerate(surrogates):
+                self._check_target_size(s, i)
+        self._generators: Dict[str, torch.Generator] = {}
+        self._func_lock = threading.Lock()
+
+    def hparams(self) -> dict:
+        return {"epsilon": self.epsilon, "target": self.target_name, "jacobian": self.jacobian,
+                "batch_independent": self.batch_independent, "surrogates": len(self.surrogates), "seed": self.seed}
+
+    # -- targets ------------------------------------------------------------------------------
+    def _check_target_size(self, s: nn.Module, i: int) -> None:
+        P = sum(p.numel() for _, p in s.named_parameters())
+        sizes = [P]
+        if self.jacobian == "fc":
+            sizes.append(self._fc_size(s))
+        if self._target.numel() not in sizes:
+            raise ValueError(f"target tensor has {self._target.numel()} entries but surrogate[{i}] has {P} "
+                             "parameters (named_parameters() order)"
+                             + (f" and its last Linear layer {sizes[1]}" if len(sizes) > 1 else ""))
+
+    @staticmethod
+    def _last_linear(s: nn.Module) -> nn.Linear:
+        lins = [m for m in s.modules() if isinstance(m, nn.Linear)]
+        if not lins:
+            raise ValueError(f"jacobian='fc' needs a surrogate with an nn.Linear last layer; "
+                             f"{type(s).__name__} has none")
+        return lins[-1]
+
+    def _fc_size(self, s: nn.Module) -> int:
+        lin = self._last_linear(s)
+        return lin.weight.numel() + (lin.bias.numel() if lin.bias is not None else 0)
+
+    def _tangent(self, s: nn.Module, params: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """GR's t = −a over every parameter, for the fixed targets."""
+        if self.target_name == "all_ones":
+            return {n: -torch.ones_like(p) for n, p in params.items()}
+        if self.target_name == "max_norm":
+            return {n: -p for n, p in params.items()}
+        flat = -self._target.to(device=next(iter(params.values())).device)
+        out, off = {}, 0
+        for n, p in params.items():
+            out[n] = flat[off:off + p.numel()].reshape(p.shape).to(p.dtype)
+            off += p.numel()
+        return out
+
+    # -- coefficients -------------------------------------------------------------------------
+    def _generator(self) -> Optional[torch.Generator]:
+        if self.seed is None:
+            return None
+        if "cpu" not in self._generators:  # draws happen on the CPU
+            self._generators["cpu"] = torch.Generator().manual_seed(self.seed)
+        return self._generators["cpu"]
+
+    def _draw(self, n: int) -> Tensor:
+        return torch.randint(len(self.surrogates), (n,), generator=self._generator())
+
+    def coefficients(self, x: Tensor, y: Tensor, surrogate: int = 0) -> Tensor:
+        """GR's coefficients c = ∂Φ/∂ỹ [B, K] of one surrogate for the batch (x, y), with
+        GR's 1/B (per sample: 1 with ``batch_independent`` ``min_ip``)."""
+        s = self.surrogates[surrogate]
+        if self.jacobian == "fc":
+            return self._coefficients_fc(s, surrogate, x, y)
+        from torch.func import functional_call, jvp, vjp, vmap
+
+        params = {n: p.detach() for n, p in s.named_parameters()}
+        B = x.shape[0]
+        with self._func_lock, torch.enable_grad():  # functional_call swaps parameters in place
+            if self.target_name == "min_ip" and self.batch_independent:
+                def one(xn, yn):
+                    f1 = lambda prm: functional_call(s, prm, (xn.unsqueeze(0),))[0]  # noqa: E731
+                    z, pull = vjp(f1, params)
+                    q = F.softmax(z, dim=0)
+                    t = pull(yn.to(z.dtype) - q * yn.sum().to(z.dtype))[0]
+                    _, v = jvp(f1, (params,), (t,))
+                    return z, v
+
+                P = sum(p.numel() for p in params.values())
+                chunk = max(1, _JVP_CHUNK // max(1, P))
+                zs, vs = [], []
+                for lo in range(0, B, chunk):
+                    z, v = vmap(one)(x[lo:lo + chunk], y[lo:lo + chunk])
+                    zs.append(z)
+                    vs.append(v)
+                z, v = torch.cat(zs), torch.cat(vs)
+                scale = 1.0
+            else:
+                f = lambda prm: functional_call(s, prm, (x,))  # noqa: E731
+                if self.target_name == "min_ip":
+                    z, pull = vjp(f, params)
+                    q = F.softmax(z, dim=1)
+                    yz = y.to(z.dtype)
+                    t = pull((yz - q * yz.sum(1, keepdim=True)) / B)[0]
+                    _, v = jvp(f, (params,), (t,))
+                else:
+                    z, v = jvp(f, (params,), (self._tangent(s, params),))
+                scale = 1.0 / B
+        z, v = z.detach(), v.detach()
+        q = F.softmax(z, dim=1)
+        return scale * (v - (q * v).sum(1, keepdim=True))
+
+    def _coefficients_fc(self, s: nn.Module, i: int, x: Tensor, y: Tensor) -> Tensor:
+        if self._views[i] is None:
+            self._views[i] = ProxyView(s)
+        view = self._views[i]
+        logits, h = view.forward_with_features(x)
+        head = view.head()
+        q = F.softmax(logits, dim=1)
+        B = x.shape[0]
+        has_bias = head.bias is not None
+        if self.target_name == "min_ip":
+            r = y.to(q.dtype) - q * y.to(q.dtype).sum(1, keepdim=True)  # ∂(Σ y log q)/∂z
+            if self.batch_independent:
+                v = ((h * h).sum(1, keepdim=True) + (1.0 if has_bias else 0.0)) * r
+                scale = 1.0
+            else:
+                T_W = r.t() @ h / B
+                v = h @ T_W.t() + (r.sum(0) / B if has_bias else 0.0)
+                scale = 1.0 / B
+        else:
+            if self.target_name == "max_norm":
+                T_W, t_b = -head.weight, (-head.bias if has_bias else None)
+            else:
+                flat = self._target.to(device=h.device, dtype=h.dtype)
+                n_fc = head.weight.numel() + (head.bias.numel() if has_bias else 0)
+                if flat.numel() != n_fc:  # a full-network target: its last-layer slice
+                    sizes = [(n, p.numel()) for n, p in s.named_parameters()]
+                    names = [n for n, _ in sizes]
+                    start = sum(k for _, k in sizes[:names.index(f"{view.head_name}.weight")])
+                    flat = flat[start:start + n_fc]
+                flat = -flat
+                nw = head.weight.numel()
+                T_W = flat[:nw].reshape(head.weight.shape)
+                t_b = flat[nw:] if has_bias else None
+            v = h @ T_W.detach().t()
+            if t_b is not None:
+                v = v + t_b.detach()
+            scale = 1.0 / B
+        return scale * (v - (q * v).sum(1, keepdim=True))
+
+    def _all_coefficients(self, x: Tensor, y: Tensor) -> Tensor:
+        if len(self.surrogates) == 1:
+            return self.coefficients(x, y, 0).to(device=y.device, dtype=y.dtype)
+        if not self.batch_independent:
+            return self.coefficients(x, y, int(self._draw(1))).to(device=y.device, dtype=y.dtype)
+        pick = self._draw(x.shape[0]).to(y.device)
+        c = torch.empty_like(y)
+        for i in pick.unique().tolist():
+            idx = (pick == i).nonzero().squeeze(1)
+            c[idx] = self.coefficients(x[idx], y[idx], i).to(device=y.device, dtype=y.dtype)
+        return c
+
+    # -- the defense ------------------------------------------------------------------------
+    def defend(self, x: Tensor, y: Tensor) -> DefenseOutput:
+        if self.epsilon <= 0.0:
+            return DefenseOutput(ops.grad2_allocate(y, torch.zeros_like(y), 0.0)[:, 0], y)
+        c = self._all_coefficients(x, y)
+        return DefenseOutput(ops.grad2_allocate(y, c, self.epsilon)[:, 0], y)
+
+    def perturb_budgets(self, x: Tensor, epsilons: Sequence[float]) -> Tensor:
+        """GR's return layout: the released posteriors for several budgets [B, E, K] from one
+        set of coefficients. Counts the queries; writes nothing to the logger."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        with torch.no_grad():
+            y = self.victim_probs(x)
+            out = ops.grad2_allocate(y, self._all_coefficients(x, y), epsilons)
+        with self._count_lock:
+            self.call_count += y.shape[0]
+        return out
