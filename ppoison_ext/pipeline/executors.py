@@ -58,6 +58,12 @@ def _loopback(address: Optional[str]) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+def _token_available() -> bool:
+    """Whether this machine has a Ray authentication token (where Ray looks for one)."""
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or os.path.isfile(path)
+
+
 def _target(fn: Callable) -> str:
     """``module:name`` of a step function, to import it in the worker (a ``python -m`` run has
     it in ``__main__``)."""
@@ -110,6 +116,9 @@ class RayExecutor:
             # before ray is imported: whether ray may use an address other than 127.0.0.1 is read then
             for k, v in RAY_LOCAL_ENV.items():
                 os.environ.setdefault(k, v)
+        if address is not None and "RAY_AUTH_MODE" not in os.environ and _token_available():
+            # what ray.init does for "auto" only: clusters use token authentication by default
+            os.environ["RAY_AUTH_MODE"] = "token"
         try:
             import ray
         except ImportError as err:
