@@ -10,7 +10,10 @@ the grid's device is a GPU and the cluster has any; a task whose worker dies is 
 (``max_retries``) and the retry resumes from the files. Without an address a local cluster is
 started for the run, listening on the loopback address only; with one (``ray.init(address=...)``,
 ``"auto"`` for the cluster ``ray start`` runs on this machine) the cells go to that cluster, whose
-workers must import this package and see the grid's output folder at the same path.
+workers must import this package and see the grid's output folder at the same path. A grid
+that is killed takes its running cells with it (Ray ends the tasks of a driver that is gone, and a
+local cluster dies with it), so a rerun never races them: the local workers' orphan watchdog is
+not needed here.
 """
 
 from __future__ import annotations
