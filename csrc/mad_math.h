@@ -18,6 +18,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "options.h"
+
 #if defined(__CUDACC__)
 #define PP_HD __host__ __device__ __forceinline__
 #else
@@ -26,14 +28,13 @@
 
 namespace ppoison {
 
-enum class Oracle : int { Extreme = 0, Argmax = 1, Argmin = 2, Random = 3 };
-enum class YDist : int { L1 = 0, L2 = 1, KL = 2 };
-
 constexpr double kVertexWeight = 1e-5;    // reference: up-weight of the top class in argmax vertices
 constexpr double kGreedySmooth = 1e-8;    // reference: y smoothing in the greedy argmax oracle
 constexpr double kAlphaEps = 1e-7;        // reference: denominator guard of the closed-form step
 constexpr double kZeroRel = 1e-12;        // ‖Gᵀa‖² below this (relative) counts as a zero vector
 constexpr double kTieRel = 1e-10;         // objective values this close (relative) are ties
+constexpr int kLowBits = 6;               // exact argmax search: low rank bits tabulated per row
+constexpr int kLowCount = 1 << kLowBits;
 
 struct Quad {
   double A, C, Y;
@@ -41,15 +42,21 @@ struct Quad {
 };
 
 // True when v ties or beats best: ties go to the earlier candidate.
-PP_HD bool tie_or_better(double v, double best) {
-  double scale = fabs(best) > 1.0 ? fabs(best) : 1.0;
-  return v >= best - kTieRel * scale;
+// The scale of the tie tolerance: relative to |best|, floored at 1 for the angular objective
+// (its values lie in [0, 4]); the surrogate ‖Gᵀ(ỹ − y)‖² scales with the proxy's features, so
+// its ties are purely relative (an absolute floor would make every small-feature row a tie).
+PP_HD double tie_scale(double best, bool angular) {
+  const double a = fabs(best);
+  return angular && a < 1.0 ? 1.0 : a;
+}
+
+PP_HD bool tie_or_better(double v, double best, bool angular) {
+  return v >= best - kTieRel * tie_scale(best, angular);
 }
 
 // Strictly better than best by more than the tie tolerance.
-PP_HD bool strictly_better(double v, double best) {
-  double scale = fabs(best) > 1.0 ? fabs(best) : 1.0;
-  return v > best + kTieRel * scale;
+PP_HD bool strictly_better(double v, double best, bool angular) {
+  return v > best + kTieRel * tie_scale(best, angular);
 }
 
 PP_HD double angular(const Quad& q, double zero_y) {
@@ -65,6 +72,37 @@ PP_HD double surrogate(const Quad& q) {
   if (!(r == r)) return 0.0;
   return r < 0.0 ? 0.0 : r;
 }
+
+// Free bit j (0 = most significant) of the lexicographic rank maps to class index.
+PP_HD int free_index(int j, int kstar) { return j < kstar ? j : j + 1; }
+
+// The exact argmax search splits a rank r into its low L = min(K − 1, kLowBits) bits (the
+// last L free classes) and the rest ("high"). Per row it tabulates the 2^L subsets of the low
+// classes; per block of 2^L ranks it sums the high part from scratch. Every vertex is then
+// high part + table entry: a few roundings whatever K, the same bits on every visit.
+PP_HD int low_index(int b, int nfree, int kstar) { return free_index(nfree - 1 - b, kstar); }
+
+PP_HD int lowest_bit(int lo) {  // lo > 0
+  int b = 0;
+  while (!((lo >> b) & 1)) ++b;
+  return b;
+}
+
+// Whether class i is in the high part {k*} ∪ {free_index(j) : j < nh, bit (nh − 1 − j) of hi}.
+PP_HD bool in_high(int i, int kstar, int nh, int64_t hi) {
+  if (i == kstar) return true;
+  const int j = i < kstar ? i : i - 1;
+  return j < nh && ((hi >> (nh - 1 - j)) & 1);
+}
+
+// Exact-search tables of the FC form: high part |S_h|, Σ p, Σ w_y; low subsets the same.
+struct FcExact {
+  int L, nh;
+  int n_hi;
+  double sp_hi, sw_hi;
+  int cnt[kLowCount];
+  double sp[kLowCount], sw[kLowCount];
+};
 
 // Running sums over a vertex set S for the FC form: |S|, Σ_S p, Σ_S w_y.
 struct FcSet {
@@ -130,6 +168,37 @@ struct FcGram {
     return q;
   }
 
+  using Exact = FcExact;
+
+  PP_HD void exact_begin(FcExact& e, int kstar) const {
+    const int nfree = K - 1;
+    e.L = nfree < kLowBits ? nfree : kLowBits;
+    e.nh = nfree - e.L;
+    e.cnt[0] = 0;
+    e.sp[0] = 0.0;
+    e.sw[0] = 0.0;
+    for (int lo = 1; lo < (1 << e.L); ++lo) {
+      const int prev = lo & (lo - 1), k = low_index(lowest_bit(lo), nfree, kstar);
+      e.cnt[lo] = e.cnt[prev] + 1;
+      e.sp[lo] = e.sp[prev] + pk(k);
+      e.sw[lo] = e.sw[prev] + wy(k);
+    }
+  }
+  PP_HD void exact_block(FcExact& e, int kstar, int64_t hi) const {
+    e.n_hi = 0;
+    e.sp_hi = 0.0;
+    e.sw_hi = 0.0;
+    for (int i = 0; i < K; ++i) {
+      if (!in_high(i, kstar, e.nh, hi)) continue;
+      e.n_hi += 1;
+      e.sp_hi += pk(i);
+      e.sw_hi += wy(i);
+    }
+  }
+  PP_HD Quad exact_vertex(const FcExact& e, int lo, int kstar, double w) const {
+    return general(e.n_hi + e.cnt[lo], e.sp_hi + e.sp[lo], e.sw_hi + e.sw[lo], kstar, w);
+  }
+
   PP_HD FcSet empty_set() const { return FcSet{0, 0.0, 0.0}; }
   PP_HD void add(FcSet& s, int k) const {
     s.n += 1;
@@ -150,6 +219,18 @@ struct FcGram {
     if (!(hsq > 0.0)) return 0.0;  // G = 0: every direction is the zero vector
     return objmax ? angular(q, zero_y) : hsq * surrogate(q);
   }
+};
+
+// Exact-search tables of a dense Gram, S = S_h ∪ S_l: |S|, 1_SᵀM1_S = t_h + 2·1_lᵀ(M1_h) + t_l,
+// (M1_S)_k* and 1_SᵀMy, each split into the high part and a low-subset table; c = M1_h on the
+// low classes, cross = its low-subset sums.
+struct DenseExact {
+  int L, nh;
+  int n_hi;
+  double t_hi, rk_hi, q_hi;
+  double c[kLowBits];
+  int cnt[kLowCount];
+  double t[kLowCount], rk[kLowCount], q[kLowCount], cross[kLowCount];
 };
 
 // Running state over a vertex set S for a dense Gram: |S|, 1_SᵀM1_S, 1_SᵀMy and r = M1_S.
@@ -195,6 +276,53 @@ struct DenseGram {
     q.Y = yy;
     q.zero_a = kZeroRel * scale;
     return q;
+  }
+
+  using Exact = DenseExact;
+
+  PP_HD void exact_begin(DenseExact& e, int kstar) const {
+    const int nfree = K - 1;
+    e.L = nfree < kLowBits ? nfree : kLowBits;
+    e.nh = nfree - e.L;
+    e.cnt[0] = 0;
+    e.t[0] = 0.0;
+    e.rk[0] = 0.0;
+    e.q[0] = 0.0;
+    for (int lo = 1; lo < (1 << e.L); ++lo) {
+      const int b = lowest_bit(lo), prev = lo & (lo - 1), k = low_index(b, nfree, kstar);
+      double rl = 0.0;  // (M 1_prev)_k
+      for (int bb = b + 1; bb < e.L; ++bb)
+        if ((prev >> bb) & 1) rl += m(k, low_index(bb, nfree, kstar));
+      e.cnt[lo] = e.cnt[prev] + 1;
+      e.t[lo] = e.t[prev] + 2.0 * rl + m(k, k);
+      e.rk[lo] = e.rk[prev] + m(kstar, k);
+      e.q[lo] = e.q[prev] + my[k];
+    }
+  }
+  PP_HD void exact_block(DenseExact& e, int kstar, int64_t hi) const {
+    const int nfree = K - 1;
+    e.n_hi = 0;
+    e.t_hi = 0.0;
+    e.rk_hi = 0.0;
+    e.q_hi = 0.0;
+    for (int b = 0; b < e.L; ++b) e.c[b] = 0.0;
+    for (int i = 0; i < K; ++i) {
+      if (!in_high(i, kstar, e.nh, hi)) continue;
+      double ri = 0.0;  // (M 1_h)_i
+      for (int j = 0; j < K; ++j)
+        if (in_high(j, kstar, e.nh, hi)) ri += m(i, j);
+      e.n_hi += 1;
+      e.t_hi += ri;
+      e.rk_hi += m(kstar, i);
+      e.q_hi += my[i];
+      for (int b = 0; b < e.L; ++b) e.c[b] += m(low_index(b, nfree, kstar), i);
+    }
+    e.cross[0] = 0.0;
+    for (int lo = 1; lo < (1 << e.L); ++lo) e.cross[lo] = e.cross[lo & (lo - 1)] + e.c[lowest_bit(lo)];
+  }
+  PP_HD Quad exact_vertex(const DenseExact& e, int lo, int kstar, double w) const {
+    return general(e.n_hi + e.cnt[lo], e.t_hi + 2.0 * e.cross[lo] + e.t[lo], e.rk_hi + e.rk[lo], e.q_hi + e.q[lo],
+                   kstar, w);
   }
 
   PP_HD DenseSet empty_set(double* r) const {
@@ -250,71 +378,71 @@ PP_HD int argmin_first(const scalar_t* v, int K) {
   return best;
 }
 
-// `extreme`: best one-hot vertex e_k; first index wins ties.
+// `extreme`: best one-hot vertex e_k; first index wins ties. The first pass finds the first
+// maximum kmax; the second returns the first k ≤ kmax that ties it (kmax itself at the latest).
 template <typename Gram>
 PP_HD int oracle_extreme(const Gram& g, bool objmax, double* value) {
-  double best = -1.0;
-  for (int k = 0; k < g.K; ++k) {
+  int kmax = 0;
+  double best = g.value(g.single(0), objmax);
+  for (int k = 1; k < g.K; ++k) {
     double v = g.value(g.single(k), objmax);
-    if (v > best) best = v;
+    if (v > best) {
+      best = v;
+      kmax = k;
+    }
   }
-  for (int k = 0; k < g.K; ++k) {
+  for (int k = 0; k < kmax; ++k) {
     double v = g.value(g.single(k), objmax);
-    if (tie_or_better(v, best)) {
+    if (tie_or_better(v, best, objmax)) {
       *value = v;
       return k;
     }
   }
   *value = best;
-  return 0;
+  return kmax;
 }
 
-// Free bit j (0 = most significant) of the lexicographic rank maps to class index.
-PP_HD int free_index(int j, int kstar) { return j < kstar ? j : j + 1; }
-
-// Moves S from rank r to rank r + 1 (binary increment: the least significant free bit is the
-// last free index); a full cycle of increments brings S back to {k*}.
-template <typename Gram, typename Set>
-PP_HD void next_rank(const Gram& g, Set& cur, int64_t r, int nfree, int kstar) {
-  for (int j = nfree - 1; j >= 0; --j) {
-    int idx = free_index(j, kstar);
-    if ((r >> (nfree - 1 - j)) & 1) {
-      g.remove(cur, idx);
-    } else {
-      g.add(cur, idx);
-      break;
+// Scores the vertices of ranks 0 .. limit−1 (limit ≥ 1); the value of a rank depends on the
+// rank alone (tables in e, from exact_begin). first_tie = false: returns the first maximum
+// (rank and value). first_tie = true: stops at the first rank whose value ties `best` and
+// returns it; when none does, returns `limit` with *value = best.
+template <typename Gram>
+PP_HD int64_t scan_vertices(const Gram& g, typename Gram::Exact& e, int kstar, bool objmax, int64_t limit,
+                            bool first_tie, double best, double* value) {
+  const int64_t low_mask = ((int64_t)1 << e.L) - 1;
+  int64_t found = limit;
+  double found_v = best;
+  for (int64_t r = 0; r < limit; ++r) {
+    const int lo = (int)(r & low_mask);
+    if (lo == 0) g.exact_block(e, kstar, r >> e.L);
+    const double v = g.value(g.exact_vertex(e, lo, kstar, kVertexWeight), objmax);
+    if (first_tie ? tie_or_better(v, best, objmax) : (r == 0 || v > found_v)) {
+      found = r;
+      found_v = v;
+      if (first_tie) break;
     }
   }
+  *value = found_v;
+  return found;
 }
 
 // Exact argmax-preserving oracle: every vertex containing k*, in the order of
-// itertools.product([0, 1], repeat=K) (the reference's), first maximum wins.
-// Returns the winning rank; bit (K-2-j) of the rank says whether free_index(j) ∈ S.
-// `values`: scratch for the 2^(K−1) objective values (one pass, then a scan for the first
-// maximum), or nullptr to recompute them in a second pass (no memory: the CUDA kernels).
-template <typename Gram, typename Set>
-PP_HD int64_t oracle_argmax_exact(const Gram& g, Set cur, int kstar, bool objmax, double* value,
-                                  double* values = nullptr) {
-  const int nfree = g.K - 1;
-  const int64_t count = (int64_t)1 << nfree;
-  double best = -1.0;
-  g.add(cur, kstar);
-  for (int64_t r = 0; r < count; ++r) {
-    double v = g.value(g.vertex(cur, kstar, kVertexWeight), objmax);
-    if (values) values[r] = v;
-    if (v > best) best = v;
-    next_rank(g, cur, r, nfree, kstar);
+// itertools.product([0, 1], repeat=K) (the reference's), first maximum wins: the first rank
+// whose value ties the maximum. Pass 1 finds the first maximum rmax; pass 2 rescores ranks
+// 0 .. rmax−1, to the same values, and takes the first tie, else rmax. Returns the winning
+// rank; bit (K-2-j) of the rank says whether free_index(j) ∈ S.
+template <typename Gram>
+PP_HD int64_t oracle_argmax_exact(const Gram& g, int kstar, bool objmax, double* value) {
+  typename Gram::Exact e;
+  g.exact_begin(e, kstar);
+  const int64_t count = (int64_t)1 << (g.K - 1);
+  double best = 0.0;
+  const int64_t rmax = scan_vertices(g, e, kstar, objmax, count, false, 0.0, &best);
+  if (rmax == 0) {
+    *value = best;
+    return 0;
   }
-  for (int64_t r = 0; r < count; ++r) {
-    double v = values ? values[r] : g.value(g.vertex(cur, kstar, kVertexWeight), objmax);
-    if (tie_or_better(v, best)) {
-      *value = v;
-      return r;
-    }
-    if (!values) next_rank(g, cur, r, nfree, kstar);
-  }
-  *value = best;
-  return 0;
+  return scan_vertices(g, e, kstar, objmax, rmax, true, best, value);
 }
 
 // Greedy argmax-preserving oracle (the reference's search for large K): grow S from
@@ -336,26 +464,29 @@ PP_HD void oracle_argmax_greedy(const Gram& g, Set cur, int kstar, bool objmax, 
   int64_t scored = 0;
   int t = 0;
   while (scored < max_candidates && cur.n < K) {
-    double it_best = -1.0;
+    // First maximum it_c of this step (cur.n < K: some class is left), then the first
+    // class before it that ties it.
+    int it_c = -1;
+    double it_v = 0.0;
     for (int c = 0; c < K; ++c) {
       if (in_set[c]) continue;
       double v = g.value(g.vertex_plus(cur, c, kstar, kVertexWeight), objmax);
-      if (v > it_best) it_best = v;
+      if (it_c < 0 || v > it_v) {
+        it_c = c;
+        it_v = v;
+      }
       ++scored;
     }
-    int it_c = -1;
-    double it_v = it_best;
-    for (int c = 0; c < K; ++c) {
+    for (int c = 0; c < it_c; ++c) {
       if (in_set[c]) continue;
       double v = g.value(g.vertex_plus(cur, c, kstar, kVertexWeight), objmax);
-      if (tie_or_better(v, it_best)) {
+      if (tie_or_better(v, it_v, objmax)) {
         it_c = c;
         it_v = v;
         break;
       }
     }
-    if (it_c < 0) break;  // unreachable for finite values; keeps indices in range
-    if (strictly_better(it_v, best)) {
+    if (strictly_better(it_v, best, objmax)) {
       best = it_v;
       *best_t = t;
       *best_c = it_c;
@@ -493,6 +624,14 @@ PP_HD double step_alpha(const scalar_t* y, const scalar_t* ys, int K, double eps
   if (dist == YDist::L2) norm = sqrt(norm);
   double alpha = eps / (norm + kAlphaEps);
   return alpha < 0.0 ? 0.0 : (alpha > 1.0 ? 1.0 : alpha);
+}
+
+// One row of mad_step: ỹ = (1 − α) y + α y* with α = step_alpha.
+template <typename scalar_t>
+PP_HD void step_row(const scalar_t* y, const scalar_t* ys, int K, double eps, YDist dist, int kl_steps,
+                    scalar_t* out) {
+  const double alpha = step_alpha(y, ys, K, eps, dist, kl_steps);
+  for (int k = 0; k < K; ++k) out[k] = mix_entry(y[k], ys[k], alpha);
 }
 
 }  // namespace ppoison

@@ -100,7 +100,7 @@ def save_checkpoint(
 
     The file holds a dict with ``epoch`` (int), ``arch`` (the architecture name, a str:
     never the class), ``state_dict``, ``best_acc`` (float), ``optimizer`` (its state_dict,
-    or None), ``created_on`` (``str(datetime.now())``, as the original), ``num_classes``
+    or None), ``created_on`` (``str(datetime.now())``, as the reference), ``num_classes``
     (the output size of the model's last Linear layer unless given) and the ``extra`` keys.
 
     Raises:
@@ -155,7 +155,7 @@ def _torch_load(path: Path, map_location: Any) -> Any:
         if m is not None:
             raise ValueError(
                 f"{path} pickles the Python object {m.group(1)}, which torch.load(weights_only=True) "
-                "refuses to load. Checkpoints written by the original knockoffnets / prediction-poisoning "
+                "refuses to load. Checkpoints written by the reference knockoffnets / prediction-poisoning "
                 "code do this ('arch': model.__class__). If you trust the file, convert it once with "
                 "ppoison_ext.checkpoint.convert_reference_checkpoint(src, dst) and load the converted file."
             ) from e
@@ -262,7 +262,7 @@ def load_checkpoint(
     Raises:
         FileNotFoundError: the file does not exist.
         ValueError: naming the file and the problem: empty, truncated or corrupt; not a
-            dict or without a state_dict; pickles a class (an original-code checkpoint:
+            dict or without a state_dict; pickles a class (a reference-code checkpoint:
             see :func:`convert_reference_checkpoint`); tensors whose shapes do not fit the
             model (e.g. "checkpoint has K=10 classes, model has 26"); with ``strict``,
             missing or unexpected keys.
@@ -283,7 +283,7 @@ def read_state_dict(path: PathLike, map_location: Any = "cpu") -> Dict[str, Tens
     return _strip_module_prefix(_as_checkpoint(_torch_load(path, map_location), path)["state_dict"])
 
 
-# --- converting original-code checkpoints --------------------------------------------------------
+# --- converting reference-code checkpoints -------------------------------------------------------
 
 
 class _MissingClass:
@@ -364,15 +364,15 @@ def convert_reference_checkpoint(
     arch: Optional[str] = None,
     num_classes: Optional[int] = None,
 ) -> Path:
-    """Convert a checkpoint written by the original code into a ``weights_only``-safe one.
+    """Convert a checkpoint written by the reference code into a ``weights_only``-safe one.
 
     .. warning::
         This unpickles ``src`` with ``torch.load(weights_only=False)``, which can run
         arbitrary code embedded in the file. Call it only on files you trust (e.g. ones you
-        trained yourself with the original code). Nothing else in ppoison_ext ever loads
+        trained yourself with the reference code). Nothing else in ppoison_ext ever loads
         with ``weights_only=False``.
 
-    Classes that cannot be imported (``knockoff.models.cifar.vgg.VGG`` without the original
+    Classes that cannot be imported (``knockoff.models.cifar.vgg.VGG`` without the reference's
     package) are replaced by inert stand-ins. In the output, ``arch`` becomes a str: the
     given ``arch`` name, else the pickled class's qualified name (e.g.
     ``"knockoff.models.cifar.vgg.VGG"``; the architecture *name* lives in ``params.json``).

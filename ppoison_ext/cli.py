@@ -1,4 +1,4 @@
-"""The ``ppoison`` command: one subcommand per step of the original pipeline.
+"""The ``ppoison`` command: one subcommand per step of the reference's pipeline.
 
 ::
 
@@ -7,6 +7,7 @@
     ppoison train-attacker D lenet MNIST --budgets 50,100,500,1000
     ppoison eval-bbox VIC_DIR mad "epsilon:0.5,objmax:True" --out_dir D
     ppoison jacobian jbda VIC_DIR none "" --model_adv lenet --out_dir J --testset MNIST --queryset MNIST
+    ppoison serve VIC_DIR --defense mad --defense-args "epsilon:1.0,oracle:argmax,model_adv_proxy:P"
 
 Each subcommand is ``ppoison_ext.pipeline.<module>.main(argv, prog=...)`` (also runnable as
 ``python -m ppoison_ext.pipeline.<module>``); ``ppoison <subcommand> --help`` lists its flags,
@@ -39,6 +40,9 @@ SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
              "the main job: the defense/attack trade-off on the embedded MNIST data, with plots"),
     "grid": ("ppoison_ext.pipeline.grid",
              "an experiment grid from a TOML file (victims x attacks x defenses x settings x budgets)"),
+    "serve": ("ppoison_ext.serve.main",
+              "serve a defended victim over HTTP (micro-batching, API keys, budgets, per-key query logs)"),
+    "serve-keygen": ("ppoison_ext.serve.keygen", "make an API key for 'ppoison serve' (stores only its hash)"),
 }
 
 
@@ -55,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ppoison",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Prediction Poisoning (MAD) and model-stealing attacks: the original pipeline's steps.",
+        description="Prediction Poisoning (MAD) and model-stealing attacks: the reference pipeline's steps.",
         epilog=f"subcommands:\n{lines}\n\nRun 'ppoison <subcommand> --help' for a subcommand's flags.",
         usage="ppoison [-h] [--version] <subcommand> [args ...]",
     )

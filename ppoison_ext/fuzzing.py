@@ -1,5 +1,5 @@
-"""Adversarial posterior generators and invariant checks, shared by the property tests
-(tests/test_properties.py) and the long fuzz run (tools/fuzz.py)."""
+"""Adversarial posterior generators, invariant checks and value comparisons, shared by the
+property tests (tests/test_properties.py) and the long fuzz run (tools/fuzz.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Dict, List
 import torch
 from torch import Tensor
 
-__all__ = ["EDGE_KINDS", "edge_probs", "check_simplex", "check_ball", "distance"]
+__all__ = ["EDGE_KINDS", "VALUE_TOL", "check_ball", "check_simplex", "compare_close", "distance",
+           "edge_probs", "mismatched_rows"]
 
 EDGE_KINDS = ("softmax", "peaked", "onehot", "uniform", "ties", "zeros", "tiny", "denormal", "two_hot")
 
@@ -76,6 +77,40 @@ def check_ball(y: Tensor, yp: Tensor, eps: float, ydist: str, tol: float = 1e-5)
     d = distance(y, yp, ydist)
     bad = ~(d <= eps + tol)
     return [f"{ydist} distance {float(d[bad].max())} > epsilon {eps}"] if bad.any() else []
+
+
+# Relative tolerance per output dtype for native-vs-reference value comparisons: both sides
+# compute the MAD math in float64 and round once, so float32 outputs may differ by an ulp or
+# two and float64 ones by summation order.
+VALUE_TOL = {torch.float32: 4e-6, torch.float64: 1e-9}
+
+
+def mismatched_rows(got: Tensor, want: Tensor, rtol: float, atol) -> Tensor:
+    """Bool [B]: rows where |got − want| > atol + rtol·|want| anywhere, or the non-finite
+    entries differ. ``atol`` is a number or a per-row tensor [B]."""
+    g, w = got.double(), want.double()
+    if g.dim() == 1:
+        g, w = g[:, None], w[:, None]
+    g, w = g.reshape(g.shape[0], -1), w.reshape(w.shape[0], -1)
+    a = torch.as_tensor(atol, dtype=torch.float64, device=g.device)
+    a = a[:, None] if a.dim() == 1 else a
+    fin = torch.isfinite(g) & torch.isfinite(w)
+    same_nonfinite = (~torch.isfinite(g) & (g == w)) | (torch.isnan(g) & torch.isnan(w))
+    bad = fin & ((g - w).abs() > a + rtol * w.abs())
+    bad |= ~fin & ~same_nonfinite
+    return bad.any(-1) if g.shape[0] else torch.zeros(0, dtype=torch.bool, device=g.device)
+
+
+def compare_close(name: str, got: Tensor, want: Tensor, rtol: float, atol=0.0) -> List[str]:
+    """[] or one message ``name: k/B rows differ, max |diff| d`` (see :func:`mismatched_rows`)."""
+    if got.shape != want.shape:
+        return [f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"]
+    bad = mismatched_rows(got, want, rtol, atol)
+    if not bad.any():
+        return []
+    d = (got.double() - want.double()).abs().reshape(got.shape[0], -1)[bad]
+    worst = float(d.nan_to_num(float("inf")).max())
+    return [f"{name}: {int(bad.sum())}/{got.shape[0]} rows differ, max |diff| {worst:.3g}"]
 
 
 def summarize(errors: Dict[str, int]) -> str:

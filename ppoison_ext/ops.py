@@ -253,8 +253,8 @@ def mad_step(y: Tensor, y_star: Tensor, epsilon: float, ydist: str = "l1", kl_st
 def project_simplex(v: Tensor, radius: float = 1.0) -> Tensor:
     """Euclidean projection of each row onto the simplex {x ≥ 0, Σx = radius}.
 
-    ``x = max(v − τ, 0)`` with τ found by Condat's O(K) algorithm (the twin uses the
-    sort-based method of Duchi et al., 2008). Rows already on the simplex are returned
+    ``x = max(v − τ, 0)`` with τ found by Michelot's active-set method, on both backends
+    (the twin uses the sort-based method of Duchi et al., 2008). Rows already on the simplex are returned
     unchanged, as in the reference.
 
     Shape:

@@ -140,10 +140,16 @@ class _Gram:
         return self.value(A, C, Y, zero_a.expand_as(A), objmax)
 
 
-def _first_best(values: Tensor) -> Tuple[Tensor, Tensor]:
+def _tie_scale(best: Tensor, angular: bool) -> Tensor:
+    """Relative to |best|, floored at 1 for the angular objective (values in [0, 4]); purely
+    relative for the surrogate, which scales with the proxy's features."""
+    return best.abs().clamp(min=1.0) if angular else best.abs()
+
+
+def _first_best(values: Tensor, angular: bool) -> Tuple[Tensor, Tensor]:
     """Index of the first value within the tie tolerance of the row maximum, and that value."""
     best = values.max(dim=-1).values
-    tol = TIE_REL * best.abs().clamp(min=1.0)
+    tol = TIE_REL * _tie_scale(best, angular)
     ok = values >= (best - tol)[..., None]
     idx = ok.to(torch.uint8).argmax(dim=-1)  # first True
     return idx, values.gather(-1, idx[..., None]).squeeze(-1)
@@ -204,7 +210,7 @@ def _argmax_exact(g: _Gram, kstar: Tensor, objmax: bool) -> Tuple[Tensor, Tensor
         sub.__dict__ = {k: (v[sl] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == B else v)
                         for k, v in g.__dict__.items()}
         vals = sub.vertices(n.expand(len(bs), R), sums, ks, objmax)
-        best_r[sl], best_v[sl] = _first_best(vals)
+        best_r[sl], best_v[sl] = _first_best(vals, objmax)
     mask = torch.zeros(B, K, dtype=torch.bool, device=g.y.device)
     mask[b, kstar] = True
     bits = F[best_r].bool()  # [B, K-1]
@@ -238,8 +244,8 @@ def _argmax_greedy(g: _Gram, kstar: Tensor, max_candidates: int) -> Tuple[Tensor
             sums = {"sp": sp + g.p, "sw": sw + g.wy}
         vals = g.vertices(n + 1.0, sums, kstar, True)
         vals = vals.masked_fill(in_set, float("-inf"))
-        c, v = _first_best(vals)
-        better = v > best + TIE_REL * best.abs().clamp(min=1.0)
+        c, v = _first_best(vals, True)
+        better = v > best + TIE_REL * _tie_scale(best, True)
         best = torch.where(better, v, best)
         new_mask = in_set.clone()
         new_mask[b, c] = True
@@ -291,7 +297,7 @@ def mad_oracle(
     g = _Gram(y, p, h_sqnorm, gram)
     vals = g.singles(objmax)
     if oracle == "extreme":
-        k, v = _first_best(vals)
+        k, v = _first_best(vals, objmax)
     else:
         if oracle == "argmin":
             k = y.argmin(-1)

@@ -1,32 +1,33 @@
-"""Training loops of the original Knockoff Nets code (``KO:knockoff/utils/model.py``).
+"""Training loops (the reference's Knockoff Nets ``knockoff/utils/model.py``), resumable.
 
-:func:`train_model` trains a model for ``epochs`` epochs with the original's semantics:
+:func:`train_model` trains a model for ``epochs`` epochs:
 
 * SGD(lr, momentum, weight_decay=5e-4) unless an ``optimizer`` is given, and
   ``StepLR(lr_step, lr_gamma)`` stepped **after** each epoch (epochs 1..lr_step use lr).
 * ``checkpoint{suffix}.pth.tar`` is rewritten whenever the epoch's test accuracy is
   ``>=`` the best so far, which means every epoch when there is no test set. Its
-  ``best_acc`` is the test accuracy of *that* epoch (as the original).
+  ``best_acc`` is the test accuracy of *that* epoch.
 * ``train{suffix}.log.tsv`` is appended to (header only when new): columns
   ``run_id epoch split loss accuracy best_accuracy``, a ``train`` and a ``test`` row per
-  epoch. The losses keep the original's normalisation quirk: the **sum of the per-batch
-  mean losses divided by the number of samples** (about mean loss / batch size). Train
-  accuracy compares the argmax of the logits with the argmax of soft targets. Without a
-  test set the test row is ``-1 -1 -1``.
+  epoch. The losses keep the reference's normalisation quirk, so logs stay comparable: the
+  **sum of the per-batch mean losses divided by the number of samples** (about mean loss /
+  batch size). Train accuracy compares the argmax of the logits with the argmax of soft
+  targets. Without a test set the test row is ``-1 -1 -1``.
 
-Differences from the original, all deliberate:
+Files, resuming and the rest (deliberate differences from the reference:
+``docs/differences.md``):
 
 * Resumable. After every epoch ``last{suffix}.pth.tar`` holds the model, optimizer,
   scheduler and RNG states, the epoch just finished and the history; ``resume='auto'``
   continues a killed run from there, bit for bit (rows a killed run logged for an
   unfinished epoch are dropped from the log). ``resume=<path>`` continues from a
-  checkpoint at the epoch *after* the saved one (the original restarted *at* the saved
-  epoch and did not restore the scheduler).
+  checkpoint at the epoch *after* the saved one, with its scheduler state (a checkpoint
+  without one fast-forwards the schedule by the saved epoch count).
 * Checkpoints hold the architecture name, not the pickled class, so they load with
   ``torch.load(weights_only=True)`` (:mod:`ppoison_ext.checkpoint`); every file is written
   atomically.
-* ``weighted_loss`` takes the class counts from ``targets`` (the original needed
-  ``.samples`` and crashed on torchvision MNIST/CIFAR and on subsets).
+* ``weighted_loss`` takes the class counts from ``targets`` (or ``samples``), so it works
+  on torchvision MNIST/CIFAR and on subsets.
 * Under ``torchrun`` the loop runs data-parallel (:mod:`ppoison_ext.distributed`).
 * Nothing is printed: progress goes to a tqdm bar on stderr (``progress=False`` disables
   it) and messages to :mod:`logging`.
@@ -74,7 +75,7 @@ __all__ = [
 #: Header of ``train{suffix}.log.tsv``.
 LOG_COLUMNS = ["run_id", "epoch", "split", "loss", "accuracy", "best_accuracy"]
 
-#: Names accepted by :func:`get_optimizer` (the original's ``--optimizer_choice``).
+#: Names accepted by :func:`get_optimizer` (the reference's ``--optimizer_choice``).
 OPTIMIZERS = ("sgd", "sgdm", "adam", "adagrad")
 
 PathLike = Union[str, "Path"]
@@ -82,12 +83,12 @@ PathLike = Union[str, "Path"]
 
 def get_optimizer(params, name: str = "sgdm", lr: float = 0.01, momentum: float = 0.5,
                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """The original's ``get_optimizer``: ``sgd`` → SGD(lr), ``sgdm`` → SGD(lr, momentum),
-    ``adam`` → Adam(), ``adagrad`` → Adagrad().
+    """Optimizer by name, as the reference's ``get_optimizer``: ``sgd`` → SGD(lr), ``sgdm`` →
+    SGD(lr, momentum), ``adam`` → Adam(), ``adagrad`` → Adagrad().
 
-    As in the original, ``adam`` and ``adagrad`` **ignore** ``lr`` and ``momentum`` and use
-    the library defaults (Adam lr 1e-3, Adagrad lr 1e-2). No weight decay unless given
-    (the original's attacker optimizer has none).
+    ``adam`` and ``adagrad`` **ignore** ``lr`` and ``momentum`` and use the library defaults
+    (Adam lr 1e-3, Adagrad lr 1e-2), as the reference does, so its recipes give its results.
+    No weight decay unless given (attacker training uses none).
 
     Raises:
         ValueError: unknown ``name``, negative ``lr``/``momentum``/``weight_decay``.
@@ -101,7 +102,7 @@ def get_optimizer(params, name: str = "sgdm", lr: float = 0.01, momentum: float 
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
     if name == "sgdm":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    logger.debug("get_optimizer(%r): lr=%s ignored, library default used (as the original)", name, lr)
+    logger.debug("get_optimizer(%r): lr=%s ignored, library default used (as the reference)", name, lr)
     if name == "adam":
         return torch.optim.Adam(params, weight_decay=weight_decay)
     return torch.optim.Adagrad(params, weight_decay=weight_decay)
@@ -136,7 +137,7 @@ def _dataset_targets(ds: Dataset) -> Optional[List[int]]:
 
 
 def class_weights(trainset: Dataset, num_classes: int) -> Tensor:
-    """The original's class weights ``w_c = min_c' count_c' / count_c`` (float32 [K]).
+    """Class weights ``w_c = min_c' count_c' / count_c`` (float32 [K]).
 
     Counts come from the dataset's ``targets`` (argmax for soft targets), ``samples``, a
     TensorDataset's second tensor, or a Subset of those.
@@ -206,10 +207,10 @@ def _default_criterion(weight: Optional[Tensor]):
 
 def test_step(model: nn.Module, loader, device: Union[str, torch.device, None] = None,
               criterion: Optional[Callable] = None, *, progress: bool = False) -> Tuple[float, float]:
-    """Evaluates ``model`` on ``loader`` (the original ``test_step``).
+    """Evaluates ``model`` on ``loader`` (the reference's ``test_step``).
 
     Args:
-        model: put in eval mode (and left there, as the original).
+        model: put in eval mode (and left there).
         loader: yields (inputs, targets); hard int labels or soft [B, K] targets.
         device: where inputs go (default: the model's device).
         criterion: loss of (outputs, targets); default cross-entropy (soft CE for 2-D targets).
@@ -217,7 +218,7 @@ def test_step(model: nn.Module, loader, device: Union[str, torch.device, None] =
 
     Returns:
         ``(loss, accuracy)``: ``loss`` is the sum of the per-batch mean losses divided by
-        the number of samples (the original's normalisation), ``accuracy`` in percent
+        the number of samples (the reference's normalisation), ``accuracy`` in percent
         (argmax of the outputs vs the label, or the argmax of soft targets).
     """
     if device is None:
@@ -350,7 +351,7 @@ def train_model(
     log_interval: int = 100,
     num_classes: Optional[int] = None,
 ) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Trains ``model`` on ``trainset`` (the original ``train_model``; see the module docs).
+    """Trains ``model`` on ``trainset`` (see the module docs).
 
     Args:
         model: the model (moved to ``device``; trained in place).
@@ -359,7 +360,7 @@ def train_model(
             and ``last{suffix}.pth.tar`` (created).
         testset: evaluated after every epoch (hard labels); None logs -1s.
         batch_size, epochs, lr, momentum, weight_decay: SGD settings when no
-            ``optimizer`` is given (defaults: the original victim's).
+            ``optimizer`` is given (defaults: the victim recipe, 64, 100, 0.1, 0.5, 5e-4).
         lr_step, lr_gamma: ``StepLR`` stepped after each epoch (ignored with ``scheduler``).
         optimizer: use this optimizer (on ``model``'s parameters) instead of SGD.
         scheduler: use this scheduler instead of ``StepLR``.
@@ -368,7 +369,7 @@ def train_model(
             for transfer sets.
         criterion_test: test loss; default cross-entropy.
         weighted_loss: weight the default losses by :func:`class_weights` (the test loss
-            too, as the original).
+            too).
         checkpoint_suffix: file-name suffix, e.g. ``".1000"``.
         log_suffix: suffix of the log file (default: ``checkpoint_suffix``).
         device: training device (default CUDA if available, else CPU; a CUDA device falls
@@ -379,7 +380,7 @@ def train_model(
             which restores the saved RNG states instead).
         arch: architecture name stored in checkpoints (default: the class name).
         progress: show tqdm bars (stderr; rank 0 only).
-        resume: None/False: start over (the log is still appended to, as the original);
+        resume: None/False: start over (the log is still appended to);
             ``"auto"``/True: continue from ``last{suffix}.pth.tar`` if it exists (a run
             whose epochs are all done just loads its final state and returns); a path:
             continue from that checkpoint.
@@ -389,7 +390,7 @@ def train_model(
 
     Returns:
         ``(model, summary)``: the trained model (unwrapped, in eval mode when a test set
-        was evaluated, as the original) and a dict with ``best_test_acc``,
+        was evaluated) and a dict with ``best_test_acc``,
         ``best_train_acc``, ``epochs_done``, ``history`` (one dict per epoch: ``epoch``,
         ``lr``, ``train_loss``, ``train_acc``, ``test_loss``, ``test_acc``),
         ``checkpoint``, ``log``, ``last``, ``run_id``, ``resumed_from`` (epoch or None)
@@ -481,7 +482,7 @@ def train_model(
             optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scheduler") is not None:
             scheduler.load_state_dict(ckpt["scheduler"])
-        else:  # an original-style checkpoint: fast-forward the schedule
+        else:  # a checkpoint without scheduler state (e.g. a converted reference one): fast-forward
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 for _ in range(done):

@@ -191,6 +191,25 @@ def _proj_l1_np(v, s=1.0):
 
 
 def projections(y, ystar, epsilon, ydist, max_iters=100):
+    """The original ``MAD.projections`` (bb_mad.py:618-641): alternating projections.
+
+    ỹ ← y*; up to ``max_iters`` times: δ = ỹ − y projected onto the ε-ball (l1: the Euclidean
+    projection onto the L1 ball, ``euclidean_proj_l1ball``; l2: δ·ε / max(‖δ‖₂, ε)); ỹ = y + δ
+    projected onto the simplex (``euclidean_proj_simplex``); stop once ỹ is in the ball and in
+    the simplex to 1e-4. Returns δ = ỹ − y, which may leave the ball by up to that tolerance.
+
+    The argument-order bug, fixed here: the original's signature is
+    ``projections(G, y, ystar, epsilon, ydist, max_iters=100)``, but ``calc_delta``
+    (bb_mad.py:674) calls ``self.projections(G, y, ystar, self.ydist, self.epsilon)`` with
+    ``epsilon`` and ``ydist`` swapped, so ``epsilon`` receives the string and ``ydist`` the
+    number, and its ``assert ydist in ['l1', 'l2', 'kl']`` raises AssertionError on every call:
+    ``optim='projections'`` never ran. This port takes ``(y, ystar, epsilon, ydist)`` (G is
+    only used there for shape checks and the device, so it is dropped) and :func:`calc_delta`
+    below passes them in that order. Other departures: the result keeps y's dtype and device
+    (``.to(y)``; the original, once called right, returns float64 through numpy), and the L1
+    ball and simplex projections are the numpy helpers above (the original's, with
+    ``np.alltrue`` replaced by ``np.all``).
+    """
     ytilde = ystar
     for _ in range(max_iters):
         delta = ytilde - y

@@ -1,23 +1,36 @@
 """The paper's claims, checked on real data with the fast demo configuration
 (``ppoison_ext/configs/mnist_fast.toml``: LeNet victim on 30k MNIST images, 2000 notMNIST
-Knockoff queries, attacker 4 epochs). Each assertion can fail; the measured numbers are in the
-failure message and in README.md. Nothing here is tuned to pass: where our data disagrees with
-the paper the test is an ``xfail(strict=True)`` saying so, so that a change in the outcome is seen.
+Knockoff queries, attacker 4 epochs), run with two seeds (42 and 43: victim, proxy, queries and
+attacker all change). Each claim must hold on both seeds with a margin of ``MARGIN`` points of
+attacker accuracy; the failure message reports both seeds' numbers (they are in README.md too).
+Nothing here is tuned to pass: where our data disagrees with the paper the test is an
+``xfail(strict=True, raises=AssertionError)`` saying so, so that a change in the outcome, or a
+crash, is seen.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from ppoison_ext.pipeline.demo import run_demo
+from ppoison_ext.pipeline.demo import config_path, run_demo
 
 DROP = 1.0  # "equal defender accuracy": settings losing at most this many points of top-1 accuracy
+MARGIN = 2.0  # a claim "A beats B" holds when A's attacker accuracy is lower by more than this
+SEEDS = (42, 43)
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo_fast")
-    return run_demo(out, fast=True, progress=False)
+def runs(tmp_path_factory):
+    """{seed: results} of the fast demo."""
+    text = config_path(True).read_text()
+    assert "\nseed = 42\n" in text
+    out = {}
+    for seed in SEEDS:
+        folder = tmp_path_factory.mktemp(f"demo_fast_{seed}")
+        cfg = folder / "config.toml"
+        cfg.write_text(text.replace("\nseed = 42\n", f"\nseed = {seed}\n", 1))
+        out[seed] = run_demo(folder / "run", config=cfg, progress=False)
+    return out
 
 
 def _largest_budget(rows):
@@ -28,7 +41,7 @@ def _largest_budget(rows):
 def _best_attacker_acc(rows, label, drop=DROP):
     """Lowest attacker accuracy among the defense's settings that keep the defender within ``drop``."""
     ok = [r for r in rows if r["label"] == label and r["defender_acc_drop"] <= drop]
-    assert ok, f"no {label} setting keeps the defender within {drop} points: {rows}"
+    assert ok, f"no {label} setting keeps the defender within {drop} points: {_table(rows)}"
     best = min(ok, key=lambda r: r["attacker_acc"])
     return best["attacker_acc"], best["value"]
 
@@ -38,54 +51,78 @@ def _table(rows):
                      for r in rows)
 
 
-def test_fast_demo_is_complete_and_victim_is_good(results):
-    rows = results["rows"]
-    labels = {r["label"] for r in rows}
-    assert labels == {"none", "reverse sigmoid", "random noise", "MAD", "MAD-argmax"}
-    assert len(rows) == 8  # every setting of the config at its one budget
-    assert all(r["defender_acc"] is not None and r["attacker_acc"] is not None for r in rows)
-    victim = rows[0]["victim_acc"]
-    assert victim >= 95.0, victim  # 1 epoch on 30k images (measured 96.95)
-    undefended = [r for r in rows if r["label"] == "none"][0]["attacker_acc"]
-    assert undefended > 50.0, undefended  # the attack works against the undefended API
+def _beats(runs, a, b):
+    """Asserts on every seed that ``a``'s best attacker accuracy (within DROP) is lower than ``b``'s
+    by more than MARGIN; the message lists both seeds."""
+    report, ok = [], True
+    for seed, res in runs.items():
+        rows = _largest_budget(res["rows"])
+        va, pa = _best_attacker_acc(rows, a)
+        vb, pb = _best_attacker_acc(rows, b)
+        ok &= va + MARGIN < vb
+        report.append(f"seed {seed}: {a}({pa}) {va:.2f} vs {b}({pb}) {vb:.2f}")
+    assert ok, " | ".join(report)
 
 
-def test_mad_argmax_loses_no_defender_accuracy(results):
-    rows = [r for r in results["rows"] if r["label"] == "MAD-argmax"]
-    assert rows
-    for r in rows:
-        assert r["defender_acc"] == r["victim_acc"], _table(rows)
-        assert r["defender_acc_drop"] == 0.0
+def test_fast_demo_is_complete_and_victim_is_good(runs):
+    for seed, res in runs.items():
+        rows = res["rows"]
+        labels = {r["label"] for r in rows}
+        assert labels == {"none", "reverse sigmoid", "random noise", "MAD", "MAD-argmax"}
+        assert len(rows) == 9  # every setting of the config at its one budget
+        assert all(r["defender_acc"] is not None and r["attacker_acc"] is not None for r in rows)
+        victim = rows[0]["victim_acc"]
+        assert victim >= 95.0, (seed, victim)  # 1 epoch on 30k images (measured 96.95 with seed 42)
+        undefended = [r for r in rows if r["label"] == "none"][0]["attacker_acc"]
+        assert undefended > 50.0, (seed, undefended)  # the attack works against the undefended API
 
 
-def test_mad_argmax_beats_reverse_sigmoid_and_random_noise_at_equal_defender_accuracy(results):
-    rows = _largest_budget(results["rows"])
-    mad, _ = _best_attacker_acc(rows, "MAD-argmax")
-    rs, _ = _best_attacker_acc(rows, "reverse sigmoid")
-    rn, _ = _best_attacker_acc(rows, "random noise")
-    assert mad < rs and mad < rn, _table(rows)
+def test_random_noise_spans_the_defender_accuracy_range(runs):
+    """The random-noise grid reaches the defender losses the comparisons are made at: one
+    setting within DROP points, and one beyond it (so "within DROP" picks its strongest setting)."""
+    for seed, res in runs.items():
+        rows = [r for r in res["rows"] if r["label"] == "random noise"]
+        drops = sorted(r["defender_acc_drop"] for r in rows)
+        assert drops[0] <= DROP < drops[-1], (seed, _table(rows))
 
 
-@pytest.mark.xfail(strict=True, reason="measured on this configuration: reverse sigmoid (beta=1, no defender "
-                   "loss) leaves the attacker lower than MAD-extreme at eps<=0.5; MAD-extreme beyond 0.5 "
-                   "costs defender accuracy (see README, 'Comparison with the paper')")
-def test_mad_beats_reverse_sigmoid_at_equal_defender_accuracy(results):
-    rows = _largest_budget(results["rows"])
-    mad, _ = _best_attacker_acc(rows, "MAD")
-    rs, _ = _best_attacker_acc(rows, "reverse sigmoid")
-    assert mad < rs, _table(rows)
+def test_mad_argmax_loses_no_defender_accuracy(runs):
+    for res in runs.values():
+        rows = [r for r in res["rows"] if r["label"] == "MAD-argmax"]
+        assert rows
+        for r in rows:
+            assert r["defender_acc"] == r["victim_acc"], _table(rows)
+            assert r["defender_acc_drop"] == 0.0
 
 
-def test_mad_beats_random_noise_at_equal_defender_accuracy(results):
-    rows = _largest_budget(results["rows"])
-    mad, _ = _best_attacker_acc(rows, "MAD")
-    rn, _ = _best_attacker_acc(rows, "random noise")
-    assert mad < rn, _table(rows)
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="measured on this configuration (2000 queries, 4 attacker epochs): MAD-argmax eps=1 "
+                   "45.15 vs reverse sigmoid beta=1 46.75 (seed 42), 42.10 vs 40.30 (seed 43) -- within the "
+                   "2-point margin or reversed; the full demo (10k queries) separates them (README)")
+def test_mad_argmax_beats_reverse_sigmoid_at_equal_defender_accuracy(runs):
+    _beats(runs, "MAD-argmax", "reverse sigmoid")
 
 
-def test_results_files_and_plots(results):
-    meta = results["meta"]
-    assert len(meta["plots"]) == 2
-    for p in meta["plots"]:
-        with open(p, "rb") as f:
-            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+def test_mad_argmax_beats_random_noise_at_equal_defender_accuracy(runs):
+    _beats(runs, "MAD-argmax", "random noise")
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="measured on this configuration: reverse sigmoid (beta=1, no defender loss) leaves "
+                   "the attacker lower than MAD-extreme at eps<=0.5; MAD-extreme beyond 0.5 costs defender "
+                   "accuracy (see README, 'Comparison with the paper')")
+def test_mad_beats_reverse_sigmoid_at_equal_defender_accuracy(runs):
+    _beats(runs, "MAD", "reverse sigmoid")
+
+
+def test_mad_beats_random_noise_at_equal_defender_accuracy(runs):
+    _beats(runs, "MAD", "random noise")
+
+
+def test_results_files_and_plots(runs):
+    for res in runs.values():
+        meta = res["meta"]
+        assert len(meta["plots"]) == 2
+        for p in meta["plots"]:
+            with open(p, "rb") as f:
+                assert f.read(8) == b"\x89PNG\r\n\x1a\n"

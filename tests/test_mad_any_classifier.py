@@ -114,11 +114,11 @@ def test_auto_takes_the_closed_form_only_when_it_holds():
     mad = MAD(victim, epsilon=0.5, proxy=proxy)
     logits, h = mad._view.features(x)
     assert h is not None and mad._view.head_name == "fc2"  # log_softmax: a per-row constant shift
-    sq, _, xs = _pair("squeezenet1_1")
-    assert MAD(victim, epsilon=0.5, proxy=sq)._view.features(xs)[1] is None  # a conv head
+    sq_victim, sq, xs = _pair("squeezenet1_1")
+    assert MAD(sq_victim, epsilon=0.5, proxy=sq)._view.features(xs)[1] is None  # a conv head
     assert reference_jacobian_param(sq) == "classifier.1.weight"
     with pytest.raises(ValueError, match="jacobian='auto'"):
-        MAD(victim, epsilon=0.5, proxy=sq, jacobian="fc")(xs)
+        MAD(sq_victim, epsilon=0.5, proxy=sq, jacobian="fc")(xs)
 
 
 class _Tempered(nn.Module):

@@ -82,13 +82,11 @@ def _near_uniform_params():
         for objmax in (False, True):
             oid = "objmax" if objmax else "surrogate"
             marks = []
-            if K >= 18:
-                marks.append(pytest.mark.xfail(strict=False, reason="exact argmax drift for K>17, fixed on branch kernels"))
-            elif objmax:
+            if objmax:
                 marks.append(pytest.mark.xfail(
                     strict=False,
                     reason="angular value of y* from the running sums loses ~1e-8 when y* ≈ p (S = all classes); "
-                           "mad_objective is exact"))
+                           "y* itself is exact (test_op_mad_oracle_exact) and MAD reports mad_objective(y*)"))
             out.append(pytest.param("cpu", K, objmax, marks=marks, id=f"cpu-K{K}-{oid}"))
             out.append(pytest.param("cuda", K, objmax, marks=[requires_cuda], id=f"cuda-K{K}-{oid}"))
     return out

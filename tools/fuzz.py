@@ -3,10 +3,28 @@
     python tools/fuzz.py --inputs 1000000 --out fuzz.json
 
 Each round draws a batch of edge-case posteriors (ppoison_ext.fuzzing.EDGE_KINDS) of a
-random K, dtype and Gram form and checks: oracle outputs are vertices (argmax kept for
-`argmax`), steps stay on the simplex (1e-6) and in the ε-ball (1e-5), projections are
-feasible, MAD's released posteriors satisfy all of that end to end, and NaN/Inf inputs
-raise a ValueError. Counts every input and every violation; exits 1 on any violation.
+random K, dtype and Gram form and checks:
+
+* invariants: oracle outputs are vertices (argmax kept for `argmax`), steps stay on the
+  simplex (1e-6) and in the ε-ball (1e-5), projections are feasible, MAD's released
+  posteriors satisfy all of that end to end, and NaN/Inf inputs raise a ValueError;
+* values, every round: each native op against its pure-PyTorch twin
+  (ppoison_ext.reference) on the same inputs: the four Jacobian ops, mad_oracle (the same
+  `index` for `random`; where the chosen vertices differ, the native one must score as
+  well as the twin's: a tie), mad_objective, mad_step (for `kl`, a branch decided the other
+  way by a KL within 1e-9·ε of ε counts as a tie), project_simplex, project_l1_ball
+  (tolerances: fuzzing.VALUE_TOL, scaled by each row's magnitude);
+* values, on a sample of rows per round (--port-rows, default 16; 2 for the exact argmax
+  search of 11 ≤ K ≤ 16, whose port loops over 2^(K−1) vertices in Python): the per-sample
+  port of the reference code, tests/original_mad.py, in float64 with the explicit G
+  (identity, or √‖h‖²·(1pᵀ − I) for the Gram forms): its oracles (ties allowed as above),
+  its line search on the native y* (for kl not where some y_k = y*_k = 0: the reference's
+  F.kl_div is NaN there, 0·log 0), and its alternating projections (l1/l2, ε > 0) against
+  MAD's `optim="projections"` plus MAD's final step back into the ball.
+
+The port lives in the test folder, so this tool inserts the repository's tests/ folder into
+sys.path to import it (acceptable for a tool; the library never imports it).
+Counts every input, every violation and every mismatch (by check name); exits 1 on any.
 """
 
 from __future__ import annotations
@@ -15,6 +33,7 @@ import argparse
 import collections
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -25,7 +44,18 @@ from tqdm import tqdm
 
 from ppoison_ext import ops, reference
 from ppoison_ext.defenses import MAD
-from ppoison_ext.fuzzing import EDGE_KINDS, check_ball, check_simplex, edge_probs
+from ppoison_ext.fuzzing import (
+    EDGE_KINDS,
+    VALUE_TOL,
+    check_ball,
+    check_simplex,
+    compare_close,
+    edge_probs,
+    mismatched_rows,
+)
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+import original_mad as orig  # noqa: E402  the per-sample port of the reference code
 
 
 class Logits(nn.Module):
@@ -40,11 +70,164 @@ class Logits(nn.Module):
         return self.fc(x)
 
 
+def _row_scale(gargs, y):
+    """Per-row magnitude of the objective values: ‖h‖² (fc), max |M| (dense), 1 (G = I)."""
+    if "h_sqnorm" in gargs:
+        return gargs["h_sqnorm"].double().abs()
+    if "gram" in gargs:
+        return gargs["gram"].double().abs().flatten(1).amax(1)
+    return torch.ones(y.shape[0], dtype=torch.float64)
+
+
+def _value_of(ystar, y, gargs, angular):
+    obj, sobj = reference.mad_objective(ystar, y, **gargs)
+    return (obj if angular else sobj).double()
+
+
+def twin_checks(y, ystar, val, index, yp, oracle, objmax, ydist, eps, gargs, dtype, g):
+    """Native ops against their pure-PyTorch twins on this round's inputs."""
+    rtol = VALUE_TOL[dtype]
+    B, K = y.shape
+    out = []
+    scale = _row_scale(gargs, y)
+    # oracle: same index for `random`; differing vertices must be ties
+    t_star, t_val = reference.mad_oracle(y, oracle=oracle, objmax=objmax, index=index, **gargs)
+    greedy = oracle == "argmax" and K > 16
+    angular = objmax or greedy
+    vtol = 4.0 * rtol * (1.0 if angular else 1.0 + scale)
+    out += compare_close("twin mad_oracle value", val, t_val, rtol, vtol)
+    diff = (ystar != t_star).any(1)
+    if diff.any():
+        y_eval = reference._smooth(y) if greedy else y
+        ga = {k: v[diff] for k, v in gargs.items()}
+        v_n = _value_of(ystar[diff], y_eval[diff], ga, angular)
+        v_t = _value_of(t_star[diff], y_eval[diff], ga, angular)
+        tie_tol = 1e-5 if dtype == torch.float32 else 1e-9
+        out += compare_close("twin mad_oracle vertex (not a tie)", v_n, v_t, tie_tol, vtol[diff] * 10)
+    # step on the native y*
+    t_step = reference.mad_step(y, ystar, eps, ydist)
+    bad = mismatched_rows(yp, t_step, rtol, rtol)
+    if bad.any() and ydist == "kl":  # a KL within 1e-9·ε of ε may be decided either way
+        for e in (eps * (1 - 1e-9) - 1e-13, eps * (1 + 1e-9) + 1e-13):
+            bad &= mismatched_rows(yp, reference.mad_step(y, ystar, max(e, 0.0), ydist), rtol, rtol)
+    if bad.any():
+        out += compare_close("twin mad_step", yp[bad], t_step[bad], rtol, rtol)
+    # objective of the released rows
+    obj, sobj = ops.mad_objective(yp, y, **gargs)
+    t_obj, t_sobj = reference.mad_objective(yp, y, **gargs)
+    out += compare_close("twin mad_objective obj", obj, t_obj, rtol, 4.0 * rtol)
+    out += compare_close("twin mad_objective sobj", sobj, t_sobj, rtol, 4.0 * rtol * (1.0 + scale))
+    # Jacobian ops
+    p = gargs.get("p", y)
+    hsq = gargs.get("h_sqnorm", torch.ones(B, dtype=dtype))
+    jtol = 2e-5 if dtype == torch.float32 else 1e-10  # these twins compute in the input dtype
+    out += compare_close("twin jacobian_gram_fc", ops.jacobian_gram_fc(p, hsq),
+                         reference.jacobian_gram_fc(p, hsq), jtol, jtol * 4.0 * hsq.double().abs())
+    h = torch.randn(B, 4, generator=g, dtype=torch.float64).to(dtype)
+    hmax = h.double().abs().amax(1)
+    out += compare_close("twin jacobian_tvec_fc", ops.jacobian_tvec_fc(p, h, y),
+                         reference.jacobian_tvec_fc(p, h, y), jtol, jtol * 4.0 * hmax)
+    if K <= 256:
+        G = torch.randn(B, K, 3, generator=g, dtype=torch.float64).to(dtype)
+        gmax = G.double().abs().flatten(1).amax(1)
+        out += compare_close("twin jacobian_gram", ops.jacobian_gram(G), reference.jacobian_gram(G),
+                             jtol, jtol * 3.0 * gmax ** 2)
+        out += compare_close("twin jacobian_tvec", ops.jacobian_tvec(G, y), reference.jacobian_tvec(G, y),
+                             jtol, jtol * gmax)
+    return out
+
+
+def projection_twin_checks(v, radius, x, z, dtype):
+    ptol = 2e-6 if dtype == torch.float32 else 1e-12
+    atol = ptol * (v.double().abs().amax(1) + radius)
+    return (compare_close("twin project_simplex", x, reference.project_simplex(v, radius), 0.0, atol)
+            + compare_close("twin project_l1_ball", z, reference.project_l1_ball(v, radius), 0.0, atol))
+
+
+def _explicit_G(gargs, K, i):
+    """The port's G [K, D] for row i, float64: I, or √‖h‖²·(1pᵀ − I) (H = 1: row k = (p − e_k)·h)."""
+    if not gargs:
+        return torch.eye(K, dtype=torch.float64)
+    p = gargs["p"][i].double()
+    hsq = gargs["h_sqnorm"][i].double()
+    return torch.sqrt(hsq) * (p[None, :] - torch.eye(K, dtype=torch.float64))
+
+
+def port_checks(rows, y, ystar, index, yp, oracle, objmax, ydist, eps, pargs, dtype, counts):
+    """Rows of this round against the per-sample port (tests/original_mad.py), float64."""
+    out = []
+    K = y.shape[1]
+    rtol = VALUE_TOL[dtype]
+    tie_tol = 1e-5  # the port's argmax vertices are float32, like the reference's
+    proj_rows = []
+    for i in rows:
+        yr, sr = y[i].double(), ystar[i].double()
+        G = _explicit_G(pargs, K, i)
+        counts["port_rows"] += 1
+        # oracle
+        try:
+            if oracle == "extreme":
+                ps, _ = orig.oracle_extreme(G, yr, objmax)
+            elif oracle == "argmax":
+                ps, _ = orig.oracle_argmax_preserving(G, yr, objmax, exact_max_k=16)
+            elif oracle == "argmin":
+                ps = orig.oracle_argmin(yr)
+            else:
+                ps = orig.oracle_rand(yr, index[i])
+        except (AssertionError, IndexError, TypeError, AttributeError, RuntimeError) as err:
+            # the reference's own assert / a NaN angular objective (Gᵀy = 0) leaving y* unset
+            counts["port_oracle_skipped"] += 1
+            ps = None
+            if oracle in ("argmin", "random"):
+                out.append(f"port oracle: raised {type(err).__name__}")
+        if ps is not None:
+            ps = ps.double()
+            if not torch.allclose(ps, sr, rtol=0, atol=1e-6):
+                greedy = oracle == "argmax" and K > 16
+                ye = (yr + 1e-8) / (yr + 1e-8).sum() if greedy else yr
+                f = orig.calc_objective if (objmax or greedy) else orig.calc_surrogate_objective
+                vn, vp = float(f(sr, ye, G)), float(f(ps, ye, G))
+                if not (math.isfinite(vn) and math.isfinite(vp)):
+                    counts["port_oracle_skipped"] += 1  # the port's NaN angular objective (Gᵀy = 0)
+                elif (oracle in ("argmin", "random")
+                      or abs(vn - vp) > tie_tol * max(abs(vn), abs(vp), 1e-300) + 1e-12):
+                    out.append(f"port oracle: vertex value {vn:.17g} vs the port's {vp:.17g}")
+        # line search on the native y*. Not comparable for kl when some class has y_k = y*_k = 0:
+        # the reference's F.kl_div(ỹ.log(), y) is then NaN at every α (0·log 0), so the port never
+        # finds a feasible point and returns y (the reference itself fails its assert
+        # `feasible_low or feasible_high`); the op counts such terms as 0, the definition.
+        if ydist == "kl" and bool(((yr == 0) & (sr == 0)).any()):
+            counts["port_linesearch_skipped"] += 1
+            want = None
+        else:
+            want = yr + orig.linesearch(yr, sr, ydist, eps)
+        if want is not None and mismatched_rows(yp[i:i + 1], want[None], rtol, rtol).any():
+            alt = [yr + orig.linesearch(yr, sr, ydist, max(e, 0.0))
+                   for e in (eps * (1 - 1e-9) - 1e-13, eps * (1 + 1e-9) + 1e-13)] if ydist == "kl" else []
+            if all(mismatched_rows(yp[i:i + 1], a[None], rtol, rtol).any() for a in alt):
+                out += compare_close("port linesearch", yp[i:i + 1], want[None], rtol, rtol)
+        if ydist != "kl" and eps > 0:
+            proj_rows.append(i)
+    if proj_rows:  # alternating projections: MAD's (float64) vs the port's + MAD's final step back
+        yr, sr = y[proj_rows].double(), ystar[proj_rows].double()
+        mad = MAD(nn.Identity(), epsilon=eps, ydist=ydist, optim="projections")
+        got = mad._projections(yr, sr)
+        port = torch.stack([yr[j] + orig.projections(yr[j], sr[j], eps, ydist)
+                            for j in range(len(proj_rows))])
+        d = (port - yr).abs().sum(1) if ydist == "l1" else (port - yr).norm(dim=1)
+        scale = torch.where(d > eps, eps / d.clamp(min=1e-300), torch.ones_like(d))
+        out += compare_close("port projections", got, yr + scale[:, None] * (port - yr), 0.0, 1e-10)
+        counts["port_projection_rows"] += len(proj_rows)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--inputs", type=int, default=1_000_000, help="posterior rows to push through (default 1e6)")
     ap.add_argument("--batch", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--port-rows", type=int, default=16,
+                    help="rows per round checked against the per-sample port (default 16)")
     ap.add_argument("--out", default=None, help="write the counts as JSON here")
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
@@ -65,13 +248,15 @@ def main(argv=None) -> int:
         form = rng.choice(["fc", "identity"] + (["dense"] if K <= 100 else []))
         gargs = {"fc": {"p": p, "h_sqnorm": hsq}, "identity": {},
                  "dense": {"gram": reference.jacobian_gram_fc(p.double(), hsq.double()).to(dtype)}}[form]
+        pargs = {} if form == "identity" else {"p": p, "h_sqnorm": hsq}  # the port's G comes from these
         oracle = rng.choice(list(ops.ORACLES))
         objmax = rng.random() < 0.5
         ydist = rng.choice(list(ops.YDISTS))
         eps = rng.choice([0.0, 1e-4, 0.01, 0.1, 0.5, 1.0, 2.5])
         case = f"K={K} {dtype} y={ykind} p={pkind} {form} {oracle} objmax={objmax} {ydist} eps={eps}"
         problems = []
-        ystar, val = ops.mad_oracle(y, oracle=oracle, objmax=objmax, generator=g, **gargs)
+        index = torch.randint(K, (B,), generator=g) if oracle == "random" else None
+        ystar, val = ops.mad_oracle(y, oracle=oracle, objmax=objmax, index=index, **gargs)
         problems += ["oracle: " + e for e in check_simplex(ystar, 1e-5)]
         if not torch.isfinite(val).all():
             problems.append("oracle: non-finite value")
@@ -92,6 +277,13 @@ def main(argv=None) -> int:
             problems.append("project_l1_ball: infeasible")
         counts["rows"] += B
         counts["op_calls"] += 5
+        # values: every native op against its twin, and a sample of rows against the port
+        problems += twin_checks(y, ystar, val, index, yp, oracle, objmax, ydist, eps, gargs, dtype, g)
+        problems += projection_twin_checks(v, radius, x, z, dtype)
+        counts["twin_rounds"] += 1
+        n_port = min(B, 2 if (oracle == "argmax" and 10 < K <= 16) else args.port_rows)
+        rows = sorted(rng.sample(range(B), n_port))
+        problems += port_checks(rows, y, ystar, index, yp, oracle, objmax, ydist, eps, pargs, dtype, counts)
         # end to end through the MAD defense on a logits victim (every 4th round)
         if counts["rounds"] % 4 == 0 and K <= 256:
             victim = Logits(K)
@@ -124,6 +316,10 @@ def main(argv=None) -> int:
     bar.close()
     summary = {"rows": counts["rows"], "mad_rows": counts["mad_rows"], "rounds": counts["rounds"],
                "op_calls": counts["op_calls"], "nan_inputs_rejected": counts["nan_inputs"],
+               "twin_rounds": counts["twin_rounds"], "port_rows": counts["port_rows"],
+               "port_projection_rows": counts["port_projection_rows"],
+               "port_oracle_skipped": counts["port_oracle_skipped"],
+               "port_linesearch_skipped_kl_zeros": counts["port_linesearch_skipped"],
                "violations": dict(errors), "examples": examples, "seconds": round(time.time() - t0, 1),
                "torch": torch.__version__, "seed": args.seed}
     text = json.dumps(summary, indent=1)

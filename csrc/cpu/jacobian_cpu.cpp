@@ -20,23 +20,10 @@ namespace {
 
 int64_t grain_for(int64_t work_per_row) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_row)); }
 
-template <typename scalar_t>
-bool row_finite(const scalar_t* v, int64_t n) {
-  bool ok = true;
-  for (int64_t i = 0; i < n; ++i) ok &= std::isfinite((double)v[i]);
-  return ok;
-}
-
 }  // namespace
 
 at::Tensor jacobian_gram_fc_cpu(const at::Tensor& p_, const at::Tensor& hsq_) {
-  check_float(p_, "p");
-  check_dim(p_, 2, "p", "[B, K]");
-  check_classes(p_.size(1), "p");
-  check_float(hsq_, "h_sqnorm");
-  check_dim(hsq_, 1, "h_sqnorm", "[B]");
-  check_like(hsq_, "h_sqnorm", p_, "p");
-  check_size(hsq_, 0, p_.size(0), "h_sqnorm", "samples");
+  check_gram_fc_args(p_, hsq_);
   const int64_t B = p_.size(0), K = p_.size(1);
   auto p = p_.contiguous();
   auto hsq = hsq_.contiguous();
@@ -51,7 +38,7 @@ at::Tensor jacobian_gram_fc_cpu(const at::Tensor& p_, const at::Tensor& hsq_) {
       for (int64_t b = b0; b < b1; ++b) {
         const scalar_t* pr = pp + b * K;
         const double h = (double)hp[b];
-        if (!row_finite(pr, K)) bad_p = true;
+        if (!finite_row(pr, K)) bad_p = true;
         if (!(std::isfinite(h) && h >= 0.0)) bad_h = true;
         double p2 = 0.0;
         for (int64_t k = 0; k < K; ++k) p2 += (double)pr[k] * (double)pr[k];
@@ -70,18 +57,7 @@ at::Tensor jacobian_gram_fc_cpu(const at::Tensor& p_, const at::Tensor& hsq_) {
 }
 
 at::Tensor jacobian_tvec_fc_cpu(const at::Tensor& p_, const at::Tensor& h_, const at::Tensor& y_) {
-  check_float(p_, "p");
-  check_dim(p_, 2, "p", "[B, K]");
-  check_classes(p_.size(1), "p");
-  check_float(h_, "h");
-  check_dim(h_, 2, "h", "[B, H]");
-  check_like(h_, "h", p_, "p");
-  check_size(h_, 0, p_.size(0), "h", "samples");
-  check_float(y_, "y");
-  check_dim(y_, 2, "y", "[B, K]");
-  check_like(y_, "y", p_, "p");
-  check_size(y_, 0, p_.size(0), "y", "samples");
-  check_size(y_, 1, p_.size(1), "y", "classes");
+  check_tvec_fc_args(p_, h_, y_);
   const int64_t B = p_.size(0), K = p_.size(1), H = h_.size(1);
   auto p = p_.contiguous();
   auto h = h_.contiguous();
@@ -99,9 +75,9 @@ at::Tensor jacobian_tvec_fc_cpu(const at::Tensor& p_, const at::Tensor& h_, cons
         const scalar_t* pr = pp + b * K;
         const scalar_t* yr = yp + b * K;
         const scalar_t* hr = hp + b * H;
-        if (!row_finite(pr, K)) bad_p = true;
-        if (!row_finite(yr, K)) bad_y = true;
-        if (!row_finite(hr, H)) bad_h = true;
+        if (!finite_row(pr, K)) bad_p = true;
+        if (!finite_row(yr, K)) bad_y = true;
+        if (!finite_row(hr, H)) bad_h = true;
         double sy = 0.0;
         for (int64_t k = 0; k < K; ++k) sy += (double)yr[k];
         scalar_t* o = op + b * K * H;
@@ -120,9 +96,7 @@ at::Tensor jacobian_tvec_fc_cpu(const at::Tensor& p_, const at::Tensor& h_, cons
 }
 
 at::Tensor jacobian_gram_cpu(const at::Tensor& G_) {
-  check_float(G_, "G");
-  check_dim(G_, 3, "G", "[B, K, D]");
-  check_classes(G_.size(1), "G");
+  check_jacobian_args(G_);
   const int64_t B = G_.size(0), K = G_.size(1), D = G_.size(2);
   auto G = G_.contiguous();
   auto out = at::empty({B, K, K}, G.options());
@@ -149,7 +123,7 @@ at::Tensor jacobian_gram_cpu(const at::Tensor& G_) {
         }
         // A NaN/Inf in row k of G makes (GGᵀ)_kk = Σ g_kd² non-finite; only then scan G itself
         // (a finite G whose squares overflow is not an input error).
-        if (!diag_finite && !row_finite(g, K * D)) bad = true;
+        if (!diag_finite && !finite_row(g, K * D)) bad = true;
       }
     });
   });
@@ -158,14 +132,7 @@ at::Tensor jacobian_gram_cpu(const at::Tensor& G_) {
 }
 
 at::Tensor jacobian_tvec_cpu(const at::Tensor& G_, const at::Tensor& y_) {
-  check_float(G_, "G");
-  check_dim(G_, 3, "G", "[B, K, D]");
-  check_classes(G_.size(1), "G");
-  check_float(y_, "y");
-  check_dim(y_, 2, "y", "[B, K]");
-  check_like(y_, "y", G_, "G");
-  check_size(y_, 0, G_.size(0), "y", "samples");
-  check_size(y_, 1, G_.size(1), "y", "classes");
+  check_tvec_args(G_, y_);
   const int64_t B = G_.size(0), K = G_.size(1), D = G_.size(2);
   auto G = G_.contiguous();
   auto y = y_.contiguous();
@@ -180,7 +147,7 @@ at::Tensor jacobian_tvec_cpu(const at::Tensor& G_, const at::Tensor& y_) {
       for (int64_t b = b0; b < b1; ++b) {
         const scalar_t* g = gp + b * K * D;
         const scalar_t* yr = yp + b * K;
-        if (!row_finite(yr, K)) bad_y = true;
+        if (!finite_row(yr, K)) bad_y = true;
         scalar_t* o = op + b * D;
         for (int64_t d = 0; d < D; ++d) o[d] = 0;
         for (int64_t k = 0; k < K; ++k) {
@@ -190,7 +157,7 @@ at::Tensor jacobian_tvec_cpu(const at::Tensor& G_, const at::Tensor& y_) {
         }
         // a NaN/Inf anywhere in G reaches the output (y_k·Inf is Inf or, for y_k = 0, NaN):
         // one pass over G instead of two
-        if (!row_finite(o, D) && !row_finite(g, K * D)) bad_g = true;
+        if (!finite_row(o, D) && !finite_row(g, K * D)) bad_g = true;
       }
     });
   });

@@ -1,44 +1,27 @@
 // MAD objective values of a perturbed posterior ỹ against y, per sample:
 //   obj = ‖Gᵀỹ/‖Gᵀỹ‖ − Gᵀy/‖Gᵀy‖‖²,  surrogate = ‖Gᵀ(ỹ − y)‖²
-// from the FC/identity Gram (p, ‖h‖²) or a dense Gram [B, K, K]. One task per row.
+// from the FC/identity Gram (p, ‖h‖²) or a dense Gram [B, K, K], by objective_fc /
+// objective_dense (mad_math.h, shared with CUDA). One task per row.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <atomic>
 
+#include "../mad_math.h"
 #include "../ops.h"
 #include "../utils.h"
 
 namespace ppoison {
 
-namespace {
-template <typename scalar_t>
-bool finite_row(const scalar_t* v, int64_t n) {
-  bool ok = true;
-  for (int64_t i = 0; i < n; ++i) ok &= std::isfinite((double)v[i]);
-  return ok;
-}
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor> mad_objective_cpu(const at::Tensor& yt_, const at::Tensor& y_,
                                                      const c10::optional<at::Tensor>& p_,
                                                      const c10::optional<at::Tensor>& hsq_,
                                                      const c10::optional<at::Tensor>& gram_) {
-  check_float(y_, "y");
-  check_dim(y_, 2, "y", "[B, K]");
-  check_classes(y_.size(1), "y");
-  check_float(yt_, "y_tilde");
-  check_dim(yt_, 2, "y_tilde", "[B, K]");
-  check_like(yt_, "y_tilde", y_, "y");
-  check_size(yt_, 0, y_.size(0), "y_tilde", "samples");
-  check_size(yt_, 1, y_.size(1), "y_tilde", "classes");
-  GramArgs ga = check_gram_args(y_, p_, hsq_, gram_);
-  const int64_t B = y_.size(0), K = y_.size(1);
-  auto y = y_.contiguous();
-  auto yt = yt_.contiguous();
-  auto obj = at::empty({B}, y.options());
-  auto sur = at::empty({B}, y.options());
+  const ObjectiveCall c = objective_call(yt_, y_, p_, hsq_, gram_);
+  const GramArgs& ga = c.gram;
+  const at::Tensor &y = c.y, &yt = c.yt, &obj = c.obj, &sur = c.sur;
+  const int64_t B = y.size(0), K = y.size(1);
   if (B == 0) return {obj, sur};
   std::atomic<bool> bad_y{false}, bad_t{false}, bad_p{false}, bad_h{false}, bad_m{false};
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "mad_objective_cpu", [&] {

@@ -3,13 +3,14 @@
 //   l1/l2: α = clamp(ε / (‖y − y*‖_p + 1e-7), 0, 1)
 //   kl:    α = 1 if KL(y‖y*) ≤ ε, else the last feasible midpoint of a
 //          `kl_steps`-step bisection on KL(y‖ỹ(α)) ≤ ε over [0, 1] (0 if none).
-// One task per row.
+// step_row of mad_math.h (shared with CUDA); one task per row.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <atomic>
 
+#include "../mad_math.h"
 #include "../ops.h"
 #include "../utils.h"
 
@@ -34,16 +35,10 @@ at::Tensor mad_step_cpu(const at::Tensor& y_, const at::Tensor& ys_, double epsi
       for (int64_t b = b0; b < b1; ++b) {
         const scalar_t* yr = yp + b * K;
         const scalar_t* sr = sp + b * K;
-        bool ok_y = true, ok_s = true;
-        for (int64_t k = 0; k < K; ++k) {
-          ok_y &= std::isfinite((double)yr[k]);
-          ok_s &= std::isfinite((double)sr[k]);
-        }
+        const bool ok_y = finite_row(yr, K), ok_s = finite_row(sr, K);
         if (!ok_y) bad_y = true;
         if (!ok_s) bad_s = true;
-        const double alpha = (ok_y && ok_s) ? step_alpha(yr, sr, (int)K, epsilon, dist, (int)kl_steps) : 0.0;
-        scalar_t* o = op + b * K;
-        for (int64_t k = 0; k < K; ++k) o[k] = mix_entry(yr[k], sr[k], alpha);
+        if (ok_y && ok_s) step_row(yr, sr, (int)K, epsilon, dist, (int)kl_steps, op + b * K);
       }
     });
   });

@@ -126,13 +126,7 @@ __global__ void tvec_kernel(const scalar_t* __restrict__ G, const scalar_t* __re
 }  // namespace
 
 at::Tensor jacobian_gram_fc_cuda(const at::Tensor& p_, const at::Tensor& hsq_) {
-  check_float(p_, "p");
-  check_dim(p_, 2, "p", "[B, K]");
-  check_classes(p_.size(1), "p");
-  check_float(hsq_, "h_sqnorm");
-  check_dim(hsq_, 1, "h_sqnorm", "[B]");
-  check_like(hsq_, "h_sqnorm", p_, "p");
-  check_size(hsq_, 0, p_.size(0), "h_sqnorm", "samples");
+  check_gram_fc_args(p_, hsq_);
   check_cuda_inputs({{p_, "p"}, {hsq_, "h_sqnorm"}});
   const c10::cuda::CUDAGuard guard(p_.device());
   const int64_t B = p_.size(0), K = p_.size(1);
@@ -155,18 +149,7 @@ at::Tensor jacobian_gram_fc_cuda(const at::Tensor& p_, const at::Tensor& hsq_) {
 }
 
 at::Tensor jacobian_tvec_fc_cuda(const at::Tensor& p_, const at::Tensor& h_, const at::Tensor& y_) {
-  check_float(p_, "p");
-  check_dim(p_, 2, "p", "[B, K]");
-  check_classes(p_.size(1), "p");
-  check_float(h_, "h");
-  check_dim(h_, 2, "h", "[B, H]");
-  check_like(h_, "h", p_, "p");
-  check_size(h_, 0, p_.size(0), "h", "samples");
-  check_float(y_, "y");
-  check_dim(y_, 2, "y", "[B, K]");
-  check_like(y_, "y", p_, "p");
-  check_size(y_, 0, p_.size(0), "y", "samples");
-  check_size(y_, 1, p_.size(1), "y", "classes");
+  check_tvec_fc_args(p_, h_, y_);
   check_cuda_inputs({{p_, "p"}, {h_, "h"}, {y_, "y"}});
   const c10::cuda::CUDAGuard guard(p_.device());
   const int64_t B = p_.size(0), K = p_.size(1), H = h_.size(1);
@@ -191,9 +174,7 @@ at::Tensor jacobian_tvec_fc_cuda(const at::Tensor& p_, const at::Tensor& h_, con
 }
 
 at::Tensor jacobian_gram_cuda(const at::Tensor& G_) {
-  check_float(G_, "G");
-  check_dim(G_, 3, "G", "[B, K, D]");
-  check_classes(G_.size(1), "G");
+  check_jacobian_args(G_);
   check_cuda_inputs({{G_, "G"}});
   const c10::cuda::CUDAGuard guard(G_.device());
   const int64_t B = G_.size(0), K = G_.size(1), D = G_.size(2);
@@ -212,14 +193,7 @@ at::Tensor jacobian_gram_cuda(const at::Tensor& G_) {
 }
 
 at::Tensor jacobian_tvec_cuda(const at::Tensor& G_, const at::Tensor& y_) {
-  check_float(G_, "G");
-  check_dim(G_, 3, "G", "[B, K, D]");
-  check_classes(G_.size(1), "G");
-  check_float(y_, "y");
-  check_dim(y_, 2, "y", "[B, K]");
-  check_like(y_, "y", G_, "G");
-  check_size(y_, 0, G_.size(0), "y", "samples");
-  check_size(y_, 1, G_.size(1), "y", "classes");
+  check_tvec_args(G_, y_);
   check_cuda_inputs({{G_, "G"}, {y_, "y"}});
   const c10::cuda::CUDAGuard guard(G_.device());
   const int64_t B = G_.size(0), K = G_.size(1), D = G_.size(2);

@@ -1,8 +1,7 @@
 """The Knockoff adaptive policy: a gradient bandit over the query set's labels.
 
-never released by the authors (both original CLIs raise
-``NotImplementedError``; ``KO:knockoff/adversary/adaptive.py`` is a random-sampling stub).
-Implemented here from the paper (§4.1.2 and the supplementary):
+The reference has no implementation to follow (see ``docs/differences.md``), so this one is
+written from the paper (§4.1.2 and the supplementary):
 
 * **Actions** are the query set's labels. With a hierarchy (``{coarse: [fine, ...]}``,
   e.g. from a JSON file for folder datasets) the policy first picks a coarse node, then a
@@ -27,7 +26,7 @@ Implemented here from the paper (§4.1.2 and the supplementary):
 Constants the paper does not pin down (so chosen here, all constructor arguments):
 α = 0.1 (constant step size, as Sutton & Barto's gradient bandit), Δ = 25, baseline r̄_t =
 running mean of all earlier rewards (0 before the first), online knockoff trained by SGD
-with lr 0.01 and momentum 0.5 (the original attacker-training defaults, §4.2).
+with lr 0.01 and momentum 0.5 (the attacker-training defaults, §4.2).
 
 Batching: each batch samples B actions from the policy as it stands (availability updated
 as images are consumed), queries the B images in one call, then applies the B reward /

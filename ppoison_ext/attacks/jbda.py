@@ -1,10 +1,11 @@
 """Jacobian-based dataset augmentation attacks: JBDA, JB-self and JB-top-k.
 
-The reference implementation is ``JacobianAdversary`` of the prediction-poisoning code. JBDA follows Papernot et al., "Practical Black-Box Attacks against
-Machine Learning" (AsiaCCS 2017, arXiv 1602.02697); JB-self and JB-top-k follow PRADA
-(Juuti et al., EuroS&P 2019, arXiv 1805.02628).
+The reference's implementation is ``JacobianAdversary`` of the prediction-poisoning code.
+JBDA follows Papernot et al., "Practical Black-Box Attacks against Machine Learning"
+(AsiaCCS 2017, arXiv 1602.02697); JB-self and JB-top-k follow PRADA (Juuti et al., EuroS&P
+2019, arXiv 1805.02628).
 
-The attack, as the original runs it:
+The attack:
 
 1. Query a seed set S₀ (``seedsize`` query-set images) → D = {(x, y′)}; train a
    throw-away substitute for 1 epoch (lr 0.01, momentum 0.9).
@@ -23,25 +24,23 @@ The attack, as the original runs it:
    for ``final_train_epochs`` = 100 epochs at lr 0.01 (StepLR(30, 0.1)).
 
 Checkpoints ``checkpoint.<queries so far>.pth.tar`` and logs ``train.<queries>.log.tsv``
-come from :func:`~ppoison_ext.training.train_model` at every training, as the original.
+come from :func:`~ppoison_ext.training.train_model` at every training.
 
-Bugs of the original, fixed here, each with a flag that restores the original behaviour:
+Where the reference had bugs, this code does the intended thing; each ``orig_*`` flag
+restores one reference bug (their descriptions: ``docs/differences.md``):
 
-* ``orig_aliasing``: when D_s *is* D (κ unset, or ρ < σ) the original wrote the augmented
-  rows into D's own tensors, so D became [D′, D′]: the seed images were lost and the number
-  of distinct images never grew beyond the seed size. Fixed: D_s is a copy.
-* ``orig_jbself_store``: JB-self queried x − δ but stored x + δ with that label. Fixed:
-  the queried image is stored.
-* ``orig_clamp``: FGSM clamped x + δ into [0, 1] in *normalised* units (for MNIST raw
-  [0.1307, 0.4388]) and PGD did not clamp at all. Fixed: every queried image is clamped to
-  the valid pixel range [0, 1] expressed in normalised units, ``(0 − mean)/std`` to
-  ``(1 − mean)/std`` per channel.
-* ``orig_topk_cap``: the JB-top-k budget cap divided the remaining queries by a hard-coded
-  3 instead of k. Fixed: k, and the round stops exactly at the budget.
-* ``orig_pgd_sign``: with a negative λ the original's ``clamp(−λ, λ)`` has min > max and
-  sets every δ element to −|λ| (a constant brightness shift). Fixed: the PGD radius is |λ|.
+* D_s is a copy of D, so augmented rows are appended and the seed images kept
+  (``orig_aliasing``: D_s aliases D when κ is unset or ρ < σ, so D becomes [D′, D′]).
+* JB-self stores the image it queried, x − δ (``orig_jbself_store``: stores x + δ).
+* Every queried image is clamped to the valid pixel range [0, 1] expressed in normalised
+  units, ``(0 − mean)/std`` to ``(1 − mean)/std`` per channel (``orig_clamp``: FGSM clamps
+  x + δ into [0, 1] in *normalised* units, :func:`clamp_original`, and PGD does not clamp).
+* The JB-top-k budget cap divides the remaining queries by k and the round stops exactly at
+  the budget (``orig_topk_cap``: divides by 3).
+* The PGD radius is |λ| (``orig_pgd_sign``: ``clamp(−λ, λ)`` with λ < 0, which sets every
+  δ element to −|λ|, a constant brightness shift).
 
-Queries go to the black box in batches of ``query_batch_size`` (the original used 1):
+Queries go to the black box in batches of ``query_batch_size``:
 the substitute is in eval mode, so gradients and PGD steps are per-sample, and the defenses
 treat a batch as independent queries. White-box (``*_wb``) defenses need batch 1.
 """
@@ -108,7 +107,7 @@ def parse_policy(policy: str) -> Tuple[str, Optional[int]]:
 
 
 def step_size_for_round(rho: int, tau: Optional[int], base: float = 0.1) -> float:
-    """λ_ρ = base·(−1)^round(ρ/τ) (``round`` is Python's half-to-even, as the original;
+    """λ_ρ = base·(−1)^round(ρ/τ) (``round`` is Python's half-to-even, as the reference;
     Papernot et al. use ⌊ρ/τ⌋); ``base`` when ``tau`` is None."""
     if tau is None:
         return base
@@ -126,8 +125,8 @@ def pixel_bounds(mean: Sequence[float], std: Sequence[float]) -> Tuple[Tensor, T
 def fgsm_untargeted(model: nn.Module, x: Tensor, targets: Tensor, epsilon: float) -> Tensor:
     """δ = ε·sign(∇ₓ CE(model(x), targets)) per sample (no clamping; see :func:`clamp_original`).
 
-    The loss is summed over the batch, so each row's gradient equals the batch-1 gradient
-    of the original. Returns zeros for ε = 0.
+    The loss is summed over the batch, so each row's gradient equals its batch-1 gradient.
+    Returns zeros for ε = 0.
     """
     if epsilon == 0:
         return torch.zeros_like(x)
@@ -139,7 +138,7 @@ def fgsm_untargeted(model: nn.Module, x: Tensor, targets: Tensor, epsilon: float
 
 
 def clamp_original(x: Tensor, delta: Tensor) -> Tensor:
-    """The original's FGSM clamp ``min(max(δ, −x), 1 − x)``: x + δ ∈ [0, 1] in the units of
+    """The reference's FGSM clamp ``min(max(δ, −x), 1 − x)``: x + δ ∈ [0, 1] in the units of
     x, which are *normalised* units (the bug ``orig_clamp`` reproduces)."""
     return torch.min(torch.max(delta, -x), 1 - x)
 
@@ -149,7 +148,7 @@ def pgd_linf_targeted(model: nn.Module, x: Tensor, targets: Tensor, epsilon: flo
     """Targeted PGD-L∞ ascending logit ``targets`` (one class per row): ``num_iter`` steps
     δ ← clamp(δ + α·sign ∇_δ z_c(x + δ), −ε, ε), from δ = 0, without an image-range clamp.
 
-    With ``orig_sign`` the clamp is the original's ``clamp(−ε, ε)`` even for ε < 0 (every
+    With ``orig_sign`` the clamp is the reference's ``clamp(−ε, ε)`` even for ε < 0 (every
     element becomes ε); otherwise the radius is |ε|.
     """
     eps = epsilon if orig_sign else abs(epsilon)
@@ -166,7 +165,7 @@ def pgd_linf_targeted(model: nn.Module, x: Tensor, targets: Tensor, epsilon: flo
 
 def rand_sample(n: int, kappa: int) -> Tensor:
     """Indices of ``min(kappa, n)`` rows of ``range(n)`` drawn uniformly without replacement
-    with NumPy's global RNG, in increasing order (the original's boolean-mask copy)."""
+    with NumPy's global RNG, in increasing order (the reference's boolean-mask copy)."""
     k = min(int(kappa), n)
     chosen = np.random.choice(np.arange(n), size=k, replace=False)
     mask = np.zeros(n, dtype=bool)
@@ -205,7 +204,7 @@ def save_augmented_set(D: AugmentedSet, out_dir: Union[str, Path], *, mean: Sequ
     plus its exact images.
 
     Synthetic images are not uint8 images (δ = ±0.1 in normalised units is a fraction of a
-    grey level, and the original's clamp leaves [0, 1]), so:
+    grey level, and ``orig_clamp`` leaves [0, 1]), so:
 
     * the transfer set holds the images de-normalised and rounded to uint8 (``kind
       'images'``; ``index`` = ``origin``, −1 for synthetic rows), which ``train-attacker``
@@ -243,7 +242,7 @@ class JacobianAdversary(Attack):
         policy: ``jbda``, ``jbself`` or ``jbtop<k>``.
         budget: total number of queries (seed set included).
         model_adv_name: substitute architecture (``get_net`` name).
-        modelfamily: substitute family (the original: the test set's).
+        modelfamily: substitute family (the CLI passes the test set's).
         num_classes: K.
         testset: evaluated after every substitute epoch (logs / best checkpoint).
         out_dir: where checkpoints and logs go.
@@ -261,9 +260,9 @@ class JacobianAdversary(Attack):
         query_batch_size: images per black-box call.
         bounds: valid pixel range in normalised units ``(lo, hi)`` ([C, 1, 1] tensors; see
             :func:`pixel_bounds`), needed unless ``orig_clamp``.
-        useprobs: keep posteriors (True, the original's only setting) or one-hot labels.
+        useprobs: keep posteriors (True, the reference's only setting) or one-hot labels.
         orig_aliasing, orig_jbself_store, orig_clamp, orig_topk_cap, orig_pgd_sign:
-            reproduce the original's bugs (module docs).
+            reproduce the reference's bugs (module docs).
         num_workers: DataLoader workers for training.
         progress: show progress bars.
         model_kwargs: extra ``get_net`` keywords.
@@ -372,7 +371,7 @@ class JacobianAdversary(Attack):
     # -- the attack ------------------------------------------------------------------------------
     def setup(self, x_seed: Tensor, seed_indices: Optional[Sequence[int]] = None) -> AugmentedSet:
         """Queries the seed images (normalised [N, C, H, W]) and trains the throw-away
-        1-epoch substitute (lr 0.01, momentum 0.9), as the original."""
+        1-epoch substitute (lr 0.01, momentum 0.9)."""
         if x_seed.dim() != 4 or x_seed.shape[0] == 0:
             raise ValueError(f"x_seed must be a non-empty [N, C, H, W] tensor, got {tuple(x_seed.shape)}")
         if x_seed.shape[0] >= self.budget:

@@ -67,13 +67,13 @@ class KnockoffNets(Attack):
     Hyperparameters are keyword arguments; see the module docs for the exact algorithms.
 
     Args:
-        strategy: ``random`` (the original's query order) or ``adaptive`` (gradient bandit).
+        strategy: ``random`` (the reference's query order) or ``adaptive`` (gradient bandit).
         budget: number of distinct query images, the first ``budget`` of a seed-``seed``
             shuffle of the query set (default: all).
         nqueries: number of queries (default ``budget``).
-        batch_size: images per black-box call (the original's default was 1).
+        batch_size: images per black-box call (the reference's default was 1).
         qpi: queries per image; the stored posterior is the mean over ``qpi`` calls.
-        seed: 42 reproduces the original order; also derives the per-batch seeds.
+        seed: 42 reproduces the reference's order; also derives the per-batch seeds.
         reward, alpha, delta, hierarchy, online_model, online_lr: the adaptive policy's
             settings (:class:`AdaptivePolicy`).
         num_workers: DataLoader workers loading the random policy's images (0: in the
@@ -375,7 +375,7 @@ class KnockoffNets(Attack):
                 lr: float = 0.01, momentum: float = 0.5, train_batch_size: int = 64, transform=None,
                 device: Union[str, torch.device, None] = None, **build_kwargs) -> nn.Module:
         """Builds (or resumes) the transfer set, then trains ``surrogate`` on it with soft
-        cross-entropy (SGD, the original attacker defaults lr 0.01, momentum 0.5, batch 64).
+        cross-entropy (SGD, the attacker-training defaults lr 0.01, momentum 0.5, batch 64).
 
         ``transform`` turns the stored images into model inputs (default: the query set's
         ``transform``). Returns the trained surrogate (in eval mode).

@@ -36,7 +36,7 @@ def _copy_table_size(used: int) -> int:
 
 def _sorted_layout_set(keys: np.ndarray) -> set:
     """A real set holding ``keys`` (sorted ints) each in slot ``key`` of its table, so it
-    iterates in sorted order, as the original's set does while all keys are below its size."""
+    iterates in sorted order, as the reference's set does while all keys are below its size."""
     top = int(keys[-1]) + 1 if len(keys) else 0
     s = set(range(top))  # table larger than every key: slot == key
     keep = np.zeros(top, dtype=bool)
@@ -46,7 +46,7 @@ def _sorted_layout_set(keys: np.ndarray) -> set:
 
 
 class _Pool:
-    """The original's ``idx_set``: sorted numpy keys while ``list(set)`` is sorted, else a set."""
+    """The reference's ``idx_set``: sorted numpy keys while ``list(set)`` is sorted, else a set."""
 
     def __init__(self, pool_list: List[int]):
         s = set(pool_list)
@@ -107,18 +107,18 @@ def resolve_budget(n: int, budget: Optional[int], nqueries: Optional[int], batch
             raise ValueError(f"nqueries ({nqueries}) > budget ({budget}): the adaptive policy never repeats "
                              "an image")
         if budget % batch_size:
-            # The original draws min(B, remaining) from a pool of budget % B images and crashes
+            # The reference draws min(B, remaining) from a pool of budget % B images and crashes
             # (np.random.choice: "Cannot take a larger sample than population").
             raise ValueError(f"nqueries ({nqueries}) > budget ({budget}) repeats images only when batch_size "
-                             f"divides budget (the original crashes otherwise); got batch_size {batch_size}")
+                             f"divides budget (the reference crashes otherwise); got batch_size {batch_size}")
     return budget, nqueries
 
 
 def random_query_order(n: int, budget: Optional[int] = None, nqueries: Optional[int] = None,
                        batch_size: int = 1, seed: int = DEFAULT_SEED) -> List[np.ndarray]:
-    """The original Knockoff "random" query order, as a list of index batches.
+    """The reference's Knockoff "random" query order, as a list of index batches.
 
-    Identical to running ``PP:defenses/adversary/transfer.py``'s loop (``np.random.seed(42)``,
+    Identical to running the reference's ``defenses/adversary/transfer.py`` loop (``np.random.seed(42)``,
     ``np.random.shuffle(arange(n))``, per step ``np.random.choice(list(idx_set), size,
     replace=False)`` and the refill of the pool), without its O(N²/B) ``list``/``set``
     rebuilding while the pool's set order is sorted. The legacy ``permutation`` per step
@@ -128,9 +128,9 @@ def random_query_order(n: int, budget: Optional[int] = None, nqueries: Optional[
         n: query-set size N.
         budget: number of distinct images (the first ``budget`` of the shuffle); default N.
         nqueries: number of queries; default ``budget``. Above ``budget`` images repeat, which
-            needs ``budget % batch_size == 0`` (the original crashes otherwise).
+            needs ``budget % batch_size == 0`` (the reference crashes otherwise).
         batch_size: images per step B.
-        seed: 42 in the original.
+        seed: 42 in the reference.
 
     Returns:
         ``ceil(nqueries / B)`` int64 arrays of query-set indices (all of size B but the last).

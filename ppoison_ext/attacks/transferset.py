@@ -14,7 +14,7 @@ moment and resumed with no query lost or repeated, and nothing is ever unpickled
 A batch is committed when its ``y`` rows are written (``x``/``index``/``paths`` first): the
 number of complete ``y`` rows is the number of stored queries, and anything beyond it in
 the other files (a batch cut off by a crash) is dropped on load and truncated on resume.
-:func:`export_pickle` writes the original code's ``transferset.pickle`` on request.
+:func:`export_pickle` writes the reference code's ``transferset.pickle`` on request.
 """
 
 from __future__ import annotations
@@ -270,7 +270,7 @@ def load_transferset(folder) -> TransferSet:
 
 
 def export_pickle(folder, path=None) -> Path:
-    """Writes the original code's ``transferset.pickle``: a list of (raw image or path, FloatTensor y)."""
+    """Writes the reference code's ``transferset.pickle``: a list of (raw image or path, FloatTensor y)."""
     ts = load_transferset(folder)
     path = Path(path) if path is not None else ts.folder / "transferset.pickle"
     items = [((ts.paths[i] if ts.kind == "paths" else np.array(ts.images[i])), ts.y[i].clone()) for i in range(len(ts))]

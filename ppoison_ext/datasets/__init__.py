@@ -1,4 +1,4 @@
-"""Datasets of the original Knockoff Nets / Prediction Poisoning code, read from local files only.
+"""Datasets of the reference's Knockoff Nets / Prediction Poisoning code, read from local files only.
 
 Quick use::
 

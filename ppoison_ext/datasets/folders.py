@@ -1,10 +1,10 @@
-"""Datasets stored as folders of image files (one sub-folder per class), with the original's splits.
+"""Datasets stored as folders of image files (one sub-folder per class), with the reference's splits.
 
 Scanning follows torchvision's ``ImageFolder``: classes are the sorted sub-folder names; each class folder
 is walked recursively (``sorted(os.walk(..., followlinks=True))``, files sorted), keeping files with an
 image extension. The sample order matters: the seeded splits below index into it.
 
-Folders under the data root ``R`` (the original Knockoff Nets names) and splits:
+Folders under the data root ``R`` (the reference's Knockoff Nets names) and splits:
 
 * TinyImageNet200: ``R/tiny-imagenet-200/{train,val}``; official train / val.
 * CUBS200: ``R/CUB_200_2011/images`` with ``images.txt`` and ``train_test_split.txt``; the official split.
@@ -27,7 +27,7 @@ from ._common import (DatasetIntegrityError, FolderDataset, PathLike, check_trai
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-DS_SEED = 123   # the original's cfg.DS_SEED
+DS_SEED = 123   # the reference's cfg.DS_SEED
 
 
 # --------------------------------------------------------------------------- scanning and splits
@@ -54,10 +54,10 @@ def scan_image_folder(directory: PathLike, extensions: Sequence[str] = IMG_EXTEN
 
 
 def per_class_split(targets: Sequence[int], ntest: int, seed: int = DS_SEED) -> Tuple[List[int], List[int]]:
-    """The original's per-class split: ``(train_idxs, test_idxs)``.
+    """The reference's per-class split: ``(train_idxs, test_idxs)``.
 
     Indices are grouped by class in order of first appearance; one ``RandomState(seed)`` shuffles each
-    group in turn (the same stream as the original's ``np.random.seed(seed)`` + ``np.random.shuffle``,
+    group in turn (the same stream as the reference's ``np.random.seed(seed)`` + ``np.random.shuffle``,
     without touching the global RNG); the first ``ntest`` of each group go to test, the rest to train.
     Both lists are concatenations over the classes in that (shuffled) order.
     """
@@ -76,10 +76,10 @@ def per_class_split(targets: Sequence[int], ntest: int, seed: int = DS_SEED) -> 
 
 
 def fraction_split(n: int, test_frac: float, seed: int = DS_SEED) -> Tuple[List[int], List[int]]:
-    """The original ImageNet1k split: ``(train_idxs, test_idxs)``.
+    """The reference's ImageNet1k split: ``(train_idxs, test_idxs)``.
 
     ``test = RandomState(seed).choice(arange(n), int(test_frac * n), replace=False)`` in drawn order;
-    ``train`` = the rest in ascending order (what the original's ``list(set(all) - set(test))`` yields).
+    ``train`` = the rest in ascending order (what the reference's ``list(set(all) - set(test))`` yields).
     """
     rs = np.random.RandomState(seed)
     n_test = int(test_frac * n)
@@ -129,7 +129,7 @@ class _Folder(FolderDataset):
 
 
 class ImageFolder(_Folder):
-    """Any folder of class sub-folders (the original's ``--root`` query sets). ``root`` is that folder.
+    """Any folder of class sub-folders (the reference's ``--root`` query sets). ``root`` is that folder.
 
     There is no split: ``train`` is checked but both values return every image.
     """
@@ -150,7 +150,7 @@ class ImageFolder(_Folder):
 
 
 class _SeededFolder(_Folder):
-    """A single image folder split into train/test by the original's seeded rules."""
+    """A single image folder split into train/test by the reference's seeded rules."""
 
     rels: Sequence[str] = ()   # folder scanned, relative to the data root (first = canonical)
     where = ""                 # folder named in the "not found" message, relative to the data root
@@ -290,9 +290,9 @@ class TinyImageNet200(_Folder):
     """Tiny ImageNet (200 classes, 64×64): ``train/`` for train, ``val/`` for test.
 
     Both the official layout (``train/<wnid>/images/*.JPEG``; ``val/images/`` + ``val_annotations.txt``,
-    regrouped by class in memory, nothing is moved) and the original's restructured layout
+    regrouped by class in memory, nothing is moved) and the reference's restructured layout
     (``val/<wnid>/*.JPEG``) work. ``classes`` are the ``words.txt`` descriptions when that file exists
-    (as in the original), else the wnids; ``wnids`` keeps the latter. Family ``cifar``, as in the original.
+    (as in the reference), else the wnids; ``wnids`` keeps the latter. Family ``cifar``, as in the reference.
     """
 
     name = "TinyImageNet200"

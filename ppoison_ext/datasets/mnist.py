@@ -3,7 +3,7 @@
 Files are read with :mod:`.idx` (plain or ``.gz``) from, for a data root ``R`` and dataset ``Name``:
 
 1. ``R/Name/raw/``              (torchvision's layout: ``torchvision.datasets.Name(root=R)``)
-2. ``R/<ko>/Name/raw/``         (the original Knockoff Nets layout, e.g. ``R/mnist/MNIST/raw/``)
+2. ``R/<ko>/Name/raw/``         (the reference's Knockoff Nets layout, e.g. ``R/mnist/MNIST/raw/``)
 3. ``R/Name/`` and ``R/<ko>/``  (the files directly in the folder)
 
 plus a ``gzip/`` sub-folder of each (how the EMNIST archive unpacks). A ``partial/`` folder beside
@@ -38,11 +38,11 @@ class _MNISTLike(ArrayDataset):
 
     name = "MNISTLike"
     folder_names: Sequence[str] = ()     # torchvision / Knockoff class-name folders, first is canonical
-    ko_folder = ""                       # the original's folder under its data root
+    ko_folder = ""                       # the reference's folder under its data root
     files: Dict[bool, Tuple[str, str]] = _MNIST_FILES
     classes_list: Sequence[str] = ()
     url = ""
-    transpose = False                    # EMNIST: the original's data.permute(0, 2, 1)
+    transpose = False                    # EMNIST: the reference's data.permute(0, 2, 1)
     embedded_ok = False
 
     def __init__(self, root: Optional[PathLike] = None, train: bool = True,
@@ -169,7 +169,7 @@ _EMNIST_BALANCED = sorted(set(string.digits + string.ascii_letters) - _EMNIST_ME
 
 
 class EMNIST(_MNISTLike):
-    """EMNIST ``balanced`` split (47 classes). Images are transposed back to upright, as the original did."""
+    """EMNIST ``balanced`` split (47 classes). Images are transposed back to upright, as in the reference."""
 
     name = "EMNIST"
     folder_names = ("EMNIST",)
@@ -183,8 +183,7 @@ class EMNIST(_MNISTLike):
 class EMNISTLetters(_MNISTLike):
     """EMNIST ``letters`` split: 26 classes ``a``..``z``.
 
-    The files label the letters 1..26; they are shifted to 0..25 so that the labels index ``classes``
-    (the original's torchvision had 26 class names but kept the 1..26 labels).
+    The files label the letters 1..26; they are shifted to 0..25 so that the labels index ``classes``.
     """
 
     name = "EMNISTLetters"

@@ -1,4 +1,4 @@
-"""The original's input transforms per model family (Knockoff Nets ``modelfamily_to_transforms``)."""
+"""The reference's input transforms per model family (Knockoff Nets ``modelfamily_to_transforms``)."""
 from __future__ import annotations
 
 from typing import Dict
@@ -39,7 +39,7 @@ def get_transform(family: str, split: str) -> T.Compose:
     return T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])
 
 
-#: ``family -> {'train': Compose, 'test': Compose}``, as in the original (shared instances).
+#: ``family -> {'train': Compose, 'test': Compose}``, as in the reference (shared instances).
 modelfamily_to_transforms: Dict[str, Dict[str, T.Compose]] = {
     fam: {split: get_transform(fam, split) for split in SPLITS} for fam in FAMILIES
 }

@@ -30,7 +30,7 @@ class DefenseOutput(NamedTuple):
 class Defense(nn.Module):
     """Base class: wraps a victim ``model``; ``defense(x)`` returns the released posteriors.
 
-    Subclasses implement :meth:`defend`. The victim is put in eval mode (as the original
+    Subclasses implement :meth:`defend`. The victim is put in eval mode (as the reference
     does) and queried under ``no_grad``; ``defense.train()``/``eval()`` never switch the
     wrapped models. :meth:`perturb` also returns the undefended y (and objective values),
     counts queries and feeds the optional :class:`QueryLogger`; without a logger a defense

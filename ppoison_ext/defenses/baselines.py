@@ -1,4 +1,4 @@
-"""Baseline output-perturbation defenses of the original system, batched."""
+"""Baseline output-perturbation defenses of the reference system, batched."""
 
 from __future__ import annotations
 
@@ -23,21 +23,21 @@ def _real(v, name: str) -> float:
 
 
 def _logit(y: Tensor) -> Tensor:
-    """The original's inverse sigmoid log(y / (1 − y)), element-wise (±inf at 0 and 1)."""
+    """The reference's inverse sigmoid log(y / (1 − y)), element-wise (±inf at 0 and 1)."""
     return torch.log(y) - torch.log1p(-y)
 
 
 class ReverseSigmoid(Defense):
     """Reverse sigmoid (Lee et al., "Defending against NN model stealing attacks using
-    deceptive perturbations", S&P Workshops 2019), as the original implements it.
+    deceptive perturbations", S&P Workshops 2019), as the reference implements it.
 
     ``r(y) = β (σ(γ·logit(y)) − ½)``, ``ŷ = y − r(y)``, released ``y′ = ŷ / Σŷ``, where
     σ(γ·logit(y)) = y^γ / (y^γ + (1 − y)^γ). No clipping: for β > 1 or γ > 1 entries can turn
-    negative (the original's behaviour). β = 1, γ = 1 releases the uniform distribution.
+    negative (as in the reference). β = 1, γ = 1 releases the uniform distribution.
 
     Args:
         model: the victim.
-        beta, gamma: ≥ 0 (defaults 1.0, as the original).
+        beta, gamma: ≥ 0 (defaults 1.0, as the reference).
     """
 
     def __init__(self, model: nn.Module, *, beta: float = 1.0, gamma: float = 1.0, logger=None):
@@ -57,12 +57,12 @@ class ReverseSigmoid(Defense):
 
 
 class RandomNoise(Defense):
-    """Random noise in logit space (the original's ``rand_noise`` baseline).
+    """Random noise in logit space (the reference's ``rand_noise`` baseline).
 
     ``z = logit(y)``; δ ~ U[0, 1)^K · 2ε_z / K^{1/p} (``uniform``, so that ‖E δ‖_p = ε_z) or
     N(0, I) (``gaussian``); each δ row projected onto the ε_z-ball of ``dist_z`` (l1: Euclidean
     projection onto the L1 ball; l2: δ·ε_z / max(‖δ‖₂, ε_z)); ``y′ = σ(z + δ) / Σ σ(z + δ)``.
-    ε_z = 0 releases y unchanged. Batched (the original projected row by row in Python).
+    ε_z = 0 releases y unchanged. Batched: all rows are projected at once.
 
     Args:
         model: the victim.
@@ -70,7 +70,7 @@ class RandomNoise(Defense):
         dist_z: ``l1`` or ``l2``.
         strat: ``uniform`` or ``gaussian``.
         seed: seeds this defense's own generator (on the victim's device); None draws from
-            torch's global RNG, like the original.
+            torch's global RNG, like the reference.
     """
 
     def __init__(self, model: nn.Module, *, epsilon_z: float, dist_z: str = "l1", strat: str = "uniform",

@@ -13,7 +13,7 @@ __all__ = ["Blackbox"]
 
 
 class Blackbox(Defense):
-    """Softmax posteriors, optionally truncated (the original ``Blackbox``).
+    """Softmax posteriors, optionally truncated (the reference's ``Blackbox``).
 
     Args:
         model: the victim.
@@ -21,7 +21,7 @@ class Blackbox(Defense):
         rounding: round to this many decimals (half to even, like ``np.round``), not
             renormalized. With ``topk``, ``rounding=0`` gives k ones instead of the k values
             (``topk=1, rounding=0``: one-hot top-1 labels). ``rounding=0`` alone does
-            nothing, as in the original. Works on CUDA (the original crashed there).
+            nothing, as in the reference. Works on CUDA and CPU alike.
         logger: optional :class:`~ppoison_ext.defenses.QueryLogger`.
 
     Example:

@@ -16,7 +16,7 @@ from .proxy import ProxyView, reference_jacobian_param
 
 __all__ = ["MAD"]
 
-_PROJECTION_TOL = 1e-4  # the original's convergence tolerance for optim="projections"
+_PROJECTION_TOL = 1e-4  # the reference's convergence tolerance for optim="projections"
 _PROJECTION_ITERS = 100
 
 
@@ -37,19 +37,19 @@ class MAD(Defense):
         model: the victim.
         epsilon: perturbation budget ε ≥ 0 in ``ydist`` (0 releases y exactly).
         proxy: the defender's stand-in for the attacker's model; None uses the victim (as the
-            original does; the victim is in eval mode, so p = y and the angular objective
+            reference does; the victim is in eval mode, so p = y and the angular objective
             degenerates: Gᵀy = 0 normalizes to 0). Used as given: in train mode it follows
-            the original's per-query forward (BatchNorm statistics per query, dropout on)
+            the reference's per-query forward (BatchNorm statistics per query, dropout on)
             in one batched forward, see :mod:`ppoison_ext.defenses.proxy`; in eval mode the
             plain forward. Its parameters are never changed.
         ydist: ``l1``, ``l2`` or ``kl``.
         oracle: ``extreme`` (one-hot targets), ``argmax`` (targets that keep the top-1
-            class: MAD-argmax), ``argmin`` or ``random`` (these two use G = I, as the original).
-        optim: ``linesearch`` (the original's) or ``projections`` (alternating projection of
-            y* − y onto the ε-ball and of y + δ onto the simplex, the original's intended
-            algorithm, which crashed there; l1/l2 only). A final step back toward y keeps
+            class: MAD-argmax), ``argmin`` or ``random`` (these two use G = I, as the reference).
+        optim: ``linesearch`` (the reference's default) or ``projections`` (alternating
+            projection of y* − y onto the ε-ball and of y + δ onto the simplex, the
+            reference's algorithm; l1/l2 only). A final step back toward y keeps
             the result inside the ball exactly.
-        objmax: score candidates with the angular objective (the original's README uses
+        objmax: score candidates with the angular objective (the reference's README uses
             it) instead of the surrogate ‖Gᵀ(ỹ − y)‖².
         disable_jacobian: use G = I.
         jacobian: ``auto`` (default): per batch, the closed form when the proxy's output equals
@@ -61,8 +61,8 @@ class MAD(Defense):
             by :func:`ppoison_ext.ops.jacobian_gram`.
         jacobian_params: for ``full``: ``"all"`` (the default: every parameter, a different
             defense from the reference's) or parameter names / name prefixes.
-        exact_max_k: largest K whose argmax-preserving vertices are all enumerated (the
-            original: 10; above it, its greedy search).
+        exact_max_k: largest K whose argmax-preserving vertices are all enumerated (default
+            16; above it, the reference's greedy search).
         seed: seeds the ``random`` oracle's generator (None: torch's global RNG).
         logger: optional :class:`~ppoison_ext.defenses.QueryLogger`.
 
@@ -102,7 +102,8 @@ class MAD(Defense):
             if v not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {v!r}")
         if optim == "projections" and ydist == "kl":
-            raise ValueError("optim='projections' supports ydist 'l1' and 'l2' (the original raises for 'kl')")
+            raise ValueError("optim='projections' supports ydist 'l1' and 'l2' (the reference raises for "
+                             "'kl')")
         for name, v in (("objmax", objmax), ("disable_jacobian", disable_jacobian)):
             if not isinstance(v, bool):
                 raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
@@ -238,7 +239,7 @@ class MAD(Defense):
         return d.abs().sum(1) if self.ydist == "l1" else d.norm(dim=1)
 
     def _projections(self, y: Tensor, y_star: Tensor) -> Tensor:
-        """Alternating projections (the original's algorithm, per-row stopping), batched."""
+        """Alternating projections (the reference's algorithm, per-row stopping), batched."""
         yt = y_star.clone()
         active = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
         for _ in range(_PROJECTION_ITERS):

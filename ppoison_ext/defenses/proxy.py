@@ -1,20 +1,20 @@
-"""Batched proxy forwards with the original's per-query semantics.
+"""Batched proxy forwards with the reference's per-query semantics.
 
-The original MAD code forwards each query alone through the proxy (batch 1), and never
+The reference's MAD code forwards each query alone through the proxy (batch 1), and never
 puts the proxy in eval mode. A BatchNorm layer in train mode then normalizes each query
 by its own statistics: over the spatial positions of that one image, per channel, which
 is instance normalization with the BN layer's affine parameters. Dropout is active.
 
 :class:`ProxyView` reproduces that in one batched forward. It is a structural copy of the
 proxy that shares every parameter and buffer with it (nothing is copied or changed), in
-which each BatchNorm layer normalizes per sample whenever the original layer would use
+which each BatchNorm layer normalizes per sample whenever the proxy's layer would use
 batch statistics, and each ``nn.Linear`` can report the features entering it. Train/eval
-flags are read from the original modules at every call, so the proxy is used exactly as
+flags are read from the proxy's modules at every call, so the proxy is used exactly as
 the caller gives it:
 
 * train mode: per-sample BN statistics, active dropout (independent masks per sample);
-  BN running statistics are *not* updated (the original updated them each query; they do
-  not affect train-mode outputs);
+  BN running statistics are *not* updated (they do not affect train-mode outputs, and the
+  proxy is left as given);
 * eval mode: the plain deterministic forward.
 
 Captured features live in thread-local storage, so one view can serve several threads.
@@ -75,7 +75,7 @@ class _PerSampleBatchNorm(nn.Module):
         if x.dim() == 2:
             raise ValueError(
                 f"{type(bn).__name__} in train mode on [N, C] inputs has one value per channel per query; "
-                "the original per-query forward fails on it too. Put the proxy in eval mode."
+                "the reference's per-query forward fails on it too. Put the proxy in eval mode."
             )
         return F.instance_norm(x, None, None, weight, bias, True, 0.0, bn.eps)
 

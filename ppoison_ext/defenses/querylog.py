@@ -3,7 +3,7 @@
 Two files per ``prefix`` (``transfer`` while building a transfer set, ``test`` during
 utility evaluation), in ``out_dir``:
 
-* ``distance<prefix>.log.tsv`` — the original's file: header
+* ``distance<prefix>.log.tsv`` — the reference's file: header
   ``call_count l1_mean l1_std l2_mean l2_std kl_mean kl_std``; one row each time the query
   count crosses a multiple of ``every`` (default 1000), with the mean and population std of
   ‖y − y′‖₁, ‖y − y′‖₂ and KL(y‖y′) over *all* queries so far, and a last row for the tail

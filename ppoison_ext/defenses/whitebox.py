@@ -14,28 +14,27 @@ attacker's progress is logged. Per batch of queries:
 4. each time the query count passes a multiple of ``log_every`` (1000), two rows go to
    ``online.log.tsv`` (header ``run_id epoch split loss accuracy best_accuracy l1_mean
    l1_std l2_mean l2_std kl_mean kl_std``): ``test`` (the attacker on the victim's test
-   set: CE loss with the original's normalization Σ_batches mean-loss / N at batch 128,
+   set: CE loss normalised as Σ_batches mean-loss / N at batch 128, as the reference does,
    accuracy %, best accuracy so far, distance statistics over all queries so far) and
    ``test_vic`` (the defended victim on the first 1000 test images: y′ + 1e-7
    renormalized, mean NLL, accuracy %, −1, distance statistics of those 1000). ``epoch`` is
-   the query count divided by the victim training-set size. As in the original the file
-   is appended to across runs (header only when new); ``run_id`` tells runs apart.
+   the query count divided by the victim training-set size. The file is appended to across
+   runs (header only when new); ``run_id`` tells runs apart.
 
-Differences from the original (which asserted batch size 1):
+Batches, training mode, resuming:
 
-* Batches: one optimizer step per batch on the batch's **summed** soft CE (``step_reduction
+* One optimizer step per batch on the batch's **summed** soft CE (``step_reduction
   ="sum"``), so a batch of B moves the attacker as B batch-1 steps taken at the same
-  weights would; at B = 1 this is the original exactly. ``"mean"`` is the plain mean.
+  weights would; at B = 1 this is one step per query. ``"mean"`` is the plain mean.
   Logs are written when a batch crosses a multiple of ``log_every``, at the actual count.
-* The attacker stays in train mode; the original left it in eval mode after the first
-  log (``test_step`` calls ``.eval()``), so it trained in eval mode from then on.
-* The gray-box proxy's optimizer is bound to the proxy; the original bound it to the
-  attacker's parameters (the proxy never trained and sgdm/adam gave the attacker extra
-  zero-gradient momentum steps) and crashed when ``model_adv`` was None. Both original
-  bugs come back with ``original_bugs=True`` (Python API only).
-* ``rand_noise_wb`` with ε_z = 0 releases y unchanged (the original crashed for l1).
-* No ``queries.pickle``: the query log is the streaming one of
-  :class:`~ppoison_ext.defenses.QueryLogger`.
+* The attacker is put back in train mode after each evaluation, so it always trains in
+  train mode. The gray-box proxy's optimizer is bound to the proxy's parameters.
+  ``original_bugs=True`` (Python API only) restores two reference bugs instead: the
+  attacker left in eval mode after the first log, and the proxy's optimizer bound to the
+  attacker's parameters (the proxy never trains; sgdm/adam give the attacker extra
+  zero-gradient momentum steps).
+* ``rand_noise_wb`` with ε_z = 0 releases y unchanged.
+* The query log is the streaming one of :class:`~ppoison_ext.defenses.QueryLogger`.
 * Resumable: :meth:`WhiteboxDefense.resume_state` / :meth:`load_resume_state` snapshot and
   restore the attacker, proxy, optimizers, counters, ``run_id`` and the log position (rows
   of the resumed run written after the snapshot are dropped; other runs' rows are kept).
@@ -75,8 +74,8 @@ ADV_OPTIMIZERS = ("sgd", "sgdm", "adam")
 
 
 def make_adv_optimizer(name: str, params, *, proxy: bool = False) -> torch.optim.Optimizer:
-    """The original's online optimizers: ``sgd`` lr 0.1/64; ``sgdm`` lr 0.1/64, momentum 0.5;
-    ``adam`` lr 0.001/64 (for the gray-box proxy: Adam's default lr 0.001, as the original)."""
+    """The reference's online optimizers: ``sgd`` lr 0.1/64; ``sgdm`` lr 0.1/64, momentum 0.5;
+    ``adam`` lr 0.001/64 (for the gray-box proxy: Adam's default lr 0.001)."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=0.1 / 64)
     if name == "sgdm":
@@ -103,7 +102,7 @@ class WhiteboxDefense(Defense):
             log). For MAD, its proxy should be ``attacker`` (white box) or ``proxy``.
         attacker: the attacker's model, trained online.
         proxy: a gray-box proxy of the attacker (None: the attacker itself).
-        proxy_train: also train the proxy online (the original's ``not model_adv_proxy_notrain``).
+        proxy_train: also train the proxy online (``not model_adv_proxy_notrain``).
         attacker_argmax: release (and train on) the one-hot top-1 of y′.
         adv_optimizer: ``sgd``, ``sgdm`` or ``adam`` (:func:`make_adv_optimizer`).
         out_dir: folder of ``online.log.tsv``; None: no online evaluation.
@@ -111,9 +110,9 @@ class WhiteboxDefense(Defense):
         train_size: the victim training-set size for the ``epoch`` column (or a callable).
         log_every: evaluate and log each time the query count passes a multiple of this.
         minitest_size: test images of the ``test_vic`` row (1000).
-        eval_batch_size: batch size of both evaluations (the original: 128 and 1).
+        eval_batch_size: batch size of both evaluations (``test`` and ``test_vic``).
         step_reduction: ``sum`` or ``mean`` of the batch's soft CE (see the module docs).
-        original_bugs: reproduce the original's proxy-optimizer and eval-mode bugs.
+        original_bugs: reproduce the reference's proxy-optimizer and eval-mode bugs.
 
     Shape:
         x: [B, ...]; returns [B, K] (one-hot with ``attacker_argmax``).
@@ -151,7 +150,7 @@ class WhiteboxDefense(Defense):
         self.optimizer = make_adv_optimizer(adv_optimizer, attacker.parameters())
         self.proxy_optimizer = None
         if proxy is not None:
-            # The original bound the proxy's optimizer to the attacker's parameters.
+            # original_bugs: bind the proxy's optimizer to the attacker's parameters (the reference's bug).
             params = attacker.parameters() if original_bugs else proxy.parameters()
             self.proxy_optimizer = make_adv_optimizer(adv_optimizer, params, proxy=True)
         self.out_dir = Path(out_dir) if out_dir is not None else None

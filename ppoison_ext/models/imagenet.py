@@ -1,6 +1,6 @@
 """ImageNet-family architectures: torchvision's classification models, built offline.
 
-The original zoo used Cadene's ``pretrainedmodels`` 0.7.4 here. Every architecture it
+The reference's zoo used Cadene's ``pretrainedmodels`` 0.7.4 here. Every architecture it
 shares with torchvision (ResNet, VGG, AlexNet, DenseNet, SqueezeNet, Inception v3) is the
 torchvision network with renamed layers, so this module builds the torchvision model
 directly and adds what Cadene-style code expects:
@@ -58,7 +58,7 @@ NAMES: List[str] = sorted(torchvision.models.list_models(module=torchvision.mode
 #: Cadene names that differ from torchvision's.
 ALIASES: Dict[str, str] = {"inceptionv3": "inception_v3"}
 
-#: Architectures of the original imagenet family that torchvision does not have.
+#: Architectures of the reference's imagenet family that torchvision does not have.
 CADENE_ONLY = frozenset({
     "fbresnet152", "cafferesnet101", "bninception", "resnext101_32x4d", "resnext101_64x4d",
     "inceptionv4", "inceptionresnetv2", "nasnetalarge", "nasnetamobile", "dpn68", "dpn68b",
@@ -195,7 +195,7 @@ def head_name(model: nn.Module) -> str:
 
 def set_num_classes(model: nn.Module, num_classes: int) -> None:
     """Replace a :func:`build` model's head with a fresh ``nn.Linear(in, num_classes)``
-    (PyTorch default init, as the original zoo did), or for SqueezeNet a fresh
+    (PyTorch default init, as the reference's zoo does), or for SqueezeNet a fresh
     ``Conv2d(512, num_classes, 1)`` with torchvision's N(0, 0.01) init."""
     path = head_name(model)
     old = model.get_submodule(path)
@@ -341,7 +341,7 @@ def remap_cadene_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module) 
     Cadene moved torchvision layers (ResNet ``fc`` → ``last_linear``; VGG ``features`` →
     ``_features`` and ``classifier[0/3/6]`` → ``linear0/linear1/last_linear``; AlexNet
     ``classifier[1/4/6]``; DenseNet ``classifier``; SqueezeNet ``classifier[1]`` →
-    ``last_conv``), so checkpoints of the original's imagenet-family models carry those
+    ``last_conv``), so checkpoints of the reference's imagenet-family models carry those
     names. Keys already valid for ``model``, and models of other classes, are left alone.
     Inception v3's ``AuxLogits.*`` keys are dropped when the model has no aux head.
     """

@@ -1,4 +1,4 @@
-"""MNIST-family architectures (``KO:knockoff/models/mnist/models.py``)."""
+"""MNIST-family architectures (the reference's ``knockoff/models/mnist/models.py``)."""
 
 from __future__ import annotations
 

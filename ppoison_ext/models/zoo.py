@@ -1,17 +1,14 @@
 """The model zoo: ``get_net(name, modelfamily, pretrained, num_classes)``.
 
-Mirrors ``KO:knockoff/models/zoo.py`` with these deliberate differences:
+The names and families are those of the reference's ``knockoff/models/zoo.py``
+(deliberate differences from the reference: ``docs/differences.md``):
 
-* **No downloads, and "scratch" means scratch.** In the original, every imagenet-family
-  model built *without* ``pretrained`` silently started from ImageNet weights: Cadene's
-  constructors default to ``pretrained='imagenet'`` and assert ``num_classes == 1000``; the
-  zoo caught that AssertionError, rebuilt the model with (downloaded) ImageNet weights and
-  replaced ``last_linear``. So the paper's "scratch" imagenet-family victims, attackers and
-  surrogates were ImageNet-pretrained. Here ``pretrained=None`` is a random init for every
-  family. To reproduce the original, pass ``pretrained='imagenet'`` and supply the weights
-  as a local file (see :func:`~ppoison_ext.models.imagenet.find_imagenet_weights`).
-* ``pretrained='imagenet'`` is accepted for the imagenet family only (the original looked
-  the name up among the Cadene models whatever the family).
+* **No downloads, and "scratch" means scratch.** ``pretrained=None`` is a random init for
+  every family, imagenet included. ``pretrained='imagenet'`` starts an imagenet-family model
+  from ImageNet weights read from a local file (see
+  :func:`~ppoison_ext.models.imagenet.find_imagenet_weights`) and replaces the head; that is
+  what the reference's imagenet-family "scratch" models actually were.
+* ``pretrained='imagenet'`` is accepted for the imagenet family only.
 * Unknown names raise ``ValueError`` listing the known ones; a ``pretrained`` path that
   does not exist raises ``FileNotFoundError``.
 * Checkpoint files are read with ``torch.load(weights_only=True)``.
@@ -100,7 +97,7 @@ class CopyReport:
 def copy_weights_(
     src_state_dict: Mapping[str, Tensor], dst: Union[nn.Module, Mapping[str, Tensor]]
 ) -> CopyReport:
-    """Copy tensors by name where the shapes match, in place (the original ``copy_weights_``).
+    """Copy tensors by name where the shapes match, in place (the reference's ``copy_weights_``).
 
     Args:
         src_state_dict: source tensors by state_dict key.
@@ -143,7 +140,7 @@ def _unknown_name(name: str, family: str) -> ValueError:
     extra = ""
     if family == "imagenet" and name in imagenet.CADENE_ONLY:
         extra = (
-            f" ({name!r} is a Cadene pretrainedmodels / bagnet architecture that the original zoo had; "
+            f" ({name!r} is a Cadene pretrainedmodels / bagnet architecture that the reference's zoo had; "
             "ppoison_ext provides only torchvision's architectures)"
         )
     else:
@@ -192,12 +189,11 @@ def get_net(
     Args:
         name: architecture name.
         modelfamily: ``"mnist"``, ``"cifar"`` or ``"imagenet"``.
-        pretrained: ``None`` (also ``""`` or ``False``): random init with the original init
-            schemes (see the module docs for how this differs from the original's imagenet
-            family); ``"imagenet"`` (imagenet family only: ImageNet weights from a local
-            file, never downloaded; the head is then replaced if ``num_classes != 1000``);
-            or the path of a
-            checkpoint / state_dict file, whose tensors are copied by name where shapes
+        pretrained: ``None`` (also ``""`` or ``False``): random init with the reference's init
+            schemes (for the imagenet family too, see the module docs); ``"imagenet"``
+            (imagenet family only: ImageNet weights from a local file, never downloaded; the
+            head is then replaced if ``num_classes != 1000``); or the path of a checkpoint /
+            state_dict file, whose tensors are copied by name where shapes
             match (:func:`copy_weights_`; skipped names are logged).
         num_classes: K; defaults to :data:`DEFAULT_NUM_CLASSES` of the family.
         **kwargs: passed to the architecture's constructor (e.g. ``depth=20`` for the
@@ -219,7 +215,7 @@ def get_net(
     if pretrained is None or pretrained is False or (isinstance(pretrained, str) and pretrained == ""):
         if family == "imagenet":
             logger.debug(
-                "get_net(%r, 'imagenet'): random init; the original zoo started imagenet-family models "
+                "get_net(%r, 'imagenet'): random init; the reference's zoo started imagenet-family models "
                 "from ImageNet weights (pass pretrained='imagenet' for that)", name,
             )
         return _build(name, family, num_classes, **kwargs)

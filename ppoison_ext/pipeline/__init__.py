@@ -1,1 +1,1 @@
-"""The steps of the original pipeline, each with `build_parser()` and `main(argv) -> int`."""
+"""The steps of the reference's pipeline, each with `build_parser()` and `main(argv) -> int`."""

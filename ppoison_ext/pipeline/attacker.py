@@ -1,8 +1,8 @@
 """Attacker (knockoff) training: ``ppoison train-attacker MODEL_DIR MODEL_ARCH TESTDATASET
---budgets b1,b2,...`` (the original ``knockoff/adversary/train.py``).
+--budgets b1,b2,...`` (the reference's ``knockoff/adversary/train.py``).
 
 Reads the transfer set in ``MODEL_DIR`` (:func:`~ppoison_ext.attacks.load_transferset`;
-K must equal the test set's class count) and trains, as the original:
+K must equal the test set's class count) and trains, as the reference does:
 
 * **one** model ``get_net(MODEL_ARCH, family(TESTDATASET), pretrained, num_classes=K)``,
   created once before the budget loop and trained through the budgets **in the given
@@ -17,16 +17,16 @@ K must equal the test set's class count) and trains, as the original:
   ``train.<b>.log.tsv`` and ``last.<b>.pth.tar`` (the final state); ``params_train.json``
   at the end.
 
-Resuming (not in the original): by default (``--resume auto``) a budget whose
+Resuming: by default (``--resume auto``) a budget whose
 ``last.<b>.pth.tar`` shows all epochs done is skipped on a rerun, and the model continues
 from that saved final state; a budget cut off mid-way continues from its last finished
 epoch. ``--resume none`` retrains everything; ``--resume PATH`` loads the weights of a
 checkpoint into the model before the first budget.
 
-Other differences: a budget larger than the transfer set is an error (the original
-silently trained on fewer samples under the larger budget's name); ``--weighted-loss``
-weights by the argmax class counts of the transfer set (the original crashed);
-``--test_subset N`` tests on the first N test images only.
+A budget larger than the transfer set is an error (a model trained on fewer samples would
+carry the larger budget's name); ``--weighted-loss`` weights by the argmax class counts of
+the transfer set; ``--test_subset N`` tests on the first N test images only. Deliberate
+differences from the reference: ``docs/differences.md``.
 
 Example::
 
@@ -143,7 +143,7 @@ def train_attacker(
             picks the zoo and the transform).
         budgets: ``"50,100"`` or ``[50, 100]``, trained in this order.
         device: GPU index (-1 = CPU, falls back to the CPU), or a device.
-        batch_size, epochs, lr, momentum, lr_step, lr_gamma, log_interval: as the original.
+        batch_size, epochs, lr, momentum, lr_step, lr_gamma, log_interval: as the reference.
         resume: ``"auto"`` (skip finished budgets, continue an unfinished one), None/``"none"``
             (start over), or a checkpoint path whose weights initialise the model.
         num_workers: DataLoader workers.
@@ -152,7 +152,7 @@ def train_attacker(
         argmaxed: train on one-hot argmax labels instead of the posteriors.
         optimizer_choice: ``sgd``, ``sgdm``, ``adam`` or ``adagrad``.
         data_root: dataset root.
-        seed: reseeded before every budget (the original's 42).
+        seed: reseeded before every budget (default 42, the reference's).
         test_subset: test on the first N test images only.
         progress: show progress bars.
         params: the values recorded in ``params_train.json`` (default: these arguments).
@@ -194,7 +194,7 @@ def train_attacker(
             raise ValueError(f"test_subset must be a positive int or None, got {test_subset!r}")
         testset = Subset(testset, list(range(min(test_subset, len(testset)))))
 
-    seed_everything(seed)  # the original: torch.manual_seed(42) before building the model
+    seed_everything(seed)  # seeded before building the model, as the reference (torch.manual_seed(42))
     model = get_net(arch, family, pretrained, num_classes=K).to(dev)
     auto = resume is not None and str(resume) in ("auto", "True")
     if resume is not None and not auto:

@@ -1,5 +1,5 @@
 """Utility of a defended victim: ``ppoison eval-bbox VIC_DIR DEFENSE DEFENSE_ARGS --out_dir D``
-(the original ``defenses/adversary/eval_bbox.py``).
+(the reference's ``defenses/adversary/eval_bbox.py``).
 
 Builds the defended black box (:func:`~ppoison_ext.defenses.build_defense`, query
 log prefix ``test``), queries it with the victim's test split (``params.json`` dataset,
@@ -11,17 +11,18 @@ log prefix ``test``), queries it with the victim's test split (``params.json`` d
   :class:`~ppoison_ext.defenses.QueryLogger`: mean/std of ‖y−y′‖₁, ‖y−y′‖₂, KL(y‖y′) over
   all test queries, every 1000 queries and once at the end;
 * ``params_evalbbox.json`` — the arguments, the parsed defense arguments (including
-  ``log_prefix='test'``, overriding same-named arguments, as the original) and ``created_on``.
+  ``log_prefix='test'``, overriding same-named arguments) and ``created_on``.
 
-``accuracy`` is the top-1 accuracy (%) of argmax y′, as the original. Differences:
+``accuracy`` is the top-1 accuracy (%) of argmax y′. Further:
 
 * ``loss`` is the mean negative log-likelihood of the true label under y′ + 1e-7
-  renormalised, ``mean_i −log((y′_i,c + 1e-7) / Σ_k (y′_i,k + 1e-7))`` (the original applied
-  ``CrossEntropyLoss`` to the probabilities as if they were logits, and divided the sum of
-  per-batch means by N, so its value was meaningless);
-* ``--batch_size`` defaults to 256 (the original's 1 queries one image at a time; batching
-  does not change the outputs of the batch-independent defenses);
+  renormalised, ``mean_i −log((y′_i,c + 1e-7) / Σ_k (y′_i,k + 1e-7))``, a proper loss of
+  the released probabilities;
+* ``--batch_size`` defaults to 256 queries per call (batching does not change the outputs of
+  the batch-independent defenses; 1 queries one image at a time);
 * ``--test_subset N`` evaluates the first N test images only.
+
+Deliberate differences from the reference: ``docs/differences.md``.
 
 Example::
 
@@ -195,7 +196,7 @@ class EvalSettings(CommonSettings):
                                      "'' for none)")
     out_dir: str = setting("--out_dir", metavar="PATH", help="output folder")
     batch_size: int = setting("--batch_size", default=256, metavar="N",
-                              help="queries per call (default: 256; the original used 1)")
+                              help="queries per call (default: 256; the reference used 1)")
     device_id: int = device_setting()
     nworkers: int = setting("-w", "--nworkers", default=10, metavar="N",
                             help="DataLoader worker processes (default: 10)")

@@ -6,7 +6,7 @@ Steps per grid, each skipped when its ``done.json`` marker exists with the same 
 (a rerun resumes; the steps themselves resume mid-way, see each one):
 
 1. per victim: ``train-victim`` into ``<out>/victims/<DS>-<arch>``, and the MAD proxy
-   (the original recipe: 1 epoch, 10 images, lr 0) into ``.../<DS>-<arch>-proxy``;
+   (the reference's recipe: 1 epoch, 10 images, lr 0) into ``.../<DS>-<arch>-proxy``;
 2. per victim × defense setting: ``eval-bbox`` (defender accuracy, perturbation size) into
    ``<out>/eval/<victim>/<defense>/<value>``;
 3. per victim × attack × defense setting ("cell"): the transfer set under the defense and
@@ -27,7 +27,7 @@ Config (TOML; unknown keys are errors):
   ``batch_size``, ``arch``, ``budgets`` (attacker training sizes), ``epochs``, ``lr``,
   ``momentum``, ``lr_step``, ``batch_size_train``, ``argmaxed``, ``test_subset``.
 * ``[eval]``: ``batch_size``, ``test_subset``.
-* ``[[defense]]``: ``label``, ``name`` (the original's names), ``args`` (a defense_args
+* ``[[defense]]``: ``label``, ``name`` (the reference's names), ``args`` (a defense_args
   template: ``{value}`` is replaced by each entry of ``values``, ``{proxy}`` by the proxy
   folder), optional ``param`` and ``values``.
 
@@ -553,7 +553,7 @@ def collect_results(out_dir, cfg: Optional[GridConfig] = None, *, write: bool = 
     """Rebuilds the result table from the files of a grid run (see :data:`ROW_KEYS`).
 
     ``attacker_acc`` is the attacker's best test accuracy over its epochs at that budget (what
-    the original's checkpoint keeps), ``attacker_acc_final`` the last epoch's; accuracies in %.
+    the reference's checkpoint keeps), ``attacker_acc_final`` the last epoch's; accuracies in %.
     """
     out = Path(out_dir)
     if cfg is None:

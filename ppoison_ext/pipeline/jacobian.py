@@ -1,30 +1,35 @@
 """Jacobian-based attacks: ``ppoison jacobian POLICY VIC_DIR DEFENSE DEFENSE_ARGS --model_adv ARCH
---out_dir D --testset T --queryset Q`` (the original ``defenses/adversary/jacobian.py``).
+--out_dir D --testset T --queryset Q`` (the reference's ``defenses/adversary/jacobian.py``).
 
 POLICY is ``jbda``, ``jbself`` or ``jbtop<k>`` (e.g. ``jbtop3``); the algorithm and the
-original's bugs (fixed by default, restored by ``--orig_aliasing``, ``--orig_jbself_store``,
-``--orig_clamp``, ``--orig_topk_cap``, ``--orig_pgd_sign``) are described in
+reference bugs that ``--orig_aliasing``, ``--orig_jbself_store``, ``--orig_clamp``,
+``--orig_topk_cap`` and ``--orig_pgd_sign`` restore (all fixed by default) are described in
 :mod:`ppoison_ext.attacks.jbda`.
 
-Setup, as the original: seed numpy/torch/CUDA with ``--seed`` (42); the seed set is
+Setup: seed numpy/torch/CUDA with ``--seed`` (42); the seed set is
 ``np.random.choice(len(queryset), --seedsize, replace=False)`` of the query set's training
 split (its family's test transform, or train transform with ``--train_transform``); the
 substitute's family comes from ``--testset``, whose test split is evaluated after every
 substitute epoch; the black box is the defended victim (query log prefix ``transfer``).
-Defaults are the original's: ``--budget 10000 --seedsize 100 --rho None --sigma 3 --kappa None
+Defaults follow the reference: ``--budget 10000 --seedsize 100 --rho None --sigma 3 --kappa None
 --tau 5 --train_epochs 20 --batch_size 64`` (substitute training batch), final substitute
 100 epochs (``--final_train_epochs``), λ = 0.1, PGD 8 × 0.01.
 
 Writes into ``--out_dir``: ``checkpoint.<queries>.pth.tar`` / ``train.<queries>.log.tsv`` for
 every substitute training (the last one, ``.<budget>``, is the reported attacker),
 ``params_transfer.json``, the defense's ``distancetransfer.log.tsv`` and query log, and
-(not in the original) the final set D as a transfer set plus ``jbda_images.pt`` (see
-:func:`~ppoison_ext.attacks.jbda.save_augmented_set`).
+the final set D as a transfer set plus ``jbda_images.pt`` (see
+:func:`~ppoison_ext.attacks.jbda.save_augmented_set`), so ``train-attacker`` can train on it.
 
-Other differences: queries are batched (``--query_batch_size``, default 64; 1 reproduces the
-original's call pattern; forced to 1 for ``*_wb`` defenses); ``--model_adv`` defaults to the
-victim's architecture (the original crashed without it); ``--test_subset N`` tests the
-substitutes on the first N test images only.
+Queries are batched (``--query_batch_size``, default 64; 1 gives one query per call, the
+reference's call pattern; forced to 1 for ``*_wb`` defenses); ``--model_adv`` defaults to the
+victim's architecture; ``--test_subset N`` tests the substitutes on the first N test images
+only. Deliberate differences from the reference: ``docs/differences.md``.
+
+Over HTTP: with a URL for VIC_DIR (``ppoison jacobian jbda http://127.0.0.1:8000 --api-key-file F
+...``) the black box is a :class:`~ppoison_ext.client.RemoteBlackbox`; DEFENSE / DEFENSE_ARGS
+are left out (the server's defense is used), K and the default ``--model_adv`` come from
+``/v1/info``, and the query log is the server's.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import torch
 from torch.utils.data import Subset
 
 from .. import distributed
+from ..client import RemoteBlackbox, is_url, read_api_key
 from ..attacks.jbda import JacobianAdversary, parse_policy, pixel_bounds, save_augmented_set
 from ..defenses import WB_DEFENSES, DefenseSpec, QueryLogger, build_defense
 from ..modeldir import read_params, write_params
@@ -62,7 +68,7 @@ FAMILY_NORMALIZATION = {"mnist": (MNIST_MEAN, MNIST_STD), "cifar": (CIFAR_MEAN, 
 def run_jacobian(
     policy: str,
     victim_dir: Union[str, Path],
-    defense: str,
+    defense: Optional[str],
     defense_args: Union[str, Dict[str, Any], None],
     *,
     out_dir: Union[str, Path],
@@ -94,6 +100,7 @@ def run_jacobian(
     save_transferset: bool = True,
     progress: bool = True,
     params: Optional[Dict[str, Any]] = None,
+    api_key_file: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Runs a Jacobian-based attack against a defended victim (see the module docs).
 
@@ -117,16 +124,30 @@ def run_jacobian(
         dev = resolve_device(0 if device is None else int(device))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    vparams = read_params(victim_dir)
+    remote = is_url(str(victim_dir))
+    if remote:  # the served victim: its defense, query log and seed are the server's
+        if defense_args:
+            raise ValueError("defense_args: the served victim's defense runs on the server; give none with a URL")
+        blackbox = RemoteBlackbox(str(victim_dir), api_key=read_api_key(api_key_file) if api_key_file else None)
+        if defense is not None and defense != blackbox.info["defense"]:
+            raise ValueError(f"defense: the server at {victim_dir} runs {blackbox.info['defense']!r}, "
+                             f"not {defense!r}")
+        defense = blackbox.info["defense"]
+        vparams = {"model_arch": blackbox.info["model"], "num_classes": blackbox.num_classes}
+    else:
+        vparams = read_params(victim_dir)
     K = int(vparams["num_classes"])
     model_adv = model_adv or vparams["model_arch"]
 
     seed_everything(seed)
-    spec = DefenseSpec.parse(defense, defense_args)
-    qlog = QueryLogger(out_dir, prefix="transfer")
-    blackbox = build_defense(spec, victim_dir=victim_dir, logger=qlog, device=dev, out_dir=out_dir,
-                             whitebox={"data_root": data_root} if defense in WB_DEFENSES else None)
-    kwargs = {**spec.args, "log_prefix": "transfer"}
+    if remote:
+        qlog, kwargs = None, {"log_prefix": "transfer"}
+    else:
+        spec = DefenseSpec.parse(defense, defense_args)
+        qlog = QueryLogger(out_dir, prefix="transfer")
+        blackbox = build_defense(spec, victim_dir=victim_dir, logger=qlog, device=dev, out_dir=out_dir,
+                                 whitebox={"data_root": data_root} if defense in WB_DEFENSES else None)
+        kwargs = {**spec.args, "log_prefix": "transfer"}
     if defense.endswith("_wb") and query_batch_size != 1:
         logger.info("white-box defense %s: querying one image at a time", defense)
         query_batch_size = 1
@@ -180,7 +201,8 @@ def run_jacobian(
         adversary.setup(x_seed, seed_idx.tolist())
         D, _, summary = adversary.run()
     finally:
-        qlog.close()
+        if qlog is not None:
+            qlog.close()
     if save_transferset:
         save_augmented_set(D, out_dir, mean=mean, std=std, meta={
             "policy": policy, "victim_model_dir": str(victim_dir), "defense": defense,
@@ -205,7 +227,7 @@ def _defense_names() -> List[str]:
     return list(DEFENSE_NAMES)
 
 
-_ORIG = "original behaviour (bugs fixed by default)"
+_ORIG = "restore reference bugs (fixed by default)"
 
 
 @dataclass(kw_only=True)
@@ -214,9 +236,13 @@ class JacobianSettings(CommonSettings):
     (defenses/adversary/jacobian.py)."""
 
     policy: str = setting(metavar="PI", help="jbda, jbself or jbtop<k> (e.g. jbtop3)")
-    victim_model_dir: str = setting(metavar="VIC_DIR", help="victim folder")
-    defense: str = setting(metavar="DEFENSE", choices=_defense_names, help="defense: %(choices)s")
-    defense_args: str = setting(metavar="DEFENSE_ARGS", help="defense arguments 'key:value,...'")
+    victim_model_dir: str = setting(metavar="VIC_DIR", help="victim folder, or a served victim's URL")
+    defense: Optional[str] = setting(default=None, metavar="DEFENSE", choices=_defense_names,
+                                     help="defense: %(choices)s (left out when VIC_DIR is a URL)")
+    defense_args: Optional[str] = setting(default=None, metavar="DEFENSE_ARGS",
+                                          help="defense arguments 'key:value,...' (none with a URL)")
+    api_key_file: Optional[str] = setting("--api-key-file", default=None, metavar="FILE",
+                                          help="API key of a served victim (VIC_DIR a URL)")
     model_adv: Optional[str] = setting("--model_adv", default=None, metavar="STR",
                                        help="substitute architecture (default: the victim's)")
     pretrained: Optional[str] = setting("--pretrained", default=None, metavar="STR",
@@ -243,7 +269,7 @@ class JacobianSettings(CommonSettings):
     final_train_epochs: int = setting("--final_train_epochs", default=100, metavar="N",
                                       help="epochs of the final substitute (default: 100)")
     query_batch_size: int = setting("--query_batch_size", default=64, metavar="N",
-                                    help="images per black-box call (default: 64; the original used 1)")
+                                    help="images per black-box call (default: 64; the reference used 1)")
     test_subset: Optional[int] = setting("--test_subset", default=None, metavar="N",
                                          help="test on the first N test images only")
     device_id: int = device_setting()
@@ -273,7 +299,7 @@ class JacobianSettings(CommonSettings):
             data_root=self.data_root, seed=self.seed, test_subset=self.test_subset,
             orig_aliasing=self.orig_aliasing, orig_jbself_store=self.orig_jbself_store,
             orig_clamp=self.orig_clamp, orig_topk_cap=self.orig_topk_cap, orig_pgd_sign=self.orig_pgd_sign,
-            progress=not self.no_progress, params=self.params(),
+            progress=not self.no_progress, params=self.params(), api_key_file=self.api_key_file,
         )
 
 

@@ -18,7 +18,7 @@ annotations, ``required`` for flags without a default), ``from_args`` (parsed fl
 dataclass), :func:`from_dict` / :func:`check_values` (a mapping such as a TOML table: unknown
 keys, wrong types and values outside ``choices`` are ValueErrors naming the key) and
 :func:`run_step`, the one ``main(argv)`` of every step. Field names are the flags' ``dest``
-(``--batch-size`` → ``batch_size``), so ``params*.json`` records keep the original's keys.
+(``--batch-size`` → ``batch_size``), so ``params*.json`` records keep the reference's keys.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def setting(*flags: str, default: Any = MISSING, help: str = "", metavar: Option
 
 
 def device_setting(help: str = "GPU index, -1 for CPU (default: 0; the CPU when there is no GPU)") -> Any:
-    """The original's ``-d/--device_id`` flag (default 0) of every step."""
+    """The reference's ``-d/--device_id`` flag (default 0) of every step."""
     return setting("-d", "--device_id", default=0, metavar="D", help=help)
 
 
@@ -91,7 +91,7 @@ class CommonSettings:
     data_root: Optional[str] = setting("--data-root", default=None, metavar="DIR",
                                        help="dataset root (default: $PPOISON_DATA, then the embedded "
                                             "MNIST/notMNIST data)")
-    seed: int = setting("--seed", default=42, metavar="N", help="random seed (default: 42, the original's "
+    seed: int = setting("--seed", default=42, metavar="N", help="random seed (default: 42, the reference's "
                                                                 "DEFAULT_SEED)")
     no_progress: bool = setting("--no-progress", default=False, help="hide the progress bars")
 

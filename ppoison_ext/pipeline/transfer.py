@@ -1,5 +1,5 @@
-"""``ppoison transfer``: build a transfer set by querying a defended victim (the original
-``PP:defenses/adversary/transfer.py``).
+"""``ppoison transfer``: build a transfer set by querying a defended victim (the reference's
+``defenses/adversary/transfer.py``).
 
     ppoison transfer POLICY VIC_DIR DEFENSE DEFENSE_ARGS --out_dir D --queryset Q
         [--budget N] [--nqueries N] [--qpi N] [--batch_size B] [-d ID] [-w N] [--train_transform]
@@ -8,27 +8,34 @@
         [--reward R --alpha A --delta D --online-lr LR --hierarchy JSON]   # adaptive only
 
 Writes into ``out_dir``: the transfer set (:mod:`ppoison_ext.attacks.transferset` format;
-``--export-pickle`` adds the original's ``transferset.pickle``), ``run_times.f64`` (seconds
+``--export-pickle`` adds the reference's ``transferset.pickle``), ``run_times.f64`` (seconds
 per black-box call) and ``run_times_summary.json`` (``{"batch_size", "mean", "std"}``),
 ``params_transfer.json`` (the arguments, the parsed defense arguments, ``created_on``);
 the defense writes ``distancetransfer.log.tsv`` and ``queriestransfer.{f32,json}``
 (white-box defenses also ``online.log.tsv``).
 
-Defaults are the original's except ``--batch_size`` (256 instead of 1; the query order
-for a given batch size is still the original's). ``-w`` loads query images in that many
-DataLoader workers (the original ignored it); with ``--train_transform`` images are loaded
-in the main process so that random augmentations are reproducible.
+Defaults follow the reference except ``--batch_size`` (256 images per black-box call, for
+speed; the query order for a given batch size is the reference's). ``-w`` loads query
+images in that many DataLoader workers; with ``--train_transform`` images are loaded in the
+main process so that random augmentations are reproducible.
 
 Resuming: a run killed at any moment (even SIGKILL) is continued by rerunning the same
 command: the committed queries are kept, the query log, run times and any white-box or
 adaptive state are cut back to them, and querying resumes at the next batch. The result
 equals an uninterrupted run's, stochastic defenses included, because the RNGs are seeded
-per batch (see :mod:`ppoison_ext.attacks.knockoff`); this differs from the original, which
-seeded once (its CUDA noise stream could not be reproduced anyway).
+per batch from ``(--seed, batch index)`` (see :mod:`ppoison_ext.attacks.knockoff`).
+Deliberate differences from the reference: ``docs/differences.md``.
+
+Over HTTP: when VIC_DIR is a URL (``ppoison transfer random http://127.0.0.1:8000 --api-key-file F
+--out_dir D --queryset Q``), the black box is a :class:`~ppoison_ext.client.RemoteBlackbox`
+(a ``ppoison serve`` process): DEFENSE / DEFENSE_ARGS are left out (the server's defense is
+used; a DEFENSE given must be the server's), K and the victim's architecture come from
+``/v1/info``, and the query log is the server's (per API key); no defense is reseeded per
+batch — the server seeds its own once.
 
 Sharding (random policy, black-box defenses): ``--num-shards S --shard-id I`` queries only
 the batches t with t % S == I, into ``out_dir/shard-I/``; ``--merge-shards S`` (or
-:func:`merge_shards`) assembles the shards into ``out_dir`` in the original order, with the
+:func:`merge_shards`) assembles the shards into ``out_dir`` in the unsharded order, with the
 distance log and run times recomputed as one run would have written them. Under
 ``torchrun`` (``RANK``/``WORLD_SIZE`` set) each rank is a shard by default, rank 0 waits for
 the others and merges.
@@ -51,6 +58,7 @@ import numpy as np
 import torch
 
 from ..attacks.knockoff import DEFAULT_SEED, REWARDS, RUN_TIMES_FILE, STATE_FILES, KnockoffNets
+from ..client import RemoteBlackbox, is_url, read_api_key
 from ..attacks.transferset import (INDEX_FILE, META, PATHS_FILE, X_FILE, Y_FILE, TransferSetError,
                                    TransferSetWriter, export_pickle, load_transferset)
 from ..defenses import DEFENSE_NAMES, WB_DEFENSES, DefenseSpec, QueryLogger, build_defense, read_queries
@@ -119,27 +127,32 @@ def _query_set(name: str, train_transform: bool, data_root):
     return get_dataset(name, train=True, transform=transform, root=data_root)
 
 
-def transfer(policy: str, victim_model_dir, defense: str, defense_args: str, *, out_dir, queryset: str,
+def transfer(policy: str, victim_model_dir, defense: Optional[str], defense_args: Optional[str], *, out_dir,
+             queryset: str,
              budget: Optional[int] = None, nqueries: Optional[int] = None, qpi: int = 1,
              batch_size: int = 256,
              device_id: Any = 0, nworkers: int = 10, train_transform: bool = False, data_root=None,
              seed: int = DEFAULT_SEED, export_pickle_file: bool = False, resume: bool = True,
              num_shards: Optional[int] = None, shard_id: Optional[int] = None, reward: str = "all",
              alpha: float = 0.1, delta: int = 25, online_lr: float = 0.01, hierarchy=None,
-             merge_timeout: Optional[float] = None, progress: bool = True) -> Path:
+             merge_timeout: Optional[float] = None, progress: bool = True,
+             api_key_file: Optional[str] = None) -> Path:
     """Builds the transfer set (see the module docs); returns the folder written
     (``out_dir``, or ``out_dir/shard-I`` for a shard that does not merge)."""
     if policy not in ("random", "adaptive"):
         raise ValueError(f"policy must be 'random' or 'adaptive', got {policy!r}")
-    if defense not in DEFENSE_NAMES:
+    remote = is_url(str(victim_model_dir))
+    if not remote and defense not in DEFENSE_NAMES:
         raise ValueError(f"defense must be one of {list(DEFENSE_NAMES)}, got {defense!r}")
+    if remote and defense_args:
+        raise ValueError("defense_args: the served victim's defense runs on the server; give none with a URL")
     S, I, under_torchrun = _shard_env(num_shards, shard_id)
     if S > 1 and policy != "random":
         raise ValueError("--num-shards needs the random policy (the adaptive policy is sequential)")
-    if S > 1 and defense.endswith("_wb"):
+    if S > 1 and defense is not None and defense.endswith("_wb"):
         raise ValueError(f"--num-shards cannot be used with {defense} (its online attacker is sequential)")
-    spec = DefenseSpec.parse(defense, defense_args)  # fail early, before loading anything
-    parsed = spec.args
+    spec = None if remote else DefenseSpec.parse(defense, defense_args)  # fail early, before loading anything
+    parsed = {} if spec is None else spec.args
     out_dir = Path(out_dir)
     folder = shard_dir(out_dir, I) if S > 1 else out_dir
     folder.mkdir(parents=True, exist_ok=True)
@@ -148,7 +161,7 @@ def transfer(policy: str, victim_model_dir, defense: str, defense_args: str, *, 
     device = resolve_device(device_id)
     if under_torchrun and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    torch.manual_seed(seed)  # the original seeds torch with 42 before building anything
+    torch.manual_seed(seed)  # seed torch (default 42) before building anything, as the reference
     qs = _query_set(queryset, train_transform, data_root)
     if budget is None:
         budget = len(qs)
@@ -164,13 +177,21 @@ def transfer(policy: str, victim_model_dir, defense: str, defense_args: str, *, 
             (folder / name).unlink(missing_ok=True)
     else:
         done = attack.prepare_resume(folder, len(qs), S, I)  # before touching any log
-    qlog = QueryLogger(log_dir, prefix=LOG_PREFIX, every=LOG_EVERY, resume=resume)
-    if resume:
-        qlog.truncate(done * qpi)  # queries answered but never committed to the transfer set
-    bb = build_defense(spec, victim_dir=victim_model_dir, logger=qlog, device=device, out_dir=log_dir,
-                       whitebox={"data_root": data_root} if defense in WB_DEFENSES else None)
+    if remote:  # the server keeps the query log (per API key) and seeds its own defense
+        qlog = None
+        bb = RemoteBlackbox(str(victim_model_dir), api_key=read_api_key(api_key_file) if api_key_file else None)
+        if defense is not None and defense != bb.info["defense"]:
+            raise ValueError(f"defense: the server at {victim_model_dir} runs {bb.info['defense']!r}, not {defense!r}")
+        defense = bb.info["defense"]
+        vparams = {"model_arch": bb.info["model"], "num_classes": bb.num_classes, "dataset": bb.info["dataset"]}
+    else:
+        qlog = QueryLogger(log_dir, prefix=LOG_PREFIX, every=LOG_EVERY, resume=resume)
+        if resume:
+            qlog.truncate(done * qpi)  # queries answered but never committed to the transfer set
+        bb = build_defense(spec, victim_dir=victim_model_dir, logger=qlog, device=device, out_dir=log_dir,
+                           whitebox={"data_root": data_root} if defense in WB_DEFENSES else None)
+        vparams = read_params(victim_model_dir)
     kwargs = {**parsed, "log_prefix": LOG_PREFIX}
-    vparams = read_params(victim_model_dir)
     K = int(vparams["num_classes"])
     if policy == "adaptive" and reward in ("loss", "all"):
         from ..models import get_net
@@ -185,7 +206,8 @@ def transfer(policy: str, victim_model_dir, defense: str, defense_args: str, *, 
         logger.info("transfer: resuming after %d committed queries", done)
     attack.build_transferset(bb, qs, folder, resume=resume, device=device, num_classes=K, meta=meta,
                              num_shards=S, shard_id=I)
-    qlog.close()  # only on success: the tail row after the last multiple of 1000
+    if qlog is not None:
+        qlog.close()  # only on success: the tail row after the last multiple of 1000
     _summary(folder, batch_size, attack.run_times)
     params: Dict[str, Any] = {
         "policy": policy, "victim_model_dir": str(victim_model_dir), "defense": defense,
@@ -198,7 +220,7 @@ def transfer(policy: str, victim_model_dir, defense: str, defense_args: str, *, 
     if policy == "adaptive":
         params.update(reward=reward, alpha=alpha, delta=delta, online_lr=online_lr,
                       hierarchy=None if hierarchy is None or isinstance(hierarchy, dict) else str(hierarchy))
-    for k, v in kwargs.items():  # the original copied every defense kwarg in (overwriting CLI keys)
+    for k, v in kwargs.items():  # defense kwargs are recorded too, without overwriting CLI keys
         params.setdefault(k, v)
     params["defense_kwargs"] = kwargs
     write_params(folder / "params_transfer.json", params)
@@ -255,7 +277,7 @@ def _wait_for_shards(out_dir: Path, S: int, timeout: Optional[float]) -> None:
 def merge_shards(out_dir, num_shards: int, *, export_pickle_file: bool = False,
                  progress: bool = True) -> Path:
     """Assembles ``out_dir/shard-0 .. shard-{S-1}`` into the transfer set of one unsharded
-    run in ``out_dir``: queries in the original order, ``distancetransfer.log.tsv`` and
+    run in ``out_dir``: queries in the unsharded order, ``distancetransfer.log.tsv`` and
     ``queriestransfer.*`` replayed in that order, run times concatenated, params and
     summary written. Raises ValueError if a shard is missing, incomplete, or from another run.
     """
@@ -363,9 +385,13 @@ class TransferSettings(CommonSettings):
     policy: str = setting(metavar="PI", choices=["random", "adaptive"],
                           help="query policy: random | adaptive")
     victim_model_dir: str = setting(metavar="PATH", help="victim folder (params.json + model_best.pth.tar "
-                                                         "or checkpoint.pth.tar)")
-    defense: str = setting(metavar="TYPE", choices=list(DEFENSE_NAMES), help="defense: %(choices)s")
-    defense_args: str = setting(metavar="STR", help='defense arguments "k1:v1,k2:v2,..."')
+                                                         "or checkpoint.pth.tar), or a served victim's URL")
+    defense: Optional[str] = setting(default=None, metavar="TYPE", choices=list(DEFENSE_NAMES),
+                                     help="defense: %(choices)s (left out when VIC_DIR is a URL)")
+    defense_args: Optional[str] = setting(default=None, metavar="STR",
+                                          help='defense arguments "k1:v1,k2:v2,..." (none with a URL)')
+    api_key_file: Optional[str] = setting("--api-key-file", default=None, metavar="FILE",
+                                          help="API key of a served victim (VIC_DIR a URL)")
     out_dir: str = setting("--out_dir", metavar="PATH", help="folder of the transfer set")
     budget: Optional[int] = setting("--budget", default=None, metavar="N",
                                     help="# distinct images (default: all)")
@@ -379,7 +405,7 @@ class TransferSettings(CommonSettings):
     train_transform: bool = setting("--train_transform", default=False,
                                     help="augment query images (train transform)")
     export_pickle_file: bool = setting("--export-pickle", default=False,
-                                       help="also write the original's transferset.pickle")
+                                       help="also write the reference's transferset.pickle")
     resume: bool = setting("--resume", default=True,
                            help="continue a run interrupted in out_dir (default); --no-resume starts over")
     num_shards: Optional[int] = setting("--num-shards", default=None, help="split the batches into S shards")
@@ -409,7 +435,7 @@ class TransferSettings(CommonSettings):
             export_pickle_file=self.export_pickle_file, resume=self.resume, num_shards=self.num_shards,
             shard_id=self.shard_id, reward=self.reward, alpha=self.alpha, delta=self.delta,
             online_lr=self.online_lr, hierarchy=self.hierarchy, merge_timeout=self.merge_timeout,
-            progress=not self.no_progress,
+            progress=not self.no_progress, api_key_file=self.api_key_file,
         )
 
 

@@ -1,13 +1,13 @@
-"""Victim training: ``ppoison train-victim DS_NAME MODEL_ARCH`` (the original
+"""Victim training: ``ppoison train-victim DS_NAME MODEL_ARCH`` (the reference's
 ``knockoff/victim/train.py``), and the MAD surrogate ("advproxy").
 
 Trains ``get_net(MODEL_ARCH, family(DS_NAME), pretrained, num_classes=K)`` on the
 dataset's training split (family train transform) and tests it on its test split (family
-test transform) after every epoch, with the original's defaults: 100 epochs, batch 64,
+test transform) after every epoch, with the reference's defaults: 100 epochs, batch 64,
 SGD(lr 0.1, momentum 0.5, weight decay 5e-4), StepLR(30, 0.1), cross-entropy (class-
 weighted with ``--weighted-loss``). Writes into ``--out_path``:
 
-* ``params.json`` — the arguments (the original's keys ``dataset, model_arch, out_path,
+* ``params.json`` — the arguments (the reference's keys ``dataset, model_arch, out_path,
   device_id, batch_size, epochs, lr, momentum, log_interval, resume, lr_step, lr_gamma,
   num_workers, train_subset, pretrained, weighted_loss``, plus ``num_classes``,
   ``created_on``, and this version's ``seed``, ``data_root``, ``test_subset``);
@@ -20,10 +20,10 @@ weighted with ``--weighted-loss``). Writes into ``--out_path``:
 initialisation (weight decay is scaled by lr too), only BatchNorm running statistics
 take one update from the 10-image batch. :func:`make_proxy` does exactly that.
 
-Differences from the original: ``--train_subset`` draws its subset with
-``numpy.random.RandomState(--seed)`` (the original used the unseeded global RNG), and the
-model is initialised after ``seed_everything(--seed)`` (the original set no seed).
-``--resume auto`` continues a killed run from ``last.pth.tar``.
+Runs are reproducible: ``--train_subset`` draws its subset with
+``numpy.random.RandomState(--seed)``, and the model is initialised after
+``seed_everything(--seed)``. ``--resume auto`` continues a killed run from ``last.pth.tar``.
+Deliberate differences from the reference: ``docs/differences.md``.
 
 Example::
 
@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["train_victim", "make_proxy", "VictimSettings", "build_parser", "main"]
 
-#: Where the original wrote by default was ``<knockoffnets>/models``; here: ``./models``.
+#: Default output root, relative to the working directory (the reference: ``<knockoffnets>/models``).
 DEFAULT_OUT = "models"
 
 
@@ -111,7 +111,7 @@ def train_victim(
         arch: architecture name of that family (e.g. ``"lenet"``).
         out_path: output folder.
         device: GPU index (-1 = CPU; falls back to the CPU without a GPU), or a device.
-        batch_size, epochs, lr, momentum, lr_step, lr_gamma, log_interval: as the original.
+        batch_size, epochs, lr, momentum, lr_step, lr_gamma, log_interval: as the reference.
         resume: a checkpoint path to continue from, or ``"auto"`` (``out_path/last.pth.tar``
             if present).
         num_workers: DataLoader workers.
@@ -119,8 +119,8 @@ def train_victim(
         pretrained: None, ``"imagenet"`` (imagenet family, local weights) or a checkpoint path.
         weighted_loss: class-weighted cross-entropy (``w_c = min count / count_c``).
         data_root: dataset root (default ``$PPOISON_DATA``, then the embedded data).
-        seed: seeds the RNGs and the subset draw; None leaves them unseeded (the original).
-        test_subset: test on the first N test images only (not in the original).
+        seed: seeds the RNGs and the subset draw; None leaves them unseeded (as the reference).
+        test_subset: test on the first N test images only.
         progress: show progress bars.
 
     Returns:
@@ -175,7 +175,7 @@ def train_victim(
 
 def make_proxy(dataset: str, arch: str, out_path: Union[str, Path],
                **kwargs: Any) -> Tuple[nn.Module, Dict[str, Any]]:
-    """The original's MAD surrogate recipe: :func:`train_victim` with ``epochs=1``,
+    """The reference's MAD surrogate recipe: :func:`train_victim` with ``epochs=1``,
     ``train_subset=10``, ``lr=0.0`` (weights stay at their seeded initialisation; BatchNorm
     statistics see one 10-image batch). Other keywords go to :func:`train_victim`."""
     for key in ("epochs", "train_subset", "lr"):

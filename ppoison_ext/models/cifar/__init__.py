@@ -1,5 +1,5 @@
 """CIFAR-family architectures (32×32 inputs), from bearpaw's ``pytorch-classification``
-and the original zoo (``KO:knockoff/models/cifar``). Layer names match the original so
+and the reference's zoo (``knockoff/models/cifar``). Layer names match the reference's so
 its checkpoints load by name.
 
 Every model ends in one ``nn.Linear`` whose output is the logits.
@@ -13,7 +13,7 @@ from .resnext import CifarResNeXt, resnext
 from .vgg import VGG, vgg11, vgg11_bn, vgg13, vgg13_bn, vgg16, vgg16_bn, vgg19, vgg19_bn
 from .wresnet import WideResNet, wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2
 
-# name -> constructor, in the original's export order.
+# name -> constructor, in the reference's export order.
 BUILDERS = {
     "alexnet": alexnet,
     "vgg11": vgg11,

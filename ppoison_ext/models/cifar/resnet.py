@@ -1,6 +1,6 @@
 """ResNet for 32×32 inputs (bearpaw ``models/cifar/resnet.py``).
 
-The names follow the original zoo, not the depths: ``resnet18``, ``resnet34`` and
+The names follow the reference's zoo, not the depths: ``resnet18``, ``resnet34`` and
 ``resnet50`` are the CIFAR ResNets of depth **20, 32 and 56** (BasicBlock, widths
 16-32-64, ``fc = Linear(64, K)``), not the ImageNet ResNet-18/34/50.
 """
@@ -127,15 +127,15 @@ def resnet(depth: int, num_classes: int = 10, block_name: str = "BasicBlock") ->
 
 
 def resnet18(num_classes: int = 10) -> ResNet:
-    """CIFAR ResNet-**20** (the original zoo's name)."""
+    """CIFAR ResNet-**20** (the reference zoo's name)."""
     return ResNet(depth=20, num_classes=num_classes)
 
 
 def resnet34(num_classes: int = 10) -> ResNet:
-    """CIFAR ResNet-**32** (the original zoo's name)."""
+    """CIFAR ResNet-**32** (the reference zoo's name)."""
     return ResNet(depth=32, num_classes=num_classes)
 
 
 def resnet50(num_classes: int = 10) -> ResNet:
-    """CIFAR ResNet-**56** (the original zoo's name)."""
+    """CIFAR ResNet-**56** (the reference zoo's name)."""
     return ResNet(depth=56, num_classes=num_classes)

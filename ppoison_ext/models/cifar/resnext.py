@@ -1,4 +1,5 @@
-"""ResNeXt for 32×32 inputs (prlz77 ``ResNeXt.pytorch``, via ``KO:knockoff/models/cifar/resnext.py``)."""
+"""ResNeXt for 32×32 inputs (prlz77 ``ResNeXt.pytorch``, via the reference's
+``knockoff/models/cifar/resnext.py``)."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ class CifarResNeXt(nn.Module):
     """CIFAR ResNeXt: conv 3→64, three stages of ``(depth−2)//9`` bottlenecks with
     64/128/256·widen_factor channels, 8×8 average pool, ``classifier = Linear(1024, K)``.
 
-    The classifier input is hard-wired to 1024 (= 256·4), as in the original, so only
+    The classifier input is hard-wired to 1024 (= 256·4), as in the reference, so only
     ``widen_factor=4`` builds a working model.
 
     Init: ``classifier`` weight Kaiming-normal (fan-in); every parameter named ``*conv*.weight``

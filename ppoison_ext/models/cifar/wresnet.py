@@ -1,5 +1,5 @@
 """Wide ResNets for 32×32 inputs (xternalz ``WideResNet-pytorch``, via
-``KO:knockoff/models/cifar/wresnet.py``; the original's unused ``wrn.py`` is not ported)."""
+the reference's ``knockoff/models/cifar/wresnet.py``; its unused ``wrn.py`` is not ported)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ __all__ = ["WideResNet", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2"]
 
 class BasicBlock(nn.Module):
     """Pre-activation wide block. When the width changes, the shortcut 1×1 conv is
-    applied to the *activated* input (``relu1(bn1(x))``), as in the original."""
+    applied to the *activated* input (``relu1(bn1(x))``), as in the reference."""
 
     def __init__(self, in_planes: int, out_planes: int, stride: int, dropRate: float = 0.0):
         super().__init__()
