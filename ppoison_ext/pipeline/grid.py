@@ -1,6 +1,6 @@
 """An experiment grid: victims × attacks × defenses × parameters × budgets, from one TOML file.
 
-    ppoison grid CONFIG.toml --out runs/NAME [--jobs 2] [--device -1]
+    ppoison grid CONFIG.toml --out runs/NAME [--jobs 2] [--device -1] [--executor ray [--address ADDR]]
 
 Steps per grid, each skipped when its ``done.json`` marker exists with the same settings
 (a rerun resumes; the steps themselves resume mid-way, see each one):
@@ -12,9 +12,10 @@ Steps per grid, each skipped when its ``done.json`` marker exists with the same 
 3. per victim × attack × defense setting ("cell"): the transfer set under the defense and
    the attacker trained through the budgets, into ``<out>/attack/<victim>/<attack>/<defense>/<value>``.
 
-Cells run in ``jobs`` worker processes (one torch thread each). After every finished cell
-``results.csv`` / ``results.json`` are rewritten from the files on disk, so the tables are
-always rebuilt from the runs, never from memory.
+Cells run in ``jobs`` worker processes (one torch thread each), or as tasks of a Ray cluster
+with ``--executor ray`` (:mod:`.executors`; victims train in this process either way). After
+every finished cell ``results.csv`` / ``results.json`` are rewritten from the files on disk, so
+the tables are always rebuilt from the runs, never from memory.
 
 Config (TOML; unknown keys are errors):
 
@@ -432,12 +433,19 @@ def _worker_init(parent: int) -> None:
     logging.getLogger().setLevel(logging.WARNING)
 
 
-def _run_jobs(fn, jobs: List[Dict[str, Any]], workers: int, desc: str, progress: bool, after=None) -> List[Any]:
+def _run_jobs(fn, jobs: List[Dict[str, Any]], workers: int, desc: str, progress: bool, after=None,
+              executor=None, gpu: bool = False) -> List[Any]:
     from tqdm import tqdm
 
     results: List[Any] = [None] * len(jobs)
     bar = tqdm(total=len(jobs), desc=desc, disable=not progress, unit="cell")
-    if workers <= 1 or len(jobs) <= 1:
+    if executor is not None:  # a RayExecutor (see executors.py)
+        for i, res in executor.run(fn, jobs, gpu=gpu):
+            results[i] = res
+            bar.update(1)
+            if after:
+                after()
+    elif workers <= 1 or len(jobs) <= 1:
         for i, job in enumerate(jobs):
             results[i] = fn(job)
             bar.update(1)
@@ -461,8 +469,13 @@ def _run_jobs(fn, jobs: List[Dict[str, Any]], workers: int, desc: str, progress:
 
 
 def run_grid(config, out_dir, *, jobs: Optional[int] = None, device: Any = None, progress: bool = True,
-             only_defenses: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """Runs (or resumes) every step of the grid; returns :func:`collect_results`."""
+             only_defenses: Optional[Sequence[str]] = None, executor: str = "local",
+             address: Optional[str] = None) -> Dict[str, Any]:
+    """Runs (or resumes) every step of the grid; returns :func:`collect_results`. ``executor``:
+    ``"local"`` (worker processes) or ``"ray"`` (Ray tasks on the cluster at ``address``, or on a
+    local one), see :mod:`.executors`."""
+    from .executors import is_gpu, open_executor
+
     cfg = config if isinstance(config, GridConfig) else load_config(config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -470,6 +483,7 @@ def run_grid(config, out_dir, *, jobs: Optional[int] = None, device: Any = None,
     if device is not None:
         exp.device = device
     workers = exp.jobs if jobs is None else jobs
+    pool = open_executor(executor, address=address, workers=workers)  # checks the name first
     defenses = [d for d in cfg.defenses if not only_defenses or d.label in only_defenses]
     atomic_write_json(out / "grid.json", {"experiment": asdict(exp), "victims": [asdict(v) for v in cfg.victims],
                                           "attacks": [asdict(a) for a in cfg.attacks],
@@ -504,8 +518,11 @@ def run_grid(config, out_dir, *, jobs: Optional[int] = None, device: Any = None,
                                                    **own),
                     })
     refresh = lambda: collect_results(out, cfg, write=True)  # noqa: E731
-    _run_jobs(_eval_step, eval_jobs, workers, "eval-bbox", progress, after=None)
-    _run_jobs(_attack_step, attack_jobs, workers, "attacks", progress, after=refresh)
+    with pool as ex:
+        gpu = is_gpu(exp.device)
+        _run_jobs(_eval_step, eval_jobs, workers, "eval-bbox", progress, executor=ex, gpu=gpu)
+        _run_jobs(_attack_step, attack_jobs, workers, "attacks", progress, after=refresh, executor=ex,
+                  gpu=gpu)
     results = collect_results(out, cfg, write=True)
     results["wall_seconds"] = round(time.time() - t0, 1)
     return results
@@ -644,6 +661,11 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None, help="parallel worker processes (default: the config's)")
     p.add_argument("-d", "--device", default=None, help="GPU index, -1 for the CPU (default: the config's)")
     p.add_argument("--only", default=None, help="comma-separated defense labels to run")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="where cells run: local worker processes (default) or Ray tasks")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to run on (ray.init address, 'auto' for this machine's; default: "
+                        "$RAY_ADDRESS, else a local cluster of --jobs CPUs on 127.0.0.1)")
     p.add_argument("--plots", action="store_true", help="also draw the plots (ppoison_ext.pipeline.plots)")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -654,7 +676,8 @@ def main(argv: Optional[List[str]] = None, *, prog: Optional[str] = None) -> int
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = None if args.device is None else (int(args.device) if args.device.lstrip("-").isdigit() else args.device)
     res = run_grid(args.config, args.out, jobs=args.jobs, device=device, progress=not args.no_progress,
-                   only_defenses=args.only.split(",") if args.only else None)
+                   only_defenses=args.only.split(",") if args.only else None, executor=args.executor,
+                   address=args.address)
     if args.plots:
         from .plots import plot_results
 
