@@ -603,15 +603,23 @@ def train_model(
 
 
 def _oe_batches(loader):
-    """The next batch of ``loader`` forever, restarting it when it runs out (a fresh iterator
-    per epoch, as the original)."""
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("the outlier set yielded no batch")
+    """The next batch of ``loader`` forever, restarting it when it runs out. The first
+    iterator is made here, before the epoch's in-distribution loader starts (as the original
+    orders them; DataLoader iterators draw from torch's RNG)."""
+    it = iter(loader)
+
+    def batches(it):
+        while True:
+            try:
+                yield next(it)
+            except StopIteration:
+                it = iter(loader)
+                try:
+                    yield next(it)
+                except StopIteration:
+                    raise ValueError("the outlier set yielded no batch") from None
+
+    return batches(it)
 
 
 def train_model_oe(
