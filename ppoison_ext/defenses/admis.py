@@ -166,8 +166,8 @@ class AdaptiveMisinformation(Defense):
 
     @staticmethod
     def _mix(y: Tensor, y_hat: Tensor, alpha: Tensor) -> Tensor:
-        a = alpha.unsqueeze(1)
-        return (1.0 - a) * y + a * y_hat
+        # (1 − α)·y + α·ŷ in one op; lerp is exact at both ends (α = 0 gives y, α = 1 gives ŷ)
+        return torch.lerp(y, y_hat, alpha.unsqueeze(1))
 
     def components(self, x: Tensor) -> AMComponents:
         """Runs the defense on a batch and returns every intermediate (no query counting)."""
