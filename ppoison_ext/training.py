@@ -29,6 +29,8 @@ Files, resuming and the rest (deliberate differences from the reference:
 * ``weighted_loss`` takes the class counts from ``targets`` (or ``samples``), so it works
   on torchvision MNIST/CIFAR and on subsets.
 * Under ``torchrun`` the loop runs data-parallel (:mod:`ppoison_ext.distributed`).
+* :func:`train_model_oe` trains a defender with Outlier Exposure and Adaptive
+  Misinformation's misinformation model jointly (same files, resumable with ``"auto"``).
 * Nothing is printed: progress goes to a tqdm bar on stderr (``progress=False`` disables
   it) and messages to :mod:`logging`.
 """
@@ -55,7 +57,7 @@ from tqdm import tqdm
 from . import distributed as D
 from .checkpoint import load_checkpoint, save_checkpoint
 from .fileio import atomic_write_text
-from .losses import soft_cross_entropy
+from .losses import misinformation_loss, soft_cross_entropy, uniform_cross_entropy
 from .models.heads import num_classes_of
 
 logger = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ __all__ = [
     "class_weights",
     "test_step",
     "train_model",
+    "train_model_oe",
     "training_state",
     "LOG_COLUMNS",
 ]
@@ -594,3 +597,327 @@ def train_model(
     summary.update(best_test_acc=best_test_acc, best_train_acc=best_train_acc, epochs_done=epochs,
                    history=history)
     return model, summary
+
+
+# --- Outlier Exposure and the misinformation model (Adaptive Misinformation) --------------------
+
+
+def _oe_batches(loader):
+    """The next batch of ``loader`` forever, restarting it when it runs out. The first
+    iterator is made here, before the epoch's in-distribution loader starts (as the original
+    orders them; DataLoader iterators draw from torch's RNG)."""
+    it = iter(loader)
+
+    def batches(it):
+        while True:
+            try:
+                yield next(it)
+            except StopIteration:
+                it = iter(loader)
+                try:
+                    yield next(it)
+                except StopIteration:
+                    raise ValueError("the outlier set yielded no batch") from None
+
+    return batches(it)
+
+
+def train_model_oe(
+    model: nn.Module,
+    trainset: Dataset,
+    out_path: PathLike,
+    *,
+    outlier_set: Optional[Dataset],
+    oe_lambda: float = 1.0,
+    misinfo_model: Optional[nn.Module] = None,
+    misinfo_out: Optional[PathLike] = None,
+    misinfo_outliers: bool = True,
+    testset: Optional[Dataset] = None,
+    outlier_testset: Optional[Dataset] = None,
+    batch_size: int = 64,
+    epochs: int = 100,
+    lr: float = 0.1,
+    momentum: float = 0.5,
+    weight_decay: float = 5e-4,
+    lr_step: int = 30,
+    lr_gamma: float = 0.1,
+    device: Union[str, torch.device, None] = None,
+    num_workers: int = 0,
+    arch: Optional[str] = None,
+    progress: bool = True,
+    resume: Union[None, bool, str] = None,
+    log_interval: int = 100,
+    num_classes: Optional[int] = None,
+) -> Tuple[nn.Module, Optional[nn.Module], Dict[str, Any]]:
+    """Trains a defender with Outlier Exposure and, jointly, Adaptive Misinformation's
+    misinformation model, as the original's training loop (``AM:admis/utils/model.py``).
+
+    Per step: an in-distribution batch (x, y) (shuffled) and the next batch x_o of the outlier
+    set (unshuffled, same batch size, restarted when it runs out, a new pass every epoch) are
+    concatenated and the defender runs **one** forward on the concatenation. Its loss is
+    ``CE(z_ID, y) + oe_lambda · uniform_cross_entropy(z_OE)``
+    (:func:`ppoison_ext.losses.uniform_cross_entropy`). The misinformation model runs on the
+    same concatenated batch, labelled with y for the in-distribution part and with the
+    defender's argmax on the outliers (detached), and is trained with
+    :func:`ppoison_ext.losses.misinformation_loss` (−log(1 − p_label + 1e-7) up to a constant);
+    ``misinfo_outliers=False`` trains it on the in-distribution part only (ModelGuard's recipe).
+    It takes its optimizer step first, then the defender. Both use SGD(lr, momentum,
+    weight_decay) and StepLR(lr_step, lr_gamma) stepped after each epoch. ``outlier_set=None``
+    trains the defender with plain cross-entropy (and the misinformation model on the
+    in-distribution batches).
+
+    Files in ``out_path``: ``checkpoint.pth.tar`` (the defender, whenever the epoch's test
+    accuracy is ``>=`` the best so far), ``train.log.tsv`` (:data:`LOG_COLUMNS`; the train row's
+    loss is the total loss, summed over batches and divided by the number of in-distribution
+    samples, the original's normalisation; the test row's is the mean over test batches of CE
+    plus ``oe_lambda`` × the uniform cross-entropy of the paired ``outlier_testset`` batch, when
+    one is given) and ``last.pth.tar`` (both models' states, for ``resume="auto"``). In
+    ``misinfo_out``: ``checkpoint.pth.tar`` of the misinformation model, written once, at the
+    end (as the original), and its ``train.log.tsv`` (its own loss; accuracy against the true
+    labels of the in-distribution data, which it learns to avoid).
+
+    Args:
+        model: the defender (trained in place).
+        trainset: in-distribution data, (image, int label).
+        out_path: the defender's folder.
+        outlier_set: the Outlier Exposure data (labels ignored), or None.
+        oe_lambda: λ ≥ 0 (the original's README: 1; its argparse default 0.0 disables OE).
+        misinfo_model: the misinformation model (trained in place), or None.
+        misinfo_out: its folder (required with ``misinfo_model``).
+        misinfo_outliers: train it on the outliers too (the original) or not (ModelGuard).
+        testset: evaluated after every epoch; ``outlier_testset``: its OE loss term.
+        batch_size, epochs, lr, momentum, weight_decay, lr_step, lr_gamma: as
+            :func:`train_model`.
+        device, num_workers, arch, progress, log_interval, num_classes: as :func:`train_model`.
+        resume: None/False start over; ``"auto"``/True continue from ``last.pth.tar`` when
+            present. Single process only (no ``torchrun``).
+
+    Returns:
+        ``(model, misinfo_model, summary)``; summary as :func:`train_model`'s, its history
+        rows with ``oe_loss``, ``misinfo_loss``, ``misinfo_train_acc``, ``misinfo_test_acc``
+        added.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, ds in (("trainset", trainset), ("outlier_set", outlier_set), ("testset", testset),
+                     ("outlier_testset", outlier_testset)):
+        if ds is not None and not isinstance(ds, Dataset):
+            raise TypeError(f"{name} must be a torch Dataset{'' if name == 'trainset' else ' or None'}, "
+                            f"got {type(ds).__name__}")
+    if trainset is None:
+        raise TypeError("trainset must be a torch Dataset, got NoneType")
+    if misinfo_model is not None and not isinstance(misinfo_model, nn.Module):
+        raise TypeError(f"misinfo_model must be a torch.nn.Module or None, got {type(misinfo_model).__name__}")
+    if misinfo_model is not None and misinfo_out is None:
+        raise ValueError("misinfo_out (the misinformation model's folder) is required with misinfo_model")
+    if not isinstance(misinfo_outliers, bool):
+        raise TypeError(f"misinfo_outliers must be a bool, got {type(misinfo_outliers).__name__}")
+    if outlier_set is not None and len(outlier_set) == 0:
+        raise ValueError("outlier_set is empty")
+    if len(trainset) == 0:
+        raise ValueError("trainset is empty")
+    oe_lambda = _check_nonneg("oe_lambda", oe_lambda)
+    batch_size = _check_positive_int("batch_size", batch_size)
+    epochs = _check_positive_int("epochs", epochs, 0)
+    lr = _check_nonneg("lr", lr)
+    momentum = _check_nonneg("momentum", momentum)
+    weight_decay = _check_nonneg("weight_decay", weight_decay)
+    lr_step = _check_positive_int("lr_step", lr_step)
+    lr_gamma = _check_nonneg("lr_gamma", lr_gamma)
+    num_workers = _check_positive_int("num_workers", num_workers, 0)
+    log_interval = _check_positive_int("log_interval", log_interval)
+    if resume not in (None, False, True, "auto"):
+        raise ValueError(f"resume must be None, False, True or 'auto' with outlier exposure, got {resume!r}")
+    if D.launched_with_torchrun():
+        raise ValueError("train_model_oe runs in a single process; launch it without torchrun")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        logger.warning("device %s requested but CUDA is not available; training on the CPU", device)
+        device = torch.device("cpu")
+
+    out_path = Path(out_path)
+    out_path.mkdir(parents=True, exist_ok=True)
+    mis_path = Path(misinfo_out) if misinfo_model is not None else None
+    if mis_path is not None:
+        mis_path.mkdir(parents=True, exist_ok=True)
+    log_path, ckpt_path, last_path = out_path / "train.log.tsv", out_path / "checkpoint.pth.tar", out_path / "last.pth.tar"
+    arch = arch if arch is not None else type(model).__name__
+    if num_classes is None:
+        num_classes = _num_classes_of(model, trainset)
+
+    model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step, gamma=lr_gamma)
+    opt_m = sched_m = None
+    if misinfo_model is not None:
+        misinfo_model.to(device)
+        opt_m = torch.optim.SGD(misinfo_model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        sched_m = torch.optim.lr_scheduler.StepLR(opt_m, step_size=lr_step, gamma=lr_gamma)
+
+    start_epoch = 1
+    best_train_acc, best_test_acc = -1.0, -1.0
+    history: List[Dict[str, float]] = []
+    run_id = str(datetime.datetime.now())
+    resumed_from = None
+
+    def _save_last(epoch: int, test_acc: float) -> None:
+        extra: Dict[str, Any] = {"scheduler": scheduler.state_dict(), "epochs": epochs, "run_id": run_id,
+                                 "best_train_acc": best_train_acc, "best_test_acc": best_test_acc,
+                                 "history": history, **_rng_state()}
+        if misinfo_model is not None:
+            extra.update(misinfo_state=misinfo_model.state_dict(), misinfo_optimizer=opt_m.state_dict(),
+                         misinfo_scheduler=sched_m.state_dict())
+        save_checkpoint(last_path, model, arch=arch, epoch=epoch, best_acc=test_acc, optimizer=optimizer,
+                        num_classes=num_classes, extra=extra)
+
+    resume_file = _resolve_resume(resume, out_path, "")
+    if resume_file is not None:
+        ckpt = load_checkpoint(resume_file, model, map_location=device)
+        if misinfo_model is not None:
+            if "misinfo_state" not in ckpt:
+                raise ValueError(f"{resume_file} holds no misinformation model; start over without resume")
+            misinfo_model.load_state_dict(ckpt["misinfo_state"])
+            opt_m.load_state_dict(ckpt["misinfo_optimizer"])
+            sched_m.load_state_dict(ckpt["misinfo_scheduler"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        done = int(ckpt.get("epoch", 0))
+        best_test_acc = float(ckpt.get("best_test_acc", -1.0))
+        best_train_acc = float(ckpt.get("best_train_acc", -1.0))
+        history = [dict(h) for h in ckpt.get("history", [])]
+        run_id = ckpt.get("run_id", run_id)
+        _set_rng_state(ckpt)
+        start_epoch, resumed_from = done + 1, done
+        _drop_unfinished_rows(log_path, run_id, done)
+        if mis_path is not None:
+            _drop_unfinished_rows(mis_path / "train.log.tsv", run_id, done)
+        logger.info("resuming outlier-exposure training from %s: %d epoch(s) done", resume_file, done)
+    elif epochs >= 1:
+        _save_last(0, -1.0)
+
+    summary: Dict[str, Any] = {"checkpoint": str(ckpt_path), "log": str(log_path), "last": str(last_path),
+                               "misinfo_checkpoint": None if mis_path is None else str(mis_path / "checkpoint.pth.tar"),
+                               "run_id": run_id, "resumed_from": resumed_from,
+                               "skipped": start_epoch > epochs and resumed_from is not None}
+    pin = device.type == "cuda"
+    train_loader = DataLoader(trainset, batch_size=batch_size, shuffle=True, num_workers=num_workers, pin_memory=pin)
+    oe_loader = None if outlier_set is None else DataLoader(outlier_set, batch_size=batch_size, shuffle=False,
+                                                            num_workers=num_workers, pin_memory=pin)
+    test_loader = None if testset is None else DataLoader(testset, batch_size=batch_size, shuffle=False,
+                                                          num_workers=num_workers, pin_memory=pin)
+    oe_test_loader = None if outlier_testset is None else DataLoader(outlier_testset, batch_size=batch_size,
+                                                                     shuffle=False, num_workers=num_workers)
+    show = progress
+    test_loss, test_acc, mis_test_acc = -1.0, -1.0, -1.0
+    for epoch in tqdm(range(start_epoch, epochs + 1), desc="train-oe", disable=not show, unit="epoch",
+                      initial=start_epoch - 1, total=epochs):
+        lr_now = float(optimizer.param_groups[0]["lr"])
+        model.train()
+        if misinfo_model is not None:
+            misinfo_model.train()
+        oe_iter = None if oe_loader is None else _oe_batches(oe_loader)
+        sums = {"loss": 0.0, "oe": 0.0, "mis": 0.0}
+        correct = mis_correct = total = 0
+        for batch_idx, (inputs, targets) in enumerate(
+                tqdm(train_loader, desc=f"epoch {epoch}", leave=False, disable=not show, unit="batch")):
+            inputs, targets = inputs.to(device, non_blocking=pin), targets.to(device, non_blocking=pin)
+            b = inputs.shape[0]
+            if oe_iter is not None:
+                x_oe = next(oe_iter)[0].to(device, non_blocking=pin)
+                x_all = torch.cat([inputs, x_oe])
+                logits = model(x_all)
+                loss_oe = uniform_cross_entropy(logits[b:])
+            else:
+                x_all, logits, loss_oe = inputs, model(inputs), None
+            loss = F.cross_entropy(logits[:b], targets)
+            if loss_oe is not None:
+                loss = loss + oe_lambda * loss_oe
+            if misinfo_model is not None:
+                if oe_iter is not None and misinfo_outliers:
+                    mis_x = x_all
+                    mis_y = torch.cat([targets, logits[b:].detach().argmax(1)])
+                else:
+                    mis_x, mis_y = inputs, targets
+                mis_logits = misinfo_model(mis_x)
+                loss_m = misinformation_loss(mis_logits, mis_y)
+                opt_m.zero_grad()
+                loss_m.backward()
+                opt_m.step()
+                sums["mis"] += float(loss_m.item())
+                mis_correct += int(mis_logits[:b].argmax(1).eq(targets).sum().item())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            sums["loss"] += float(loss.item())
+            sums["oe"] += 0.0 if loss_oe is None else float(loss_oe.item())
+            correct += int(logits[:b].argmax(1).eq(targets).sum().item())
+            total += b
+            if (batch_idx + 1) % log_interval == 0:
+                logger.info("[train-oe] epoch %d [%d/%d]\tloss %.6f\tacc %.1f", epoch, total,
+                            len(train_loader.dataset), sums["loss"] / total, 100.0 * correct / total)
+        train_loss, train_acc = sums["loss"] / max(total, 1), 100.0 * correct / max(total, 1)
+        mis_train_acc = 100.0 * mis_correct / max(total, 1)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
+            scheduler.step()
+            if sched_m is not None:
+                sched_m.step()
+        best_train_acc = max(best_train_acc, train_acc)
+        if test_loader is not None:
+            test_loss, test_acc, mis_test_acc = _oe_test(model, misinfo_model, test_loader, oe_test_loader,
+                                                         oe_lambda, device)
+            best_test_acc = max(best_test_acc, test_acc)
+        history.append({"epoch": epoch, "lr": lr_now, "train_loss": train_loss, "train_acc": train_acc,
+                        "test_loss": test_loss, "test_acc": test_acc, "oe_loss": sums["oe"] / max(total, 1),
+                        "misinfo_loss": sums["mis"] / max(total, 1), "misinfo_train_acc": mis_train_acc,
+                        "misinfo_test_acc": mis_test_acc})
+        logger.info("epoch %d/%d: train loss %.6g acc %.2f; test loss %.6g acc %.2f (best %.2f); "
+                    "misinformation train acc %.2f test acc %.2f", epoch, epochs, train_loss, train_acc,
+                    test_loss, test_acc, best_test_acc, mis_train_acc, mis_test_acc)
+        if test_acc >= best_test_acc:
+            save_checkpoint(ckpt_path, model, arch=arch, epoch=epoch, best_acc=test_acc, optimizer=optimizer,
+                            num_classes=num_classes, extra={"scheduler": scheduler.state_dict()})
+        _append_log(log_path, [[run_id, epoch, "train", train_loss, train_acc, best_train_acc],
+                               [run_id, epoch, "test", test_loss, test_acc, best_test_acc]])
+        if mis_path is not None:
+            _append_log(mis_path / "train.log.tsv",
+                        [[run_id, epoch, "train", sums["mis"] / max(total, 1), mis_train_acc, -1],
+                         [run_id, epoch, "test", -1, mis_test_acc, -1]])
+        _save_last(epoch, test_acc)  # written last: marks the epoch as done
+    if mis_path is not None and epochs >= 1:
+        save_checkpoint(mis_path / "checkpoint.pth.tar", misinfo_model, arch=arch, epoch=epochs,
+                        best_acc=mis_test_acc, num_classes=num_classes)
+    model.eval()
+    if misinfo_model is not None:
+        misinfo_model.eval()
+    summary.update(best_test_acc=best_test_acc, best_train_acc=best_train_acc, epochs_done=epochs, history=history)
+    return model, misinfo_model, summary
+
+
+def _oe_test(model: nn.Module, misinfo_model: Optional[nn.Module], loader, oe_loader, oe_lambda: float,
+             device: torch.device) -> Tuple[float, float, float]:
+    """(test loss, defender accuracy %, misinformation-model accuracy % or -1) in eval mode."""
+    model.eval()
+    if misinfo_model is not None:
+        misinfo_model.eval()
+    oe_iter = None if oe_loader is None else _oe_batches(oe_loader)
+    loss_sum, batches, correct, mis_correct, total = 0.0, 0, 0, 0, 0
+    with torch.no_grad():
+        for inputs, targets in loader:
+            inputs, targets = inputs.to(device), targets.to(device)
+            logits = model(inputs)
+            loss = F.cross_entropy(logits, targets)
+            if oe_iter is not None:
+                loss = loss + oe_lambda * uniform_cross_entropy(model(next(oe_iter)[0].to(device)))
+            loss_sum += float(loss.item())
+            batches += 1
+            correct += int(logits.argmax(1).eq(targets).sum().item())
+            if misinfo_model is not None:
+                mis_correct += int(misinfo_model(inputs).argmax(1).eq(targets).sum().item())
+            total += int(targets.shape[0])
+    if total == 0:
+        raise ValueError("the test set yielded no samples")
+    return (loss_sum / batches, 100.0 * correct / total,
+            100.0 * mis_correct / total if misinfo_model is not None else -1.0)

@@ -5,6 +5,7 @@ Every defense is an ``nn.Module``: ``defense(x)`` returns the released posterior
 :func:`build_defense` builds any of them from a name and arguments.
 """
 
+from .admis import AM_VARIANTS, AdaptiveMisinformation, AMComponents
 from .base import Defense, DefenseOutput
 from .baselines import RandomNoise, ReverseSigmoid
 from .blackbox import Blackbox
@@ -23,6 +24,7 @@ __all__ = [
     # defenses
     "Blackbox", "MAD", "ReverseSigmoid", "RandomNoise", "WhiteboxDefense",
     "GRAD2", "MADGR", "ReverseSigmoidGR", "RandomGR", "flatten_params", "watermark_target",
+    "AdaptiveMisinformation", "AMComponents", "AM_VARIANTS",
     # building
     "build_defense", "DefenseSpec", "parse_defense_args", "DEFENSE_NAMES", "DEFENSE_KEYS", "WB_DEFENSES",
     # deprecated builders

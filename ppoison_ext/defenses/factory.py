@@ -2,7 +2,7 @@
 
 :func:`build_defense` takes a defense name (``none``, ``topk``, ``rounding``, ``mad``,
 ``reverse_sigmoid``, ``rand_noise``, ``grad2`` with GR's baselines ``mad_gr``, ``reverse_sigmoid_gr``,
-``rand_gr``, and the white-box ``*_wb`` variants) and its arguments as
+``rand_gr``, ``am`` (Adaptive Misinformation), and the white-box ``*_wb`` variants) and its arguments as
 a ``"key:value,key:value"`` string (the reference's ``defense_args`` syntax), a mapping, or
 keywords — or a :class:`DefenseSpec` parsed once before. The CLI steps, the grid and Python
 users all go through it.
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..modeldir import load_model_dir
+from .admis import AdaptiveMisinformation
 from .base import Defense
 from .baselines import RandomNoise, ReverseSigmoid
 from .blackbox import Blackbox
@@ -268,6 +269,40 @@ _BUILDERS.update({
     "rand_gr": _needs("rand_gr", "epsilon", RandomGR),
 })
 # -- end GRAD² --
+
+
+# --- Adaptive Misinformation (am) -------------------------------------------------------------
+# An additive block: its keys, its builder, and DEFENSE_NAMES recomputed to include it.
+DEFENSE_KEYS["am"] = {
+    "tau": float, "nu": float, "variant": str, "adaptive": _bool, "temperature": float,
+    "model_misinfo": _opt_str, "model_score": _opt_str, **_COMMON,
+}
+DEFENSE_NAMES = tuple(DEFENSE_KEYS)
+
+
+def _am(model: nn.Module, kw: Dict[str, Any], *, logger, device, **_) -> AdaptiveMisinformation:
+    """``am``: ``tau`` (required), ``nu``, ``variant`` (admis/grad2/modelguard), ``adaptive``,
+    ``temperature``; ``model_misinfo:DIR`` (required: the misinformation model's folder, e.g.
+    ``<victim>/misinformation`` as ``train-victim --outlier-exposure`` writes it) and, variant
+    ``grad2`` only, ``model_score:DIR`` (the OOD-score model's folder). Both load in eval mode."""
+    if "tau" not in kw:
+        raise ValueError("defense am needs tau (e.g. 'tau:0.99,model_misinfo:DIR')")
+    dev = device if device is not None else next(model.parameters()).device
+    folders = {}
+    for key in ("model_misinfo", "model_score"):
+        path = kw.pop(key, None)
+        if path is not None:
+            if not Path(path).is_dir():
+                raise ValueError(f"{key} must be a model directory (params.json + checkpoint), got {path}")
+            folders[key], _ = load_model_dir(path, device=dev)
+    if "model_misinfo" not in folders:
+        raise ValueError("defense am needs model_misinfo:DIR, the misinformation model's folder")
+    return AdaptiveMisinformation(model, misinformation_model=folders["model_misinfo"],
+                                  score_model=folders.get("model_score"), logger=logger, **kw)
+
+
+_BUILDERS["am"] = _am
+# --- end Adaptive Misinformation ----------------------------------------------------------------
 
 
 def build_defense(defense: Union[str, DefenseSpec], args: Union[str, Mapping[str, Any], None] = None, *,

@@ -20,6 +20,17 @@ weighted with ``--weighted-loss``). Writes into ``--out_path``:
 initialisation (weight decay is scaled by lr too), only BatchNorm running statistics
 take one update from the 10-image batch. :func:`make_proxy` does exactly that.
 
+**Adaptive Misinformation's defender** is the same command with ``--outlier-exposure DATASET``
+(``--oe-lambda``, default 1): Outlier Exposure on DATASET's training split (its test split, when
+it has one, enters the test loss), and, jointly, the misinformation model, written to
+``--misinformation-out`` (default ``OUT_PATH/misinformation``: ``params.json`` +
+``checkpoint.pth.tar``, a model folder for ``am``'s ``model_misinfo``); see
+:func:`ppoison_ext.training.train_model_oe`. On MNIST use the embedded FashionMNIST images as
+the outliers, never the attacker's query set (notMNIST)::
+
+    ppoison train-victim MNIST lenet -o models/victim/MNIST-lenet-admis --outlier-exposure FashionMNIST \
+        --epochs 20 --lr 0.1 --lr-step 10 --batch-size 128 --momentum 0.9
+
 Runs are reproducible: ``--train_subset`` draws its subset with
 ``numpy.random.RandomState(--seed)``, and the model is initialised after
 ``seed_everything(--seed)``. ``--resume auto`` continues a killed run from ``last.pth.tar``.
@@ -48,7 +59,7 @@ from torch.utils.data import Subset
 from .. import distributed
 from ..datasets import dataset_to_modelfamily, get_dataset, get_transform
 from ..models import get_net
-from ..training import seed_everything, train_model
+from ..training import seed_everything, train_model, train_model_oe
 from ..modeldir import write_params
 from . import settings
 from .common import resolve_device
@@ -102,6 +113,11 @@ def train_victim(
     seed: Optional[int] = 42,
     test_subset: Optional[int] = None,
     progress: bool = True,
+    outlier_exposure: Optional[str] = None,
+    oe_lambda: float = 1.0,
+    misinformation_out: Optional[Union[str, Path]] = None,
+    misinformation: bool = True,
+    misinformation_id_only: bool = False,
 ) -> Tuple[nn.Module, Dict[str, Any]]:
     """Trains a victim model and writes ``params.json``, ``checkpoint.pth.tar`` and
     ``train.log.tsv`` into ``out_path`` (see the module docs).
@@ -122,6 +138,17 @@ def train_victim(
         seed: seeds the RNGs and the subset draw; None leaves them unseeded (as the reference).
         test_subset: test on the first N test images only.
         progress: show progress bars.
+        outlier_exposure: train the victim as Adaptive Misinformation's defender, with Outlier
+            Exposure on this dataset's training split (same model family; e.g.
+            ``"FashionMNIST"`` for MNIST), by :func:`~ppoison_ext.training.train_model_oe`.
+        oe_lambda: the weight λ of the OE loss (default 1, the original's README).
+        misinformation_out: the misinformation model's folder (default
+            ``out_path/misinformation``); giving it without ``outlier_exposure`` trains the
+            misinformation model on the in-distribution data only.
+        misinformation: with ``outlier_exposure``, also train the misinformation model (the
+            original always does); False trains the OE defender alone.
+        misinformation_id_only: train the misinformation model on the in-distribution part of
+            each batch only (ModelGuard's recipe; the original uses the outliers too).
 
     Returns:
         ``(model, summary)`` from :func:`~ppoison_ext.training.train_model`, with
@@ -152,12 +179,24 @@ def train_victim(
 
     model = get_net(arch, family, pretrained, num_classes=num_classes).to(dev)
     out_path = Path(out_path)
-    model, summary = train_model(
-        model, trainset, out_path, testset=testset, batch_size=batch_size, epochs=epochs, lr=lr,
-        momentum=momentum, weight_decay=5e-4, lr_step=lr_step, lr_gamma=lr_gamma, weighted_loss=weighted_loss,
-        device=dev, num_workers=num_workers, arch=arch, progress=progress, resume=resume,
-        log_interval=log_interval, num_classes=num_classes,
-    )
+    train_misinfo = misinformation_out is not None or (outlier_exposure is not None and misinformation)
+    if outlier_exposure is not None or train_misinfo:
+        model, summary, am_params = _train_defender(
+            model, trainset, testset, out_path, dataset=dataset, arch=arch, family=family, pretrained=pretrained,
+            num_classes=num_classes, data_root=data_root, outlier_exposure=outlier_exposure, oe_lambda=oe_lambda,
+            misinformation_out=(out_path / "misinformation") if train_misinfo and misinformation_out is None
+            else misinformation_out, misinformation_id_only=misinformation_id_only, weighted_loss=weighted_loss,
+            device=dev, batch_size=batch_size, epochs=epochs, lr=lr, momentum=momentum, lr_step=lr_step,
+            lr_gamma=lr_gamma, num_workers=num_workers, progress=progress, resume=resume,
+            log_interval=log_interval, seed=seed)
+    else:
+        am_params = {}
+        model, summary = train_model(
+            model, trainset, out_path, testset=testset, batch_size=batch_size, epochs=epochs, lr=lr,
+            momentum=momentum, weight_decay=5e-4, lr_step=lr_step, lr_gamma=lr_gamma,
+            weighted_loss=weighted_loss, device=dev, num_workers=num_workers, arch=arch, progress=progress,
+            resume=resume, log_interval=log_interval, num_classes=num_classes,
+        )
     params = {
         "dataset": dataset, "model_arch": arch, "out_path": str(out_path), "device_id": device_id,
         "batch_size": batch_size, "epochs": epochs, "lr": lr, "momentum": momentum,
@@ -166,11 +205,60 @@ def train_victim(
         "num_workers": num_workers, "train_subset": train_subset, "pretrained": pretrained,
         "weighted_loss": bool(weighted_loss), "num_classes": num_classes, "seed": seed,
         "data_root": None if data_root is None else str(data_root), "test_subset": test_subset,
+        **am_params,
     }
     if distributed.is_main_process():
         write_params(out_path / "params.json", params)
     summary["params"] = params
     return model, summary
+
+
+def _train_defender(model, trainset, testset, out_path: Path, *, dataset, arch, family, pretrained, num_classes,
+                    data_root, outlier_exposure, oe_lambda, misinformation_out, misinformation_id_only,
+                    weighted_loss, device, resume, seed, **train_kw):
+    """Adaptive Misinformation's defender (Outlier Exposure) and misinformation model."""
+    if weighted_loss:
+        raise ValueError("--weighted-loss is not supported with --outlier-exposure / --misinformation-out")
+    if resume not in (None, "auto"):
+        raise ValueError(f"with --outlier-exposure / --misinformation-out, --resume must be 'auto', got {resume!r}")
+    outliers = outlier_test = None
+    if outlier_exposure is not None:
+        if not isinstance(outlier_exposure, str) or outlier_exposure not in dataset_to_modelfamily:
+            raise ValueError(f"outlier_exposure must be one of {sorted(dataset_to_modelfamily)}, "
+                             f"got {outlier_exposure!r}")
+        if outlier_exposure == dataset:
+            raise ValueError("outlier_exposure must be another dataset than the victim's")
+        oe_family = dataset_to_modelfamily[outlier_exposure]
+        if oe_family != family:
+            raise ValueError(f"outlier_exposure {outlier_exposure!r} is of model family {oe_family!r}, the victim's "
+                             f"dataset {dataset!r} of {family!r}: their images differ in shape")
+        outliers = get_dataset(outlier_exposure, train=True, transform=get_transform(oe_family, "train"),
+                               root=data_root)
+        try:
+            outlier_test = get_dataset(outlier_exposure, train=False, transform=get_transform(oe_family, "test"),
+                                       root=data_root)
+        except (FileNotFoundError, ValueError, TypeError):  # e.g. a set with one split
+            outlier_test = None
+        logger.info("outlier exposure: %s (%d train, %s test images), lambda %g", outlier_exposure, len(outliers),
+                    "no" if outlier_test is None else len(outlier_test), oe_lambda)
+    misinfo = None
+    if misinformation_out is not None:
+        misinfo = get_net(arch, family, pretrained, num_classes=num_classes).to(device)
+    model, misinfo, summary = train_model_oe(
+        model, trainset, out_path, outlier_set=outliers, oe_lambda=oe_lambda, misinfo_model=misinfo,
+        misinfo_out=misinformation_out, misinfo_outliers=not misinformation_id_only, testset=testset,
+        outlier_testset=outlier_test, device=device, arch=arch, num_classes=num_classes,
+        resume=resume, weight_decay=5e-4, **train_kw)
+    am_params = {"outlier_exposure": outlier_exposure, "oe_lambda": oe_lambda,
+                 "misinformation_out": None if misinformation_out is None else str(misinformation_out),
+                 "misinformation_id_only": bool(misinformation_id_only)}
+    if misinfo is not None and distributed.is_main_process():
+        write_params(Path(misinformation_out) / "params.json", {
+            "dataset": dataset, "model_arch": arch, "num_classes": num_classes, "misinformation_of": str(out_path),
+            "outlier_exposure": outlier_exposure if not misinformation_id_only else None,
+            "loss": "-log(1 - p_label + 1e-7)", "seed": seed, **{k: train_kw[k] for k in (
+                "batch_size", "epochs", "lr", "momentum", "lr_step", "lr_gamma")}})
+    return model, summary, am_params
 
 
 def make_proxy(dataset: str, arch: str, out_path: Union[str, Path],
@@ -214,6 +302,22 @@ class VictimSettings(CommonSettings):
                                          help="test on the first N test images only")
     pretrained: Optional[str] = setting("--pretrained", default=None, help="'imagenet' or a checkpoint path")
     weighted_loss: bool = setting("--weighted-loss", default=False, help="class-weighted cross-entropy")
+    outlier_exposure: Optional[str] = setting(
+        "--outlier-exposure", default=None, metavar="DATASET", group="Adaptive Misinformation",
+        help="train the victim as AM's defender with Outlier Exposure on DATASET's training split "
+             "(same model family; e.g. FashionMNIST for MNIST) and, jointly, the misinformation model")
+    oe_lambda: float = setting("--oe-lambda", default=1.0, metavar="L", group="Adaptive Misinformation",
+                               help="weight of the Outlier Exposure loss (default: 1.0, the original's README)")
+    misinformation_out: Optional[str] = setting(
+        "--misinformation-out", default=None, metavar="DIR", group="Adaptive Misinformation",
+        help="folder of the misinformation model (default: OUT_PATH/misinformation); given without "
+             "--outlier-exposure, it is trained on the in-distribution data only")
+    misinformation: bool = setting("--misinformation", default=True, group="Adaptive Misinformation",
+                                   help="with --outlier-exposure, also train the misinformation model "
+                                        "(default; --no-misinformation: the OE defender alone)")
+    misinformation_id_only: bool = setting(
+        "--misinformation-id-only", default=False, group="Adaptive Misinformation",
+        help="train the misinformation model on the in-distribution images only (ModelGuard's recipe)")
 
     def run(self) -> Tuple[nn.Module, Dict[str, Any]]:
         """:func:`train_victim` with these settings."""
@@ -223,7 +327,9 @@ class VictimSettings(CommonSettings):
             resume=self.resume, lr_step=self.lr_step, lr_gamma=self.lr_gamma, num_workers=self.num_workers,
             train_subset=self.train_subset, pretrained=self.pretrained, weighted_loss=self.weighted_loss,
             data_root=self.data_root, seed=self.seed, test_subset=self.test_subset,
-            progress=not self.no_progress,
+            progress=not self.no_progress, outlier_exposure=self.outlier_exposure, oe_lambda=self.oe_lambda,
+            misinformation_out=self.misinformation_out, misinformation=self.misinformation,
+            misinformation_id_only=self.misinformation_id_only,
         )
 
 
