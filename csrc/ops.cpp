@@ -38,6 +38,7 @@ TORCH_LIBRARY(ppoison, m) {
   m.def("mad_step(Tensor y, Tensor y_star, float epsilon, str ydist, int kl_steps) -> Tensor");
   m.def("project_simplex(Tensor v, float radius) -> Tensor");
   m.def("project_l1_ball(Tensor v, float radius) -> Tensor");
+  m.def("modelguard_w_solve(Tensor y, float epsilon, float margin, float log_offset) -> (Tensor, Tensor, Tensor)");
   m.def("cuda_version() -> int", &cuda_version);
 }
 

@@ -1,0 +1,47 @@
+// ModelGuard-W's exact batched solver (modelguard_math.h), y [B, K] → (x [B, K], Σ c·x [B],
+// feasible [B]): per row, minimise Σ c_j x_j with c = log(y + offset) over the simplex, inside
+// the L1 ball ‖x − y‖₁ ≤ ε, keeping x_m − x_j ≥ margin for the first argmax m of y.
+// One task per row.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../modelguard_args.h"
+#include "../modelguard_math.h"
+#include "../ops.h"
+
+namespace ppoison {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> modelguard_w_solve_cpu(const at::Tensor& y_, double epsilon,
+                                                                      double margin, double log_offset) {
+  check_modelguard_w_args(y_, epsilon, margin, log_offset);
+  const int64_t B = y_.size(0), K = y_.size(1);
+  auto y = y_.contiguous();
+  auto out = at::empty({B, K}, y.options());
+  auto obj = at::empty({B}, y.options());
+  auto feas = at::empty({B}, y.options().dtype(at::kBool));
+  if (B == 0) return {out, obj, feas};
+  check_modelguard_w_values(y);
+  auto [c, order] = modelguard_w_costs(y, log_offset);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "modelguard_w_solve_cpu", [&] {
+    const scalar_t* yp = y.data_ptr<scalar_t>();
+    const double* cp = c.data_ptr<double>();
+    const int64_t* orp = order.data_ptr<int64_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    scalar_t* objp = obj.data_ptr<scalar_t>();
+    bool* fp = feas.data_ptr<bool>();
+    at::parallel_for(0, B, std::max<int64_t>(1, 64 / K), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        bool ok = false;
+        const double o = mg_solve_row(yp + b * K, cp + b * K, orp + b * K, (int)K, epsilon, margin, op + b * K, &ok);
+        objp[b] = (scalar_t)o;
+        fp[b] = ok;
+      }
+    });
+  });
+  return {out, obj, feas};
+}
+
+TORCH_LIBRARY_IMPL(ppoison, CPU, m) { m.impl("modelguard_w_solve", &modelguard_w_solve_cpu); }
+
+}  // namespace ppoison

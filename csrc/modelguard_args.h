@@ -1,0 +1,40 @@
+// Argument checks and preparation of modelguard_w_solve, shared by the CPU and CUDA entry
+// points (TypeError for dtypes, ValueError for shapes and values, as utils.h).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <tuple>
+
+#include "utils.h"
+
+namespace ppoison {
+
+inline void check_modelguard_w_args(const at::Tensor& y, double epsilon, double margin, double log_offset) {
+  check_float(y, "y");
+  check_dim(y, 2, "y", "[B, K]");
+  check_classes(y.size(1), "y");
+  TORCH_CHECK_VALUE(std::isfinite(epsilon) && epsilon >= 0.0, "ppoison: epsilon must be finite and >= 0, got ",
+                    epsilon);
+  TORCH_CHECK_VALUE(std::isfinite(margin) && margin >= 0.0 && margin < 1.0,
+                    "ppoison: margin must be finite and in [0, 1), got ", margin);
+  TORCH_CHECK_VALUE(std::isfinite(log_offset) && log_offset > 0.0, "ppoison: log_offset must be finite and > 0, got ",
+                    log_offset);
+}
+
+// One device sync: y finite and >= 0.
+inline void check_modelguard_w_values(const at::Tensor& y) {
+  if (y.numel() == 0) return;
+  const bool ok = at::logical_and(at::isfinite(y), y.ge(0)).all().item<bool>();
+  TORCH_CHECK_VALUE(ok, "ppoison: y must be finite and >= 0 (NaN, Inf or a negative entry found)");
+}
+
+// c = log(y + offset) in float64 and the classes in ascending c, ties by index: [B, K] each.
+inline std::tuple<at::Tensor, at::Tensor> modelguard_w_costs(const at::Tensor& y, double log_offset) {
+  at::Tensor c = at::log(y.to(at::kDouble) + log_offset).contiguous();
+  at::Tensor order = std::get<1>(c.sort(/*stable=*/true, /*dim=*/1, /*descending=*/false)).contiguous();
+  return {c, order};
+}
+
+}  // namespace ppoison
