@@ -11,6 +11,7 @@ from .blackbox import Blackbox
 from .factory import (DEFENSE_KEYS, DEFENSE_NAMES, DefenseSpec, build_defense, defense_from_dir, make_defense,
                       make_wb_defense, parse_defense_args)
 from .mad import MAD
+from .modelguard import ModelGuardS, ModelGuardW
 from .proxy import ProxyView
 from .querylog import QueryLogger, read_queries
 from .whitebox import WB_DEFENSES, WhiteboxDefense
@@ -20,6 +21,7 @@ __all__ = [
     "Defense", "DefenseOutput",
     # defenses
     "Blackbox", "MAD", "ReverseSigmoid", "RandomNoise", "WhiteboxDefense",
+    "ModelGuardW", "ModelGuardS",
     # building
     "build_defense", "DefenseSpec", "parse_defense_args", "DEFENSE_NAMES", "DEFENSE_KEYS", "WB_DEFENSES",
     # deprecated builders
