@@ -30,11 +30,12 @@ inline void check_modelguard_w_values(const at::Tensor& y) {
   TORCH_CHECK_VALUE(ok, "ppoison: y must be finite and >= 0 (NaN, Inf or a negative entry found)");
 }
 
-// c = log(y + offset) in float64 and the classes in ascending c, ties by index: [B, K] each.
-inline std::tuple<at::Tensor, at::Tensor> modelguard_w_costs(const at::Tensor& y, double log_offset) {
-  at::Tensor c = at::log(y.to(at::kDouble) + log_offset).contiguous();
-  at::Tensor order = std::get<1>(c.sort(/*stable=*/true, /*dim=*/1, /*descending=*/false)).contiguous();
-  return {c, order};
+// The classes in ascending c = log(y + offset) (float64), ties by index, with y (float64) and c
+// in that order: (order, ys, cs), [B, K] each.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> modelguard_w_costs(const at::Tensor& y, double log_offset) {
+  at::Tensor yd = y.to(at::kDouble);
+  auto [cs, order] = at::log(yd + log_offset).sort(/*stable=*/true, /*dim=*/1, /*descending=*/false);
+  return {order.contiguous(), yd.gather(1, order).contiguous(), cs.contiguous()};
 }
 
 }  // namespace ppoison

@@ -9,10 +9,11 @@
 // transfers of up to R/2 from the highest-c class still holding mass to the lowest-c class
 // with room, while c_donor > c_receiver. f(t) is convex piecewise-linear on the feasible t
 // interval {t : g(t) ≤ ε}, g(t) = |y_m − t| + F + |Δ| the least L1 move for that t (also
-// convex): its ends are found by bisection, the minimiser of f by golden-section search, both
-// with fixed iteration counts. ε is honoured to kMgBudgetTol. Rows where no t is feasible are
-// returned as y, flagged.
-// `order` [K] lists the classes by ascending c, ties by index (the caller sorts).
+// convex, minimal at t0). f plus a penalty outside that interval is quasi-convex, so a single
+// golden-section search (to a 1e-13 bracket on t) finds the minimiser. ε is honoured to
+// kMgBudgetTol. Rows where no t is feasible (g(t0) > ε) are returned as y, flagged.
+// The caller sorts: `order` [K] lists the classes by ascending c, ties by index; the solver
+// works on y and c in that order.
 #pragma once
 
 #include <cmath>
@@ -26,10 +27,11 @@
 
 namespace ppoison {
 
-constexpr int kMgBisectIters = 55;  // 2^-55 < 3e-17: t to float64 resolution on [0, 1]
-constexpr int kMgGoldenIters = 80;  // 0.618^80 < 2e-17
+constexpr int kMgGoldenIters = 80;  // at most; 0.618^80 < 2e-17
+constexpr double kMgTTol = 1e-13;   // stop once the bracket on t is this narrow (f moves < 1e-10)
 constexpr double kMgGolden = 0.6180339887498948482;
-constexpr double kMgBudgetTol = 1e-12;  // ε is honoured to this (absolute): float64 sums of y are inexact
+constexpr double kMgBudgetTol = 1e-12;
+constexpr double kMgPenalty = 1e6;  // above any objective (|c| ≤ −log(offset))  // ε is honoured to this (absolute): float64 sums of y are inexact
 
 // Where the greedy stopped: positions < ir of `order` are filled to U, position ir holds
 // z + rused; positions > id are emptied to 0, position id holds z − dused.
@@ -39,24 +41,22 @@ struct MgGreedy {
   double rused, dused;
 };
 
-template <typename scalar_t>
+// One row in ascending-c positions: ys, cs [K] are y and c sorted by `order`, pm the position
+// of m.
 struct MgRow {
-  const scalar_t* y;
-  const double* c;
-  const int64_t* order;
-  int K, m;
+  const double* ys;
+  const double* cs;
+  int K, pm;
   double ym, eps, delta;
-
-  MG_HD double yj(int j) const { return (double)y[j]; }
 
   // Least L1 distance from y to a point with x_m = t (inf when no such point exists).
   MG_HD double g(double t) const {
     const double U = t - delta;
     if (U < 0.0) return INFINITY;
     double F = 0.0, sz = 0.0;
-    for (int j = 0; j < K; ++j) {
-      if (j == m) continue;
-      const double v = yj(j), z = v < U ? v : U;
+    for (int p = 0; p < K; ++p) {
+      if (p == pm) continue;
+      const double v = ys[p], z = v < U ? v : U;
       F += v - z;
       sz += z;
     }
@@ -65,27 +65,21 @@ struct MgRow {
     return fabs(ym - t) + F + fabs(D);
   }
 
-  MG_HD double cap(int pos, double U) const {
-    const double v = yj((int)order[pos]);
-    return U - (v < U ? v : U);
-  }
-  MG_HD double mass(int pos, double U) const {
-    const double v = yj((int)order[pos]);
-    return v < U ? v : U;
-  }
+  MG_HD double cap(int p, double U) const { return ys[p] < U ? U - ys[p] : 0.0; }
+  MG_HD double mass(int p, double U) const { return ys[p] < U ? ys[p] : U; }
 
   // f(t) and where the greedy stopped; f = inf when t is infeasible.
   MG_HD MgGreedy greedy(double t) const {
     MgGreedy r{INFINITY, 0, K - 1, 0.0, 0.0};
     const double U = t - delta;
     if (U < 0.0) return r;
-    double F = 0.0, sz = 0.0, obj = c[m] * t;
-    for (int j = 0; j < K; ++j) {
-      if (j == m) continue;
-      const double v = yj(j), z = v < U ? v : U;
+    double F = 0.0, sz = 0.0, obj = cs[pm] * t;
+    for (int p = 0; p < K; ++p) {
+      if (p == pm) continue;
+      const double v = ys[p], z = v < U ? v : U;
       F += v - z;
       sz += z;
-      obj += c[j] * z;
+      obj += cs[p] * z;
     }
     const double D = (1.0 - t) - sz;
     const double R = eps - fabs(ym - t) - F - fabs(D);
@@ -95,15 +89,16 @@ struct MgRow {
     // forced: receivers ascending c
     double need = D > 0.0 ? D : 0.0;
     while (need > 0.0 && ir < K) {
-      const int j = (int)order[ir];
-      const double room = j == m ? 0.0 : cap(ir, U) - rused;
+      const double room = ir == pm ? 0.0 : cap(ir, U) - rused;
       if (room >= need) {
         rused += need;
-        obj += c[j] * need;
+        obj += cs[ir] * need;
         need = 0.0;
       } else {
-        if (room > 0.0) obj += c[j] * room;
-        need -= room > 0.0 ? room : 0.0;
+        if (room > 0.0) {
+          obj += cs[ir] * room;
+          need -= room;
+        }
         ++ir;
         rused = 0.0;
       }
@@ -112,15 +107,16 @@ struct MgRow {
     // forced: donors descending c
     need = D < 0.0 ? -D : 0.0;
     while (need > 0.0 && id >= 0) {
-      const int j = (int)order[id];
-      const double have = j == m ? 0.0 : mass(id, U) - dused;
+      const double have = id == pm ? 0.0 : mass(id, U) - dused;
       if (have >= need) {
         dused += need;
-        obj -= c[j] * need;
+        obj -= cs[id] * need;
         need = 0.0;
       } else {
-        if (have > 0.0) obj -= c[j] * have;
-        need -= have > 0.0 ? have : 0.0;
+        if (have > 0.0) {
+          obj -= cs[id] * have;
+          need -= have;
+        }
         --id;
         dused = 0.0;
       }
@@ -131,17 +127,15 @@ struct MgRow {
     while (v > 0.0) {
       // the pointers never pass each other: a class that received is not "emptied" (and
       // vice versa) just because its own mass (room) is 0
-      while (ir < id && ((int)order[ir] == m || cap(ir, U) - rused <= 0.0)) {
+      while (ir < id && (ir == pm || cap(ir, U) - rused <= 0.0)) {
         ++ir;
         rused = 0.0;
       }
-      while (id > ir && ((int)order[id] == m || mass(id, U) - dused <= 0.0)) {
+      while (id > ir && (id == pm || mass(id, U) - dused <= 0.0)) {
         --id;
         dused = 0.0;
       }
-      if (ir >= id) break;
-      const int jr = (int)order[ir], jd = (int)order[id];
-      if (!(c[jd] > c[jr])) break;
+      if (ir >= id || !(cs[id] > cs[ir])) break;
       double a = cap(ir, U) - rused;
       const double b = mass(id, U) - dused;
       if (b < a) a = b;
@@ -149,7 +143,7 @@ struct MgRow {
       rused += a;
       dused += a;
       v -= a;
-      obj += (c[jr] - c[jd]) * a;
+      obj += (cs[ir] - cs[id]) * a;
     }
     r.f = obj;
     r.ir = ir;
@@ -159,40 +153,38 @@ struct MgRow {
     return r;
   }
 
-  // x at t from the greedy's stopping point, into out [K] (one rounding per entry).
+  // x at t from the greedy's stopping point, into out [K] at the classes `order` names (one
+  // rounding per entry); returns Σ c x.
   template <typename out_t>
-  MG_HD double write(double t, const MgGreedy& s, out_t* out) const {
+  MG_HD double write(double t, const MgGreedy& s, const int64_t* order, out_t* out) const {
     const double U = t - delta;
     double obj = 0.0;
-    for (int pos = 0; pos < K; ++pos) {
-      const int j = (int)order[pos];
+    for (int p = 0; p < K; ++p) {
       double x;
-      if (j == m) {
+      if (p == pm) {
         x = t;
       } else {
-        const double v = yj(j);
-        x = v < U ? v : U;
-        if (pos < s.ir) x = U;
-        else if (pos == s.ir) x += s.rused;
-        if (pos > s.id) x = 0.0;
-        else if (pos == s.id) x -= s.dused;
+        x = ys[p] < U ? ys[p] : U;
+        if (p < s.ir) x = U;
+        else if (p == s.ir) x += s.rused;
+        if (p > s.id) x = 0.0;
+        else if (p == s.id) x -= s.dused;
         if (x < 0.0) x = 0.0;
       }
-      obj += c[j] * x;
-      out[j] = (out_t)x;
+      obj += cs[p] * x;
+      out[order[p]] = (out_t)x;
     }
     return obj;
   }
 
-  // Bisection for the boundary of {g ≤ ε} between a feasible and an infeasible t.
-  MG_HD double boundary(double feas, double infeas) const {
-    for (int i = 0; i < kMgBisectIters; ++i) {
-      const double mid = 0.5 * (feas + infeas);
-      if (mid == feas || mid == infeas) break;
-      if (g(mid) <= eps) feas = mid;
-      else infeas = mid;
-    }
-    return feas;
+  // f(t) where feasible, else kMgPenalty + g(t): quasi-convex on [lo, 1] (the feasible t form
+  // an interval around argmin g, and g grows away from it), so one golden-section search finds
+  // the minimum of f without locating the interval's ends first.
+  MG_HD double penalised(double t) const {
+    const double f = greedy(t).f;
+    if (f < INFINITY) return f;
+    const double gt = g(t);
+    return kMgPenalty + (gt < kMgPenalty ? gt : kMgPenalty);
   }
 };
 
@@ -207,7 +199,7 @@ MG_HD double mg_golden(double a, double b, const Fn& fn, double* fbest_out) {
   }
   double x1 = b - kMgGolden * (b - a), x2 = a + kMgGolden * (b - a);
   double f1 = fn(x1), f2 = fn(x2);
-  for (int i = 0; i < kMgGoldenIters; ++i) {
+  for (int i = 0; i < kMgGoldenIters && b - a > kMgTTol; ++i) {
     if (f1 <= f2) {
       b = x2;
       x2 = x1;
@@ -234,26 +226,27 @@ MG_HD double mg_golden(double a, double b, const Fn& fn, double* fbest_out) {
   return tb;
 }
 
-template <typename scalar_t>
 struct MgG {
-  const MgRow<scalar_t>* r;
+  const MgRow* r;
   MG_HD double operator()(double t) const { return r->g(t); }
 };
-template <typename scalar_t>
-struct MgF {
-  const MgRow<scalar_t>* r;
-  MG_HD double operator()(double t) const { return r->greedy(t).f; }
+struct MgH {
+  const MgRow* r;
+  MG_HD double operator()(double t) const { return r->penalised(t); }
 };
 
-// Solves one row: writes x [K] to out, returns the objective Σ c x (of the rounded-once
-// float64 x) and sets *feasible; infeasible rows get x = y and the objective of y.
+// Solves one row: y [K] and, from the caller, order [K] (classes by ascending c = log(y + offset),
+// ties by index) with ys, cs [K] (y as double and c in that order). Writes x [K] to out,
+// returns Σ c x (of the float64 x) and sets *feasible; infeasible rows get x = y.
 template <typename scalar_t>
-MG_HD double mg_solve_row(const scalar_t* y, const double* c, const int64_t* order, int K, double eps, double delta,
-                          scalar_t* out, bool* feasible) {
+MG_HD double mg_solve_row(const scalar_t* y, const int64_t* order, const double* ys, const double* cs, int K,
+                          double eps, double delta, scalar_t* out, bool* feasible) {
   int m = 0;
   for (int j = 1; j < K; ++j)
     if ((double)y[j] > (double)y[m]) m = j;
-  MgRow<scalar_t> row{y, c, order, K, m, (double)y[m], eps + kMgBudgetTol, delta};
+  int pm = 0;
+  while (pm < K - 1 && (int)order[pm] != m) ++pm;
+  MgRow row{ys, cs, K, pm, (double)y[m], eps + kMgBudgetTol, delta};
   double lo = (1.0 + (double)(K - 1) * delta) / (double)K;
   if (lo < delta) lo = delta;
   const double hi = 1.0;
@@ -265,30 +258,26 @@ MG_HD double mg_solve_row(const scalar_t* y, const double* c, const int64_t* ord
       if (j != m && row.ym - (double)y[j] < delta) margin = false;
     if (!(margin && t0 >= lo && t0 <= hi)) {
       double gmin;
-      t0 = mg_golden(lo, hi, MgG<scalar_t>{&row}, &gmin);
+      t0 = mg_golden(lo, hi, MgG{&row}, &gmin);
     }
     ok = row.g(t0) <= row.eps;
   }
   if (!ok) {
     double obj = 0.0;
-    for (int j = 0; j < K; ++j) {
-      out[j] = y[j];
-      obj += c[j] * (double)y[j];
-    }
+    for (int p = 0; p < K; ++p) obj += cs[p] * ys[p];
+    for (int j = 0; j < K; ++j) out[j] = y[j];
     *feasible = false;
     return obj;
   }
-  const double a = row.g(lo) <= row.eps ? lo : row.boundary(t0, lo);
-  const double b = row.g(hi) <= row.eps ? hi : row.boundary(t0, hi);
   double fbest;
-  double t = mg_golden(a, b, MgF<scalar_t>{&row}, &fbest);
+  double t = mg_golden(lo, hi, MgH{&row}, &fbest);
   MgGreedy s = row.greedy(t);
-  if (!(s.f < INFINITY)) {  // rounding at an end of the interval: fall back to t0, feasible by construction
+  if (!(s.f < INFINITY)) {  // a feasible set too narrow for the search to land in: t0 is in it
     t = t0;
     s = row.greedy(t);
   }
   *feasible = true;
-  return row.write(t, s, out);
+  return row.write(t, s, order, out);
 }
 
 }  // namespace ppoison

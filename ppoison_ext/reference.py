@@ -409,8 +409,10 @@ def project_l1_ball(v: Tensor, radius: float) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------
-# ModelGuard-W: the same 1-D convex search as csrc/modelguard_math.h (fixed iteration
-# counts), with the inner problem for a fixed t = x_m solved in closed form instead of by the
+# ModelGuard-W: a 1-D convex search over t = x_m like csrc/modelguard_math.h, done differently
+# so that the two check each other: here the feasible t interval's ends are bisected first and
+# f is golden-section searched inside it (the kernels search a penalised f on [lo, 1] in one
+# pass), and the inner problem for a fixed t is solved in closed form instead of by the
 # kernels' two-pointer walk: the voluntary transfer v* = min(R/2, room, mass,
 # max_p min(cumcap_{<p} − a0, mass_{≥p} − b0)) over the split positions p between strictly
 # increasing costs.

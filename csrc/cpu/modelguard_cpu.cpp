@@ -22,18 +22,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modelguard_w_solve_cpu(const at::
   auto feas = at::empty({B}, y.options().dtype(at::kBool));
   if (B == 0) return {out, obj, feas};
   check_modelguard_w_values(y);
-  auto [c, order] = modelguard_w_costs(y, log_offset);
+  auto [order, ys, cs] = modelguard_w_costs(y, log_offset);
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "modelguard_w_solve_cpu", [&] {
     const scalar_t* yp = y.data_ptr<scalar_t>();
-    const double* cp = c.data_ptr<double>();
     const int64_t* orp = order.data_ptr<int64_t>();
+    const double* ysp = ys.data_ptr<double>();
+    const double* csp = cs.data_ptr<double>();
     scalar_t* op = out.data_ptr<scalar_t>();
     scalar_t* objp = obj.data_ptr<scalar_t>();
     bool* fp = feas.data_ptr<bool>();
     at::parallel_for(0, B, std::max<int64_t>(1, 64 / K), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         bool ok = false;
-        const double o = mg_solve_row(yp + b * K, cp + b * K, orp + b * K, (int)K, epsilon, margin, op + b * K, &ok);
+        const double o = mg_solve_row(yp + b * K, orp + b * K, ysp + b * K, csp + b * K, (int)K, epsilon, margin,
+                                      op + b * K, &ok);
         objp[b] = (scalar_t)o;
         fp[b] = ok;
       }

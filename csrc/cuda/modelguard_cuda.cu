@@ -1,6 +1,6 @@
 // ModelGuard-W's exact batched solver (CUDA twin of modelguard_cpu.cpp), y [B, K] →
 // (x [B, K], Σ c·x [B], feasible [B]) with c = log(y + offset): per row the 1-D convex search
-// of modelguard_math.h (mg_solve_row). A thread per row b; the sort of c by class is ATen's.
+// of modelguard_math.h (mg_solve_row). A thread per row b; the sort by c is ATen's.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -14,13 +14,15 @@ namespace ppoison {
 namespace {
 
 template <typename scalar_t>
-__global__ void modelguard_w_kernel(const scalar_t* __restrict__ y, const double* __restrict__ c,
-                                    const int64_t* __restrict__ order, scalar_t* __restrict__ out,
+__global__ void modelguard_w_kernel(const scalar_t* __restrict__ y, const int64_t* __restrict__ order,
+                                    const double* __restrict__ ys, const double* __restrict__ cs,
+                                    scalar_t* __restrict__ out,
                                     scalar_t* __restrict__ obj, bool* __restrict__ feas, int64_t B, int K, double eps,
                                     double margin) {
   for (int64_t b = thread_id0(); b < B; b += thread_stride()) {
     bool ok = false;
-    obj[b] = (scalar_t)mg_solve_row(y + b * K, c + b * K, order + b * K, K, eps, margin, out + b * K, &ok);
+    obj[b] = (scalar_t)mg_solve_row(y + b * K, order + b * K, ys + b * K, cs + b * K, K, eps, margin,
+                                      out + b * K, &ok);
     feas[b] = ok;
   }
 }
@@ -39,12 +41,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modelguard_w_solve_cuda(const at:
   auto feas = at::empty({B}, y.options().dtype(at::kBool));
   if (B == 0) return {out, obj, feas};
   check_modelguard_w_values(y);
-  auto [c, order] = modelguard_w_costs(y, log_offset);
+  auto [order, ys, cs] = modelguard_w_costs(y, log_offset);
   auto stream = at::cuda::getCurrentCUDAStream();
   constexpr int threads = 128;  // a thread per row: small blocks keep more SMs busy at small B
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "modelguard_w_solve_cuda", [&] {
     modelguard_w_kernel<scalar_t><<<BLOCKS(B, threads), threads, 0, stream>>>(
-        y.data_ptr<scalar_t>(), c.data_ptr<double>(), order.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
+        y.data_ptr<scalar_t>(), order.data_ptr<int64_t>(), ys.data_ptr<double>(), cs.data_ptr<double>(),
+        out.data_ptr<scalar_t>(),
         obj.data_ptr<scalar_t>(), feas.data_ptr<bool>(), B, (int)K, epsilon, margin);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
