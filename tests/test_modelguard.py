@@ -6,9 +6,9 @@ interrupted-and-resumed transfer run with the stateful ModelGuard-S."""
 import numpy as np
 import pytest
 import torch
+from original_modelguard import SequentialQuantizer, mld_lp
 from torch import nn
 
-from original_modelguard import SequentialQuantizer, mld_lp
 from ppoison_ext.attacks import KnockoffNets
 from ppoison_ext.defenses import Blackbox, ModelGuardS, ModelGuardW, ReverseSigmoid, build_defense
 from ppoison_ext.models import get_net

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from original_modelguard import mld_lp
+
 from ppoison_ext import ops, reference
 from ppoison_ext.testing import PROB_KINDS, float_dtypes, make_probs
 
@@ -55,7 +55,7 @@ def test_golden(device, row):
         assert bool(feas[0])
         torch.testing.assert_close(x[0].cpu(), torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-4)
         assert abs(float((x - yt).abs().sum()) - l1) <= 2e-4
-        xl, ol, status = mld_lp(np.array(y), eps)
+        _, ol, status = mld_lp(np.array(y), eps)
         assert status == 0
         assert abs(float(obj[0]) - ol) <= 1e-9 * max(1.0, abs(ol))
     if eps == 0.0:
@@ -117,7 +117,7 @@ def test_matches_twin_and_stays_feasible(device, eps, kind, K, dtype):
 def test_infeasible_rows_are_returned_unchanged():
     # a tie at the top needs ~1e-4 of budget to open the margin
     y = torch.tensor([[0.45, 0.45, 0.1], [0.5, 0.3, 0.2]], dtype=torch.float64)
-    x, obj, feas = ops.modelguard_w_solve(y, 1e-6)
+    x, _, feas = ops.modelguard_w_solve(y, 1e-6)
     assert feas.tolist() == [False, True]
     assert torch.equal(x[0], y[0])
     x, _, feas = ops.modelguard_w_solve(y, 0.01)
@@ -131,7 +131,7 @@ def test_ties_reach_the_lp_optimum():
     """Tied y: the optimal vertex is not unique (§6.1.3), the value is."""
     y = torch.tensor([[0.4, 0.2, 0.2, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25, 0.0]], dtype=torch.float64)
     for eps in (0.1, 0.5, 1.5):
-        x, obj, feas = ops.modelguard_w_solve(y, eps)
+        _, obj, _ = ops.modelguard_w_solve(y, eps)
         for b in range(2):
             _, ol, _ = mld_lp(y[b].numpy(), eps)
             assert abs(float(obj[b]) - ol) <= 1e-8 * max(1.0, abs(ol))
