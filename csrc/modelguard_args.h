@@ -38,4 +38,24 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> modelguard_w_costs(const a
   return {order.contiguous(), yd.gather(1, order).contiguous(), cs.contiguous()};
 }
 
+// A checked call: y contiguous, the outputs allocated (x [B, K], objective [B], feasible [B]),
+// and, when B > 0 and y passed the value check, the sorted inputs of modelguard_w_costs.
+struct ModelguardWCall {
+  at::Tensor y, out, obj, feas, order, ys, cs;
+};
+
+inline ModelguardWCall modelguard_w_prepare(const at::Tensor& y_, double epsilon, double margin, double log_offset) {
+  check_modelguard_w_args(y_, epsilon, margin, log_offset);
+  ModelguardWCall c;
+  const int64_t B = y_.size(0), K = y_.size(1);
+  c.y = y_.contiguous();
+  c.out = at::empty({B, K}, c.y.options());
+  c.obj = at::empty({B}, c.y.options());
+  c.feas = at::empty({B}, c.y.options().dtype(at::kBool));
+  if (B == 0) return c;
+  check_modelguard_w_values(c.y);
+  std::tie(c.order, c.ys, c.cs) = modelguard_w_costs(c.y, log_offset);
+  return c;
+}
+
 }  // namespace ppoison

@@ -14,23 +14,17 @@ namespace ppoison {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> modelguard_w_solve_cpu(const at::Tensor& y_, double epsilon,
                                                                       double margin, double log_offset) {
-  check_modelguard_w_args(y_, epsilon, margin, log_offset);
-  const int64_t B = y_.size(0), K = y_.size(1);
-  auto y = y_.contiguous();
-  auto out = at::empty({B, K}, y.options());
-  auto obj = at::empty({B}, y.options());
-  auto feas = at::empty({B}, y.options().dtype(at::kBool));
-  if (B == 0) return {out, obj, feas};
-  check_modelguard_w_values(y);
-  auto [order, ys, cs] = modelguard_w_costs(y, log_offset);
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "modelguard_w_solve_cpu", [&] {
-    const scalar_t* yp = y.data_ptr<scalar_t>();
-    const int64_t* orp = order.data_ptr<int64_t>();
-    const double* ysp = ys.data_ptr<double>();
-    const double* csp = cs.data_ptr<double>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    scalar_t* objp = obj.data_ptr<scalar_t>();
-    bool* fp = feas.data_ptr<bool>();
+  ModelguardWCall c = modelguard_w_prepare(y_, epsilon, margin, log_offset);
+  const int64_t B = c.y.size(0), K = c.y.size(1);
+  if (B == 0) return {c.out, c.obj, c.feas};
+  AT_DISPATCH_FLOATING_TYPES(c.y.scalar_type(), "modelguard_w_solve_cpu", [&] {
+    const scalar_t* yp = c.y.data_ptr<scalar_t>();
+    const int64_t* orp = c.order.data_ptr<int64_t>();
+    const double* ysp = c.ys.data_ptr<double>();
+    const double* csp = c.cs.data_ptr<double>();
+    scalar_t* op = c.out.data_ptr<scalar_t>();
+    scalar_t* objp = c.obj.data_ptr<scalar_t>();
+    bool* fp = c.feas.data_ptr<bool>();
     at::parallel_for(0, B, std::max<int64_t>(1, 64 / K), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         bool ok = false;
@@ -41,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modelguard_w_solve_cpu(const at::
       }
     });
   });
-  return {out, obj, feas};
+  return {c.out, c.obj, c.feas};
 }
 
 TORCH_LIBRARY_IMPL(ppoison, CPU, m) { m.impl("modelguard_w_solve", &modelguard_w_solve_cpu); }

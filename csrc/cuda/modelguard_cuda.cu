@@ -34,24 +34,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modelguard_w_solve_cuda(const at:
   check_modelguard_w_args(y_, epsilon, margin, log_offset);
   check_cuda_inputs({{y_, "y"}});
   const c10::cuda::CUDAGuard guard(y_.device());
-  const int64_t B = y_.size(0), K = y_.size(1);
-  auto y = y_.contiguous();
-  auto out = at::empty({B, K}, y.options());
-  auto obj = at::empty({B}, y.options());
-  auto feas = at::empty({B}, y.options().dtype(at::kBool));
-  if (B == 0) return {out, obj, feas};
-  check_modelguard_w_values(y);
-  auto [order, ys, cs] = modelguard_w_costs(y, log_offset);
+  ModelguardWCall c = modelguard_w_prepare(y_, epsilon, margin, log_offset);
+  const int64_t B = c.y.size(0), K = c.y.size(1);
+  if (B == 0) return {c.out, c.obj, c.feas};
   auto stream = at::cuda::getCurrentCUDAStream();
   constexpr int threads = 128;  // a thread per row: small blocks keep more SMs busy at small B
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "modelguard_w_solve_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(c.y.scalar_type(), "modelguard_w_solve_cuda", [&] {
     modelguard_w_kernel<scalar_t><<<BLOCKS(B, threads), threads, 0, stream>>>(
-        y.data_ptr<scalar_t>(), order.data_ptr<int64_t>(), ys.data_ptr<double>(), cs.data_ptr<double>(),
-        out.data_ptr<scalar_t>(),
-        obj.data_ptr<scalar_t>(), feas.data_ptr<bool>(), B, (int)K, epsilon, margin);
+        c.y.data_ptr<scalar_t>(), c.order.data_ptr<int64_t>(), c.ys.data_ptr<double>(), c.cs.data_ptr<double>(),
+        c.out.data_ptr<scalar_t>(), c.obj.data_ptr<scalar_t>(), c.feas.data_ptr<bool>(), B, (int)K, epsilon,
+        margin);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {out, obj, feas};
+  return {c.out, c.obj, c.feas};
 }
 
 TORCH_LIBRARY_IMPL(ppoison, CUDA, m) { m.impl("modelguard_w_solve", &modelguard_w_solve_cuda); }
