@@ -39,6 +39,8 @@ TORCH_LIBRARY(ppoison, m) {
   m.def("project_simplex(Tensor v, float radius) -> Tensor");
   m.def("project_l1_ball(Tensor v, float radius) -> Tensor");
   m.def("grad2_allocate(Tensor p, Tensor c, float[] epsilons) -> Tensor");
+
+  m.def("modelguard_w_solve(Tensor y, float epsilon, float margin, float log_offset) -> (Tensor, Tensor, Tensor)");
   m.def("cuda_version() -> int", &cuda_version);
 }
 

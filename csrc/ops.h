@@ -33,6 +33,10 @@ at::Tensor mad_step_cpu(const at::Tensor& y, const at::Tensor& y_star, double ep
 at::Tensor project_simplex_cpu(const at::Tensor& v, double radius);
 // Euclidean projection of each row onto {‖x‖₁ ≤ radius}.
 at::Tensor project_l1_ball_cpu(const at::Tensor& v, double radius);
+// ModelGuard-W per row: argmin Σ log(y + offset)·x on the simplex, ‖x − y‖₁ ≤ ε, top-1 margin;
+// returns (x, objective, feasible).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> modelguard_w_solve_cpu(const at::Tensor& y, double epsilon,
+                                                                      double margin, double log_offset);
 
 // GRAD² allocation ỹ [B, E, K]: mass ≤ ε/2 moved onto argmin c from the largest-c classes.
 at::Tensor grad2_allocate_cpu(const at::Tensor& p, const at::Tensor& c, c10::ArrayRef<double> epsilons);
@@ -56,6 +60,8 @@ at::Tensor mad_step_cuda(const at::Tensor& y, const at::Tensor& y_star, double e
                          int64_t kl_steps);
 at::Tensor project_simplex_cuda(const at::Tensor& v, double radius);
 at::Tensor project_l1_ball_cuda(const at::Tensor& v, double radius);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> modelguard_w_solve_cuda(const at::Tensor& y, double epsilon,
+                                                                       double margin, double log_offset);
 #endif
 
 }  // namespace ppoison

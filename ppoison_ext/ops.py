@@ -43,6 +43,8 @@ __all__ = [
     "project_simplex",
     "project_l1_ball",
     "grad2_allocate",
+
+    "modelguard_w_solve",
     "ORACLES",
     "YDISTS",
 ]
@@ -310,6 +312,43 @@ def grad2_allocate(p: Tensor, c: Tensor, epsilons) -> Tensor:
     _same_device(("p", _tensor(p, "p")), ("c", _tensor(c, "c")))
     return torch.ops.ppoison.grad2_allocate.default(p, c, _budgets(epsilons))
 
+def modelguard_w_solve(y: Tensor, epsilon: float, margin: float = 1e-4,
+                       log_offset: float = 1e-6) -> Tuple[Tensor, Tensor, Tensor]:
+    """ModelGuard-W's misinformation LP (``MLD``, ModelGuard, USENIX Security 2024), solved
+    exactly per row.
+
+    For each row y (entries ≥ 0) with c = log(y + log_offset) and m its first argmax::
+
+        minimise Σ_j c_j x_j   s.t.   x ≥ 0, Σ_j x_j = 1, ‖x − y‖₁ ≤ ε,
+                                      x_m − x_j ≥ margin for every j ≠ m.
+
+    Minimising ⟨log y, x⟩ maximises the cross-entropy of the release against y while the top-1
+    class is kept. Solved as a 1-D convex search over t = x_m (the inner problem for a fixed t
+    is a greedy fill; its value is convex piecewise-linear in t): the ends of the feasible t
+    interval by bisection, the minimum by golden-section search, in float64. Matches an LP
+    solver's optimum value; where y has tied entries the optimal vertex is not unique and the
+    choice may differ from an LP solver's. Rows where no x satisfies both the margin and the
+    budget (a near-tie at the top with a budget too small to open the margin, or ε below
+    |1 − Σy|) are returned unchanged, with ``feasible`` False.
+
+    Args:
+        y: victim posteriors, finite and ≥ 0.
+        epsilon: L1 budget ε ≥ 0.
+        margin: the top-1 margin (the reference's 1e-4), in [0, 1).
+        log_offset: the offset inside the log (the reference's 1e-6), > 0.
+
+    Returns:
+        ``(x, objective, feasible)``: x [B, K] in y's dtype, Σ c·x [B] in y's dtype, and a bool
+        [B].
+
+    Shape:
+        y: [B, K] with K ≥ 2.
+    """
+    eps = _number(epsilon, "epsilon")
+    delta = _number(margin, "margin")
+    off = _number(log_offset, "log_offset")
+    return torch.ops.ppoison.modelguard_w_solve.default(_tensor(y, "y"), eps, delta, off)
+
 
 # ---------------------------------------------------------------------------------------
 # Fake (meta) kernels: output shapes for FakeTensor tracing / torch.compile, and what
@@ -380,3 +419,8 @@ def _project_l1_ball_fake(v, radius):
 def _grad2_allocate_fake(p, c, epsilons):
     B, K = _fake_bk(p)
     return p.new_empty((B, len(epsilons), K))
+
+@torch.library.register_fake("ppoison::modelguard_w_solve")
+def _modelguard_w_solve_fake(y, epsilon, margin, log_offset):
+    B, K = _fake_bk(y)
+    return y.new_empty((B, K)), y.new_empty((B,)), y.new_empty((B,), dtype=torch.bool)

@@ -25,6 +25,8 @@ __all__ = [
     "project_simplex",
     "project_l1_ball",
     "grad2_allocate",
+
+    "modelguard_w_solve",
 ]
 
 VERTEX_WEIGHT = 1e-5  # up-weight of the top class in argmax-preserving vertices
@@ -438,3 +440,136 @@ def grad2_allocate(p: Tensor, c: Tensor, epsilons) -> Tensor:
     x[rows, :, r] = pr[:, None] + take.sum(2)
     x = x.clamp(GRAD2_FLOOR, 1.0)
     return (x / x.sum(2, keepdim=True)).to(p.dtype)
+
+# ---------------------------------------------------------------------------------------
+# ModelGuard-W: a 1-D convex search over t = x_m like csrc/modelguard_math.h, done differently
+# so that the two check each other: here the feasible t interval's ends are bisected first and
+# f is golden-section searched inside it (the kernels search a penalised f on [lo, 1] in one
+# pass), and the inner problem for a fixed t is solved in closed form instead of by the
+# kernels' two-pointer walk: the voluntary transfer v* = min(R/2, room, mass,
+# max_p min(cumcap_{<p} − a0, mass_{≥p} − b0)) over the split positions p between strictly
+# increasing costs.
+
+MG_BISECT_ITERS = 55
+MG_GOLDEN_ITERS = 80
+MG_BUDGET_TOL = 1e-12  # ε is honoured to this (absolute), as in the kernels
+_GOLDEN = 0.6180339887498948482
+
+
+class _MgRows:
+    def __init__(self, y: Tensor, epsilon: float, margin: float, log_offset: float):
+        yd = y.double()
+        B, K = yd.shape
+        self.B, self.K, self.eps, self.delta = B, K, float(epsilon) + MG_BUDGET_TOL, float(margin)
+        self.c = torch.log(yd + log_offset)
+        self.m = yd.argmax(1)  # first max
+        order = torch.sort(self.c, dim=1, stable=True).indices
+        keep = order != self.m[:, None]
+        self.ord = order[keep].view(B, K - 1)  # non-top classes, ascending c, ties by index
+        self.ys = yd.gather(1, self.ord)
+        self.cs = self.c.gather(1, self.ord)
+        self.ym = yd.gather(1, self.m[:, None])[:, 0]
+        self.cm = self.c.gather(1, self.m[:, None])[:, 0]
+        ones = torch.ones(B, 1, dtype=torch.bool, device=y.device)
+        # split p (0..K−1) may separate receivers (< p) from donors (≥ p): costs must differ
+        self.split_ok = torch.cat([ones, self.cs[:, 1:] > self.cs[:, :-1], ones], 1)
+
+    def g(self, t: Tensor) -> Tensor:
+        U = t - self.delta
+        z = torch.minimum(self.ys, U[:, None])
+        F = (self.ys - z).sum(1)
+        sz = z.sum(1)
+        D = (1.0 - t) - sz
+        g = (self.ym - t).abs() + F + D.abs()
+        bad = (U < 0) | (D > (self.K - 1) * U - sz + 1e-15)
+        return torch.where(bad, torch.full_like(g, math.inf), g)
+
+    def inner(self, t: Tensor) -> Tuple[Tensor, Tensor]:
+        """f(t) [B] (inf where infeasible) and the sorted non-top x [B, K−1]."""
+        U = t - self.delta
+        z = torch.minimum(self.ys, U.clamp(min=0)[:, None])
+        F = (self.ys - z).sum(1)
+        D = (1.0 - t) - z.sum(1)
+        R = self.eps - (self.ym - t).abs() - F - D.abs()
+        cap = U[:, None] - z
+        cum_r = cap.cumsum(1)
+        suf_d = z.flip(1).cumsum(1).flip(1)
+        zero = torch.zeros_like(t)[:, None]
+        before = torch.cat([zero, cum_r], 1)  # room in positions < p
+        from_p = torch.cat([suf_d, zero], 1)  # mass in positions ≥ p
+        a0, b0 = D.clamp(min=0), (-D).clamp(min=0)
+        cross = torch.minimum(before - a0[:, None], from_p - b0[:, None])
+        cross = torch.where(self.split_ok, cross, torch.full_like(cross, -math.inf)).amax(1)
+        v = torch.minimum(torch.minimum(0.5 * R, cross), torch.minimum(cum_r[:, -1] - a0, suf_d[:, 0] - b0))
+        v = v.clamp(min=0)
+        a, b = a0 + v, b0 + v
+        fill = (a[:, None] - (cum_r - cap)).clamp(min=0)
+        fill = torch.minimum(fill, cap)
+        drain = (b[:, None] - (suf_d - z)).clamp(min=0)
+        drain = torch.minimum(drain, z)
+        x = (z + fill - drain).clamp(min=0)
+        f = self.cm * t + (self.cs * x).sum(1)
+        bad = (U < 0) | (R < 0) | (a > cum_r[:, -1] + 1e-12) | (b > suf_d[:, 0] + 1e-12)
+        return torch.where(bad, torch.full_like(f, math.inf), f), x
+
+    def f(self, t: Tensor) -> Tensor:
+        return self.inner(t)[0]
+
+    def boundary(self, feas: Tensor, infeas: Tensor) -> Tensor:
+        for _ in range(MG_BISECT_ITERS):
+            mid = 0.5 * (feas + infeas)
+            ok = self.g(mid) <= self.eps
+            feas, infeas = torch.where(ok, mid, feas), torch.where(ok, infeas, mid)
+        return feas
+
+
+def _mg_golden(a: Tensor, b: Tensor, fn) -> Tensor:
+    fa, fb_ = fn(a), fn(b)
+    tb = torch.where(fb_ < fa, b, a)
+    fbest = torch.minimum(fa, fb_)
+    x1, x2 = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
+    f1, f2 = fn(x1), fn(x2)
+    for _ in range(MG_GOLDEN_ITERS):
+        left = f1 <= f2  # keep [a, x2]
+        b = torch.where(left, x2, b)
+        a = torch.where(left, a, x1)
+        nx1 = torch.where(left, b - _GOLDEN * (b - a), x2)
+        nx2 = torch.where(left, x1, a + _GOLDEN * (b - a))
+        new = fn(torch.where(left, nx1, nx2))
+        f1, f2 = torch.where(left, new, f2), torch.where(left, f1, new)
+        x1, x2 = nx1, nx2
+        for xv, fv in ((x1, f1), (x2, f2)):
+            better = fv < fbest
+            tb, fbest = torch.where(better, xv, tb), torch.where(better, fv, fbest)
+    return tb
+
+
+def modelguard_w_solve(y: Tensor, epsilon: float, margin: float = 1e-4,
+                       log_offset: float = 1e-6) -> Tuple[Tensor, Tensor, Tensor]:
+    B, K = y.shape
+    if B == 0:
+        return y.new_empty((0, K)), y.new_empty((0,)), torch.zeros(0, dtype=torch.bool, device=y.device)
+    r = _MgRows(y, epsilon, margin, log_offset)
+    yd = y.double()
+    lo_v = max((1.0 + (K - 1) * r.delta) / K, r.delta)
+    lo = torch.full((B,), lo_v, dtype=torch.float64, device=y.device)
+    hi = torch.ones_like(lo)
+    others = yd.scatter(1, r.m[:, None], -math.inf).amax(1)
+    margin_ok = (r.ym - others >= r.delta) & (r.ym >= lo) & (r.ym <= hi)
+    t0 = torch.where(margin_ok, r.ym, _mg_golden(lo, hi, r.g) if not bool(margin_ok.all()) else r.ym)
+    feasible = (r.g(t0) <= r.eps) & (lo_v <= 1.0)
+    a = torch.where(r.g(lo) <= r.eps, lo, r.boundary(t0, lo))
+    b = torch.where(r.g(hi) <= r.eps, hi, r.boundary(t0, hi))
+    a, b = torch.where(feasible, a, t0), torch.where(feasible, b, t0)
+    t = _mg_golden(a, b, r.f)
+    f, xs = r.inner(t)
+    fallback = ~torch.isfinite(f)
+    if bool(fallback.any()):
+        f0, xs0 = r.inner(t0)
+        t, xs = torch.where(fallback, t0, t), torch.where(fallback[:, None], xs0, xs)
+    x = torch.empty_like(yd)
+    x.scatter_(1, r.ord, xs)
+    x.scatter_(1, r.m[:, None], t[:, None])
+    x = torch.where(feasible[:, None], x, yd)
+    obj = (r.c * x).sum(1)
+    return x.to(y.dtype), obj.to(y.dtype), feasible

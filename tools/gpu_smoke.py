@@ -305,6 +305,31 @@ def run(sm: Smoke, seed: int) -> None:
             sm.same_error(f"error {name} {tag}", fn, *args, **kw)
 
 
+
+def run_modelguard(sm: Smoke, seed: int) -> None:
+    """modelguard_w_solve CUDA vs CPU: random y (distinct entries, a unique optimum), a tie at the
+    top (infeasible for a tiny ε), non-contiguous, a side stream, B = 0 and the NaN error."""
+    g = torch.Generator().manual_seed(seed + 17)
+    for dt in (torch.float64, torch.float32):
+        for B, K in (((5, 2), (33, 10)) if sm.quick else ((5, 2), (37, 10), (9, 100), (300, 17))):
+            y = torch.softmax(torch.randn(B, K, generator=g, dtype=torch.float64) * 3, 1).to(dt)
+            tag = f"{str(dt)[6:]} B={B} K={K}"
+            for eps in ((0.1, 1.0) if sm.quick else (0.0, 0.05, 0.5, 1.0, 2.0)):
+                sm.case(f"modelguard_w_solve eps={eps} {tag}", ops.modelguard_w_solve, y, eps, exact=(2,))
+        y = torch.softmax(torch.randn(9, 12, generator=g, dtype=torch.float64) * 3, 1).to(dt)
+        tied = y.clone()
+        tied[:, 1] = tied[:, 0] = tied.max(1).values
+        tag = f"{str(dt)[6:]} B=9 K=12"
+        sm.case(f"modelguard_w_solve tied top {tag}", ops.modelguard_w_solve, tied, 1e-6, exact=(0, 1, 2))
+        sm.case(f"modelguard_w_solve non-contiguous {tag}", ops.modelguard_w_solve, y, 0.5, exact=(2,),
+                noncontig=True)
+        sm.stream_case(f"modelguard_w_solve side stream {tag}", ops.modelguard_w_solve, y, 0.5, exact=(2,))
+        sm.case(f"modelguard_w_solve B=0 {tag}", ops.modelguard_w_solve, y[:0], 0.5, exact=(0, 1, 2))
+        bad = y.clone()
+        bad[2, 3] = math.nan
+        sm.same_error(f"error modelguard_w_solve nan y {tag}", ops.modelguard_w_solve, bad, 0.5)
+        sm.same_error(f"error modelguard_w_solve negative y {tag}", ops.modelguard_w_solve, -y, 0.5)
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda", help="device to compare with the CPU (default cuda)")
@@ -318,6 +343,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     sm = Smoke(dev, a.quick)
     run(sm, a.seed)
+    run_modelguard(sm, a.seed)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     print(f"gpu_smoke ({dev}, {'quick' if a.quick else 'full'}, pid {os.getpid()}): {sm.checks} checks, "

@@ -14,6 +14,7 @@ from .grad2_baselines import MADGR, RandomGR, ReverseSigmoidGR
 from .factory import (DEFENSE_KEYS, DEFENSE_NAMES, DefenseSpec, build_defense, defense_from_dir, make_defense,
                       make_wb_defense, parse_defense_args)
 from .mad import MAD
+from .modelguard import ModelGuardS, ModelGuardW
 from .proxy import ProxyView
 from .querylog import QueryLogger, read_queries
 from .whitebox import WB_DEFENSES, WhiteboxDefense
@@ -25,6 +26,8 @@ __all__ = [
     "Blackbox", "MAD", "ReverseSigmoid", "RandomNoise", "WhiteboxDefense",
     "GRAD2", "MADGR", "ReverseSigmoidGR", "RandomGR", "flatten_params", "watermark_target",
     "AdaptiveMisinformation", "AMComponents", "AM_VARIANTS",
+
+    "ModelGuardW", "ModelGuardS",
     # building
     "build_defense", "DefenseSpec", "parse_defense_args", "DEFENSE_NAMES", "DEFENSE_KEYS", "WB_DEFENSES",
     # deprecated builders

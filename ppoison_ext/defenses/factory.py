@@ -31,6 +31,7 @@ from .blackbox import Blackbox
 from .grad2 import GRAD2
 from .grad2_baselines import MADGR, RandomGR, ReverseSigmoidGR
 from .mad import MAD
+from .modelguard import ModelGuardS, ModelGuardW
 from .querylog import QueryLogger
 from .whitebox import WB_DEFENSES, build_whitebox
 
@@ -82,6 +83,14 @@ DEFENSE_KEYS.update({
     "rand_gr": {"epsilon": float, "seed": int, **_COMMON},
 })
 # -- end GRAD² --
+
+# --- ModelGuard (MG:defenses/victim/{mld,quantize}.py) ---------------------------------
+# The reference scripts' keys: modelguard_w "epsilon:1.0,ydist:l1,batch_constraint:0";
+# modelguard_s "epsilon:1.0,ydist:l1,optim:0,frozen:0,ordered_quantization:1".
+DEFENSE_KEYS["modelguard_w"] = {"epsilon": float, "ydist": str, "batch_constraint": int, **_COMMON}
+DEFENSE_KEYS["modelguard_s"] = {"epsilon": float, "ydist": str, "frozen": _bool, "optim": int,
+                                "ordered_quantization": _bool, **_COMMON}
+# --- end ModelGuard ----------------------------------------------------------------------
 DEFENSE_KEYS["mad_wb"] = {**DEFENSE_KEYS["mad"], **_WB}
 DEFENSE_KEYS["reverse_sigmoid_wb"] = {**DEFENSE_KEYS["reverse_sigmoid"], **_WB}
 DEFENSE_KEYS["rand_noise_wb"] = {**DEFENSE_KEYS["rand_noise"], **_WB}
@@ -217,6 +226,22 @@ def _rand_noise(model: nn.Module, kw: Dict[str, Any], *, logger, **_) -> RandomN
     return RandomNoise(model, logger=logger, **kw)
 
 
+# --- ModelGuard builders ----------------------------------------------------------------
+def _modelguard_w(model: nn.Module, kw: Dict[str, Any], *, logger, **_) -> ModelGuardW:
+    if "epsilon" not in kw:
+        raise ValueError("defense modelguard_w needs epsilon (e.g. 'epsilon:1.0')")
+    return ModelGuardW(model, logger=logger, **kw)
+
+
+def _modelguard_s(model: nn.Module, kw: Dict[str, Any], *, logger, **_) -> ModelGuardS:
+    if kw.pop("optim", 0) != 0:
+        raise ValueError("defense_args: modelguard_s supports optim:0 only (the new centroid is the query)")
+    if not kw.pop("ordered_quantization", True):
+        raise ValueError("defense_args: modelguard_s supports ordered_quantization:1 only")
+    return ModelGuardS(model, logger=logger, **kw)
+# --- end ModelGuard builders ------------------------------------------------------------
+
+
 #: name -> builder(model, kwargs, *, proxy, logger, device) of the output-perturbation defenses.
 _BUILDERS: Dict[str, Callable[..., Defense]] = {
     "none": lambda model, kw, *, logger, **_: Blackbox(model, logger=logger, **kw),
@@ -225,6 +250,9 @@ _BUILDERS: Dict[str, Callable[..., Defense]] = {
     "reverse_sigmoid": lambda model, kw, *, logger, **_: ReverseSigmoid(model, logger=logger, **kw),
     "rand_noise": _rand_noise,
     "mad": _mad,
+    # ModelGuard
+    "modelguard_w": _modelguard_w,
+    "modelguard_s": _modelguard_s,
 }
 
 

@@ -1,0 +1,272 @@
+"""ModelGuard's defenses (Tang et al., "ModelGuard: Information-Theoretic Defense Against
+Model Extraction Attacks", USENIX Security 2024), batched.
+
+* :class:`ModelGuardW` — the misinformation LP (``MLD``): release the posterior inside the L1
+  ball around y that minimises ⟨log y, y′⟩ while keeping the top-1 class.
+* :class:`ModelGuardS` — incremental quantisation: sequential leader clustering of the
+  released posteriors per top-1 class. **Stateful**: the answer to a query depends on the
+  queries answered before it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from .base import Defense, DefenseOutput
+
+__all__ = ["ModelGuardW", "ModelGuardS"]
+
+logger = logging.getLogger(__name__)
+
+MARGIN = 1e-4  # the reference's top-1 margin y′_m − y′_j ≥ 1e-4
+LOG_OFFSET = 1e-6  # the reference's c = log(y + 1e-6)
+YDISTS = ("l1", "l2", "kl")
+
+
+def _budget(v, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    v = float(v)
+    if not (v >= 0.0 and v < math.inf):
+        raise ValueError(f"{name} must be finite and >= 0, got {v}")
+    return v
+
+
+class ModelGuardW(Defense):
+    """ModelGuard-W: the reference's ``MLD`` defense, with an exact batched solver.
+
+    Per query, with y the victim's posterior, c = log(y + 1e-6) and m = argmax y (first max),
+    the released y′ solves::
+
+        minimise Σ_j c_j y′_j   s.t.   y′ on the simplex, ‖y′ − y‖₁ ≤ ε,
+                                       y′_m − y′_j ≥ 1e-4 for every j ≠ m
+
+    (:func:`ppoison_ext.ops.modelguard_w_solve`: a 1-D convex search per row instead of the
+    reference's one CBC LP per batch). The top-1 class is preserved. ``perturb(x).obj`` is the
+    LP objective Σ c·y′ per query (the value the reference logs). A query whose top two
+    posteriors are so close that the margin cannot be opened within ε is released unchanged
+    (the reference's LP would be infeasible there); such queries are counted in
+    :attr:`infeasible_count`.
+
+    Args:
+        model: the victim.
+        epsilon: the L1 budget ε ≥ 0 (the reference's scripts: 1.0).
+        ydist: accepted for compatibility (``l1``, ``l2``, ``kl``); as in the reference the
+            budget is always L1 (ydist only chose the metric of its warnings).
+        batch_constraint: 0 (a budget per query, the reference's default); the shared-budget
+            variant 1 is not supported.
+        logger: optional :class:`~ppoison_ext.defenses.QueryLogger`.
+
+    Shape:
+        x: the victim's input [B, ...]; returns [B, K] rows on the simplex.
+
+    Example:
+        >>> mgw = ModelGuardW(victim, epsilon=1.0)
+        >>> y_prime = mgw(x)
+    """
+
+    def __init__(self, model: nn.Module, *, epsilon: float, ydist: str = "l1", batch_constraint: int = 0,
+                 logger=None):
+        super().__init__(model, logger=logger)
+        self.epsilon = _budget(epsilon, "epsilon")
+        if not isinstance(ydist, str):
+            raise TypeError(f"ydist must be a str, got {type(ydist).__name__}")
+        if ydist not in YDISTS:
+            raise ValueError(f"ydist must be one of {list(YDISTS)}, got {ydist!r}")
+        if isinstance(batch_constraint, bool) or not isinstance(batch_constraint, int):
+            raise TypeError(f"batch_constraint must be an int, got {type(batch_constraint).__name__}")
+        if batch_constraint != 0:
+            raise ValueError(f"batch_constraint must be 0 (one budget per query); the shared-budget variant "
+                             f"{batch_constraint} is not supported")
+        self.ydist = ydist
+        self.batch_constraint = batch_constraint
+        self.infeasible_count = 0
+
+    def hparams(self) -> dict:
+        return {"epsilon": self.epsilon, "ydist": self.ydist, "batch_constraint": self.batch_constraint}
+
+    def get_yprime(self, y: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """The defense applied to given posteriors y [B, K]: (y′, objective, feasible)."""
+        return ops.modelguard_w_solve(y, self.epsilon, MARGIN, LOG_OFFSET)
+
+    def defend(self, x: Tensor, y: Tensor) -> DefenseOutput:
+        y_prime, obj, feasible = self.get_yprime(y)
+        bad = int((~feasible).sum()) if feasible.numel() else 0
+        if bad:
+            self.infeasible_count += bad
+            logger.warning("ModelGuard-W: %d queries of %d could not open the top-1 margin within epsilon=%g; "
+                           "released unchanged", bad, y.shape[0], self.epsilon)
+        return DefenseOutput(y_prime, y, obj)
+
+
+class ModelGuardS(Defense):
+    """ModelGuard-S: the reference's incremental quantisation (``incremental_kmeans`` with
+    ``ordered_quantization`` 1, ``optim`` 0, wrapping the undefended black box).
+
+    **Stateful.** One centroid bank per top-1 class, empty at construction. Queries are
+    answered in order (row order inside a batch): with l = argmax y, the release is the
+    earliest-created centroid of class l within distance ε of y (L1 or L2); if there is none,
+    y becomes a new centroid of class l and is released as is. So the answer to a query
+    depends on every query answered before it, and the same input keeps getting the same
+    answer. The top-1 class is preserved by construction. Batched: queries that match an
+    existing centroid are resolved at once; only the rest go through a short sequential pass.
+
+    ``frozen=True`` answers without adding centroids: the first centroid within ε, else the
+    nearest (first on ties); y itself when its class has no centroid yet.
+
+    The state survives a resumed transfer run through :meth:`resume_state` /
+    :meth:`load_resume_state` (snapshotted after every batch by
+    :class:`~ppoison_ext.attacks.KnockoffNets`). The defense is deterministic:
+    :meth:`reseed` leaves the banks alone; :meth:`reset` empties them.
+
+    Args:
+        model: the victim.
+        epsilon: the quantisation radius ε ≥ 0 (the reference's scripts: 1.0).
+        ydist: ``l1`` or ``l2``.
+        frozen: look up only, never add centroids.
+        logger: optional :class:`~ppoison_ext.defenses.QueryLogger`.
+
+    Shape:
+        x: the victim's input [B, ...]; returns [B, K].
+
+    Example:
+        >>> mgs = ModelGuardS(victim, epsilon=1.0)
+        >>> y1 = mgs(x)          # creates centroids
+        >>> mgs(x).equal(y1)     # the same answers again
+        True
+    """
+
+    def __init__(self, model: nn.Module, *, epsilon: float = 1.0, ydist: str = "l1", frozen: bool = False,
+                 logger=None):
+        super().__init__(model, logger=logger)
+        self.epsilon = _budget(epsilon, "epsilon")
+        if not isinstance(ydist, str):
+            raise TypeError(f"ydist must be a str, got {type(ydist).__name__}")
+        if ydist not in ("l1", "l2"):
+            raise ValueError(f"ydist must be 'l1' or 'l2', got {ydist!r}")
+        if not isinstance(frozen, bool):
+            raise TypeError(f"frozen must be a bool, got {type(frozen).__name__}")
+        self.ydist, self.frozen = ydist, frozen
+        self.reset()
+
+    def hparams(self) -> dict:
+        return {"epsilon": self.epsilon, "ydist": self.ydist, "frozen": self.frozen}
+
+    # -- state ----------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Empties every centroid bank."""
+        self._bank: Optional[Tensor] = None  # [N, K], creation order, all classes
+        self._labels: Optional[Tensor] = None  # [N] top-1 class of each centroid
+
+    @property
+    def num_centroids(self) -> int:
+        return 0 if self._bank is None else int(self._bank.shape[0])
+
+    def centroids(self, label: int) -> Tensor:
+        """The bank of class ``label`` [n, K], in creation order."""
+        if self._bank is None:
+            return torch.zeros(0, 0)
+        return self._bank[self._labels == label].clone()
+
+    def reseed(self, seed: Optional[int]) -> None:
+        """No random stream to restart; the banks are state, not randomness, and are kept."""
+
+    def resume_state(self) -> Dict[str, Any]:
+        """The banks and the query count (tensors and numbers only)."""
+        st: Dict[str, Any] = {"call_count": int(self.call_count)}
+        if self._bank is not None:
+            st["bank"] = self._bank.detach().cpu().clone()
+            st["labels"] = self._labels.detach().cpu().clone()
+        return st
+
+    def load_resume_state(self, st: Optional[Mapping[str, Any]]) -> None:
+        """Restores :meth:`resume_state`; None: the state before any query."""
+        self.reset()
+        if st is None:
+            self.call_count = 0
+            return
+        self.call_count = int(st["call_count"])
+        if "bank" in st:
+            bank, labels = st["bank"], st["labels"]
+            if bank.dim() != 2 or labels.shape != bank.shape[:1]:
+                raise ValueError(f"resume state: bank {tuple(bank.shape)} and labels {tuple(labels.shape)} "
+                                 "do not match")
+            self._bank, self._labels = bank.clone(), labels.to(torch.int64).clone()
+
+    # -- lookup ---------------------------------------------------------------------------------
+    def _dist(self, a: Tensor, b: Tensor) -> Tensor:
+        p = 1.0 if self.ydist == "l1" else 2.0
+        return torch.cdist(a.double(), b.double(), p=p, compute_mode="donot_use_mm_for_euclid_dist")
+
+    def quantize(self, y: Tensor, update: Optional[bool] = None) -> Tensor:
+        """The released centroids for posteriors y [B, K], in row order; ``update`` (default:
+        not ``frozen``) adds the new centroids to the banks."""
+        if not isinstance(y, Tensor) or y.dim() != 2:
+            raise ValueError(f"y must be a [B, K] tensor, got {getattr(y, 'shape', type(y).__name__)}")
+        if not torch.is_floating_point(y):
+            raise TypeError(f"y must be a floating-point tensor, got {y.dtype}")
+        if y.numel() and not bool(torch.isfinite(y).all()):
+            raise ValueError("y contains NaN or Inf values")
+        update = (not self.frozen) if update is None else update
+        B, K = y.shape
+        if B == 0:
+            return y.clone()
+        if self._bank is not None and self._bank.shape[1] != K:
+            raise ValueError(f"this defense's banks hold K={self._bank.shape[1]} classes, got y with K={K}")
+        labels = y.argmax(1)  # first max
+        if self._bank is None:
+            bank, blab = y.new_zeros((0, K)), labels.new_zeros((0,))
+        else:
+            bank, blab = self._bank.to(device=y.device, dtype=y.dtype), self._labels.to(y.device)
+        N = bank.shape[0]
+        choice = torch.full((B,), -1, dtype=torch.int64, device=y.device)
+        if N:
+            d = self._dist(y, bank)
+            same = labels[:, None] == blab[None, :]
+            valid = (d <= self.epsilon) & same
+            has = valid.any(1)
+            choice = torch.where(has, valid.to(torch.int8).argmax(1), choice)  # the earliest valid
+            if not update:
+                near = torch.where(same, d, torch.full_like(d, math.inf)).argmin(1)
+                known = same.any(1)
+                choice = torch.where(~has & known, near, choice)
+        if not update:
+            out = y.clone()
+            hit = choice >= 0
+            if not bool(hit.all()):
+                logger.warning("ModelGuard-S (frozen): %d queries of classes without centroids released unchanged",
+                               int((~hit).sum()))
+            out[hit] = bank[choice[hit]]
+            return out
+        todo = (choice < 0).nonzero()[:, 0]
+        if todo.numel():
+            yu, lu = y[todo], labels[todo]
+            ok = ((self._dist(yu, yu) <= self.epsilon) & (lu[:, None] == lu[None, :])).cpu().numpy()
+            u = todo.numel()
+            leader = np.zeros(u, dtype=bool)
+            pick = np.empty(u, dtype=np.int64)
+            for i in range(u):  # sequential leader clustering over the unresolved queries
+                cand = np.flatnonzero(ok[i, :i] & leader[:i])
+                if cand.size:
+                    pick[i] = cand[0]
+                else:
+                    leader[i] = True
+                    pick[i] = i
+            rank = np.cumsum(leader) - 1  # index of each leader among the new centroids
+            new_idx = torch.from_numpy(N + rank[pick]).to(y.device)
+            choice[todo] = new_idx
+            lead = torch.from_numpy(np.flatnonzero(leader)).to(y.device)
+            bank = torch.cat([bank, yu[lead]])
+            blab = torch.cat([blab, lu[lead]])
+            self._bank, self._labels = bank, blab
+        return bank[choice]
+
+    def defend(self, x: Tensor, y: Tensor) -> DefenseOutput:
+        return DefenseOutput(self.quantize(y), y)
