@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Dict, List
 
 import torch
+from torch import nn
 
-__all__ = ["devices", "float_dtypes", "tol", "make_probs", "make_features", "make_jacobian", "PROB_KINDS"]
+__all__ = ["devices", "float_dtypes", "tol", "make_probs", "make_features", "make_jacobian", "PROB_KINDS",
+           "IdentityLogits"]
 
 
 def devices() -> List[torch.device]:
@@ -78,3 +80,18 @@ def make_features(B: int, H: int, *, dtype=torch.float32, device="cpu", generato
 def make_jacobian(B: int, K: int, D: int, *, dtype=torch.float32, device="cpu", generator=None):
     """Random explicit Jacobians G [B, K, D]."""
     return torch.randn(B, K, D, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+class IdentityLogits(nn.Module):
+    """A victim whose logits are its input (an identity nn.Linear): its posteriors are
+    softmax(x), so tests can feed adversarial posteriors through a real model."""
+
+    def __init__(self, K: int):
+        super().__init__()
+        self.fc = nn.Linear(K, K)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.eye(K))
+            self.fc.bias.zero_()
+
+    def forward(self, x):
+        return self.fc(x)

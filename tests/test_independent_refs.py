@@ -43,6 +43,7 @@ from torch import nn
 
 from ppoison_ext import ops
 from ppoison_ext.defenses import MAD
+from ppoison_ext.testing import IdentityLogits
 
 mp = mpmath.mp
 
@@ -51,18 +52,7 @@ mp = mpmath.mp
 # 1. optim="projections"
 
 
-class Logits(nn.Module):
-    """Identity victim: its posteriors are softmax(x)."""
-
-    def __init__(self, K):
-        super().__init__()
-        self.fc = nn.Linear(K, K)
-        with torch.no_grad():
-            self.fc.weight.copy_(torch.eye(K))
-            self.fc.bias.zero_()
-
-    def forward(self, x):
-        return self.fc(x)
+Logits = IdentityLogits
 
 
 def _proxy(K, seed):

@@ -13,6 +13,7 @@ from torch import nn
 from ppoison_ext import ops, reference
 from ppoison_ext.defenses import MAD, Blackbox, RandomNoise, ReverseSigmoid
 from ppoison_ext.fuzzing import EDGE_KINDS, check_ball, check_simplex, edge_probs
+from ppoison_ext.testing import IdentityLogits
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -76,16 +77,7 @@ def test_projections(size, dtype, seed, radius, scale):
     assert (z.double().abs().sum(-1) <= radius * (1 + 1e-5) + 1e-6 * scale * K).all()
 
 
-class _Logits(nn.Module):
-    def __init__(self, K):
-        super().__init__()
-        self.fc = nn.Linear(K, K)
-        with torch.no_grad():
-            self.fc.weight.copy_(torch.eye(K))
-            self.fc.bias.zero_()
-
-    def forward(self, x):
-        return self.fc(x)
+_Logits = IdentityLogits
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

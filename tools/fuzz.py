@@ -53,21 +53,13 @@ from ppoison_ext.fuzzing import (
     edge_probs,
     mismatched_rows,
 )
+from ppoison_ext.testing import IdentityLogits
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 import original_mad as orig  # noqa: E402  the per-sample port of the reference code
 
 
-class Logits(nn.Module):
-    def __init__(self, K):
-        super().__init__()
-        self.fc = nn.Linear(K, K)
-        with torch.no_grad():
-            self.fc.weight.copy_(torch.eye(K))
-            self.fc.bias.zero_()
-
-    def forward(self, x):
-        return self.fc(x)
+Logits = IdentityLogits
 
 
 def _row_scale(gargs, y):
