@@ -198,14 +198,14 @@ def test_sigkill_and_resume_equals_uninterrupted(victim, tmp_path):
     # three kills spread over the run (early, middle, late), each at a random moment inside a
     # window of committed rows, plus a random delay that lands it anywhere in a batch (between
     # the query log's write and the transfer set's commit, too); the process must be alive
-    for lo, hi in ((1, 600), (700, 1300), (1400, 1900)):
+    for lo, hi in ((1, 500), (600, 1100), (1200, 1600)):
         threshold = max(_rows(out) + 1, rng.randrange(lo, hi))
         proc = subprocess.Popen(_cmd(victim, out, defense, args), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
         deadline = time.monotonic() + 50
         while _rows(out) < threshold and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.002)
-        time.sleep(rng.uniform(0, 0.08))
+        time.sleep(rng.uniform(0, 0.02))
         assert proc.poll() is None, f"the run ended before the kill at {threshold} rows"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
