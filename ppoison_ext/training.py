@@ -185,6 +185,16 @@ def _check_nonneg(name: str, v: Any) -> float:
     return float(v)
 
 
+def _check_loop_settings(batch_size, epochs, lr, momentum, weight_decay, lr_step, lr_gamma, num_workers,
+                         log_interval) -> tuple:
+    """The training loops' shared settings, checked and converted (ValueError naming the first bad one)."""
+    return (_check_positive_int("batch_size", batch_size), _check_positive_int("epochs", epochs, 0),
+            _check_nonneg("lr", lr), _check_nonneg("momentum", momentum),
+            _check_nonneg("weight_decay", weight_decay), _check_positive_int("lr_step", lr_step),
+            _check_nonneg("lr_gamma", lr_gamma), _check_positive_int("num_workers", num_workers, 0),
+            _check_positive_int("log_interval", log_interval))
+
+
 def _eval_sums(model: nn.Module, loader, device: torch.device, criterion: Callable,
                progress: bool = False, desc: str = "test") -> Tuple[float, int, int]:
     """(Σ per-batch mean loss, #correct, #samples) over ``loader`` in eval mode."""
@@ -409,15 +419,9 @@ def train_model(
         raise TypeError(f"trainset must be a torch Dataset, got {type(trainset).__name__}")
     if testset is not None and not isinstance(testset, Dataset):
         raise TypeError(f"testset must be a torch Dataset or None, got {type(testset).__name__}")
-    batch_size = _check_positive_int("batch_size", batch_size)
-    epochs = _check_positive_int("epochs", epochs, 0)
-    lr = _check_nonneg("lr", lr)
-    momentum = _check_nonneg("momentum", momentum)
-    weight_decay = _check_nonneg("weight_decay", weight_decay)
-    lr_step = _check_positive_int("lr_step", lr_step)
-    lr_gamma = _check_nonneg("lr_gamma", lr_gamma)
-    num_workers = _check_positive_int("num_workers", num_workers, 0)
-    log_interval = _check_positive_int("log_interval", log_interval)
+    (batch_size, epochs, lr, momentum, weight_decay, lr_step, lr_gamma, num_workers,
+     log_interval) = _check_loop_settings(batch_size, epochs, lr, momentum, weight_decay, lr_step, lr_gamma,
+                                          num_workers, log_interval)
     if not isinstance(checkpoint_suffix, str):
         raise TypeError(f"checkpoint_suffix must be a str, got {type(checkpoint_suffix).__name__}")
     if log_suffix is not None and not isinstance(log_suffix, str):
@@ -717,15 +721,9 @@ def train_model_oe(
     if len(trainset) == 0:
         raise ValueError("trainset is empty")
     oe_lambda = _check_nonneg("oe_lambda", oe_lambda)
-    batch_size = _check_positive_int("batch_size", batch_size)
-    epochs = _check_positive_int("epochs", epochs, 0)
-    lr = _check_nonneg("lr", lr)
-    momentum = _check_nonneg("momentum", momentum)
-    weight_decay = _check_nonneg("weight_decay", weight_decay)
-    lr_step = _check_positive_int("lr_step", lr_step)
-    lr_gamma = _check_nonneg("lr_gamma", lr_gamma)
-    num_workers = _check_positive_int("num_workers", num_workers, 0)
-    log_interval = _check_positive_int("log_interval", log_interval)
+    (batch_size, epochs, lr, momentum, weight_decay, lr_step, lr_gamma, num_workers,
+     log_interval) = _check_loop_settings(batch_size, epochs, lr, momentum, weight_decay, lr_step, lr_gamma,
+                                          num_workers, log_interval)
     if resume not in (None, False, True, "auto"):
         raise ValueError(f"resume must be None, False, True or 'auto' with outlier exposure, got {resume!r}")
     if D.launched_with_torchrun():
