@@ -10,6 +10,7 @@ resumes after a crash. This module needs nothing but the standard library.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import stat
@@ -59,7 +60,8 @@ def atomic_write(path: PathLike, write_fn: Callable[[IO[bytes]], None]) -> Path:
     """Write a file atomically: ``write_fn(f)`` fills a temporary binary file in the same
     folder, which is flushed, fsync'ed and ``os.replace``'d over ``path``.
 
-    Missing parent folders are created. The file gets the mode of the file it replaces,
+    Missing parent folders are created; temporary files of this target left by a killed
+    writer are removed. The file gets the mode of the file it replaces,
     or the usual ``0o666 & ~umask``. If ``write_fn`` raises, the temporary file is removed
     and ``path`` is left as it was.
 
@@ -73,6 +75,11 @@ def atomic_write(path: PathLike, write_fn: Callable[[IO[bytes]], None]) -> Path:
         mode = stat.S_IMODE(path.stat().st_mode)
     except FileNotFoundError:
         mode = 0o666 & ~_umask()
+    # a process killed inside an earlier write of this file (SIGKILL skips the cleanup below)
+    # leaves its temporary file behind; each file has one writer, so any such leftover is stale
+    for stale in directory.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

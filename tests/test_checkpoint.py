@@ -345,3 +345,15 @@ def test_modelfamily_for_dataset(monkeypatch):
     monkeypatch.setattr(modeldir, "dataset_to_modelfamily", lambda name: {"MyDigits": "mnist"}[name])
     assert modelfamily_for_dataset("MyDigits") == "mnist"
     assert modelfamily_for_dataset("KMNIST") == "mnist"
+
+
+def test_atomic_write_removes_a_killed_writers_temporary_file(tmp_path):
+    target = tmp_path / "train.log.tsv"
+    stale = tmp_path / ".train.log.tsv.abc123.tmp"  # what a SIGKILL inside atomic_write leaves
+    other = tmp_path / ".other.tsv.abc123.tmp"
+    stale.write_text("half")
+    other.write_text("not ours")
+    atomic_write_text(target, "row\n")
+    assert target.read_text() == "row\n"
+    assert not stale.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tsv.abc123.tmp", "train.log.tsv"]
