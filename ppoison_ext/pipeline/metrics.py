@@ -1,0 +1,200 @@
+"""The GRAD² table metric: attacker error at a fixed defender-error cost and at a fixed budget.
+
+The metric comes from the GRAD² paper's results tables. For each victim × attack × defense label,
+at the largest query budget of that victim × attack, and over the defense's grid points in grid
+order:
+
+* ``a_err`` = 100 − ``attacker_acc`` (the attacker's error, in %);
+* ``d_err`` = 100 − ``defender_acc`` (the defender's error, in %);
+* ``e_eps`` = ``l1_transfer``, the mean L1 distance between the defended and the undefended
+  posteriors over the transfer queries (a distance in [0, 2], not a percentage).
+
+The baseline is the ``none`` defense's value of the metric: its ``d_err`` (the victim's test
+error) for ``d_err``, and 0 for ``e_eps``. The targets are absolute offsets from it:
+baseline + :data:`GRAD2_DERR_OFFSETS` percentage points of defender error, and
+0 + :data:`GRAD2_EPS_TARGETS` of L1 distance. Each table cell is :func:`interpolate_at` of the
+defense's (metric, ``a_err``) sequence at the target: the linear interpolation on the first grid
+segment whose keys bracket it, or None when no segment does.
+
+The ``none`` defense's point is prepended to every other defense's sequence as grid point 0, so
+that a target between the undefended point and a defense's first grid setting still brackets;
+our grids do not start at the undefended setting (ε = 0), so this gives every defense the
+undefended start that the metric's own grids have. A grid point whose metric or attacker
+accuracy is missing (None) is a gap: no segment that ends at it can bracket a target. The
+``none`` label's own cells all hold its attacker error, the reference the other rows compare
+against.
+"""
+
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+GRAD2_DERR_OFFSETS = (1.0, 2.0, 5.0)
+"""Defender-error targets: percentage points above the ``none`` defense's defender error."""
+
+GRAD2_EPS_TARGETS = (0.1, 0.2, 0.5)
+"""Effective-budget targets: mean L1 distance to the undefended posteriors (the baseline is 0)."""
+
+DERR_COLUMNS = tuple(f"a_err@d_err+{o:g}" for o in GRAD2_DERR_OFFSETS)
+EPS_COLUMNS = tuple(f"a_err@eps{e:g}" for e in GRAD2_EPS_TARGETS)
+GRAD2_COLUMNS = DERR_COLUMNS + EPS_COLUMNS
+"""The metric columns of a :func:`grad2_table` entry, in table order."""
+
+_ROW_KEYS = ("victim", "attack", "defense", "label", "budget", "attacker_acc")
+_ENTRY_KEYS = ("victim", "attack", "label", "budget") + GRAD2_COLUMNS
+
+
+def _finite(x: Any, name: str) -> float:
+    if isinstance(x, bool):
+        raise ValueError(f"{name} must be a finite number, got {x!r}")
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a finite number, got {x!r}") from None
+    if not math.isfinite(f):
+        raise ValueError(f"{name} must be a finite number, got {x!r}")
+    return f
+
+
+def interpolate_at(keys: Sequence[float], values: Sequence[float], target: float) -> Optional[float]:
+    """The value at ``target`` on the first segment of the (keys, values) polyline that brackets it.
+
+    Finds the first ``j`` with ``keys[j] <= target <= keys[j + 1]`` and returns the linear
+    interpolation between points ``j`` and ``j + 1``; None when no segment brackets the target
+    (fewer than two points, or a target outside every segment). A segment whose keys decrease
+    never brackets. When the bracketing segment has two equal keys (both equal to the target),
+    the result is ``values[j + 1]``: the metric's own definition divides by zero there.
+
+    Raises:
+        ValueError: ``keys`` and ``values`` differ in length, or an element of ``keys``,
+            ``values`` or ``target`` is not a finite number.
+    """
+    ks = [_finite(k, f"keys[{i}]") for i, k in enumerate(keys)]
+    vs = [_finite(v, f"values[{i}]") for i, v in enumerate(values)]
+    if len(ks) != len(vs):
+        raise ValueError(f"keys and values must have the same length, got {len(ks)} and {len(vs)}")
+    t = _finite(target, "target")
+    for j in range(len(ks) - 1):
+        k0, k1 = ks[j], ks[j + 1]
+        if k0 <= t <= k1:
+            if k1 == k0:
+                return vs[j + 1]
+            return vs[j] + (t - k0) / (k1 - k0) * (vs[j + 1] - vs[j])
+    return None
+
+
+def _interpolate_with_gaps(points: List[Tuple[Optional[float], Optional[float]]],
+                           target: float) -> Optional[float]:
+    """:func:`interpolate_at` over (key, value) points where a None key or value is a gap."""
+    run: List[Tuple[float, float]] = []
+    runs = [run]
+    for k, v in points:
+        if k is None or v is None:
+            run = []
+            runs.append(run)
+        else:
+            run.append((k, v))
+    for r in runs:
+        y = interpolate_at([k for k, _ in r], [v for _, v in r], target)
+        if y is not None:
+            return y
+    return None
+
+
+def _err(acc: Any, name: str) -> Optional[float]:
+    return None if acc is None else 100.0 - _finite(acc, name)
+
+
+def grad2_table(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The GRAD² table from result rows, one entry per victim × attack × defense label.
+
+    Args:
+        rows: result rows as :func:`ppoison_ext.pipeline.grid.collect_results` returns them under
+            ``"rows"``. Used keys: ``victim``, ``attack``, ``defense`` (``"none"`` for the
+            undefended), ``label``, ``value``, ``budget``, ``attacker_acc`` (%), ``defender_acc``
+            (%, or None) and ``l1_transfer`` (or None; a missing key counts as None). The rows of
+            one label are in grid order. Only each victim × attack's largest budget is used.
+
+    Returns:
+        Entries ``{"victim", "attack", "label", "budget"}`` plus :data:`GRAD2_COLUMNS`, the
+        attacker error in % at each target, or None where no grid segment brackets the target.
+        Entries keep the order in which victims × attacks and labels first appear in ``rows``.
+        Without a ``none`` row for a victim × attack there is no baseline and every cell is None.
+
+    Raises:
+        ValueError: ``rows`` is not a sequence of dicts holding the used keys, or a number in it
+            is not finite.
+    """
+    if isinstance(rows, (str, bytes, dict)) or not isinstance(rows, Sequence):
+        raise ValueError(f"rows must be a list of dicts, got {type(rows).__name__}")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise ValueError(f"rows[{i}] must be a dict, got {type(r).__name__}")
+        missing = [k for k in _ROW_KEYS if k not in r]
+        if missing:
+            raise ValueError(f"rows[{i}] lacks the keys {missing}")
+        _finite(r["budget"], f"rows[{i}]['budget']")
+    out: List[Dict[str, Any]] = []
+    for victim, attack in dict.fromkeys((r["victim"], r["attack"]) for r in rows):
+        group = [(i, r) for i, r in enumerate(rows) if r["victim"] == victim and r["attack"] == attack]
+        bmax = max(r["budget"] for _, r in group)
+        group = [(i, r) for i, r in group if r["budget"] == bmax]
+        # (d_err, e_eps, a_err) per grid point, per label, in grid order
+        points: Dict[Any, List[Tuple[Optional[float], Optional[float], Optional[float]]]] = {}
+        none_label = None
+        for i, r in group:
+            a_err = _err(r["attacker_acc"], f"rows[{i}]['attacker_acc']")
+            d_err = _err(r.get("defender_acc"), f"rows[{i}]['defender_acc']")
+            l1 = r.get("l1_transfer")
+            e_eps = None if l1 is None else _finite(l1, f"rows[{i}]['l1_transfer']")
+            if r["defense"] == "none":
+                if none_label is None:
+                    none_label = r["label"]
+                if r["label"] == none_label:
+                    e_eps = 0.0  # the undefended posteriors' distance to themselves
+            points.setdefault(r["label"], []).append((d_err, e_eps, a_err))
+        base = points[none_label][0] if none_label is not None else None
+        for label, pts in points.items():
+            entry: Dict[str, Any] = {"victim": victim, "attack": attack, "label": label, "budget": bmax}
+            if base is None:
+                entry.update(dict.fromkeys(GRAD2_COLUMNS))
+            elif label == none_label:
+                entry.update(dict.fromkeys(GRAD2_COLUMNS, base[2]))
+            else:
+                seq = [base] + pts
+                derr = [(d, a) for d, _, a in seq]
+                eps = [(e, a) for _, e, a in seq]
+                for col, off in zip(DERR_COLUMNS, GRAD2_DERR_OFFSETS):
+                    entry[col] = None if base[0] is None else _interpolate_with_gaps(derr, base[0] + off)
+                for col, target in zip(EPS_COLUMNS, GRAD2_EPS_TARGETS):
+                    entry[col] = _interpolate_with_gaps(eps, target)
+            out.append(entry)
+    return out
+
+
+def grad2_markdown(table: Sequence[Dict[str, Any]]) -> str:
+    """A markdown table of :func:`grad2_table`'s entries, one row per entry, '–' for None.
+
+    Raises:
+        ValueError: ``table`` is not a sequence of dicts holding :func:`grad2_table`'s keys.
+    """
+    if isinstance(table, (str, bytes, dict)) or not isinstance(table, Sequence):
+        raise ValueError(f"table must be a list of dicts, got {type(table).__name__}")
+    caption = ("Attacker error (%, linear interpolation over each defense's grid) where the defender "
+               "error reaches the undefended one + " + "/".join(f"{o:g}" for o in GRAD2_DERR_OFFSETS)
+               + " points (d_err+) and where the mean L1 distance to the undefended posteriors "
+               "reaches " + "/".join(f"{e:g}" for e in GRAD2_EPS_TARGETS)
+               + " (eps); '–': the grid does not reach it.")
+    head = ["victim", "attack", "label", "budget"] + list(GRAD2_COLUMNS)
+    lines = [caption, "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for i, e in enumerate(table):
+        if not isinstance(e, dict):
+            raise ValueError(f"table[{i}] must be a dict, got {type(e).__name__}")
+        missing = [k for k in _ENTRY_KEYS if k not in e]
+        if missing:
+            raise ValueError(f"table[{i}] lacks the keys {missing}")
+        cells = [str(e[k]) for k in ("victim", "attack", "label", "budget")]
+        for col in GRAD2_COLUMNS:
+            v = e[col]
+            cells.append("–" if v is None else f"{_finite(v, f'table[{i}][{col!r}]'):.2f}")
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
