@@ -174,3 +174,35 @@ def test_eval_bbox_returns_results(victim_dir, tmp_path):
     assert (tmp_path / "bboxeval.50.log.tsv").is_file()
     with pytest.raises(ValueError, match="batch_size"):
         evaluate.eval_bbox(victim_dir, "none", None, tmp_path, batch_size=0)
+
+
+def test_train_attacker_in_memory_datasets_change_nothing(transfer_dir, tmp_path, monkeypatch):
+    """Holding the transformed transfer and test sets in memory gives the same weights and logs
+    as decoding every image every epoch (the streaming datasets, in_memory patched out)."""
+    import shutil
+
+    from ppoison_ext.datasets import InMemory, in_memory
+
+    ds = get_dataset("MNIST", train=False, transform=get_transform("mnist", "test"))
+    sub = torch.utils.data.Subset(ds, list(range(50)))
+    mem = in_memory(sub)
+    assert isinstance(mem, InMemory) and len(mem) == 50
+    for i in (0, 17, 49):
+        assert torch.equal(mem[i][0], sub[i][0]) and int(mem[i][1]) == sub[i][1]
+    assert in_memory(sub, max_bytes=1000) is sub  # too large: left as it is
+
+    runs = {}
+    for name in ("memory", "streaming"):
+        if name == "streaming":
+            monkeypatch.setattr(attacker, "in_memory", lambda d: d)
+        folder = tmp_path / name
+        folder.mkdir()
+        for f in transfer_dir.glob("transferset*"):
+            shutil.copy(f, folder / f.name)
+        model, _ = attacker.train_attacker(folder, "lenet", "MNIST", "40,80", device=-1, epochs=2, test_subset=60,
+                                           progress=False)
+        logs = [line.split("\t")[1:] for line in (folder / "train.80.log.tsv").read_text().splitlines()[1:]]
+        runs[name] = (model.state_dict(), logs)
+    (w_mem, log_mem), (w_str, log_str) = runs["memory"], runs["streaming"]
+    assert log_mem == log_str
+    assert all(torch.equal(w_mem[k], w_str[k]) for k in w_mem)

@@ -21,8 +21,8 @@ from typing import Any, Callable, Dict, Optional
 
 from torch.utils.data import Dataset
 
-from ._common import (ENV_DATA_ROOT, ENV_SKIP_MD5, ArrayDataset, DatasetIntegrityError, FolderDataset,
-                      PathLike, data_root, embedded_root, verify_embedded_data)
+from ._common import (ENV_DATA_ROOT, ENV_SKIP_MD5, ArrayDataset, DatasetIntegrityError, FolderDataset, InMemory,
+                      PathLike, data_root, embedded_root, in_memory, verify_embedded_data)
 from .cifar import CIFAR10, CIFAR100, SVHN, RestrictedUnpickler, safe_pickle_load
 from .folders import (CUBS200, Caltech256, Diabetic5, ImageFolder, ImageNet1k, Indoor67, TinyImageNet200,
                       find_classes, fraction_split, per_class_split, scan_image_folder)
@@ -118,7 +118,7 @@ def num_classes(name: str, root: Optional[PathLike] = None) -> int:
 __all__ = [
     "DATASETS", "dataset_to_modelfamily", "modelfamily_to_transforms", "get_dataset", "get_transform",
     "num_classes", "data_root", "embedded_root", "verify_embedded_data", "DatasetIntegrityError",
-    "ENV_DATA_ROOT", "ENV_SKIP_MD5", "ArrayDataset", "FolderDataset",
+    "ENV_DATA_ROOT", "ENV_SKIP_MD5", "ArrayDataset", "FolderDataset", "InMemory", "in_memory",
     "MNIST", "FashionMNIST", "KMNIST", "EMNIST", "EMNISTLetters", "NotMNIST", "CIFAR10", "CIFAR100", "SVHN",
     "TinyImageNet200", "CUBS200", "Caltech256", "Indoor67", "Diabetic5", "ImageNet1k", "ImageFolder",
     "RestrictedUnpickler", "safe_pickle_load", "read_idx", "scan_image_folder", "find_classes",

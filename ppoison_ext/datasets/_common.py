@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -288,3 +289,43 @@ class FolderDataset(Dataset):
     def __repr__(self) -> str:
         return (f"{self.name}(train={self.train!r}, n={len(self)}, classes={len(self.classes)}, "
                 f"root={str(self.root)!r})")
+
+
+class InMemory(Dataset):
+    """A dataset whose items were computed once: ``dataset[i]`` for every i, stacked.
+
+    For datasets whose transform is deterministic (every ``test`` transform of this package)
+    this returns exactly the items ``dataset`` would, without decoding and transforming each
+    image again every epoch. Keeps ``targets`` (and ``classes``) so class-count weighting
+    still works. Build it with :func:`in_memory`, which refuses datasets too large to hold.
+    """
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, classes: Optional[Sequence[str]] = None):
+        self.inputs, self.targets = inputs, targets
+        if classes is not None:
+            self.classes = list(classes)
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[index], self.targets[index]
+
+
+def in_memory(dataset: Dataset, *, max_bytes: int = 1 << 30) -> Dataset:
+    """``dataset`` as an :class:`InMemory` when its transformed inputs fit in ``max_bytes``
+    (estimated from the first item), else ``dataset`` itself. Only for deterministic
+    transforms: random augmentations would be frozen at their first draw."""
+    n = len(dataset)
+    if n == 0:
+        return dataset
+    x0, y0 = dataset[0]
+    if not isinstance(x0, torch.Tensor) or x0.element_size() * x0.numel() * n > max_bytes:
+        return dataset
+    xs, ys = [x0], [y0]
+    for i in range(1, n):
+        x, y = dataset[i]
+        xs.append(x)
+        ys.append(y)
+    targets = torch.stack(ys) if isinstance(y0, torch.Tensor) else torch.as_tensor(ys)
+    return InMemory(torch.stack(xs), targets, getattr(dataset, "classes", None))

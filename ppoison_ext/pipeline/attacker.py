@@ -50,7 +50,7 @@ from .. import distributed
 from ..attacks.transferset import load_transferset
 from ..checkpoint import load_checkpoint
 from ..modeldir import dataset_name, read_params, write_params
-from ..datasets import dataset_to_modelfamily, get_dataset, get_transform
+from ..datasets import dataset_to_modelfamily, get_dataset, get_transform, in_memory
 from ..models import get_net
 from ..training import OPTIMIZERS, get_optimizer, seed_everything, soft_cross_entropy, train_model
 from . import settings
@@ -202,6 +202,8 @@ def train_attacker(
         if isinstance(test_subset, bool) or not isinstance(test_subset, int) or test_subset < 1:
             raise ValueError(f"test_subset must be a positive int or None, got {test_subset!r}")
         testset = Subset(testset, list(range(min(test_subset, len(testset)))))
+    # the test transform is deterministic: decode and transform every image once, not every epoch
+    testset = in_memory(testset)
 
     seed_everything(seed)  # seeded before building the model, as the reference (torch.manual_seed(42))
     model = get_net(arch, family, pretrained, num_classes=K).to(dev)
@@ -217,7 +219,7 @@ def train_attacker(
     results: Dict[int, Dict[str, Any]] = {}
     for b in budget_list:
         seed_everything(seed)
-        trainset = ts.dataset(transform=transform, n=b, argmaxed=argmaxed)
+        trainset = in_memory(ts.dataset(transform=transform, n=b, argmaxed=argmaxed))
         optimizer = get_optimizer(list(model.parameters()) + extra_params, optimizer_choice, lr=lr, momentum=momentum)
         logger.info("=> training at budget %d", b)
         model, summary = train_model(
