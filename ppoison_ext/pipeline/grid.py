@@ -26,10 +26,22 @@ Config (TOML; unknown keys are errors):
 * ``[[attack]]``: ``label``, ``policy`` (random/adaptive), ``queryset``, ``budget`` (queries),
   ``batch_size``, ``arch``, ``budgets`` (attacker training sizes), ``epochs``, ``lr``,
   ``momentum``, ``lr_step``, ``batch_size_train``, ``argmaxed``, ``test_subset``.
+  Thieves beside it: ``transferset_from = LABEL`` reuses that attack's transfer set (the same
+  queries and answers: no query is sent) through the defense-aware step, set by that step's
+  keys (``hardlabel``, ``recover``, ``recover_table``, ``dirichlet_prior``, ``table_size``, ...;
+  :mod:`.aware`); ``at = "least_loss"`` runs an attack only at each defense's setting of least
+  defender loss that lowers the ``judged_by`` (default: ``transferset_from``) thief's accuracy
+  by ``hurts_by`` (1.0) points (:func:`least_loss_settings`), after the attacks run at all
+  settings. A thief whose transfer set and training settings equal an earlier cell's gets
+  that cell's attacker instead of training the same model again (``done.json`` says
+  ``trained_in``). ``results.json``'s ``robust`` lists the best thief per setting.
 * ``[eval]``: ``batch_size``, ``test_subset``.
 * ``[[defense]]``: ``label``, ``name`` (the reference's names), ``args`` (a defense_args
   template: ``{value}`` is replaced by each entry of ``values``, ``{proxy}`` by the proxy
-  folder), optional ``param`` and ``values``.
+  folder, ``{victim}`` by the folder of the model the defense serves), optional ``param`` and
+  ``values``, and ``victim_options``: train-victim settings of a model trained for this
+  defense alone (e.g. ``{outlier_exposure = "FashionMNIST"}`` for Adaptive Misinformation's
+  defender, into ``victims/<DS>-<arch>-<label>``); its defender loss is against the plain victim.
 
 The victim, attack and eval tables configure the steps' settings (:data:`STEP_TABLES`): a key
 is checked by the step's settings dataclass (type, choices), and any other setting of the step
@@ -56,7 +68,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..fileio import atomic_write_json, atomic_write_text
-from .settings import check_value
+from .settings import check_value, group_fields
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +125,14 @@ class AttackSpec:
     batch_size_train: int = 64
     argmaxed: bool = False
     test_subset: Optional[int] = None
+    #: a thief that reuses the transfer set (the queries and answers) of the attack with this
+    #: label and only changes what it learns from it (the defense-aware step, pipeline/aware.py)
+    transferset_from: Optional[str] = None
+    #: "all" settings of every defense, or "least_loss": each defense's setting of least
+    #: defender loss that hurts the ``judged_by`` thief (see :func:`least_loss_settings`)
+    at: str = "all"
+    judged_by: Optional[str] = None
+    hurts_by: float = 1.0
     #: further transfer / train-attacker settings (TransferSettings, AttackerSettings fields)
     options: Dict[str, Any] = field(default_factory=dict)
 
@@ -132,11 +152,15 @@ class DefenseSpec:
     args: str = ""
     param: Optional[str] = None
     values: List[Any] = field(default_factory=list)
+    #: train-victim settings of a model trained for this defense alone (e.g. Adaptive
+    #: Misinformation's Outlier-Exposure defender): the defense serves that model instead of
+    #: the plain victim; ``{victim}`` in ``args`` names its folder
+    victim_options: Dict[str, Any] = field(default_factory=dict)
 
-    def settings(self, proxy_dir: str) -> List[Tuple[Optional[Any], str]]:
+    def settings(self, proxy_dir: str, victim_dir: str = "") -> List[Tuple[Optional[Any], str]]:
         values = self.values or [None]
-        return [(v, self.args.replace("{value}", "" if v is None else str(v)).replace("{proxy}", proxy_dir))
-                for v in values]
+        return [(v, self.args.replace("{value}", "" if v is None else str(v)).replace("{proxy}", proxy_dir)
+                 .replace("{victim}", victim_dir)) for v in values]
 
 
 @dataclass
@@ -173,7 +197,8 @@ STEP_TABLES: Dict[str, Tuple[StepTable, ...]] = {
                          _OWNED + ("out_path", "num_workers")),),
     "attack": (StepTable("transfer:TransferSettings", {},
                          _OWNED + ("victim_model_dir", "defense", "defense_args", "out_dir", "nworkers",
-                                   "num_shards", "shard_id", "merge_shards", "merge_timeout")),
+                                   "num_shards", "shard_id", "merge_shards", "merge_timeout", "aware_out",
+                                   "shadow_dir")),
                StepTable("attacker:AttackerSettings",
                          {"arch": "model_arch", "batch_size_train": "batch_size"},
                          _OWNED + ("model_dir", "testdataset", "budgets", "num_workers"))),
@@ -272,7 +297,13 @@ def _recipe(spec) -> Dict[str, Any]:
     (none in the shipped configs, so their fingerprints are those of ``asdict`` before options)."""
     d = asdict(spec)
     d.update(d.pop("options", None) or {})
+    for key, default in _RECIPE_DEFAULTS.items():  # fields added later: absent at their defaults
+        if key in d and d[key] == default:
+            del d[key]
     return d
+
+
+_RECIPE_DEFAULTS = {"transferset_from": None, "at": "all", "judged_by": None, "hurts_by": 1.0}
 
 
 def load_config(path) -> GridConfig:
@@ -298,12 +329,76 @@ def load_config(path) -> GridConfig:
     labels = [d.label for d in cfg.defenses]
     if len(set(labels)) != len(labels):
         raise ValueError(f"{path}: defense labels must be unique, got {labels}")
-    for a in cfg.attacks:
+    for i, d in enumerate(cfg.defenses):
+        for v in cfg.victims:
+            defense_victim(v, d, f"{path} [[defense]] #{i + 1}")
+    labels = [a.label for a in cfg.attacks]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"{path}: attack labels must be unique, got {labels}")
+    for i, a in enumerate(cfg.attacks):
+        _check_thief(cfg, a, raw["attack"][i], f"{path} [[attack]] #{i + 1} ({a.label!r})")
         if a.policy not in ("random", "adaptive"):
             raise ValueError(f"{path}: attack {a.label!r}: policy must be 'random' or 'adaptive'")
         if sorted(a.budgets) != list(a.budgets) or max(a.budgets) > a.budget:
             raise ValueError(f"{path}: attack {a.label!r}: budgets must be increasing and <= budget {a.budget}")
     return cfg
+
+
+def _aware_keys() -> List[str]:
+    from .transfer import AWARE_GROUP, TransferSettings
+
+    return group_fields(TransferSettings, AWARE_GROUP)
+
+
+def _check_thief(cfg: GridConfig, a: AttackSpec, raw: Dict[str, Any], where: str) -> None:
+    """Checks ``transferset_from`` / ``at`` / ``judged_by`` of ``a``; a thief reusing another
+    attack's transfer set takes that attack's query settings (it sends no queries)."""
+    by_label = {b.label: b for b in cfg.attacks}
+    if a.at not in ("all", "least_loss"):
+        raise ValueError(f"{where}: at must be 'all' or 'least_loss', got {a.at!r}")
+    if isinstance(a.hurts_by, bool) or not isinstance(a.hurts_by, (int, float)) or not a.hurts_by >= 0:
+        raise ValueError(f"{where}: hurts_by must be a number of accuracy points >= 0, got {a.hurts_by!r}")
+    if a.transferset_from is not None:
+        base = by_label.get(a.transferset_from)
+        if base is None or base is a or base.transferset_from is not None or base.at != "all":
+            raise ValueError(f"{where}: transferset_from must name another attack that queries the victim itself "
+                             f"at all settings, one of {[b.label for b in cfg.attacks if b.transferset_from is None and b.at == 'all' and b is not a]}, got {a.transferset_from!r}")
+        aware = set(_aware_keys())
+        querying = sorted(k for k in raw if _route("attack", k, k in _spec_keys(AttackSpec)) is not None
+                          and _route("attack", k, k in _spec_keys(AttackSpec))[0] == 0 and k not in aware)
+        if querying:
+            raise ValueError(f"{where}: {querying} set how queries are asked, but this thief reuses the transfer "
+                             f"set of {a.transferset_from!r}; only the defense-aware keys {sorted(aware)} apply")
+        for key in _step_values(base, 0):
+            if key in _spec_keys(AttackSpec):
+                setattr(a, key, getattr(base, key))
+            elif key not in aware:
+                a.options[key] = base.options[key]
+        if a.budget != base.budget or max(a.budgets) > base.budget:
+            raise ValueError(f"{where}: budgets must be <= the budget {base.budget} of {a.transferset_from!r}")
+    if a.at == "least_loss":
+        judge = a.judged_by or a.transferset_from
+        if judge is None or judge not in by_label or by_label[judge].at != "all" or judge == a.label:
+            raise ValueError(f"{where}: at = 'least_loss' needs judged_by (or transferset_from): the label of an "
+                             f"attack run at all settings, got {judge!r}")
+    elif a.judged_by is not None:
+        raise ValueError(f"{where}: judged_by is only used with at = 'least_loss'")
+
+
+def defense_victim(v: VictimSpec, d: DefenseSpec, where: str = "") -> Optional[Tuple[str, VictimSpec]]:
+    """The folder name and recipe of the model ``d`` serves instead of the plain victim ``v``
+    (``d.victim_options`` over ``v``'s settings), or None when ``d`` serves ``v`` itself."""
+    if not d.victim_options:
+        return None
+    if not isinstance(d.victim_options, dict):
+        raise ValueError(f"{where}: victim_options must be a table of train-victim settings")
+    fixed = sorted({"dataset", "arch"} & set(d.victim_options))
+    if fixed:
+        raise ValueError(f"{where}: victim_options cannot set {fixed}: the defense serves a model of its victim's task")
+    raw = {k: val for k, val in asdict(v).items() if k != "options"}
+    raw.update(v.options)
+    raw.update(d.victim_options)
+    return f"{v.key}-{_slug(d.label)}", _build(VictimSpec, raw, f"{where} victim_options")
 
 
 def _slug(v: Any) -> str:
@@ -337,7 +432,7 @@ VICTIM_FILES = ("checkpoint.pth.tar", "last.pth.tar", "model_best.pth.tar", "tra
 EVAL_FILES = ("bboxeval.*.log.tsv", "distancetest.log.tsv", "queriestest.*", "params_evalbbox.json", "done.json")
 ATTACKER_FILES = ("checkpoint.*.pth.tar", "last.*.pth.tar", "train.*.log.tsv", "params_train.json", "done.json")
 TRANSFER_FILES = ("transferset.*", "queriestransfer.*", "distancetransfer.log.tsv", "run_times*",
-                  "params_transfer.json") + ATTACKER_FILES
+                  "params_transfer.json", "params_aware.json", "recover_table.pt") + ATTACKER_FILES
 # the cell settings a transfer set depends on (besides the attack table's transfer settings)
 _TRANSFER_KEYS = ("victim", "victim_recipe", "defense", "args", "seed")
 
@@ -370,17 +465,21 @@ def _start(folder: Path, settings: Dict[str, Any], patterns: Sequence[str], mark
 # Steps
 
 
+def _train_victim(folder: Path, exp: ExperimentSpec, v: VictimSpec, progress: bool) -> None:
+    settings = {"victim": _recipe(v), "seed": exp.seed}
+    if not _done(folder, settings):
+        _start(folder, settings, VICTIM_FILES)
+        _step_settings(v, 0, out_path=str(folder), device_id=exp.device, data_root=exp.data_root, seed=exp.seed,
+                       no_progress=not progress, resume="auto", num_workers=0).run()
+        _mark_done(folder, settings)
+
+
 def _victim_step(out: Path, exp: ExperimentSpec, v: VictimSpec, progress: bool) -> Tuple[Path, Path]:
     from .victim import make_proxy
 
     vdir = out / "victims" / v.key
     pdir = out / "victims" / f"{v.key}-proxy"
-    settings = {"victim": _recipe(v), "seed": exp.seed}
-    if not _done(vdir, settings):
-        _start(vdir, settings, VICTIM_FILES)
-        _step_settings(v, 0, out_path=str(vdir), device_id=exp.device, data_root=exp.data_root, seed=exp.seed,
-                       no_progress=not progress, resume="auto", num_workers=0).run()
-        _mark_done(vdir, settings)
+    _train_victim(vdir, exp, v, progress)
     psettings = {"proxy_of": _recipe(v), "seed": exp.seed + 1}
     if not _done(pdir, psettings):
         _start(pdir, psettings, VICTIM_FILES)
@@ -388,6 +487,13 @@ def _victim_step(out: Path, exp: ExperimentSpec, v: VictimSpec, progress: bool) 
                    test_subset=v.test_subset or 1000, progress=progress)
         _mark_done(pdir, psettings)
     return vdir, pdir
+
+
+def _defense_settings(out: Path, v: VictimSpec, d: DefenseSpec) -> Tuple[Path, List[Tuple[Optional[Any], str]]]:
+    """The folder of the model ``d`` serves for victim ``v``, and ``d``'s (value, args) settings."""
+    own = defense_victim(v, d)
+    ddir = out / "victims" / (own[0] if own else v.key)
+    return ddir, d.settings(str(out / "victims" / f"{v.key}-proxy"), str(ddir))
 
 
 def _eval_step(job: Dict[str, Any]) -> Dict[str, Any]:
@@ -401,18 +507,68 @@ def _eval_step(job: Dict[str, Any]) -> Dict[str, Any]:
     return res
 
 
-def _attack_step(job: Dict[str, Any]) -> Dict[str, Any]:
+def _transfer_step(job: Dict[str, Any]) -> Dict[str, Any]:
+    """A cell's transfer set: queried (``transfer``), or made from another cell's by the
+    defense-aware step (``aware``: the settings, ``source``: that cell's folder)."""
     folder = Path(job["folder"])
     tsettings = job["transfer_settings"]
     if not _done(folder / "transfer", tsettings):
         _start(folder, tsettings, TRANSFER_FILES, marker=folder / "transfer" / "started.json")
-        job["transfer"].run()
+        if "aware" in job:
+            from .aware import postprocess_transfer
+
+            postprocess_transfer(job["aware"], Path(job["source"]))
+        else:
+            job["transfer"].run()
         _mark_done(folder / "transfer", tsettings)
+    return {"folder": str(folder), "content": _content_key(folder, job["train_key"])}
+
+
+def _train_step(job: Dict[str, Any]) -> Dict[str, Any]:
+    folder = Path(job["folder"])
     if not _done(folder, job["settings"]):
         _start(folder, job["settings"], ATTACKER_FILES)
         job["attacker"].run()
-        _mark_done(folder, job["settings"])
+        _mark_done(folder, job["settings"], {"content": _content_key(folder, job["train_key"])})
     return {"folder": str(folder)}
+
+
+def _attack_step(job: Dict[str, Any]) -> Dict[str, Any]:
+    _transfer_step(job)
+    return _train_step(job)
+
+
+def _content_key(folder: Path, train_key: Dict[str, Any]) -> Optional[str]:
+    """What an attacker trained in ``folder`` depends on: the bytes of its transfer set, and
+    the attack's training settings and victim task; equal keys train the same model."""
+    from ..attacks.transferset import INDEX_FILE, PATHS_FILE, X_FILE, Y_FILE
+
+    if not (folder / "transferset.json").is_file():
+        return None  # nothing to compare: never taken for another cell's
+    h = hashlib.sha256()
+    meta = json.loads((folder / "transferset.json").read_text())
+    h.update(json.dumps({k: meta.get(k) for k in ("num_classes", "kind", "image_shape", "queryset")},
+                        sort_keys=True).encode())
+    for name in (X_FILE, PATHS_FILE, Y_FILE, INDEX_FILE):  # the data, not its provenance
+        if (folder / name).is_file():
+            with open(folder / name, "rb") as f:
+                h.update(name.encode())
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    h.update(json.dumps(train_key, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:24]
+
+
+def _reuse_training(folder: Path, source: Path, settings: Dict[str, Any], train_key: Dict[str, Any]) -> None:
+    """Gives ``folder`` the attacker ``source`` trained on the same content (copies its files)."""
+    import shutil
+
+    _start(folder, settings, ATTACKER_FILES)
+    for pattern in ATTACKER_FILES:
+        for f in source.glob(pattern):
+            if f.is_file() and f.name != "done.json":
+                shutil.copy2(f, folder / f.name)
+    _mark_done(folder, settings, {"content": _content_key(folder, train_key), "trained_in": str(source)})
 
 
 def _orphan_watchdog(parent: int, interval: float = 0.5) -> None:
@@ -489,43 +645,136 @@ def run_grid(config, out_dir, *, jobs: Optional[int] = None, device: Any = None,
                                           "attacks": [asdict(a) for a in cfg.attacks],
                                           "defenses": [asdict(d) for d in defenses], "eval": asdict(cfg.eval)})
     t0 = time.time()
-    eval_jobs, attack_jobs = [], []
+    eval_jobs: List[Dict[str, Any]] = []
+    cells: Dict[str, List[Dict[str, Any]]] = {a.label: [] for a in cfg.attacks}  # attack label -> its cells
     # what the grid sets in every step (the rest comes from the tables, see STEP_TABLES)
     own = {"device_id": exp.device, "data_root": exp.data_root, "seed": exp.seed, "no_progress": True}
     for v in cfg.victims:
         vdir, pdir = _victim_step(out, exp, v, progress)
         for d in defenses:
-            for value, args in d.settings(str(pdir)):
-                base = {"victim": v.key, "victim_recipe": _fingerprint(_recipe(v)), "defense": d.name,
+            variant = defense_victim(v, d)
+            if variant is not None:
+                _train_victim(out / "victims" / variant[0], exp, variant[1], progress)
+            ddir, settings = _defense_settings(out, v, d)
+            recipe = _recipe(variant[1] if variant else v)
+            for value, args in settings:
+                base = {"victim": v.key, "victim_recipe": _fingerprint(recipe), "defense": d.name,
                         "args": args, "seed": exp.seed}
                 folder = out / "eval" / v.key / _slug(d.label) / _slug(value)
                 eval_jobs.append({
                     "folder": str(folder), "settings": {**base, "eval": _recipe(cfg.eval)},
-                    "eval": _step_settings(cfg.eval, 0, victim_model_dir=str(vdir), defense=d.name,
+                    "eval": _step_settings(cfg.eval, 0, victim_model_dir=str(ddir), defense=d.name,
                                            defense_args=args, out_dir=str(folder), nworkers=0, **own),
                 })
                 for a in cfg.attacks:
                     folder = out / "attack" / v.key / _slug(a.label) / _slug(d.label) / _slug(value)
-                    attack_jobs.append({
+                    source = (out / "attack" / v.key / _slug(a.transferset_from) / _slug(d.label) / _slug(value)
+                              if a.transferset_from else None)
+                    transfer = _step_settings(a, 0, victim_model_dir=str(ddir), defense=d.name,
+                                              defense_args=args, out_dir=str(source or folder), nworkers=0,
+                                              **({"aware_out": str(folder), "shadow_dir": str(folder / "shadows")}
+                                                 if source else {}), **own)
+                    # the transfer set depends on the victim, defense, seed and transfer settings only
+                    tsettings = {**{k: base[k] for k in _TRANSFER_KEYS}, "attack": _step_values(a, 0)}
+                    if source is not None:
+                        tsettings["from"] = a.transferset_from
+                    cells[a.label].append({
                         "folder": str(folder), "settings": {**base, "attack": _recipe(a)},
-                        # the transfer set depends on the victim, defense, seed and transfer settings only
-                        "transfer_settings": {**{k: base[k] for k in _TRANSFER_KEYS},
-                                              "attack": _step_values(a, 0)},
-                        "transfer": _step_settings(a, 0, victim_model_dir=str(vdir), defense=d.name,
-                                                   defense_args=args, out_dir=str(folder), nworkers=0, **own),
+                        "transfer_settings": tsettings, "defense_label": d.label, "value": _slug(value),
+                        "victim_key": v.key, **({"aware": transfer, "source": str(source)} if source
+                                                else {"transfer": transfer}),
                         "attacker": _step_settings(a, 1, model_dir=str(folder), testdataset=v.dataset,
                                                    budgets=",".join(map(str, a.budgets)), num_workers=0,
                                                    **own),
+                        "train_key": {"attacker": _step_values(a, 1), "budgets": list(a.budgets),
+                                      "testdataset": v.dataset, "seed": exp.seed},
                     })
     refresh = lambda: collect_results(out, cfg, write=True)  # noqa: E731
+    first = [a for a in cfg.attacks if a.at == "all" and a.transferset_from is None]
+    later = [a for a in cfg.attacks if a not in first]
     with pool as ex:
         gpu = is_gpu(exp.device)
         _run_jobs(_eval_step, eval_jobs, workers, "eval-bbox", progress, executor=ex, gpu=gpu)
-        _run_jobs(_attack_step, attack_jobs, workers, "attacks", progress, after=refresh, executor=ex,
-                  gpu=gpu)
+        _run_jobs(_attack_step, [c for a in first for c in cells[a.label]], workers, "attacks", progress,
+                  after=refresh, executor=ex, gpu=gpu)
+        if later:
+            rows = collect_results(out, cfg, write=True)["rows"]
+            jobs = []
+            for a in later:
+                chosen = (least_loss_settings(rows, a.judged_by or a.transferset_from, a.hurts_by)
+                          if a.at == "least_loss" else None)
+                jobs += [c for c in cells[a.label]
+                         if chosen is None or chosen.get((c["victim_key"], c["defense_label"])) == c["value"]]
+            _run_thieves(jobs, [c for a in first for c in cells[a.label]], workers, progress, refresh, ex, gpu)
     results = collect_results(out, cfg, write=True)
     results["wall_seconds"] = round(time.time() - t0, 1)
     return results
+
+
+def _run_thieves(jobs: List[Dict[str, Any]], finished: List[Dict[str, Any]], workers: int, progress: bool,
+                 refresh, ex, gpu: bool) -> None:
+    """Runs the cells that come after the first attacks: their transfer sets first (queried, or
+    made from another cell's), then one training per distinct content (transfer set bytes and
+    training settings); a cell whose content an earlier cell already trained on gets that
+    cell's attacker (the same model, see :func:`_content_key`)."""
+    trained: Dict[str, Path] = {}
+    for c in finished:
+        marker = Path(c["folder"]) / "done.json"
+        if marker.exists():
+            content = json.loads(marker.read_text()).get("content")
+            if content:
+                trained.setdefault(content, Path(c["folder"]))
+    keys = _run_jobs(_transfer_step, jobs, workers, "thieves: transfer sets", progress, executor=ex, gpu=gpu)
+    to_train, copies = [], []
+    for job, key in zip(jobs, keys):
+        if _done(Path(job["folder"]), job["settings"]):
+            if key["content"] is not None:
+                trained.setdefault(key["content"], Path(job["folder"]))
+        elif key["content"] is not None and (key["content"] in trained
+                                             or any(k["content"] == key["content"] for _, k in to_train)):
+            copies.append((job, key))
+        else:
+            to_train.append((job, key))
+    _run_jobs(_train_step, [j for j, _ in to_train], workers, "thieves: training", progress, after=refresh,
+              executor=ex, gpu=gpu)
+    for job, key in to_train:
+        if key["content"] is not None:
+            trained.setdefault(key["content"], Path(job["folder"]))
+    for job, key in copies:
+        _reuse_training(Path(job["folder"]), trained[key["content"]], job["settings"], job["train_key"])
+    if copies:
+        refresh()
+
+
+def least_loss_settings(rows: List[Dict[str, Any]], attack: str, hurts_by: float = 1.0
+                        ) -> Dict[Tuple[str, str], str]:
+    """Per (victim, defense label), the setting (its folder slug) of least defender loss that
+    hurts the thief ``attack``: the setting the amplification table reports at the smallest
+    allowed drop of defender accuracy (:data:`AMPLIFICATION_DROPS`) at which some setting lowers
+    that thief's accuracy at its largest budget by at least ``hurts_by`` points below the
+    undefended one (ties: the setting that lowers it most). The undefended ``none`` rows are
+    always chosen (the thieves' own baseline); a defense that hurts at no allowed drop is left out."""
+    out: Dict[Tuple[str, str], str] = {}
+    rs = [r for r in rows if r["attack"] == attack]
+    for victim in dict.fromkeys(r["victim"] for r in rs):
+        vr = [r for r in rs if r["victim"] == victim]
+        bmax = max(r["budget"] for r in vr)
+        vr = [r for r in vr if r["budget"] == bmax]
+        base = [r for r in vr if r["defense"] == "none"]
+        for r in base:
+            out[(victim, r["label"])] = _slug(r["value"])
+        if not base:
+            continue
+        bar = base[0]["attacker_acc"] - hurts_by
+        for label in dict.fromkeys(r["label"] for r in vr if r["defense"] != "none"):
+            hurting = [r for r in vr if r["label"] == label and r["attacker_acc"] <= bar
+                       and r["defender_acc_drop"] is not None]
+            for drop in AMPLIFICATION_DROPS:
+                ok = [r for r in hurting if r["defender_acc_drop"] <= drop]
+                if ok:
+                    out[(victim, label)] = _slug(min(ok, key=lambda r: r["attacker_acc"])["value"])
+                    break
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,7 +795,22 @@ def _read_log(path: Path) -> Optional[Dict[str, float]]:
 
 ROW_KEYS = ["victim", "attack", "queryset", "defense", "label", "param", "value", "defense_args", "budget",
             "attacker_acc", "attacker_acc_final", "defender_acc", "defender_acc_drop", "l1_mean", "l2_mean",
-            "kl_mean", "victim_acc"]
+            "kl_mean", "victim_acc", "l1_transfer", "thief_of"]
+
+
+def _transfer_l1(folder: Path) -> Optional[float]:
+    """Mean ‖ỹ − y‖₁ over a cell's transfer queries (the last row of its distance log)."""
+    path = folder / "distancetransfer.log.tsv"
+    if not path.exists():
+        return None
+    lines = path.read_text().splitlines()
+    if len(lines) < 2:
+        return None
+    header, last = lines[0].split("\t"), lines[-1].split("\t")
+    try:
+        return float(last[header.index("l1_mean")])
+    except (ValueError, IndexError):
+        return None
 
 
 def collect_results(out_dir, cfg: Optional[GridConfig] = None, *, write: bool = True) -> Dict[str, Any]:
@@ -567,7 +831,7 @@ def collect_results(out_dir, cfg: Optional[GridConfig] = None, *, write: bool = 
         none_eval = None
         evals = {}
         for d in cfg.defenses:
-            for value, args in d.settings(pdir):
+            for value, args in _defense_settings(out, v, d)[1]:
                 marker = out / "eval" / v.key / _slug(d.label) / _slug(value) / "done.json"
                 if marker.exists():
                     evals[(d.label, _slug(value))] = json.loads(marker.read_text())["result"]
@@ -576,9 +840,12 @@ def collect_results(out_dir, cfg: Optional[GridConfig] = None, *, write: bool = 
         victim_acc = none_eval["accuracy"] if none_eval else None
         for a in cfg.attacks:
             for d in cfg.defenses:
-                for value, args in d.settings(pdir):
+                ddir, settings = _defense_settings(out, v, d)
+                for value, args in settings:
                     ev = evals.get((d.label, _slug(value)))
                     folder = out / "attack" / v.key / _slug(a.label) / _slug(d.label) / _slug(value)
+                    l1_transfer = _transfer_l1(out / "attack" / v.key / _slug(a.transferset_from or a.label)
+                                               / _slug(d.label) / _slug(value))
                     for b in a.budgets:
                         log = _read_log(folder / f"train.{b}.log.tsv")
                         if log is None or log["epoch"] < a.epochs:
@@ -586,15 +853,17 @@ def collect_results(out_dir, cfg: Optional[GridConfig] = None, *, write: bool = 
                         rows.append({
                             "victim": v.key, "attack": a.label, "queryset": a.queryset, "defense": d.name,
                             "label": d.label, "param": d.param, "value": value,
-                            "defense_args": args.replace(pdir, "{proxy}"), "budget": b,
+                            "defense_args": args.replace(pdir, "{proxy}").replace(str(ddir), "{victim}"),
+                            "budget": b,
                             "attacker_acc": log["acc_best"], "attacker_acc_final": log["acc_final"],
                             "defender_acc": ev["accuracy"] if ev else None,
                             "defender_acc_drop": (victim_acc - ev["accuracy"]) if (ev and victim_acc is not None)
                             else None,
                             "l1_mean": ev["l1_mean"] if ev else None, "l2_mean": ev["l2_mean"] if ev else None,
                             "kl_mean": ev["kl_mean"] if ev else None, "victim_acc": victim_acc,
+                            "l1_transfer": l1_transfer, "thief_of": a.transferset_from or a.judged_by,
                         })
-    summary = {"rows": rows, "amplification": amplification(rows)}
+    summary = {"rows": rows, "amplification": amplification(rows), "robust": robust(rows)}
     if write:
         _write_results(out, summary)
     return summary
@@ -632,6 +901,27 @@ def amplification(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                 entry[f"drop<={drop:g}"] = None if best is None else round((100.0 - best["attacker_acc"]) / err0, 2)
                 entry[f"value@drop<={drop:g}"] = None if best is None else best["value"]
             out.append(entry)
+    return out
+
+
+def robust(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The best attacker over all thieves, per victim × first attack × defense setting, at the
+    first attack's largest budget: the first attack (``naive``) and every thief run beside it
+    (rows whose ``thief_of`` names it) at that setting and budget. ``thief`` names the best
+    (the naive one on a tie)."""
+    out = []
+    naive_rows = [r for r in rows if not r.get("thief_of")]
+    for victim, attack in dict.fromkeys((r["victim"], r["attack"]) for r in naive_rows):
+        rs = [r for r in naive_rows if r["victim"] == victim and r["attack"] == attack]
+        bmax = max(r["budget"] for r in rs)
+        for r in (r for r in rs if r["budget"] == bmax):
+            others = [t for t in rows if t.get("thief_of") == attack and t["victim"] == victim
+                      and t["budget"] == bmax and t["label"] == r["label"] and t["value"] == r["value"]]
+            best = max([r] + others, key=lambda t: t["attacker_acc"])
+            out.append({"victim": victim, "attack": attack, "label": r["label"], "value": r["value"],
+                        "budget": bmax, "naive": r["attacker_acc"], "robust": best["attacker_acc"],
+                        "thief": best["attack"], "thieves": [t["attack"] for t in others],
+                        "defender_acc_drop": r["defender_acc_drop"]})
     return out
 
 

@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from .. import distributed
 
 __all__ = ["setting", "device_setting", "CommonSettings", "build_parser", "from_args", "from_dict",
-           "check_values", "check_value", "run_step"]
+           "check_values", "check_value", "group_fields", "run_step"]
 
 S = TypeVar("S", bound="CommonSettings")
 
@@ -218,6 +218,11 @@ def _type_name(tp: Any) -> str:
     inner, optional = _strip_optional(tp)
     name = getattr(inner, "__name__", None) or str(inner).replace("typing.", "")
     return f"{name} or None" if optional else name
+
+
+def group_fields(cls: type, group: str) -> List[str]:
+    """The names of the fields of ``cls`` listed under the ``--help`` section ``group``."""
+    return [f.name for f in fields(cls) if f.metadata.get(_FLAG) is not None and f.metadata[_FLAG].group == group]
 
 
 def check_value(cls: type, name: str, value: Any, where: str, *, key: Optional[str] = None) -> Any:

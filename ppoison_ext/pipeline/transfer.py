@@ -377,7 +377,8 @@ def merge_shards(out_dir, num_shards: int, *, export_pickle_file: bool = False,
 
 
 _ADAPTIVE = "adaptive policy"
-_AWARE = "defense-aware attack"
+#: the --help section (and grid keys) of the defense-aware step
+AWARE_GROUP = _AWARE = "defense-aware attack"
 
 
 def _aware():
