@@ -56,7 +56,7 @@ def _beats(runs, a, b):
     by more than MARGIN; the message lists both seeds."""
     report, ok = [], True
     for seed, res in runs.items():
-        rows = _largest_budget(res["rows"])
+        rows = _largest_budget(_naive(res))
         va, pa = _best_attacker_acc(rows, a)
         vb, pb = _best_attacker_acc(rows, b)
         ok &= va + MARGIN < vb
@@ -64,12 +64,17 @@ def _beats(runs, a, b):
     assert ok, " | ".join(report)
 
 
+def _naive(res):
+    return [r for r in res["rows"] if not r.get("thief_of")]
+
+
 def test_fast_demo_is_complete_and_victim_is_good(runs):
     for seed, res in runs.items():
-        rows = res["rows"]
+        rows = _naive(res)
         labels = {r["label"] for r in rows}
-        assert labels == {"none", "reverse sigmoid", "random noise", "MAD", "MAD-argmax"}
-        assert len(rows) == 9  # every setting of the config at its one budget
+        assert labels == {"none", "reverse sigmoid", "random noise", "MAD", "MAD-argmax", "GRAD² all-ones",
+                          "ModelGuard-W", "ModelGuard-S"}
+        assert len(rows) == 12  # every setting of the config at its one budget
         assert all(r["defender_acc"] is not None and r["attacker_acc"] is not None for r in rows)
         victim = rows[0]["victim_acc"]
         assert victim >= 95.0, (seed, victim)  # 1 epoch on 30k images (measured 96.95 with seed 42)
@@ -81,14 +86,14 @@ def test_random_noise_spans_the_defender_accuracy_range(runs):
     """The random-noise grid reaches the defender losses the comparisons are made at: one
     setting within DROP points, and one beyond it (so "within DROP" picks its strongest setting)."""
     for seed, res in runs.items():
-        rows = [r for r in res["rows"] if r["label"] == "random noise"]
+        rows = [r for r in _naive(res) if r["label"] == "random noise"]
         drops = sorted(r["defender_acc_drop"] for r in rows)
         assert drops[0] <= DROP < drops[-1], (seed, _table(rows))
 
 
 def test_mad_argmax_loses_no_defender_accuracy(runs):
     for res in runs.values():
-        rows = [r for r in res["rows"] if r["label"] == "MAD-argmax"]
+        rows = [r for r in _naive(res) if r["label"] == "MAD-argmax"]
         assert rows
         for r in rows:
             assert r["defender_acc"] == r["victim_acc"], _table(rows)
@@ -126,3 +131,25 @@ def test_results_files_and_plots(runs):
         for p in meta["plots"]:
             with open(p, "rb") as f:
                 assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mad_argmax_is_a_no_op_against_the_top1_thief(runs):
+    """MAD-argmax keeps every top-1 label, so a thief training on hard labels learns exactly what
+    it learns from the undefended victim, although the naive thief is hurt."""
+    report, ok = [], True
+    for seed, res in runs.items():
+        robust = {e["label"]: e for e in res["robust"] if e["thieves"]}
+        thief = {(r["label"], r["value"]): r["attacker_acc"] for r in res["rows"] if r["attack"] == "top-1 thief"}
+        e = robust.get("MAD-argmax")
+        assert e is not None and "none" in robust, (seed, sorted(robust))
+        top1_mad, top1_none = thief[("MAD-argmax", e["value"])], thief[("none", None)]
+        ok &= top1_mad == top1_none and e["naive"] + MARGIN < top1_mad
+        report.append(f"seed {seed}: MAD-argmax({e['value']}) naive {e['naive']:.2f}, top-1 thief {top1_mad:.2f}; "
+                      f"undefended top-1 thief {top1_none:.2f}")
+    assert ok, " | ".join(report)
+
+
+def test_robust_is_never_below_naive(runs):
+    for res in runs.values():
+        for e in res["robust"]:
+            assert e["robust"] >= e["naive"], e

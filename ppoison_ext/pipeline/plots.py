@@ -3,7 +3,11 @@
 * ``attacker_vs_budget.png`` — attacker test accuracy vs query budget, one panel per defense,
   one line per setting (the undefended attacker dashed in every panel);
 * ``tradeoff.png`` — the paper's main figure: attacker test accuracy (largest budget) vs the
-  defended victim's test accuracy, one curve per defense across its settings.
+  defended victim's test accuracy, one curve per defense across its settings; where
+  defense-aware thieves ran (``results.json``'s ``robust``), a hollow marker at the best
+  thief's accuracy, joined to the naive one by a dotted line.
+
+Thieves run beside an attack (rows with ``thief_of``) get no figures of their own.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ def plot_results(out_dir) -> List[Path]:
     import matplotlib.pyplot as plt
 
     out = Path(out_dir)
-    rows = json.loads((out / "results.json").read_text())["rows"]
+    results = json.loads((out / "results.json").read_text())
+    rows = [r for r in results["rows"] if not r.get("thief_of")]
+    robust = results.get("robust", [])
     written = []
     for (victim, attack), rs in _groups(rows, lambda r: (r["victim"], r["attack"])).items():
         suffix = "" if len({(r["victim"], r["attack"]) for r in rows}) == 1 else f"-{victim}-{attack}"
@@ -74,13 +80,26 @@ def plot_results(out_dir) -> List[Path]:
         top = [r for r in rs if r["budget"] == bmax and r["defender_acc"] is not None]
         fig, ax = plt.subplots(figsize=(6.4, 4.8))
         markers = "osD^vP*Xh"
+        colors = plt.get_cmap("tab20")
+        shown_robust = False
         for i, label in enumerate(labels):
             pts = sorted([r for r in top if r["label"] == label], key=lambda r: r["defender_acc"])
             if not pts:
                 continue
-            style = "k*" if pts[0]["defense"] == "none" else f"{markers[i % len(markers)]}-"
-            ax.plot([p["defender_acc"] for p in pts], [p["attacker_acc"] for p in pts], style, label=label,
-                    markersize=11 if style == "k*" else 6)
+            none = pts[0]["defense"] == "none"
+            color = "k" if none else colors(i % 20)
+            ax.plot([p["defender_acc"] for p in pts], [p["attacker_acc"] for p in pts],
+                    "*" if none else f"{markers[i % len(markers)]}-", color=color, label=label,
+                    markersize=11 if none else 6)
+            for e in robust:
+                if e["victim"] == victim and e["attack"] == attack and e["label"] == label and e["thieves"]:
+                    x = next((p["defender_acc"] for p in pts if p["value"] == e["value"]), None)
+                    if x is None:
+                        continue
+                    ax.plot([x, x], [e["naive"], e["robust"]], ":", color=color, lw=1)
+                    ax.plot([x], [e["robust"]], markers[i % len(markers)], mfc="none", color=color, markersize=8,
+                            label=None if shown_robust else "best defense-aware thief (hollow)")
+                    shown_robust = True
             for p in pts:
                 if p["value"] is not None:
                     ax.annotate(f"{p['value']}", (p["defender_acc"], p["attacker_acc"]), fontsize=6,
@@ -89,7 +108,7 @@ def plot_results(out_dir) -> List[Path]:
         ax.set_ylabel(f"attacker test accuracy (%) at {bmax} queries  (← protection)")
         ax.set_title(f"Defense trade-off — victim {victim}, {attack}", fontsize=11)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
+        ax.legend(fontsize=7, loc="best", ncol=2)
         fig.tight_layout()
         path = out / f"tradeoff{suffix}.png"
         fig.savefig(path, dpi=130)
