@@ -571,6 +571,13 @@ def _reuse_training(folder: Path, source: Path, settings: Dict[str, Any], train_
     _mark_done(folder, settings, {"content": _content_key(folder, train_key), "trained_in": str(source)})
 
 
+def _grid_job(job: Dict[str, Any]) -> Dict[str, Any]:
+    if job["kind"] == "victim":
+        _train_victim(Path(job["folder"]), job["experiment"], job["spec"], progress=False)
+        return {"folder": job["folder"]}
+    return (_eval_step if job["kind"] == "eval" else _attack_step)(job)
+
+
 def _orphan_watchdog(parent: int, interval: float = 0.5) -> None:
     # A SIGKILLed grid cannot stop its workers; without this they would finish their cell and
     # race the rerun writing the same folder. Exit as soon as the parent is gone.
@@ -646,6 +653,7 @@ def run_grid(config, out_dir, *, jobs: Optional[int] = None, device: Any = None,
                                           "defenses": [asdict(d) for d in defenses], "eval": asdict(cfg.eval)})
     t0 = time.time()
     eval_jobs: List[Dict[str, Any]] = []
+    own_victims: Dict[str, Dict[str, Any]] = {}  # folder -> the job training a model a defense serves
     cells: Dict[str, List[Dict[str, Any]]] = {a.label: [] for a in cfg.attacks}  # attack label -> its cells
     # what the grid sets in every step (the rest comes from the tables, see STEP_TABLES)
     own = {"device_id": exp.device, "data_root": exp.data_root, "seed": exp.seed, "no_progress": True}
@@ -653,8 +661,11 @@ def run_grid(config, out_dir, *, jobs: Optional[int] = None, device: Any = None,
         vdir, pdir = _victim_step(out, exp, v, progress)
         for d in defenses:
             variant = defense_victim(v, d)
+            needs = None
             if variant is not None:
-                _train_victim(out / "victims" / variant[0], exp, variant[1], progress)
+                needs = str(out / "victims" / variant[0])
+                if needs not in own_victims:
+                    own_victims[needs] = {"kind": "victim", "folder": needs, "experiment": exp, "spec": variant[1]}
             ddir, settings = _defense_settings(out, v, d)
             recipe = _recipe(variant[1] if variant else v)
             for value, args in settings:
@@ -662,6 +673,7 @@ def run_grid(config, out_dir, *, jobs: Optional[int] = None, device: Any = None,
                         "args": args, "seed": exp.seed}
                 folder = out / "eval" / v.key / _slug(d.label) / _slug(value)
                 eval_jobs.append({
+                    "kind": "eval", "needs": needs,
                     "folder": str(folder), "settings": {**base, "eval": _recipe(cfg.eval)},
                     "eval": _step_settings(cfg.eval, 0, victim_model_dir=str(ddir), defense=d.name,
                                            defense_args=args, out_dir=str(folder), nworkers=0, **own),
@@ -679,7 +691,7 @@ def run_grid(config, out_dir, *, jobs: Optional[int] = None, device: Any = None,
                     if source is not None:
                         tsettings["from"] = a.transferset_from
                     cells[a.label].append({
-                        "folder": str(folder), "settings": {**base, "attack": _recipe(a)},
+                        "kind": "cell", "needs": needs, "folder": str(folder), "settings": {**base, "attack": _recipe(a)},
                         "transfer_settings": tsettings, "defense_label": d.label, "value": _slug(value),
                         "victim_key": v.key, **({"aware": transfer, "source": str(source)} if source
                                                 else {"transfer": transfer}),
@@ -694,9 +706,12 @@ def run_grid(config, out_dir, *, jobs: Optional[int] = None, device: Any = None,
     later = [a for a in cfg.attacks if a not in first]
     with pool as ex:
         gpu = is_gpu(exp.device)
-        _run_jobs(_eval_step, eval_jobs, workers, "eval-bbox", progress, executor=ex, gpu=gpu)
-        _run_jobs(_attack_step, [c for a in first for c in cells[a.label]], workers, "attacks", progress,
-                  after=refresh, executor=ex, gpu=gpu)
+        # the models defenses serve train in workers beside everything that does not need them
+        first_cells = [c for a in first for c in cells[a.label]]
+        now = list(own_victims.values()) + [j for j in eval_jobs + first_cells if j["needs"] is None]
+        _run_jobs(_grid_job, now, workers, "eval-bbox + attacks", progress, after=refresh, executor=ex, gpu=gpu)
+        _run_jobs(_grid_job, [j for j in eval_jobs + first_cells if j["needs"] is not None], workers,
+                  "defenses with their own model", progress, after=refresh, executor=ex, gpu=gpu)
         if later:
             rows = collect_results(out, cfg, write=True)["rows"]
             jobs = []
