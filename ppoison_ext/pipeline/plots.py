@@ -78,7 +78,7 @@ def plot_results(out_dir) -> List[Path]:
         # (b) trade-off at the largest budget
         bmax = max(r["budget"] for r in rs)
         top = [r for r in rs if r["budget"] == bmax and r["defender_acc"] is not None]
-        fig, ax = plt.subplots(figsize=(6.4, 4.8))
+        fig, (ax, zoom) = plt.subplots(1, 2, figsize=(12.8, 5.2))
         markers = "osD^vP*Xh"
         colors = plt.get_cmap("tab20")
         shown_robust = False
@@ -88,26 +88,35 @@ def plot_results(out_dir) -> List[Path]:
                 continue
             none = pts[0]["defense"] == "none"
             color = "k" if none else colors(i % 20)
-            ax.plot([p["defender_acc"] for p in pts], [p["attacker_acc"] for p in pts],
-                    "*" if none else f"{markers[i % len(markers)]}-", color=color, label=label,
-                    markersize=11 if none else 6)
+            for a in (ax, zoom):
+                a.plot([p["defender_acc"] for p in pts], [p["attacker_acc"] for p in pts],
+                       "*" if none else f"{markers[i % len(markers)]}-", color=color,
+                       label=label if a is ax else None, markersize=11 if none else 6)
             for e in robust:
                 if e["victim"] == victim and e["attack"] == attack and e["label"] == label and e["thieves"]:
                     x = next((p["defender_acc"] for p in pts if p["value"] == e["value"]), None)
                     if x is None:
                         continue
-                    ax.plot([x, x], [e["naive"], e["robust"]], ":", color=color, lw=1)
-                    ax.plot([x], [e["robust"]], markers[i % len(markers)], mfc="none", color=color, markersize=8,
-                            label=None if shown_robust else "best defense-aware thief (hollow)")
+                    for a in (ax, zoom):
+                        a.plot([x, x], [e["naive"], e["robust"]], ":", color=color, lw=1)
+                        a.plot([x], [e["robust"]], markers[i % len(markers)], mfc="none", color=color,
+                               markersize=8, label=None if shown_robust or a is zoom
+                               else "best defense-aware thief (hollow)")
                     shown_robust = True
             for p in pts:
                 if p["value"] is not None:
-                    ax.annotate(f"{p['value']}", (p["defender_acc"], p["attacker_acc"]), fontsize=6,
-                                xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("defended victim: test accuracy (%)  (utility →)")
-        ax.set_ylabel(f"attacker test accuracy (%) at {bmax} queries  (← protection)")
+                    zoom.annotate(f"{p['value']}", (p["defender_acc"], p["attacker_acc"]), fontsize=6,
+                                  xytext=(3, 3), textcoords="offset points")
+        # the right panel: the settings a defender would deploy (within 10 points of the victim)
+        victim_acc = base[0]["victim_acc"] if base and base[0]["victim_acc"] is not None else None
+        if victim_acc is not None:
+            zoom.set_xlim(victim_acc - 10.0, victim_acc + 0.5)
+        for a in (ax, zoom):
+            a.set_xlabel("defended victim: test accuracy (%)  (utility →)")
+            a.set_ylabel(f"attacker test accuracy (%) at {bmax} queries  (← protection)")
+            a.grid(alpha=0.3)
         ax.set_title(f"Defense trade-off — victim {victim}, {attack}", fontsize=11)
-        ax.grid(alpha=0.3)
+        zoom.set_title("the same, defender loss ≤ 10 points", fontsize=11)
         ax.legend(fontsize=7, loc="best", ncol=2)
         fig.tight_layout()
         path = out / f"tradeoff{suffix}.png"
