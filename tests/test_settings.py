@@ -155,7 +155,7 @@ def test_pipeline_does_not_import_the_cli():
 def _grid_toml(tmp_path, victim_extra="", attack_extra=""):
     text = (CONFIGS / "mnist_fast.toml").read_text()
     text = text.replace("test_subset = 2000\n\n[[attack]]", f"test_subset = 2000\n{victim_extra}\n[[attack]]")
-    text = text.replace("budgets = [2000]\n", f"budgets = [2000]\n{attack_extra}\n")
+    text = text.replace("budgets = [2000]\n", f"budgets = [2000]\n{attack_extra}\n", 1)  # the first attack
     path = tmp_path / "g.toml"
     path.write_text(text)
     return path

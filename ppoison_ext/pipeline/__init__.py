@@ -1,1 +1,2 @@
-"""The steps of the reference's pipeline, each with `build_parser()` and `main(argv) -> int`."""
+"""The steps of the reference's pipeline, each with `build_parser()` and `main(argv) -> int`, the
+grid and demo that run them, and the tables they report (`metrics`, `plots`)."""

@@ -347,7 +347,8 @@ def load_config(path) -> GridConfig:
 def _aware_keys() -> List[str]:
     from .transfer import AWARE_GROUP, TransferSettings
 
-    return group_fields(TransferSettings, AWARE_GROUP)
+    owned = STEP_TABLES["attack"][0].grid_owned
+    return [k for k in group_fields(TransferSettings, AWARE_GROUP) if k not in owned]
 
 
 def _check_thief(cfg: GridConfig, a: AttackSpec, raw: Dict[str, Any], where: str) -> None:
