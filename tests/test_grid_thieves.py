@@ -106,7 +106,7 @@ args = "tau:{value},model_misinfo:{victim}/misinformation"
 victim_options = {outlier_exposure = "FashionMNIST", oe_lambda = 1.0, epochs = 1}
 """
 NAIVE, THIEVES = "knockoff-random", ("top-1 thief", "D-DAE+ thief")
-SLUG = {"top-1 thief": "top-1_thief", "D-DAE+ thief": "D-DAE_thief"}
+SLUG = {"top-1 thief": "top-1_thief", "D-DAE+ thief": "D-DAE+_thief"}
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +234,8 @@ def test_rerun_trains_nothing(grid):
     (("oe_lambda = 1.0,", "oe_lambda = 1.0, dataset = 'CIFAR10',"), "victim_options cannot set"),
     (("oe_lambda = 1.0,", "oe_lambda = 'lots',"), "oe_lambda"),
     (('label = "D-DAE+ thief"', 'label = "top-1 thief"'), "attack labels must be unique"),
+    (('label = "D-DAE+ thief"', 'label = "top-1_thief"'), "give the same folder name"),
+    (("values = [0.5, 1.0]", "values = [0.5, '0.5']"), "give the same folder name"),
 ])
 def test_bad_thief_and_variant_keys_are_named(tmp_path, edit, match):
     cfg = tmp_path / "grid.toml"

@@ -335,6 +335,11 @@ def load_config(path) -> GridConfig:
     labels = [a.label for a in cfg.attacks]
     if len(set(labels)) != len(labels):
         raise ValueError(f"{path}: attack labels must be unique, got {labels}")
+    # labels and values name folders: two that give the same folder name would share its files
+    _unique_slugs(path, "attack labels", labels)
+    _unique_slugs(path, "defense labels", [d.label for d in cfg.defenses])
+    for d in cfg.defenses:
+        _unique_slugs(path, f"values of defense {d.label!r}", d.values)
     for i, a in enumerate(cfg.attacks):
         _check_thief(cfg, a, raw["attack"][i], f"{path} [[attack]] #{i + 1} ({a.label!r})")
         if a.policy not in ("random", "adaptive"):
@@ -342,6 +347,14 @@ def load_config(path) -> GridConfig:
         if sorted(a.budgets) != list(a.budgets) or max(a.budgets) > a.budget:
             raise ValueError(f"{path}: attack {a.label!r}: budgets must be increasing and <= budget {a.budget}")
     return cfg
+
+
+def _unique_slugs(path: Path, what: str, names: Sequence[Any]) -> None:
+    folders: Dict[str, Any] = {}
+    for name in names:
+        other = folders.setdefault(_slug(name), name)
+        if other != name:
+            raise ValueError(f"{path}: {what} {other!r} and {name!r} give the same folder name {_slug(name)!r}")
 
 
 def _aware_keys() -> List[str]:
@@ -403,7 +416,7 @@ def defense_victim(v: VictimSpec, d: DefenseSpec, where: str = "") -> Optional[T
 
 
 def _slug(v: Any) -> str:
-    return "default" if v is None else re.sub(r"[^A-Za-z0-9_.-]+", "_", str(v))
+    return "default" if v is None else re.sub(r"[^A-Za-z0-9_.+-]+", "_", str(v))
 
 
 def _fingerprint(obj: Any) -> str:
