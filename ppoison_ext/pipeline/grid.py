@@ -375,11 +375,12 @@ def _check_thief(cfg: GridConfig, a: AttackSpec, raw: Dict[str, Any], where: str
     if a.transferset_from is not None:
         base = by_label.get(a.transferset_from)
         if base is None or base is a or base.transferset_from is not None or base.at != "all":
+            querying_all = [b.label for b in cfg.attacks if b.transferset_from is None and b.at == "all" and b is not a]
             raise ValueError(f"{where}: transferset_from must name another attack that queries the victim itself "
-                             f"at all settings, one of {[b.label for b in cfg.attacks if b.transferset_from is None and b.at == 'all' and b is not a]}, got {a.transferset_from!r}")
+                             f"at all settings, one of {querying_all}, got {a.transferset_from!r}")
         aware = set(_aware_keys())
-        querying = sorted(k for k in raw if _route("attack", k, k in _spec_keys(AttackSpec)) is not None
-                          and _route("attack", k, k in _spec_keys(AttackSpec))[0] == 0 and k not in aware)
+        routes = {k: _route("attack", k, k in _spec_keys(AttackSpec)) for k in raw}
+        querying = sorted(k for k, route in routes.items() if route is not None and route[0] == 0 and k not in aware)
         if querying:
             raise ValueError(f"{where}: {querying} set how queries are asked, but this thief reuses the transfer "
                              f"set of {a.transferset_from!r}; only the defense-aware keys {sorted(aware)} apply")
@@ -388,8 +389,6 @@ def _check_thief(cfg: GridConfig, a: AttackSpec, raw: Dict[str, Any], where: str
                 setattr(a, key, getattr(base, key))
             elif key not in aware:
                 a.options[key] = base.options[key]
-        if a.budget != base.budget or max(a.budgets) > base.budget:
-            raise ValueError(f"{where}: budgets must be <= the budget {base.budget} of {a.transferset_from!r}")
     if a.at == "least_loss":
         judge = a.judged_by or a.transferset_from
         if judge is None or judge not in by_label or by_label[judge].at != "all" or judge == a.label:
@@ -539,17 +538,18 @@ def _transfer_step(job: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _train_step(job: Dict[str, Any]) -> Dict[str, Any]:
+    """Trains the cell's attacker; ``job["content"]`` is its :func:`_content_key` (from
+    :func:`_transfer_step`), recorded in ``done.json``."""
     folder = Path(job["folder"])
     if not _done(folder, job["settings"]):
         _start(folder, job["settings"], ATTACKER_FILES)
         job["attacker"].run()
-        _mark_done(folder, job["settings"], {"content": _content_key(folder, job["train_key"])})
+        _mark_done(folder, job["settings"], {"content": job["content"]})
     return {"folder": str(folder)}
 
 
 def _attack_step(job: Dict[str, Any]) -> Dict[str, Any]:
-    _transfer_step(job)
-    return _train_step(job)
+    return _train_step({**job, "content": _transfer_step(job)["content"]})
 
 
 def _content_key(folder: Path, train_key: Dict[str, Any]) -> Optional[str]:
@@ -573,8 +573,8 @@ def _content_key(folder: Path, train_key: Dict[str, Any]) -> Optional[str]:
     return h.hexdigest()[:24]
 
 
-def _reuse_training(folder: Path, source: Path, settings: Dict[str, Any], train_key: Dict[str, Any]) -> None:
-    """Gives ``folder`` the attacker ``source`` trained on the same content (copies its files)."""
+def _reuse_training(folder: Path, source: Path, settings: Dict[str, Any], content: str) -> None:
+    """Gives ``folder`` the attacker ``source`` trained on the same ``content`` (copies its files)."""
     import shutil
 
     _start(folder, settings, ATTACKER_FILES)
@@ -582,7 +582,7 @@ def _reuse_training(folder: Path, source: Path, settings: Dict[str, Any], train_
         for f in source.glob(pattern):
             if f.is_file() and f.name != "done.json":
                 shutil.copy2(f, folder / f.name)
-    _mark_done(folder, settings, {"content": _content_key(folder, train_key), "trained_in": str(source)})
+    _mark_done(folder, settings, {"content": content, "trained_in": str(source)})
 
 
 def _grid_job(job: Dict[str, Any]) -> Dict[str, Any]:
@@ -734,7 +734,7 @@ def run_grid(config, out_dir, *, jobs: Optional[int] = None, device: Any = None,
                           if a.at == "least_loss" else None)
                 jobs += [c for c in cells[a.label]
                          if chosen is None or chosen.get((c["victim_key"], c["defense_label"])) == c["value"]]
-            _run_thieves(jobs, [c for a in first for c in cells[a.label]], workers, progress, refresh, ex, gpu)
+            _run_thieves(jobs, first_cells, workers, progress, refresh, ex, gpu)
     results = collect_results(out, cfg, write=True)
     results["wall_seconds"] = round(time.time() - t0, 1)
     return results
@@ -764,13 +764,13 @@ def _run_thieves(jobs: List[Dict[str, Any]], finished: List[Dict[str, Any]], wor
             copies.append((job, key))
         else:
             to_train.append((job, key))
-    _run_jobs(_train_step, [j for j, _ in to_train], workers, "thieves: training", progress, after=refresh,
-              executor=ex, gpu=gpu)
+    _run_jobs(_train_step, [{**j, "content": k["content"]} for j, k in to_train], workers, "thieves: training",
+              progress, after=refresh, executor=ex, gpu=gpu)
     for job, key in to_train:
         if key["content"] is not None:
             trained.setdefault(key["content"], Path(job["folder"]))
     for job, key in copies:
-        _reuse_training(Path(job["folder"]), trained[key["content"]], job["settings"], job["train_key"])
+        _reuse_training(Path(job["folder"]), trained[key["content"]], job["settings"], key["content"])
     if copies:
         refresh()
 
@@ -784,11 +784,9 @@ def least_loss_settings(rows: List[Dict[str, Any]], attack: str, hurts_by: float
     undefended one (ties: the setting that lowers it most). The undefended ``none`` rows are
     always chosen (the thieves' own baseline); a defense that hurts at no allowed drop is left out."""
     out: Dict[Tuple[str, str], str] = {}
-    rs = [r for r in rows if r["attack"] == attack]
-    for victim in dict.fromkeys(r["victim"] for r in rs):
-        vr = [r for r in rs if r["victim"] == victim]
-        bmax = max(r["budget"] for r in vr)
-        vr = [r for r in vr if r["budget"] == bmax]
+    for (victim, name), vr in _at_largest_budget(rows).items():
+        if name != attack:
+            continue
         base = [r for r in vr if r["defense"] == "none"]
         for r in base:
             out[(victim, r["label"])] = _slug(r["value"])
@@ -796,12 +794,11 @@ def least_loss_settings(rows: List[Dict[str, Any]], attack: str, hurts_by: float
             continue
         bar = base[0]["attacker_acc"] - hurts_by
         for label in dict.fromkeys(r["label"] for r in vr if r["defense"] != "none"):
-            hurting = [r for r in vr if r["label"] == label and r["attacker_acc"] <= bar
-                       and r["defender_acc_drop"] is not None]
             for drop in AMPLIFICATION_DROPS:
-                ok = [r for r in hurting if r["defender_acc_drop"] <= drop]
-                if ok:
-                    out[(victim, label)] = _slug(min(ok, key=lambda r: r["attacker_acc"])["value"])
+                # the best setting within the allowance hurts exactly when some setting there does
+                best = _best_within(vr, label, drop)
+                if best is not None and best["attacker_acc"] <= bar:
+                    out[(victim, label)] = _slug(best["value"])
                     break
     return out
 
@@ -859,8 +856,9 @@ def collect_results(out_dir, cfg: Optional[GridConfig] = None, *, write: bool = 
         pdir = str(out / "victims" / f"{v.key}-proxy")
         none_eval = None
         evals = {}
+        served = {d.label: _defense_settings(out, v, d) for d in cfg.defenses}
         for d in cfg.defenses:
-            for value, args in _defense_settings(out, v, d)[1]:
+            for value, args in served[d.label][1]:
                 marker = out / "eval" / v.key / _slug(d.label) / _slug(value) / "done.json"
                 if marker.exists():
                     evals[(d.label, _slug(value))] = json.loads(marker.read_text())["result"]
@@ -869,7 +867,7 @@ def collect_results(out_dir, cfg: Optional[GridConfig] = None, *, write: bool = 
         victim_acc = none_eval["accuracy"] if none_eval else None
         for a in cfg.attacks:
             for d in cfg.defenses:
-                ddir, settings = _defense_settings(out, v, d)
+                ddir, settings = served[d.label]
                 for value, args in settings:
                     ev = evals.get((d.label, _slug(value)))
                     folder = out / "attack" / v.key / _slug(a.label) / _slug(d.label) / _slug(value)
@@ -901,6 +899,25 @@ def collect_results(out_dir, cfg: Optional[GridConfig] = None, *, write: bool = 
 AMPLIFICATION_DROPS = (0.1, 1.0, 5.0, 10.0)
 
 
+def _at_largest_budget(rows: List[Dict[str, Any]]) -> Dict[Tuple[str, str], List[Dict[str, Any]]]:
+    """Per (victim, attack), in order of appearance, its rows at its largest budget."""
+    groups: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["victim"], r["attack"]), []).append(r)
+    for key, rs in groups.items():
+        bmax = max(r["budget"] for r in rs)
+        groups[key] = [r for r in rs if r["budget"] == bmax]
+    return groups
+
+
+def _best_within(rs: List[Dict[str, Any]], label: str, drop: float) -> Optional[Dict[str, Any]]:
+    """The row of ``label`` with the lowest attacker accuracy among its settings whose defender
+    accuracy dropped by at most ``drop`` points (the first on a tie), or None."""
+    ok = [r for r in rs if r["label"] == label and r["defender_acc_drop"] is not None
+          and r["defender_acc_drop"] <= drop]
+    return min(ok, key=lambda r: r["attacker_acc"]) if ok else None
+
+
 def amplification(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Attacker error amplification at equal defender accuracy loss.
 
@@ -910,13 +927,10 @@ def amplification(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     defender accuracy dropped by at most that much; at the largest budget.
     """
     out = []
-    keyset = sorted({(r["victim"], r["attack"]) for r in rows})
-    for victim, attack in keyset:
-        rs = [r for r in rows if r["victim"] == victim and r["attack"] == attack]
-        if not rs:
-            continue
-        bmax = max(r["budget"] for r in rs)
-        rs = [r for r in rs if r["budget"] == bmax]
+    groups = _at_largest_budget(rows)
+    for victim, attack in sorted(groups):
+        rs = groups[(victim, attack)]
+        bmax = rs[0]["budget"]
         base = [r for r in rs if r["defense"] == "none"]
         if not base:
             continue
@@ -924,9 +938,7 @@ def amplification(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         for label in dict.fromkeys(r["label"] for r in rs):
             entry = {"victim": victim, "attack": attack, "label": label, "budget": bmax}
             for drop in AMPLIFICATION_DROPS:
-                ok = [r for r in rs if r["label"] == label and r["defender_acc_drop"] is not None
-                      and r["defender_acc_drop"] <= drop]
-                best = max(ok, key=lambda r: 100.0 - r["attacker_acc"]) if ok else None
+                best = _best_within(rs, label, drop)
                 entry[f"drop<={drop:g}"] = None if best is None else round((100.0 - best["attacker_acc"]) / err0, 2)
                 entry[f"value@drop<={drop:g}"] = None if best is None else best["value"]
             out.append(entry)
@@ -939,11 +951,9 @@ def robust(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     (rows whose ``thief_of`` names it) at that setting and budget. ``thief`` names the best
     (the naive one on a tie)."""
     out = []
-    naive_rows = [r for r in rows if not r.get("thief_of")]
-    for victim, attack in dict.fromkeys((r["victim"], r["attack"]) for r in naive_rows):
-        rs = [r for r in naive_rows if r["victim"] == victim and r["attack"] == attack]
-        bmax = max(r["budget"] for r in rs)
-        for r in (r for r in rs if r["budget"] == bmax):
+    for (victim, attack), rs in _at_largest_budget([r for r in rows if not r.get("thief_of")]).items():
+        bmax = rs[0]["budget"]
+        for r in rs:
             others = [t for t in rows if t.get("thief_of") == attack and t["victim"] == victim
                       and t["budget"] == bmax and t["label"] == r["label"] and t["value"] == r["value"]]
             best = max([r] + others, key=lambda t: t["attacker_acc"])

@@ -43,6 +43,18 @@ _ROW_KEYS = ("victim", "attack", "defense", "label", "budget", "attacker_acc")
 _ENTRY_KEYS = ("victim", "attack", "label", "budget") + GRAD2_COLUMNS
 
 
+def _check_dicts(items: Any, name: str, keys: Sequence[str]) -> None:
+    """``items`` must be a sequence of dicts that hold ``keys``; ValueError naming the item."""
+    if isinstance(items, (str, bytes, dict)) or not isinstance(items, Sequence):
+        raise ValueError(f"{name} must be a list of dicts, got {type(items).__name__}")
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ValueError(f"{name}[{i}] must be a dict, got {type(item).__name__}")
+        missing = [k for k in keys if k not in item]
+        if missing:
+            raise ValueError(f"{name}[{i}] lacks the keys {missing}")
+
+
 def _finite(x: Any, name: str) -> float:
     if isinstance(x, bool):
         raise ValueError(f"{name} must be a finite number, got {x!r}")
@@ -124,14 +136,8 @@ def grad2_table(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
         ValueError: ``rows`` is not a sequence of dicts holding the used keys, or a number in it
             is not finite.
     """
-    if isinstance(rows, (str, bytes, dict)) or not isinstance(rows, Sequence):
-        raise ValueError(f"rows must be a list of dicts, got {type(rows).__name__}")
+    _check_dicts(rows, "rows", _ROW_KEYS)
     for i, r in enumerate(rows):
-        if not isinstance(r, dict):
-            raise ValueError(f"rows[{i}] must be a dict, got {type(r).__name__}")
-        missing = [k for k in _ROW_KEYS if k not in r]
-        if missing:
-            raise ValueError(f"rows[{i}] lacks the keys {missing}")
         _finite(r["budget"], f"rows[{i}]['budget']")
     out: List[Dict[str, Any]] = []
     for victim, attack in dict.fromkeys((r["victim"], r["attack"]) for r in rows):
@@ -177,8 +183,7 @@ def grad2_markdown(table: Sequence[Dict[str, Any]]) -> str:
     Raises:
         ValueError: ``table`` is not a sequence of dicts holding :func:`grad2_table`'s keys.
     """
-    if isinstance(table, (str, bytes, dict)) or not isinstance(table, Sequence):
-        raise ValueError(f"table must be a list of dicts, got {type(table).__name__}")
+    _check_dicts(table, "table", _ENTRY_KEYS)
     caption = ("Attacker error (%, linear interpolation over each defense's grid) where the defender "
                "error reaches the undefended one + " + "/".join(f"{o:g}" for o in GRAD2_DERR_OFFSETS)
                + " points (d_err+) and where the mean L1 distance to the undefended posteriors "
@@ -187,11 +192,6 @@ def grad2_markdown(table: Sequence[Dict[str, Any]]) -> str:
     head = ["victim", "attack", "label", "budget"] + list(GRAD2_COLUMNS)
     lines = [caption, "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for i, e in enumerate(table):
-        if not isinstance(e, dict):
-            raise ValueError(f"table[{i}] must be a dict, got {type(e).__name__}")
-        missing = [k for k in _ENTRY_KEYS if k not in e]
-        if missing:
-            raise ValueError(f"table[{i}] lacks the keys {missing}")
         cells = [str(e[k]) for k in ("victim", "attack", "label", "budget")]
         for col in GRAD2_COLUMNS:
             v = e[col]
