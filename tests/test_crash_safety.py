@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+import tiny_grid
 from ppoison_ext.attacks.transferset import load_transferset
 from ppoison_ext.pipeline import attacker, victim
 from ppoison_ext.pipeline.grid import collect_results, run_grid
@@ -112,40 +113,7 @@ def test_attacker_sigkill_and_resume_equals_uninterrupted(victim_dir, tmp_path):
 # the experiment grid
 
 
-GRID = """
-[experiment]
-name = "tiny"
-seed = 7
-device = -1
-jobs = 2
-
-[[victim]]
-dataset = "MNIST"
-arch = "lenet"
-epochs = 2
-lr = 0.05
-momentum = 0.9
-batch_size = 64
-train_subset = 1500
-test_subset = 300
-
-[[attack]]
-label = "knockoff-random"
-policy = "random"
-queryset = "notMNIST"
-budget = 400
-batch_size = 100
-arch = "lenet"
-budgets = [200, 400]
-epochs = 3
-lr = 0.02
-momentum = 0.9
-test_subset = 300
-
-[eval]
-batch_size = 100
-test_subset = 300
-
+GRID = tiny_grid.HEAD + """
 [[defense]]
 label = "none"
 name = "none"

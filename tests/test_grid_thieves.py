@@ -11,51 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
+import tiny_grid
 from ppoison_ext.attacks.transferset import load_transferset
 from ppoison_ext.pipeline import attacker
 from ppoison_ext.pipeline.grid import AMPLIFICATION_DROPS, load_config, run_grid
 
-GRID = """
-[experiment]
-name = "thieves"
-seed = 7
-device = -1
-jobs = 2
-
-[[victim]]
-dataset = "MNIST"
-arch = "lenet"
-epochs = 2
-lr = 0.05
-momentum = 0.9
-batch_size = 64
-train_subset = 1500
-test_subset = 300
-
-[[attack]]
-label = "knockoff-random"
-policy = "random"
-queryset = "notMNIST"
-budget = 400
-batch_size = 100
-arch = "lenet"
-budgets = [200, 400]
-epochs = 3
-lr = 0.02
-momentum = 0.9
-test_subset = 300
-
+THIEF_TABLES = f"""
 [[attack]]
 label = "top-1 thief"
 transferset_from = "knockoff-random"
 at = "least_loss"
 hardlabel = true
-budgets = [200, 400]
-epochs = 3
-lr = 0.02
-momentum = 0.9
-test_subset = 300
-
+{tiny_grid.ATTACKER_TRAINING}
 [[attack]]
 label = "D-DAE+ thief"
 transferset_from = "knockoff-random"
@@ -63,16 +30,8 @@ at = "least_loss"
 recover = "ddae"
 table_size = 2000
 recover_epochs = 3
-budgets = [200, 400]
-epochs = 3
-lr = 0.02
-momentum = 0.9
-test_subset = 300
-
-[eval]
-batch_size = 100
-test_subset = 300
-
+{tiny_grid.ATTACKER_TRAINING}"""
+DEFENSES = """
 [[defense]]
 label = "none"
 name = "none"
@@ -105,6 +64,7 @@ values = [0.5]
 args = "tau:{value},model_misinfo:{victim}/misinformation"
 victim_options = {outlier_exposure = "FashionMNIST", oe_lambda = 1.0, epochs = 1}
 """
+GRID = tiny_grid.HEAD + THIEF_TABLES + DEFENSES
 NAIVE, THIEVES = "knockoff-random", ("top-1 thief", "D-DAE+ thief")
 SLUG = {"top-1 thief": "top-1_thief", "D-DAE+ thief": "D-DAE+_thief"}
 
