@@ -103,7 +103,7 @@ def test_mad_argmax_loses_no_defender_accuracy(runs):
 @pytest.mark.xfail(strict=True, raises=AssertionError,
                    reason="measured on this configuration (2000 queries, 4 attacker epochs): MAD-argmax eps=1 "
                    "45.15 vs reverse sigmoid beta=1 46.75 (seed 42), 42.10 vs 40.30 (seed 43) -- within the "
-                   "2-point margin or reversed; the full demo (10k queries) separates them (README)")
+                   "2-point margin or reversed; the full demo (5k queries) separates them (README)")
 def test_mad_argmax_beats_reverse_sigmoid_at_equal_defender_accuracy(runs):
     _beats(runs, "MAD-argmax", "reverse sigmoid")
 
