@@ -67,6 +67,7 @@ __all__ = [
     "get_optimizer",
     "OPTIMIZERS",
     "seed_everything",
+    "optimizer_step",
     "class_weights",
     "test_step",
     "train_model",
@@ -109,6 +110,13 @@ def get_optimizer(params, name: str = "sgdm", lr: float = 0.01, momentum: float 
     if name == "adam":
         return torch.optim.Adam(params, weight_decay=weight_decay)
     return torch.optim.Adagrad(params, weight_decay=weight_decay)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: Tensor, *, set_to_none: bool = True) -> None:
+    """One update of every loop in the package: clear the gradients, backpropagate ``loss``, step."""
+    optimizer.zero_grad(set_to_none=set_to_none)
+    loss.backward()
+    optimizer.step()
 
 
 def seed_everything(seed: int) -> None:

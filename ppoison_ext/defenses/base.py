@@ -67,6 +67,37 @@ class Defense(nn.Module):
             self.seed = seed
             self._generators = {}
 
+    # -- capabilities: what the factory, server, grid and thieves read (subclasses override) --
+    @property
+    def batch_independent(self) -> bool:
+        """Whether each row's answer depends on that row alone (and the defense's seed and
+        state), bit for bit: the server may then batch rows of different requests together."""
+        return False
+
+    @property
+    def keeps_top1(self) -> bool:
+        """Whether every answer keeps the victim's top-1 class."""
+        return False
+
+    @property
+    def reseedable(self) -> bool:
+        """Whether :meth:`reseed` restarts a random stream this defense draws from."""
+        return hasattr(self, "seed")
+
+    @property
+    def stateful(self) -> bool:
+        """Whether answers depend on earlier queries (state that :meth:`get_state` returns)."""
+        return False
+
+    def get_state(self) -> dict:
+        """The state answers depend on, as tensors and plain values (``{}`` when stateless)."""
+        return {}
+
+    def set_state(self, state: dict) -> None:
+        """Restores what :meth:`get_state` returned."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got keys {sorted(state)}")
+
     def defend(self, x: Tensor, y: Tensor) -> DefenseOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -152,7 +152,7 @@ class GRAD2(Defense):
         self.epsilon = float(epsilon)
         self.surrogates = nn.ModuleList([s.eval() for s in surrogates])
         self._views: List[Optional[ProxyView]] = [None] * len(surrogates)
-        self.jacobian, self.seed, self.batch_independent = jacobian, seed, batch_independent
+        self.jacobian, self.seed, self.per_sample = jacobian, seed, batch_independent
         self.target_name = target if isinstance(target, str) else "tensor"
         self._target = None if isinstance(target, str) else target.detach()
         if self._target is not None:
@@ -161,9 +161,13 @@ class GRAD2(Defense):
         self._generators: Dict[str, torch.Generator] = {}
         self._func_lock = threading.Lock()
 
+    @property
+    def batch_independent(self) -> bool:
+        return self.per_sample
+
     def hparams(self) -> dict:
         return {"epsilon": self.epsilon, "target": self.target_name, "jacobian": self.jacobian,
-                "batch_independent": self.batch_independent, "surrogates": len(self.surrogates), "seed": self.seed}
+                "batch_independent": self.per_sample, "surrogates": len(self.surrogates), "seed": self.seed}
 
     # -- targets ------------------------------------------------------------------------------
     def _check_target_size(self, s: nn.Module, i: int) -> None:
@@ -223,7 +227,7 @@ class GRAD2(Defense):
         params = {n: p.detach() for n, p in s.named_parameters()}
         B = x.shape[0]
         with self._func_lock, torch.enable_grad():  # functional_call swaps parameters in place
-            if self.target_name == "min_ip" and self.batch_independent:
+            if self.target_name == "min_ip" and self.per_sample:
                 def one(xn, yn):
                     f1 = lambda prm: functional_call(s, prm, (xn.unsqueeze(0),))[0]  # noqa: E731
                     z, pull = vjp(f1, params)
@@ -267,7 +271,7 @@ class GRAD2(Defense):
         has_bias = head.bias is not None
         if self.target_name == "min_ip":
             r = y.to(q.dtype) - q * y.to(q.dtype).sum(1, keepdim=True)  # ∂(Σ y log q)/∂z
-            if self.batch_independent:
+            if self.per_sample:
                 v = ((h * h).sum(1, keepdim=True) + (1.0 if has_bias else 0.0)) * r
                 scale = 1.0
             else:
@@ -298,7 +302,7 @@ class GRAD2(Defense):
     def _all_coefficients(self, x: Tensor, y: Tensor) -> Tensor:
         if len(self.surrogates) == 1:
             return self.coefficients(x, y, 0).to(device=y.device, dtype=y.dtype)
-        if not self.batch_independent:
+        if not self.per_sample:
             return self.coefficients(x, y, int(self._draw(1))).to(device=y.device, dtype=y.dtype)
         pick = self._draw(x.shape[0]).to(y.device)
         c = torch.empty_like(y)
