@@ -1,17 +1,22 @@
 """``ppoison serve`` against a real uvicorn server process on 127.0.0.1 (a free port):
 endpoints, refusals naming the field, micro-batching that never changes an answer, budgets
-that survive a restart, per-key query logs that match what was answered."""
+that survive a restart, per-key query logs that match what was answered; ``create_app`` and
+``create_router`` serving a user's own model on uvicorn in this process."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import re
 import sqlite3
+import threading
+import time
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 pytest.importorskip("fastapi", reason="ppoison serve needs the 'serve' extra (fastapi, uvicorn)")
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx")
@@ -22,7 +27,8 @@ from ppoison_ext.client.wire import NPY, decode_npy, encode_npy  # noqa: E402
 from ppoison_ext.datasets import get_dataset, get_transform  # noqa: E402
 from ppoison_ext.defenses import build_defense, read_queries  # noqa: E402
 from ppoison_ext.serve.auth import append_key  # noqa: E402
-from ppoison_ext.serve.process import ServerProcess  # noqa: E402
+from ppoison_ext.serve import create_app, create_router  # noqa: E402
+from ppoison_ext.serve.process import ServerProcess, free_port  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +235,73 @@ def test_budget_429_and_it_survives_a_kill(dirs, keys, tmp_path, mnist):
     used, reqs = _ledger(tmp_path)
     assert used == {"bob": 5, "alice": 41}
     assert read_queries(tmp_path / "bob", "serve").shape[0] == 5
+
+
+# --- any model: create_app / create_router on uvicorn in this process ---------------------------
+
+
+@contextlib.contextmanager
+def _uvicorn(app):
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def _tiny_model(seed: int, hidden: bool = True) -> nn.Module:
+    torch.manual_seed(seed)
+    if hidden:
+        return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 5))
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 5))
+
+
+def test_create_app_serves_a_user_model():
+    defense = build_defense("mad", "epsilon:0.5,oracle:argmax", model=_tiny_model(0), proxy=_tiny_model(1, False))
+    x = torch.randn(16, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    with _uvicorn(create_app(defense, input_shape=(1, 4, 4))) as url, RemoteBlackbox(url) as bb:
+        assert bb.num_classes == 5 and bb.info["classes"] == ["0", "1", "2", "3", "4"]
+        assert bb.info["defense"] == "MAD" and bb.info["key_id"] == "anonymous"
+        assert bb.info["budget_remaining"] is None
+        y = bb(x)
+        assert httpx.get(url + "/no-such-page").status_code == 404
+        text = httpx.get(url + "/metrics").text
+    assert torch.equal(y, defense(x))
+    assert 'ppoison_requests_total{endpoint="/v1/predict",status="200"} 1.0' in text
+    assert 'ppoison_requests_total{endpoint="other",status="404"} 1.0' in text
+
+
+def test_router_mounts_into_an_existing_app(tmp_path):
+    from fastapi import FastAPI
+
+    defense = build_defense("reverse_sigmoid", "beta:0.7,gamma:0.4", model=_tiny_model(0))
+    key = append_key(tmp_path / "keys.txt", "team", 20)
+    app = FastAPI()
+
+    @app.get("/hello")
+    def hello():
+        return {"hello": "world"}
+
+    app.include_router(create_router(defense, input_shape=(1, 4, 4), api_keys=tmp_path / "keys.txt",
+                                     log_dir=tmp_path / "logs", classes="abcde"), prefix="/defended")
+    x = torch.randn(16, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    with _uvicorn(app) as url:
+        assert httpx.get(url + "/hello").json() == {"hello": "world"}
+        assert httpx.get(url + "/defended/v1/info").status_code == 401
+        with RemoteBlackbox(url + "/defended", api_key=key) as bb:
+            assert bb.info["classes"] == list("abcde") and bb.info["budget_remaining"] == 20
+            y = bb(x)
+        info = httpx.get(url + "/defended/v1/info", headers=_h(key)).json()
+        assert info["budget_remaining"] == 4 and info["key_id"] == "team"
+    assert torch.equal(y, defense(x))
+    logged = read_queries(tmp_path / "logs" / "team", "serve")  # written and closed by the lifespan
+    assert logged.shape[0] == 16 and np.array_equal(logged[:, 5:10], y.numpy())

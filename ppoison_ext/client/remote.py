@@ -2,14 +2,12 @@
 
 :class:`RemoteBlackbox` is a callable x → y′ (float32 ``[B, K]``) like a local
 :class:`~ppoison_ext.defenses.Defense`: ``KnockoffNets().build_transferset(RemoteBlackbox(url,
-api_key=k), queryset)`` steals from a ``ppoison serve`` process. Inputs go over the wire as
-float32 npy in the victim's input space, answers come back as float32 npy, so a remote
-query returns exactly the bits the server's defense released.
-
-Differences from a local defense: the client cannot reseed the server's defense (stochastic
-defenses are seeded once, server-side, by ``ppoison serve --seed``), it never sees the
-undefended y (the server keeps the query log), and every call is charged to the API key's
-budget (:class:`BudgetExhausted` when it is spent).
+api_key=k), queryset)`` steals from a served victim (``ppoison serve``, or any app of
+``ppoison_ext.serve.create_app``). Inputs go over the wire as float32 npy in the victim's input
+space and answers come back as float32 npy, so a remote query returns exactly the bits the
+server's defense released. Unlike a local defense, it cannot be reseeded (the server seeds its
+defense once), never shows the undefended y (the server keeps the query log), and every call is
+charged to the API key's budget (:class:`BudgetExhausted` when it is spent).
 """
 
 from __future__ import annotations
@@ -52,16 +50,20 @@ def read_api_key(path: Union[str, Path]) -> str:
     raise ValueError(f"api key file {path} is empty")
 
 
-def _reason(response) -> str:
+def _checked(response):
+    """``response`` when it is a 200, else the server's refusal as a :class:`RemoteError`."""
+    if response.status_code == 200:
+        return response
     try:
         body = response.json()
-        return str(body.get("detail", body))
+        reason = str(body.get("detail", body))
     except ValueError:
-        return response.text[:500]
+        reason = response.text[:500]
+    raise (BudgetExhausted if response.status_code == 429 else RemoteError)(response.status_code, reason)
 
 
 class RemoteBlackbox:
-    """The defended victim behind ``url`` (a ``ppoison serve`` process).
+    """The defended victim behind ``url`` (a ``ppoison serve`` process or a ``create_app`` app).
 
     Args:
         url: the server's base URL, e.g. ``http://127.0.0.1:8000``.
@@ -96,27 +98,18 @@ class RemoteBlackbox:
         self.info: Dict[str, Any] = self._get("/v1/info")
         self.num_classes = int(self.info["num_classes"])
         self.input_shape = tuple(int(v) for v in self.info["input_shape"])
-        limit = int(self.info.get("max_request_images", 256))
+        self.max_request_images = int(self.info.get("max_request_images", 256))
         if max_request_images is not None:
-            if isinstance(max_request_images, bool) or not isinstance(max_request_images, int) \
-                    or max_request_images < 1:
+            if type(max_request_images) is not int or max_request_images < 1:
                 raise ValueError(f"max_request_images must be a positive int, got {max_request_images!r}")
-            limit = min(limit, max_request_images)
-        self.max_request_images = limit
+            self.max_request_images = min(self.max_request_images, max_request_images)
 
     def _get(self, path: str) -> Dict[str, Any]:
-        r = self._client.get(path)
-        if r.status_code != 200:
-            raise RemoteError(r.status_code, _reason(r))
-        return r.json()
+        return _checked(self._client.get(path)).json()
 
     def _post(self, x: np.ndarray) -> np.ndarray:
-        r = self._client.post("/v1/predict", content=encode_npy(x),
-                              headers={"Content-Type": NPY, "Accept": NPY})
-        if r.status_code == 429:
-            raise BudgetExhausted(429, _reason(r))
-        if r.status_code != 200:
-            raise RemoteError(r.status_code, _reason(r))
+        r = _checked(self._client.post("/v1/predict", content=encode_npy(x),
+                                       headers={"Content-Type": NPY, "Accept": NPY}))
         y = decode_npy(r.content)
         if y.dtype != np.float32 or y.shape != (x.shape[0], self.num_classes):
             raise RemoteError(r.status_code, f"answer of dtype {y.dtype} and shape {y.shape}, expected float32 "
@@ -124,13 +117,13 @@ class RemoteBlackbox:
         return y
 
     def __call__(self, x: Union[Tensor, np.ndarray]) -> Tensor:
-        """Released posteriors y′ float32 ``[B, K]`` for inputs ``x`` ``[B, C, H, W]`` (on
+        """Released posteriors y′ float32 ``[B, K]`` for inputs ``x`` ``[B, *input_shape]`` (on
         ``x``'s device when it is a tensor)."""
         device = x.device if isinstance(x, Tensor) else torch.device("cpu")
         arr = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
         arr = np.ascontiguousarray(arr, dtype=np.float32)
-        if arr.ndim != 4:
-            raise ValueError(f"x must be [B, C, H, W], got shape {arr.shape}")
+        if arr.ndim != 1 + len(self.input_shape):
+            raise ValueError(f"x must be [B, {', '.join(map(str, self.input_shape))}], got shape {arr.shape}")
         parts = []
         with self._lock:
             for lo in range(0, arr.shape[0], self.max_request_images):

@@ -1,38 +1,24 @@
 """The defended victim as an estimator of the Adversarial Robustness Toolbox (ART 1.20.1;
 ``pip install 'ppoison_ext[art]'``), so ART's extraction attacks run against it unchanged.
 
-* :class:`DefendedClassifier` — a local defense (any :class:`~ppoison_ext.defenses.Defense`,
-  MAD included) as an ART ``PyTorchClassifier`` whose model *is* the defense: ``predict(x)``
-  returns the released posteriors y′ (probabilities, not logits).
-* :class:`RemoteClassifier` — a served victim (``ppoison serve``) as an ART
-  ``BlackBoxClassifier`` whose predict function is a
+* :class:`DefendedClassifier` — a local :class:`~ppoison_ext.defenses.Defense` as an ART
+  ``PyTorchClassifier`` whose model *is* the defense: ``predict(x)`` returns the released
+  posteriors y′ (probabilities, not logits). MAD cannot be an ART ``Postprocessor``: those are
+  called as ``postprocessor(preds)`` and never see the query x, which MAD's perturbation (the
+  proxy's gradient ∇_w log p(y | x)) needs. It is predict-only — y′ comes out of an oracle and a
+  projection under ``no_grad`` — which is all ART's extraction attacks (``KnockoffNets``,
+  ``CopycatCNN``) ask of a victim.
+* :class:`RemoteClassifier` — a served victim as an ART ``BlackBoxClassifier`` calling
   :class:`~ppoison_ext.client.RemoteBlackbox` (every call is charged to the API key's budget).
-* :class:`SoftCrossEntropyLoss` and :func:`thief_classifier` — the thief's side: a
-  ``PyTorchClassifier`` that trains on the posteriors it is given.
+* :func:`thief_classifier` and :class:`SoftCrossEntropyLoss` — the thief's side.
 
-Why MAD is not an ART ``Postprocessor``: ART's post-processing defences
-(``art.defences.postprocessor``, e.g. ``ReverseSigmoid``) are called as ``postprocessor(preds)``
-and see only the victim's posteriors, never the query x. MAD needs x: its perturbation follows
-the proxy's gradient ∇_w log p(y | x) of that very query. So the defense wraps the model
-instead, and ART sees the defended model.
-
-No autograd through the defense: MAD's released y′ comes out of a combinatorial oracle and a
-projection under ``no_grad`` (the victim is a black box), so ``loss_gradient`` /
-``class_gradient`` / ``fit`` of :class:`DefendedClassifier` raise ``NotImplementedError``;
-only ``predict`` is offered — which is all ART's extraction attacks (``KnockoffNets``,
-``CopycatCNN``) ask of a victim.
-
-Soft labels: ``KnockoffNets(..., use_probability=True)`` passes the victim's ``predict``
-output (the posteriors, ``[N, K]``) to ``thieved_classifier.fit``; with the default
-``use_probability=False`` it passes their one-hot argmax. ``PyTorchClassifier.fit`` then runs
-``reduce_labels``: for ``nn.CrossEntropyLoss`` ART 1.20.1 keeps ``[N, K]`` targets as
-probabilities unless *every* entry of the whole array is an integer (one-hot labels become
-indices, which is the same loss); for ``nn.NLLLoss``, ``nn.MultiMarginLoss`` (and BCE losses)
-it takes the argmax — a thief trained with those silently learns from the top-1 label only,
-and MAD's perturbation (which keeps the top-1 under ``oracle:argmax``) never reaches it.
-:class:`SoftCrossEntropyLoss` is not an ``nn.CrossEntropyLoss`` (ART then hands it the
-targets untouched) and computes the soft-label cross-entropy −Σₖ yₖ log softmax(z)ₖ, so what
-the thief trains on does not depend on how an ART version sorts its losses.
+Soft labels: ``KnockoffNets(..., use_probability=True)`` passes the victim's posteriors
+``[N, K]`` to ``thieved_classifier.fit`` (one-hot argmax without it). ART 1.20.1's
+``reduce_labels`` keeps them as probabilities for ``nn.CrossEntropyLoss`` unless every entry is
+an integer, but takes their argmax for ``nn.NLLLoss``, ``nn.MultiMarginLoss`` and the BCE losses:
+such a thief learns from the top-1 label only, which MAD under ``oracle:argmax`` never changes.
+:class:`SoftCrossEntropyLoss` is none of these (ART hands it the targets untouched) and computes
+−Σₖ yₖ log softmax(z)ₖ, whatever an ART version does with its known losses.
 
 Example:
     >>> from art.attacks.extraction import KnockoffNets
@@ -62,13 +48,10 @@ except ImportError as err:  # pragma: no cover - depends on the installation
 
 from ..client import RemoteBlackbox
 from ..defenses import Defense, build_defense
+from ..models import INPUT_SIZES
 from ..modeldir import dataset_name, modelfamily_for_dataset, read_params
 
-__all__ = ["DefendedClassifier", "RemoteClassifier", "SoftCrossEntropyLoss", "thief_classifier",
-           "FAMILY_INPUT_SHAPE"]
-
-#: model family → C×H×W of its inputs after the test transform (as ``ppoison serve`` expects)
-FAMILY_INPUT_SHAPE = {"mnist": (1, 28, 28), "cifar": (3, 32, 32), "imagenet": (3, 224, 224)}
+__all__ = ["DefendedClassifier", "RemoteClassifier", "SoftCrossEntropyLoss", "thief_classifier"]
 
 
 def _device_type(module: nn.Module) -> str:
@@ -157,25 +140,15 @@ class DefendedClassifier(PyTorchClassifier):
         shape and K come from its ``params.json``."""
         params = read_params(victim_dir)
         family = modelfamily_for_dataset(dataset_name(params))
-        if family not in FAMILY_INPUT_SHAPE:
-            raise ValueError(f"no input shape known for model family {family!r}")
         bb = build_defense(defense, defense_args, victim_dir=victim_dir, device=device)
-        kwargs.setdefault("device_type", "gpu" if torch.device(device).type == "cuda" else "cpu")
-        return cls(bb, input_shape=FAMILY_INPUT_SHAPE[family], nb_classes=int(params["num_classes"]), **kwargs)
-
-    def _no_gradient(self, what: str):
-        raise NotImplementedError(f"{what}: the defended victim is a black box; its released posteriors "
-                                  f"(MAD: an oracle and a projection under no_grad) have no gradient, and it "
-                                  f"is not trained through ART")
+        return cls(bb, input_shape=INPUT_SIZES[family], nb_classes=int(params["num_classes"]), **kwargs)
 
     def loss_gradient(self, *args: Any, **kwargs: Any):
-        self._no_gradient("loss_gradient")
+        raise NotImplementedError("the defended victim is a black box: its released posteriors (MAD: an "
+                                  "oracle and a projection under no_grad) have no gradient, and it is not "
+                                  "trained through ART")
 
-    def class_gradient(self, *args: Any, **kwargs: Any):
-        self._no_gradient("class_gradient")
-
-    def fit(self, *args: Any, **kwargs: Any):
-        self._no_gradient("fit")
+    class_gradient = fit = loss_gradient
 
 
 class RemoteClassifier(BlackBoxClassifier):

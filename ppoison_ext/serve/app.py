@@ -1,5 +1,7 @@
-"""The FastAPI application of ``ppoison serve`` (built by :func:`create_app` from a
-:class:`ServeState`; ``ppoison_ext.serve.main`` runs it on uvicorn).
+"""The HTTP API of a defended model: :func:`create_app` serves any
+:class:`~ppoison_ext.defenses.Defense` (around any ``nn.Module``) as a FastAPI app, and
+:func:`create_router` mounts the same endpoints into an existing FastAPI app. ``ppoison serve``
+(:mod:`ppoison_ext.serve.main`) is one caller: it builds the defense from a model folder.
 
 Endpoints: ``POST /v1/predict`` (wire format: :mod:`ppoison_ext.client.wire`),
 ``GET /v1/health`` (no key needed), ``GET /v1/info`` (model, dataset, classes, input shape,
@@ -10,86 +12,35 @@ spent), 400/422 (malformed input, the message names the field); an unexpected fa
 the defense answers 503 and the server goes on.
 """
 
-
 import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from torch import Tensor, nn
 
 from ..client.wire import NPY, encode_npy
+from ..defenses import Defense, WhiteboxDefense
+from ..devices import DeviceLike, as_device
 from .auth import KeyStore
 from .batcher import MicroBatcher, Pending, pad_rows
 from .inputs import InputError, parse_json_images, parse_npy
 from .ledger import BudgetError, Ledger, LedgerEntry
 
-__all__ = ["ServeState", "create_app", "ANONYMOUS", "BATCH_INDEPENDENT"]
+__all__ = ["create_app", "create_router", "ANONYMOUS", "IMAGE_MODES"]
 
 logger = logging.getLogger(__name__)
 
-#: key id of every request when the server runs without a key file
+#: key id of every request when the server runs without API keys
 ANONYMOUS = "anonymous"
-#: defenses whose rows are computed row by row (see :mod:`ppoison_ext.serve.batcher`)
-BATCH_INDEPENDENT = ("none", "topk", "rounding", "reverse_sigmoid", "mad")
+#: input channels → the PIL mode a PNG of a JSON request is converted to
+IMAGE_MODES = {1: "L", 3: "RGB"}
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _ENDPOINTS = ("/v1/predict", "/v1/info", "/v1/health", "/metrics")
-
-
-@dataclass
-class ServeState:
-    """Everything a running server holds.
-
-    Args:
-        defense: the defended victim (built with ``logger=None``: the ledger logs per key).
-        ledger: budgets, request records and per-key query logs.
-        keys: the API keys (None: no authentication, every query is charged to ``anonymous``).
-        info: the ``/v1/info`` answer.
-        input_shape: C×H×W of the victim's inputs; ``image_mode`` / ``transform``: how PNGs are decoded.
-        batch_independent: whether answers can be independent of the batch (reported in info).
-    """
-
-    defense: nn.Module
-    ledger: Ledger
-    keys: Optional[KeyStore]
-    info: Dict[str, Any]
-    input_shape: Sequence[int]
-    image_mode: str
-    transform: Callable
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    max_batch: int = 64
-    max_wait_s: float = 0.002
-    pad_multiple: int = 16
-    max_request_images: int = 256
-    max_body_bytes: int = 32 << 20
-    torch_threads: Optional[int] = None
-
-    def run_batch(self, batch: List[Pending]) -> List[np.ndarray]:
-        """One defense call for the batch, then the ledger commit; returns each request's y′."""
-        x = batch[0].x if len(batch) == 1 else torch.cat([p.x for p in batch])
-        n = x.shape[0]
-        pad = self.pad_multiple if self.max_batch > 1 else 1
-        out = self.defense.perturb(pad_rows(x, pad).to(self.device))
-        y_prime = out.y_prime[:n].detach().float().cpu()
-        y = out.y[:n].detach().float().cpu()
-        obj = None if out.obj is None else out.obj[:n].detach().cpu()
-        sobj = None if out.sobj is None else out.sobj[:n].detach().cpu()
-        entries, results, lo = [], [], 0
-        for p in batch:
-            hi = lo + p.n
-            entries.append(LedgerEntry(p.request_id, p.key_id, y[lo:hi], y_prime[lo:hi],
-                                       None if obj is None else obj[lo:hi], None if sobj is None else sobj[lo:hi],
-                                       client_request_id=p.client_request_id))
-            results.append(y_prime[lo:hi].numpy())
-            lo = hi
-        self.ledger.commit(entries)
-        for p in batch:
-            p.committed = True
-        return results
 
 
 def _error(status: int, detail: str, **extra: Any):
@@ -98,125 +49,234 @@ def _error(status: int, detail: str, **extra: Any):
     return JSONResponse({"detail": detail, **extra}, status_code=status)
 
 
-def create_app(state: ServeState):
-    """The FastAPI app serving ``state`` (see the module docs)."""
-    from contextlib import asynccontextmanager
+class _Metrics:
+    """The Prometheus metrics of one router, in a registry of their own (``registry``)."""
 
-    from fastapi import FastAPI, Request
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = reg = CollectorRegistry()
+        self.requests = Counter("ppoison_requests", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=reg)
+        self.latency = Histogram("ppoison_request_latency_seconds", "request latency by endpoint", ["endpoint"],
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10),
+                                 registry=reg)
+        self.batch = Histogram("ppoison_batch_size_images", "images per defense call",
+                               buckets=[2 ** i for i in range(11)], registry=reg)  # 1 .. 1024
+        self.batch_requests = Histogram("ppoison_batch_size_requests", "requests per defense call",
+                                        buckets=[2 ** i for i in range(9)], registry=reg)  # 1 .. 256
+        self.queries = Counter("ppoison_queries", "images answered (committed) per API key id", ["key_id"],
+                               registry=reg)
+
+    def observe(self, endpoint: str, status: int, seconds: float) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+    def on_batch(self, images: int, requests: int) -> None:
+        self.batch.observe(images)
+        self.batch_requests.observe(requests)
+
+
+def create_app(defense: Defense, *, input_shape: Sequence[int], **options: Any):
+    """A FastAPI app serving ``defense`` (the keywords are :func:`create_router`'s), for uvicorn."""
+    from fastapi import FastAPI
+
+    app = FastAPI(title="ppoison serve", docs_url=None, redoc_url=None, openapi_url=None)
+    router = create_router(defense, input_shape=input_shape, **options)
+    app.include_router(router)
+
+    @app.middleware("http")
+    async def _unrouted(request, call_next):  # requests that reach no endpoint (404, 405)
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        path = request.url.path
+        if path not in _ENDPOINTS or response.status_code == 405:
+            router.metrics.observe(path if path in _ENDPOINTS else "other", response.status_code,
+                                   time.perf_counter() - t0)
+        return response
+
+    return app
+
+
+def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Optional[Sequence[str]] = None,
+                  info: Optional[Dict[str, Any]] = None, image_mode: Optional[str] = None,
+                  transform: Optional[Callable] = None, api_keys: Union[str, Path, KeyStore, None] = None,
+                  budget: Optional[int] = None, log_dir: Union[str, Path, None] = None, log_every: int = 1000,
+                  durable: bool = False, device: DeviceLike = None, max_batch: int = 64,
+                  max_wait_ms: float = 2.0, pad_multiple: int = 16, max_request_images: int = 256,
+                  max_body_mb: float = 32.0, threads: Optional[int] = None):
+    """The endpoints serving ``defense`` as a FastAPI ``APIRouter``, for
+    ``app.include_router(router)`` (a ``prefix`` is fine): its lifespan, which the app then runs,
+    starts the micro-batcher, and at shutdown stops it and closes the ledger.
+    ``router.metrics.registry`` holds its Prometheus metrics.
+
+    Args:
+        defense: any :class:`~ppoison_ext.defenses.Defense` but a white-box variant (its online
+            attacker would train on the query stream), built with ``logger=None`` (the ledger
+            logs per key). With ``max_batch > 1`` it is called on batches of several requests;
+            answers do not depend on the batch when ``defense.batch_independent``.
+        input_shape: the shape of one input (C×H×W for images), as npy requests send it.
+        classes: class names (default ``"0"``..``"K-1"``, K from one forward of zeros).
+        info: more (or other) ``/v1/info`` fields, e.g. ``{"model": "resnet18", "dataset": ...}``.
+        image_mode, transform: how a PNG of a JSON request becomes an input (default: the PIL mode
+            of ``IMAGE_MODES`` by channel count, then torchvision's ``to_tensor``); without a
+            mode only npy requests are taken.
+        api_keys: a key file (:mod:`.auth`) or a ``KeyStore``; None: every query is charged to
+            ``anonymous``. ``budget``: queries per key (None: unlimited; a key file's budget
+            column overrides it).
+        log_dir: folder of ``ledger.sqlite`` and the per-key query logs (:mod:`.ledger`); None
+            keeps budgets and request records in memory and writes no query log.
+        log_every, durable: the query logs' distance-row period; fsync every commit.
+        device: where the defense runs (default: where its parameters are).
+        max_batch, max_wait_ms, pad_multiple: micro-batching (:mod:`.batcher`); threads: torch
+            threads of its worker. max_request_images, max_body_mb: per-request limits (413).
+    """
+    from fastapi import APIRouter, Request
     from fastapi.responses import JSONResponse, Response
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+    from fastapi.routing import APIRoute
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from starlette.requests import ClientDisconnect
 
-    registry = CollectorRegistry()
-    m_requests = Counter("ppoison_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
-                         registry=registry)
-    m_latency = Histogram("ppoison_request_latency_seconds", "request latency by endpoint", ["endpoint"],
-                          buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10),
-                          registry=registry)
-    m_batch = Histogram("ppoison_batch_size_images", "images per defense call",
-                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=registry)
-    m_batch_req = Histogram("ppoison_batch_size_requests", "requests per defense call",
-                            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=registry)
-    m_queries = Counter("ppoison_queries", "images answered (committed) per API key id", ["key_id"],
-                        registry=registry)
+    if not isinstance(defense, Defense):
+        raise TypeError(f"defense must be a ppoison_ext Defense, got {type(defense).__name__}")
+    if isinstance(defense, WhiteboxDefense):
+        raise ValueError("defense: the white-box variants are not served (their online attacker is trained "
+                         "on the query stream)")
+    for name, value, low in (("max_batch", max_batch, 1), ("pad_multiple", pad_multiple, 1),
+                             ("max_request_images", max_request_images, 1), ("log_every", log_every, 1),
+                             ("max_wait_ms", max_wait_ms, 0), ("budget", budget, 0)):
+        if value is not None and value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    input_shape = tuple(int(v) for v in input_shape)
+    device = next(defense.parameters(), torch.empty(0)).device if device is None else as_device(device)
+    if classes is None:
+        classes = range(defense.victim_probs(torch.zeros(1, *input_shape, device=device)).shape[1])
+    image_mode = image_mode or IMAGE_MODES.get(input_shape[0])
+    if transform is None and image_mode is not None:
+        from torchvision.transforms.functional import to_tensor as transform
+    accepted = f"{NPY} or application/json" if image_mode else NPY
+    keys = KeyStore.load(api_keys) if isinstance(api_keys, (str, Path)) else api_keys
+    ledger = Ledger(log_dir, keys.budgets(budget) if keys is not None else {ANONYMOUS: budget},
+                    log_every=log_every, durable=durable)
+    info = {"model": type(defense.model).__name__, "dataset": None, "num_classes": len(classes),
+            "classes": [str(c) for c in classes], "input_shape": list(input_shape), "input_dtype": "float32",
+            "defense": type(defense).__name__, "batch_independent": bool(defense.batch_independent),
+            "max_batch": max_batch, "max_request_images": max_request_images, **(info or {})}
+    max_body_bytes = int(max_body_mb * (1 << 20))
+    pad = pad_multiple if max_batch > 1 else 1
+    metrics = _Metrics()
 
-    def on_batch(images: int, requests: int) -> None:
-        m_batch.observe(images)
-        m_batch_req.observe(requests)
+    def run_batch(batch: List[Pending]) -> List[np.ndarray]:
+        """One defense call for the batch, then the ledger commit; returns each request's y′."""
+        x = batch[0].x if len(batch) == 1 else torch.cat([p.x for p in batch])
+        n = x.shape[0]
+        out = defense.perturb(pad_rows(x, pad).to(device))
+        y_prime, y, obj, sobj = (None if t is None else t[:n].detach().cpu() for t in out)
+        columns = (y.float(), y_prime.float(), obj, sobj)
+        entries, lo = [], 0
+        for p in batch:
+            rows = [None if t is None else t[lo:lo + p.n] for t in columns]
+            entries.append(LedgerEntry(p.request_id, p.key_id, *rows, client_request_id=p.client_request_id))
+            lo += p.n
+        ledger.commit(entries)
+        for p in batch:
+            p.committed = True
+        return [e.y_prime.numpy() for e in entries]
 
-    def on_drop(p: Pending) -> None:
-        state.ledger.release(p.key_id, p.n)
-
-    batcher = MicroBatcher(state.run_batch, max_batch=state.max_batch, max_wait_s=state.max_wait_s,
-                           on_batch=on_batch, on_drop=on_drop)
+    batcher = MicroBatcher(run_batch, max_batch=max_batch, max_wait_s=max_wait_ms / 1000.0,
+                           on_batch=metrics.on_batch, on_drop=lambda p: ledger.release(p.key_id, p.n))
     started = time.time()
 
     @asynccontextmanager
     async def lifespan(app):
-        batcher.start(state.torch_threads)
-        logger.info("serving %s with defense %s", state.info.get("model"), state.info.get("defense"))
+        batcher.start(threads)
+        logger.info("serving %s with defense %s", info["model"], info["defense"])
         try:
             yield
         finally:
             await batcher.stop()
-            state.ledger.close()
+            ledger.close()
 
-    app = FastAPI(title="ppoison serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    class ObservedRoute(APIRoute):
+        """Counts and times each request; an unexpected error answers 500 and the server goes on."""
 
-    @app.middleware("http")
-    async def _metrics(request: Request, call_next):
-        t0 = time.perf_counter()
-        path = request.url.path
-        endpoint = path if path in _ENDPOINTS else "other"
-        try:
-            response = await call_next(request)
-        except Exception:  # never let one request take the server down
-            logger.exception("unhandled error on %s", path)
-            response = _error(500, "internal server error")
-        m_requests.labels(endpoint, str(response.status_code)).inc()
-        m_latency.labels(endpoint).observe(time.perf_counter() - t0)
-        return response
+        def get_route_handler(self):
+            handler, endpoint = super().get_route_handler(), self.path
 
-    def _key_id(request: Request) -> Optional[str]:
-        if state.keys is None:
+            async def observed(request: Request):
+                t0 = time.perf_counter()
+                try:
+                    response = await handler(request)
+                except Exception:
+                    logger.exception("unhandled error on %s", request.url.path)
+                    response = _error(500, "internal server error")
+                metrics.observe(endpoint, response.status_code, time.perf_counter() - t0)
+                return response
+
+            return observed
+
+    router = APIRouter(route_class=ObservedRoute, lifespan=lifespan)
+    router.metrics = metrics
+
+    def key_id_of(request: Request) -> Optional[str]:
+        if keys is None:
             return ANONYMOUS
         auth = request.headers.get("authorization", "")
         presented = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key")
-        return state.keys.verify(presented)
+        return keys.verify(presented)
 
-    def _unauthorized(request: Request):
+    def unauthorized(request: Request):
         has = request.headers.get("authorization") or request.headers.get("x-api-key")
         why = "wrong API key" if has else "missing API key (send 'Authorization: Bearer <key>' or 'X-API-Key')"
         return JSONResponse({"detail": f"authorization: {why}", "field": "authorization"}, status_code=401,
                             headers={"WWW-Authenticate": "Bearer"})
 
-    @app.get("/v1/health")
+    @router.get("/v1/health")
     async def health():
-        return {"status": "ok", "uptime_s": round(time.time() - started, 3), "defense": state.info["defense"]}
+        return {"status": "ok", "uptime_s": round(time.time() - started, 3), "defense": info["defense"]}
 
-    @app.get("/v1/info")
-    async def info(request: Request):
-        key_id = _key_id(request)
+    @router.get("/v1/info")
+    async def get_info(request: Request):
+        key_id = key_id_of(request)
         if key_id is None:
-            return _unauthorized(request)
-        return {**state.info, "key_id": key_id, "budget_remaining": state.ledger.remaining(key_id)}
+            return unauthorized(request)
+        return {**info, "key_id": key_id, "budget_remaining": ledger.remaining(key_id)}
 
-    @app.get("/metrics")
-    async def metrics():
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    @router.get("/metrics")
+    async def get_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def _read_body(request: Request) -> bytes:
+    async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
         if declared is not None:
             try:
                 size = int(declared)
             except ValueError:
                 raise InputError(400, "content-length", f"not an integer: {declared!r}")
-            if size > state.max_body_bytes:
-                raise InputError(413, "body", f"{size} bytes, more than the limit of {state.max_body_bytes}")
+            if size > max_body_bytes:
+                raise InputError(413, "body", f"{size} bytes, more than the limit of {max_body_bytes}")
         chunks, total = [], 0
         async for chunk in request.stream():
             total += len(chunk)
-            if total > state.max_body_bytes:
-                raise InputError(413, "body", f"more than the limit of {state.max_body_bytes} bytes")
+            if total > max_body_bytes:
+                raise InputError(413, "body", f"more than the limit of {max_body_bytes} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
 
-    @app.post("/v1/predict")
+    @router.post("/v1/predict")
     async def predict(request: Request):
-        key_id = _key_id(request)
+        key_id = key_id_of(request)
         if key_id is None:
-            return _unauthorized(request)
+            return unauthorized(request)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         try:
-            body = await _read_body(request)
+            body = await read_body(request)
             if ctype == NPY:
-                x = parse_npy(body, state.input_shape, state.max_request_images)
-            elif ctype in ("application/json", ""):
-                x = parse_json_images(body, state.image_mode, state.transform, state.input_shape,
-                                      state.max_request_images)
+                x = parse_npy(body, input_shape, max_request_images)
+            elif ctype in ("application/json", "") and image_mode is not None:
+                x = parse_json_images(body, image_mode, transform, input_shape, max_request_images)
             else:
-                raise InputError(415, "content-type", f"{ctype!r}; send {NPY} or application/json")
+                raise InputError(415, "content-type", f"{ctype!r}; send {accepted}")
         except InputError as err:
             return JSONResponse(err.detail(), status_code=err.status)
         except ClientDisconnect:
@@ -225,7 +285,7 @@ def create_app(state: ServeState):
         if client_id is not None and not _CLIENT_ID.match(client_id):
             return _error(422, "x-request-id: 1-128 characters of letters, digits, '_.:-'", field="x-request-id")
         try:
-            state.ledger.reserve(key_id, x.shape[0])
+            ledger.reserve(key_id, x.shape[0])
         except BudgetError as err:
             return _error(429, str(err), field="budget")
         pending = Pending(x, key_id, uuid.uuid4().hex, client_request_id=client_id)
@@ -234,10 +294,10 @@ def create_app(state: ServeState):
         except Exception as err:
             return _error(503, f"the defense failed on this batch ({type(err).__name__}); retry")
         n = y_prime.shape[0]
-        m_queries.labels(key_id).inc(n)
+        metrics.queries.labels(key_id).inc(n)
         labels = y_prime.argmax(axis=1).tolist() if n else []
         headers = {"X-Request-Id": pending.request_id}
-        remaining = state.ledger.remaining(key_id)
+        remaining = ledger.remaining(key_id)
         if remaining is not None:
             headers["X-Budget-Remaining"] = str(remaining)
         if NPY in request.headers.get("accept", ""):
@@ -247,6 +307,4 @@ def create_app(state: ServeState):
                              "num_classes": int(y_prime.shape[1]), "request_id": pending.request_id},
                             headers=headers)
 
-    app.state.serve = state
-    app.state.batcher = batcher
-    return app
+    return router

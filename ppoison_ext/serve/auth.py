@@ -20,11 +20,10 @@ import hashlib
 import hmac
 import re
 import secrets
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, NamedTuple, Optional, Union
 
-__all__ = ["KeyEntry", "KeyStore", "hash_key", "new_key", "KEY_ID_PATTERN"]
+__all__ = ["KeyEntry", "KeyStore", "hash_key", "new_key", "append_key", "KEY_ID_PATTERN"]
 
 KEY_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -40,8 +39,7 @@ def new_key() -> str:
     return "pp_" + secrets.token_urlsafe(32)
 
 
-@dataclass(frozen=True)
-class KeyEntry:
+class KeyEntry(NamedTuple):
     key_id: str
     digest: str
     budget: Optional[int] = None
@@ -57,8 +55,7 @@ class KeyStore:
 
     def __init__(self, entries: List[KeyEntry]):
         self.entries = list(entries)
-        ids = [e.key_id for e in self.entries]
-        if len(set(ids)) != len(ids):
+        if len({e.key_id for e in self.entries}) != len(self.entries):
             raise ValueError("api keys: duplicate key id")
         if len({e.digest for e in self.entries}) != len(self.entries):
             raise ValueError("api keys: the same key hash appears twice")
@@ -68,10 +65,9 @@ class KeyStore:
         path = Path(path)
         entries = []
         for no, raw in enumerate(path.read_text().splitlines(), 1):
-            line = raw.split("#", 1)[0].strip()
-            if not line:
+            parts = raw.split("#", 1)[0].split()
+            if not parts:
                 continue
-            parts = line.split()
             if len(parts) not in (2, 3):
                 raise ValueError(f"{path}:{no}: expected 'KEY_ID SHA256_HEX [BUDGET]', got {len(parts)} fields")
             key_id, digest = parts[0], parts[1].lower()
@@ -116,7 +112,6 @@ def append_key(path: Union[str, Path], key_id: str, budget: Optional[int] = None
     if path.exists() and any(line.split()[:1] == [key_id] for line in path.read_text().splitlines()):
         raise ValueError(f"{path} already has a key with id {key_id!r}")
     key = new_key()
-    line = f"{key_id} {hash_key(key)}" + (f" {int(budget)}" if budget is not None else "") + "\n"
     with open(path, "a", encoding="utf-8") as f:
-        f.write(line)
+        f.write(f"{key_id} {hash_key(key)}" + (f" {int(budget)}" if budget is not None else "") + "\n")
     return key

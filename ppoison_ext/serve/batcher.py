@@ -1,31 +1,21 @@
 """Server-side micro-batching: concurrent requests gathered into one defense call.
 
-The :class:`MicroBatcher` owns one asyncio queue and one worker thread. Its loop takes the
-first waiting request, then keeps gathering requests — those already waiting at once, later
-ones for up to ``max_wait_s`` after the first — while the batch stays within ``max_batch``
-images (a request larger than ``max_batch`` runs alone). The batch runs in the worker thread
-(:meth:`run_batch`: one defense call, then the ledger commit), so the event loop keeps
-accepting connections meanwhile; requests arriving during a call form the next batch. Each
-request's future gets its own rows back, in the order of its images.
+The :class:`MicroBatcher`'s loop takes the first waiting request, then gathers more — those
+already waiting at once, later ones for up to ``max_wait_s`` after the first — while the batch
+stays within ``max_batch`` images (a larger request runs alone). The batch runs in one worker
+thread (one defense call, then the ledger commit) while the event loop keeps accepting
+requests, which form the next batch; each request's future gets its own rows back, in order.
 
-Batch independence: a batch-independent defense (``none``/``topk``/``rounding``,
-``reverse_sigmoid``, ``mad`` with an oracle that works row by row and a proxy without
-batch statistics) computes each row from that row alone — mathematically. Bitwise, CPU
-matrix products pick their kernels by the number of rows (e.g. a [1, 800] × [800, 500]
-product sums in another order than a [64, 800] one), so the server pads every batch with
-copies of its first row to a multiple of ``pad_multiple`` rows (16 by default; the padding
-rows are dropped and never logged or charged). Then a request's answer is the same bits
-whether it ran alone or with others (tests/test_serve.py checks it). With ``max_batch=1``
-no batch mixes requests and nothing is padded.
-
-Batch-coupled defenses: any defense whose row i depends on the other rows of its call —
-a proxy in train mode with BatchNorm (batch statistics), a defense with one random stream
-drawn over the whole batch (``rand_noise``, MAD's ``random`` oracle: a row's noise depends on
-its position in the batch), or a future target computed over the batch (e.g. a GRAD² min_ip
-target) — gives answers that depend on which requests shared the batch. Serve such a
-defense with ``--max-batch 1`` when answers must not depend on other clients' traffic; the
-server reports ``batch_independent`` in ``/v1/info`` for the defenses it knows to be
-row-wise.
+Batch independence: a defense whose ``batch_independent`` property is true computes each row
+from that row alone — mathematically. Bitwise, CPU matrix products pick their kernels by the
+number of rows (a [1, 800] × [800, 500] product sums in another order than a [64, 800] one), so
+the server pads every batch with copies of its first row to a multiple of ``pad_multiple`` rows
+(16 by default; padding rows are never logged or charged): a request's answer is then the same
+bits alone or with others (tests/test_serve.py checks it). Any other defense (a BatchNorm proxy
+in train mode, one random stream over the batch as ``rand_noise`` or MAD's ``random`` oracle, a
+target computed over the batch) answers depending on which requests shared its batch: serve it
+with ``--max-batch 1`` (no batch mixes requests, nothing is padded) when that matters.
+``/v1/info`` reports ``batch_independent``.
 """
 
 from __future__ import annotations
@@ -75,7 +65,7 @@ class MicroBatcher:
     Args:
         run_batch: called in the worker thread with the batch's requests; returns one result
             per request (in order) or raises (every request of the batch gets the exception).
-        max_batch: images per batch (≥ 1).
+        max_batch: images per batch (≥ 1; ``create_router`` checks the settings).
         max_wait_s: how long the first request of a batch waits for company.
         on_batch: called with (images, requests) of each batch (metrics).
         on_drop: called with each request that was not answered: its client went away before
@@ -83,12 +73,7 @@ class MicroBatcher:
     """
 
     def __init__(self, run_batch: Callable[[List[Pending]], list], *, max_batch: int, max_wait_s: float,
-                 on_batch: Optional[Callable[[int, int], None]] = None,
-                 on_drop: Optional[Callable[[Pending], None]] = None):
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
-        if not max_wait_s >= 0:
-            raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s!r}")
+                 on_batch: Callable[[int, int], None], on_drop: Callable[[Pending], None]):
         self.run_batch = run_batch
         self.max_batch = max_batch
         self.max_wait_s = float(max_wait_s)
@@ -152,16 +137,13 @@ class MicroBatcher:
                 break
             batch.append(item)
             n += item.n
-        live = []
         for p in batch:
             if p.future.done():  # its client went away while it waited
                 self._drop(p)
-            else:
-                live.append(p)
-        return live
+        return [p for p in batch if not p.future.done()]
 
     def _drop(self, p: Pending) -> None:
-        if self.on_drop is not None and not p.committed:
+        if not p.committed:
             self.on_drop(p)
 
     async def _loop(self) -> None:
@@ -170,12 +152,9 @@ class MicroBatcher:
             batch = await self._gather()
             if not batch:
                 continue
-            if self.on_batch is not None:
-                self.on_batch(sum(p.n for p in batch), len(batch))
+            self.on_batch(sum(p.n for p in batch), len(batch))
             try:
                 results = await loop.run_in_executor(self._executor, self.run_batch, batch)
-            except asyncio.CancelledError:
-                raise
             except Exception as err:  # every request of the batch gets the error; the loop goes on
                 logger.exception("batch of %d requests failed", len(batch))
                 for p in batch:

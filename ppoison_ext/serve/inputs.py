@@ -16,10 +16,8 @@ from torch import Tensor
 
 from ..client.wire import WireError, decode_npy
 
-__all__ = ["InputError", "parse_npy", "parse_json_images", "FAMILY_INPUT", "MAX_IMAGE_PIXELS"]
+__all__ = ["InputError", "parse_npy", "parse_json_images", "MAX_IMAGE_PIXELS"]
 
-#: family → (PIL mode of its images, input shape C×H×W after the test transform)
-FAMILY_INPUT = {"mnist": ("L", (1, 28, 28)), "cifar": ("RGB", (3, 32, 32)), "imagenet": ("RGB", (3, 224, 224))}
 #: larger images are refused before they are decoded (decompression bombs)
 MAX_IMAGE_PIXELS = 4096 * 4096
 
@@ -31,10 +29,9 @@ class InputError(Exception):
         super().__init__(f"{field}: {message}")
         self.status = status
         self.field = field
-        self.message = message
 
     def detail(self) -> dict:
-        return {"detail": f"{self.field}: {self.message}", "field": self.field}
+        return {"detail": str(self), "field": self.field}
 
 
 def _check_count(n: int, limit: int, field: str) -> None:
@@ -78,8 +75,6 @@ def _decode_png(item: Any, i: int, mode: str, transform: Callable, want: Tuple[i
             if w * h > MAX_IMAGE_PIXELS:
                 raise InputError(422, field, f"image of {w}x{h} pixels is larger than {MAX_IMAGE_PIXELS} pixels")
             img = img.convert(mode)
-    except InputError:
-        raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise InputError(400, field, f"not a decodable image ({type(err).__name__}: {err})") from err
     x = transform(img)

@@ -72,20 +72,18 @@ class LedgerEntry:
     client_request_id: Optional[str] = None
 
 
-def _stack(group: Sequence[LedgerEntry]):
-    if len(group) == 1:
-        e = group[0]
-        return e.y, e.y_prime, e.obj, e.sobj
-    cat = lambda ts: None if any(t is None for t in ts) else torch.cat(list(ts))  # noqa: E731
-    return (torch.cat([e.y for e in group]), torch.cat([e.y_prime for e in group]),
-            cat([e.obj for e in group]), cat([e.sobj for e in group]))
+def _stack(group: Sequence[LedgerEntry]) -> list:
+    """y, y′, obj, sobj of a key's requests in a batch, each concatenated in request order."""
+    columns = zip(*((e.y, e.y_prime, e.obj, e.sobj) for e in group))
+    return [None if any(t is None for t in ts) else torch.cat(ts) for ts in columns]
 
 
 class Ledger:
     """Budgets, request records and per-key query logs (see the module docs).
 
     Args:
-        log_dir: folder of ``ledger.sqlite`` and the per-key log folders.
+        log_dir: folder of ``ledger.sqlite`` and the per-key log folders; None: the SQLite
+            database in memory and no query logs.
         budgets: key id → query budget (None: unlimited).
         log_every: the query logs' distance-row period.
         durable: fsync on every commit (survives power loss, not only process death).
@@ -93,23 +91,24 @@ class Ledger:
 
     def __init__(self, log_dir, budgets: Dict[str, Optional[int]], *, log_every: int = 1000,
                  durable: bool = False):
-        self.log_dir = Path(log_dir)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir = None if log_dir is None else Path(log_dir)
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
         self.budgets = dict(budgets)
         self.log_every = log_every
         self.durable = durable
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.log_dir / "ledger.sqlite", isolation_level=None, check_same_thread=False)
+        db = ":memory:" if self.log_dir is None else self.log_dir / "ledger.sqlite"
+        self._db = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         self._db.executescript(_SCHEMA)
-        self.used: Dict[str, int] = {k: 0 for k in self.budgets}
-        for key_id, used in self._db.execute("SELECT key_id, used FROM keys"):
-            self.used[key_id] = int(used)
+        committed = {key_id: int(used) for key_id, used in self._db.execute("SELECT key_id, used FROM keys")}
+        self.used: Dict[str, int] = {**dict.fromkeys(self.budgets, 0), **committed}
         self.reserved: Dict[str, int] = {k: 0 for k in self.used}
         self._loggers: Dict[str, QueryLogger] = {}
         for key_id in self.used:
-            if (self.log_dir / key_id).is_dir() or self.used[key_id]:
+            if self.log_dir is not None and ((self.log_dir / key_id).is_dir() or self.used[key_id]):
                 self._logger(key_id)  # cut back to the committed rows now, not at the first query
 
     def _logger(self, key_id: str) -> QueryLogger:
@@ -128,11 +127,9 @@ class Ledger:
             BudgetError: used + in flight + n would exceed the budget.
         """
         with self._lock:
-            budget = self.budgets.get(key_id)
-            used = self.used.get(key_id, 0)
-            held = self.reserved.get(key_id, 0)
-            if budget is not None and used + held + n > budget:
-                raise BudgetError(key_id, budget, used + held, n)
+            budget, held = self.budgets.get(key_id), self.reserved.get(key_id, 0)
+            if budget is not None and self.used.get(key_id, 0) + held + n > budget:
+                raise BudgetError(key_id, budget, self.used.get(key_id, 0) + held, n)
             self.reserved[key_id] = held + n
 
     def release(self, key_id: str, n: int) -> None:
@@ -161,48 +158,32 @@ class Ledger:
                     counts[e.key_id] = counts.get(e.key_id, 0) + n
                     rows.append((e.request_id, e.key_id, n, first, now, e.client_request_id))
                     groups.setdefault(e.key_id, []).append(e)
-                for key_id, group in groups.items():  # one append per key and batch, in request order
-                    self._logger(key_id).log(*_stack(group))
-                if self.durable:
-                    for key_id in counts:
-                        fd = os.open(self._loggers[key_id].bin_path, os.O_RDONLY)
-                        try:
-                            os.fsync(fd)
-                        finally:
-                            os.close(fd)
+                if self.log_dir is not None:
+                    for key_id, group in groups.items():  # one append per key and batch, in request order
+                        lg = self._logger(key_id)
+                        lg.log(*_stack(group))
+                        if self.durable:
+                            fd = os.open(lg.bin_path, os.O_RDONLY)
+                            try:
+                                os.fsync(fd)
+                            finally:
+                                os.close(fd)
                 self._db.execute("BEGIN IMMEDIATE")
-                try:
+                with self._db:  # COMMIT, or ROLLBACK on an error
                     self._db.executemany(
                         "INSERT INTO requests (request_id, key_id, n, first_row, created, client_request_id) "
-                        "VALUES (?, ?, ?, ?, ?, ?)",
-                        rows)
+                        "VALUES (?, ?, ?, ?, ?, ?)", rows)
                     self._db.executemany(
                         "INSERT INTO keys (key_id, used) VALUES (?, ?) "
-                        "ON CONFLICT(key_id) DO UPDATE SET used = used + excluded.used",
-                        list(counts.items()))
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
+                        "ON CONFLICT(key_id) DO UPDATE SET used = used + excluded.used", list(counts.items()))
             except BaseException:
                 for key_id in counts:
-                    self._loggers[key_id].truncate(self.used.get(key_id, 0))
+                    if key_id in self._loggers:
+                        self._loggers[key_id].truncate(self.used.get(key_id, 0))
                 raise
             for key_id, n in counts.items():
                 self.used[key_id] = self.used.get(key_id, 0) + n
                 self.reserved[key_id] = max(0, self.reserved.get(key_id, 0) - n)
-
-    # -- reading ---------------------------------------------------------------------------
-    def requests(self, key_id: Optional[str] = None) -> List[tuple]:
-        """(request_id, key_id, n, first_row, client_request_id) of the committed requests, in
-        commit order."""
-        with self._lock:
-            q = "SELECT request_id, key_id, n, first_row, client_request_id FROM requests"
-            args: tuple = ()
-            if key_id is not None:
-                q += " WHERE key_id = ?"
-                args = (key_id,)
-            return [tuple(r) for r in self._db.execute(q + " ORDER BY seq", args)]
 
     def close(self) -> None:
         with self._lock:

@@ -7,6 +7,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -15,7 +16,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 __all__ = ["ServerProcess", "free_port"]
 
@@ -52,12 +53,11 @@ class ServerProcess:
     def start(self) -> "ServerProcess":
         env = dict(os.environ if self.env is None else self.env)
         env["PYTHONPATH"] = str(_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        cmd: List[str] = [sys.executable, "-m", "ppoison_ext.serve.main", *self.args, "--host", "127.0.0.1",
-                          "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(_ROOT))
-        if out is not subprocess.DEVNULL:
-            out.close()
+        cmd = [sys.executable, "-m", "ppoison_ext.serve.main", *self.args, "--host", "127.0.0.1", "--port",
+               str(self.port)]
+        log = open(self.log_path, "ab") if self.log_path else contextlib.nullcontext(subprocess.DEVNULL)
+        with log as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(_ROOT))
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
