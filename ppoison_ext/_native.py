@@ -1,28 +1,25 @@
-"""Loads the native kernels (``ppoison_ext._C``) into ``torch.ops.ppoison``."""
+"""Loads the native kernels (``ppoison_ext._C``) into ``torch.ops.ppoison``, or records why not.
+
+When the library is missing or fails to load (no build, another platform, a CUDA version that
+does not match torch's, or ``PPOISON_NO_NATIVE=1`` in the environment), :data:`HAS_OPS` is False,
+one warning names the cause, and :mod:`ppoison_ext.ops` runs the pure-PyTorch twins of
+:mod:`ppoison_ext.reference` instead.
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
+import warnings
+from typing import Optional
 
 import torch
 
-try:
-    # Importing the shared library runs its TORCH_LIBRARY registrations. (By name: the
-    # import-layer check reads `from . import _C` as an import of the package itself.)
-    importlib.import_module(f"{__package__}._C")
-except ImportError as err:  # pragma: no cover - only without a build
-    raise ImportError(
-        "ppoison_ext's native extension (ppoison_ext._C) is not built. Build it with "
-        "`pip install --no-build-isolation -e .` from the repository root (see README.md)."
-    ) from err
+BUILD_COMMAND = "pip install --no-build-isolation -e ."
+ENV_NO_NATIVE = "PPOISON_NO_NATIVE"
 
 
-def native_info() -> dict:
-    """What the native extension was built with.
-
-    Returns:
-        ``{"cuda": bool, "cuda_version": "13.0" | None, "torch": str, "torch_cuda": str | None}``.
-    """
+def _cuda_versions() -> dict:
     v = int(torch.ops.ppoison.cuda_version())
     return {
         "cuda": v >= 0,
@@ -32,14 +29,47 @@ def native_info() -> dict:
     }
 
 
-def _check_cuda_match() -> None:
-    info = native_info()
+def _load() -> Optional[str]:
+    """Loads ``_C``; returns None on success, else why it did not load."""
+    if os.environ.get(ENV_NO_NATIVE, "").strip().lower() in ("1", "true", "yes", "on"):
+        return f"{ENV_NO_NATIVE} is set"
+    try:
+        # Importing the shared library runs its TORCH_LIBRARY registrations. (By name: the
+        # import-layer check reads `from . import _C` as an import of the package itself.)
+        importlib.import_module(f"{__package__}._C")
+    except (ImportError, OSError, RuntimeError) as err:
+        return f"ppoison_ext._C could not be loaded ({type(err).__name__}: {err})"
+    info = _cuda_versions()
     if info["cuda"] and info["torch_cuda"] is not None:
         if info["cuda_version"].split(".")[0] != info["torch_cuda"].split(".")[0]:
-            raise RuntimeError(
-                f"ppoison_ext was built with CUDA {info['cuda_version']} but torch uses CUDA "
-                f"{info['torch_cuda']}; rebuild with `pip install --no-build-isolation -e .`"
-            )
+            return f"ppoison_ext._C was built with CUDA {info['cuda_version']} but torch uses CUDA " \
+                   f"{info['torch_cuda']}"
+    return None
 
 
-_check_cuda_match()
+#: Why the native library is not used (None when it is).
+REASON: Optional[str] = _load()
+#: Whether :mod:`ppoison_ext.ops` runs the native kernels.
+HAS_OPS: bool = REASON is None
+
+if not HAS_OPS:
+    warnings.warn(
+        f"ppoison_ext runs its pure-PyTorch kernels (slower): {REASON}. Build the native ones with "
+        f"`{BUILD_COMMAND}` from the repository root.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def native_info() -> dict:
+    """Which kernels run and what the native extension was built with.
+
+    Returns:
+        ``{"native": bool, "reason": str | None, "cuda": bool, "cuda_version": "13.0" | None,
+        "torch": str, "torch_cuda": str | None}``; without the native library ``reason`` says
+        why and ``cuda`` is False.
+    """
+    if HAS_OPS:
+        return {"native": True, "reason": None, **_cuda_versions()}
+    return {"native": False, "reason": REASON, "cuda": False, "cuda_version": None,
+            "torch": torch.__version__, "torch_cuda": torch.version.cuda}

@@ -30,7 +30,7 @@ import logging
 import os
 import weakref
 from dataclasses import dataclass
-from typing import Any, List, Optional, Union
+from typing import List, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -38,22 +38,9 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "DistContext",
-    "env_world",
-    "launched_with_torchrun",
-    "init_distributed",
-    "get_context",
-    "is_main_process",
-    "barrier",
-    "all_reduce_sum",
-    "broadcast_object",
-    "wrap_ddp",
-    "unwrap",
-    "shard_indices",
-    "cleanup",
-    "setup_logging",
-]
+__all__ = ["DistContext", "env_world", "launched_with_torchrun", "init_distributed", "get_context",
+           "is_main_process", "barrier", "all_reduce_sum", "wrap_ddp", "unwrap", "shard_indices", "cleanup",
+           "setup_logging"]
 
 
 @dataclass(frozen=True)
@@ -188,15 +175,6 @@ def all_reduce_sum(values: List[float], device: Union[str, torch.device, None] =
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=dev)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.cpu().tolist()
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``obj`` on every rank (returned unchanged when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:

@@ -3,10 +3,12 @@ property tests (tests/test_properties.py) and the long fuzz run (tools/fuzz.py).
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import List
 
 import torch
 from torch import Tensor
+
+from .testing import make_probs
 
 __all__ = ["EDGE_KINDS", "VALUE_TOL", "check_ball", "check_simplex", "compare_close", "distance",
            "edge_probs", "mismatched_rows"]
@@ -15,36 +17,11 @@ EDGE_KINDS = ("softmax", "peaked", "onehot", "uniform", "ties", "zeros", "tiny",
 
 
 def edge_probs(B: int, K: int, kind: str, *, dtype=torch.float32, generator=None) -> Tensor:
-    """Rows on the simplex with the edge cases that break naive code.
-
-    softmax: softmax(N(0, 3²)); peaked: softmax of ±1e3 logits (exact zeros after rounding);
-    onehot: exact one-hot; uniform; ties: equal top entries; zeros: random with exact zeros;
-    tiny: entries of 1e-38; denormal: float32 subnormal entries; two_hot: mass split on two.
-    """
-    g = generator
-    if kind == "onehot":
-        y = torch.nn.functional.one_hot(torch.randint(K, (B,), generator=g), K).double()
-    elif kind == "uniform":
-        y = torch.full((B, K), 1.0 / K, dtype=torch.float64)
-    elif kind == "two_hot":
-        a = torch.randint(K, (B,), generator=g)
-        b = (a + 1 + torch.randint(K - 1, (B,), generator=g)) % K
-        y = torch.zeros(B, K, dtype=torch.float64)
-        w = torch.rand(B, generator=g, dtype=torch.float64)
-        y[torch.arange(B), a] = w
-        y[torch.arange(B), b] += 1 - w
-    else:
-        scale = {"peaked": 1e3}.get(kind, 3.0)
-        y = torch.softmax(torch.randn(B, K, generator=g, dtype=torch.float64) * scale, -1)
-        if kind == "ties":
-            top = y.argmax(-1)
-            other = (top + 1 + torch.randint(K - 1, (B,), generator=g)) % K
-            y[torch.arange(B), other] = y[torch.arange(B), top]
-        elif kind in ("zeros", "tiny", "denormal"):
-            value = {"zeros": 0.0, "tiny": 1e-38, "denormal": 1e-44}[kind]
-            drop = torch.rand(B, K, generator=g) < 0.5
-            drop[torch.arange(B), y.argmax(-1)] = False
-            y = torch.where(drop, torch.full_like(y, value), y)
+    """:func:`ppoison_ext.testing.make_probs` with the fuzzer's harsher settings: ``peaked``
+    logits of ±1e3, half the entries dropped in ``zeros`` / ``tiny`` / ``denormal``, and the
+    softmax rows renormalised too."""
+    y = make_probs(B, K, kind, dtype=torch.float64, generator=generator, peak_scale=1e3, drop_rate=0.5)
+    if kind in ("softmax", "peaked"):
         y = y / y.sum(-1, keepdim=True)
     return y.to(dtype)
 
@@ -111,7 +88,3 @@ def compare_close(name: str, got: Tensor, want: Tensor, rtol: float, atol=0.0) -
     d = (got.double() - want.double()).abs().reshape(got.shape[0], -1)[bad]
     worst = float(d.nan_to_num(float("inf")).max())
     return [f"{name}: {int(bad.sum())}/{got.shape[0]} rows differ, max |diff| {worst:.3g}"]
-
-
-def summarize(errors: Dict[str, int]) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in sorted(errors.items())) or "none"

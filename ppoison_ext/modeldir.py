@@ -15,13 +15,13 @@ import datetime
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
-import torch
 from torch import nn
 
 from .checkpoint import CHECKPOINT_NAMES, load_checkpoint
 from .datasets import dataset_to_modelfamily
+from .devices import DeviceLike, as_device
 from .fileio import PathLike, atomic_write_json
 from .models import get_net
 from .models.imagenet import remap_cadene_state_dict
@@ -34,19 +34,16 @@ __all__ = ["read_params", "write_params", "dataset_name", "modelfamily_for_datas
 #: Keys of ``params.json`` that name a dataset, in the order they are looked up.
 DATASET_KEYS: Tuple[str, ...] = ("queryset", "testdataset", "dataset")
 
-_FALLBACK_FAMILIES = {
-    "MNIST": "mnist", "FashionMNIST": "mnist", "KMNIST": "mnist", "EMNIST": "mnist",
-    "EMNISTLetters": "mnist", "notMNIST": "mnist",
-    "CIFAR10": "cifar", "CIFAR100": "cifar", "SVHN": "cifar", "TinyImageNet200": "cifar",
-}
+#: The package's own families, used for names that ``dataset_to_modelfamily`` does not know.
+_FALLBACK_FAMILIES = dict(dataset_to_modelfamily)
 
 
 def modelfamily_for_dataset(dataset: str) -> str:
     """The model family (``mnist``/``cifar``/``imagenet``) of a dataset name.
 
-    Uses :data:`ppoison_ext.datasets.dataset_to_modelfamily`; a name it does not know falls
-    back to a built-in map (MNIST-like → ``mnist``; CIFAR10/100, SVHN, TinyImageNet200 →
-    ``cifar``; anything else → ``imagenet``).
+    Uses :data:`ppoison_ext.datasets.dataset_to_modelfamily` (a mapping or a callable); a name
+    it does not know falls back to the package's own table (MNIST-like → ``mnist``; CIFAR10/100,
+    SVHN, TinyImageNet200 → ``cifar``), and anything else to ``imagenet``.
     """
     family = None
     if isinstance(dataset_to_modelfamily, Mapping):
@@ -112,13 +109,15 @@ def read_params(model_dir: PathLike, filename: str = "params.json") -> Dict[str,
 def load_model_dir(
     model_dir: PathLike,
     *,
-    device: Union[str, torch.device] = "cpu",
+    device: DeviceLike = "cpu",
     checkpoint_names: Sequence[str] = CHECKPOINT_NAMES,
     modelfamily: Optional[str] = None,
     strict: bool = True,
     model_kwargs: Optional[Mapping[str, Any]] = None,
+    train: bool = False,
 ) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Build a model folder's architecture and load its weights (nothing is downloaded).
+    """Build a model folder's architecture and load its weights (nothing is downloaded): the one
+    way the package loads a model folder.
 
     Reads ``params.json`` (:func:`read_params`), builds
     ``get_net(params['model_arch'], family, num_classes=params['num_classes'])`` with the
@@ -127,19 +126,22 @@ def load_model_dir(
 
     Args:
         model_dir: the folder.
-        device: where the model and tensors go.
+        device: where the model and tensors go (anything :func:`~ppoison_ext.devices.as_device`
+            takes; None means the CPU).
         checkpoint_names: file names tried in order.
         modelfamily: overrides the dataset's family.
         strict: passed to :func:`load_checkpoint`.
         model_kwargs: extra ``get_net`` keywords (e.g. ``{"depth": 20}`` for cifar ``resnet``).
+        train: leave the model in training mode instead of eval mode.
 
     Returns:
-        ``(model, params)``; the model is on ``device`` in eval mode.
+        ``(model, params)``; the model is on ``device``, in eval mode unless ``train``.
 
     Raises:
         FileNotFoundError: no folder, params file or checkpoint.
         ValueError: invalid params or checkpoint (see :func:`read_params`, :func:`load_checkpoint`).
     """
+    device = as_device(device, default="cpu")
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model folder {model_dir} does not exist")
@@ -154,7 +156,7 @@ def load_model_dir(
     )
     remap = remap_cadene_state_dict if modelfamily == "imagenet" else None
     ckpt = load_checkpoint(ckpt_path, model, map_location=device, strict=strict, remap=remap)
-    model.to(device).eval()
+    model.to(device).train(train)
     logger.info(
         "loaded %s (%s, %s family, K=%d) from %s: epoch %s, best_acc %s",
         params["model_arch"], model_dir, modelfamily, params["num_classes"], ckpt_path.name,

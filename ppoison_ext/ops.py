@@ -1,6 +1,7 @@
 """Typed wrappers over the native MAD kernels (``torch.ops.ppoison``).
 
-This is the only module that calls ``torch.ops.ppoison``. Every op takes and returns
+This is the only module that calls ``torch.ops.ppoison``. Without the native library
+(:data:`ppoison_ext.HAS_OPS` False) every op runs its pure-PyTorch twin. Every op takes and returns
 batched tensors (B ≥ 0 samples, K ≥ 2 classes), float32 or float64, on CPU or CUDA;
 all tensor arguments must share one device and dtype. They are inference-only (no
 autograd). Each has a pure-PyTorch twin of the same name in :mod:`ppoison_ext.reference`.
@@ -30,24 +31,29 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _native  # noqa: F401  (registers torch.ops.ppoison)
+from . import reference
+from ._native import HAS_OPS
 
-__all__ = [
-    "jacobian_gram_fc",
-    "jacobian_tvec_fc",
-    "jacobian_gram",
-    "jacobian_tvec",
-    "mad_oracle",
-    "mad_objective",
-    "mad_step",
-    "project_simplex",
-    "project_l1_ball",
-    "grad2_allocate",
+__all__ = ["jacobian_gram_fc", "jacobian_tvec_fc", "jacobian_gram", "jacobian_tvec", "mad_oracle",
+           "mad_objective", "mad_step", "project_simplex", "project_l1_ball", "grad2_allocate",
+           "modelguard_w_solve", "ORACLES", "YDISTS"]
 
-    "modelguard_w_solve",
-    "ORACLES",
-    "YDISTS",
-]
+
+def _kernel(name: str):
+    """The native kernel ``name``, or its twin in :mod:`ppoison_ext.reference` without the native library."""
+    if HAS_OPS:
+        return getattr(torch.ops.ppoison, name).default
+    return getattr(reference, name)
+
+
+def _fake(name: str):
+    """Registers a fake (meta) kernel for ``ppoison::name`` when the native library is loaded."""
+
+    def register(fn):
+        return torch.library.register_fake(f"ppoison::{name}")(fn) if HAS_OPS else fn
+
+    return register
+
 
 ORACLES = ("extreme", "argmax", "argmin", "random")
 YDISTS = ("l1", "l2", "kl")
@@ -101,7 +107,7 @@ def jacobian_gram_fc(p: Tensor, h_sqnorm: Tensor) -> Tensor:
         p: [B, K]; h_sqnorm: [B]; returns [B, K, K].
     """
     _same_device(("p", _tensor(p, "p")), ("h_sqnorm", _tensor(h_sqnorm, "h_sqnorm")))
-    return torch.ops.ppoison.jacobian_gram_fc.default(p, h_sqnorm)
+    return _kernel("jacobian_gram_fc")(p, h_sqnorm)
 
 
 def jacobian_tvec_fc(p: Tensor, h: Tensor, y: Tensor) -> Tensor:
@@ -114,7 +120,7 @@ def jacobian_tvec_fc(p: Tensor, h: Tensor, y: Tensor) -> Tensor:
         p: [B, K]; h: [B, H]; y: [B, K]; returns [B, K·H].
     """
     _same_device(("p", _tensor(p, "p")), ("h", _tensor(h, "h")), ("y", _tensor(y, "y")))
-    return torch.ops.ppoison.jacobian_tvec_fc.default(p, h, y)
+    return _kernel("jacobian_tvec_fc")(p, h, y)
 
 
 def jacobian_gram(G: Tensor) -> Tensor:
@@ -123,7 +129,7 @@ def jacobian_gram(G: Tensor) -> Tensor:
     Shape:
         G: [B, K, D]; returns [B, K, K].
     """
-    return torch.ops.ppoison.jacobian_gram.default(_tensor(G, "G"))
+    return _kernel("jacobian_gram")(_tensor(G, "G"))
 
 
 def jacobian_tvec(G: Tensor, y: Tensor) -> Tensor:
@@ -133,7 +139,7 @@ def jacobian_tvec(G: Tensor, y: Tensor) -> Tensor:
         G: [B, K, D]; y: [B, K]; returns [B, D].
     """
     _same_device(("G", _tensor(G, "G")), ("y", _tensor(y, "y")))
-    return torch.ops.ppoison.jacobian_tvec.default(G, y)
+    return _kernel("jacobian_tvec")(G, y)
 
 
 def mad_oracle(
@@ -197,16 +203,9 @@ def mad_oracle(
             raise ValueError(f"y must have shape [B, K], got {tuple(y.shape)}")
         gen_device = generator.device if generator is not None else torch.device("cpu")
         index = torch.randint(y.shape[1], (y.shape[0],), generator=generator, device=gen_device).to(y.device)
-    return torch.ops.ppoison.mad_oracle.default(
-        y,
-        _opt_tensor(p, "p"),
-        _opt_tensor(h_sqnorm, "h_sqnorm"),
-        _opt_tensor(gram, "gram"),
-        oracle,
-        objmax,
-        exact_max_k,
-        max_candidates,
-        _opt_tensor(index, "index"),
+    return _kernel("mad_oracle")(
+        y, p=p, h_sqnorm=h_sqnorm, gram=gram, oracle=oracle, objmax=objmax, exact_max_k=exact_max_k,
+        max_candidates=max_candidates, index=index,
     )
 
 
@@ -228,7 +227,7 @@ def mad_objective(
     """
     _same_device(("y", _tensor(y, "y")), ("y_tilde", _tensor(y_tilde, "y_tilde")), ("p", _opt_tensor(p, "p")),
                  ("h_sqnorm", _opt_tensor(h_sqnorm, "h_sqnorm")), ("gram", _opt_tensor(gram, "gram")))
-    return torch.ops.ppoison.mad_objective.default(y_tilde, y, p, h_sqnorm, gram)
+    return _kernel("mad_objective")(y_tilde, y, p=p, h_sqnorm=h_sqnorm, gram=gram)
 
 
 def mad_step(y: Tensor, y_star: Tensor, epsilon: float, ydist: str = "l1", kl_steps: int = 15) -> Tensor:
@@ -250,7 +249,7 @@ def mad_step(y: Tensor, y_star: Tensor, epsilon: float, ydist: str = "l1", kl_st
     if isinstance(kl_steps, bool) or not isinstance(kl_steps, int):
         raise TypeError(f"kl_steps must be an int, got {type(kl_steps).__name__}")
     _same_device(("y", _tensor(y, "y")), ("y_star", _tensor(y_star, "y_star")))
-    return torch.ops.ppoison.mad_step.default(y, y_star, eps, ydist, kl_steps)
+    return _kernel("mad_step")(y, y_star, eps, ydist, kl_steps)
 
 
 def project_simplex(v: Tensor, radius: float = 1.0) -> Tensor:
@@ -263,7 +262,7 @@ def project_simplex(v: Tensor, radius: float = 1.0) -> Tensor:
     Shape:
         v: [B, K]; returns [B, K].
     """
-    return torch.ops.ppoison.project_simplex.default(_tensor(v, "v"), _number(radius, "radius"))
+    return _kernel("project_simplex")(_tensor(v, "v"), _number(radius, "radius"))
 
 
 def project_l1_ball(v: Tensor, radius: float) -> Tensor:
@@ -274,7 +273,7 @@ def project_l1_ball(v: Tensor, radius: float) -> Tensor:
     Shape:
         v: [B, K]; returns [B, K].
     """
-    return torch.ops.ppoison.project_l1_ball.default(_tensor(v, "v"), _number(radius, "radius"))
+    return _kernel("project_l1_ball")(_tensor(v, "v"), _number(radius, "radius"))
 
 
 def _budgets(epsilons) -> list:
@@ -310,7 +309,8 @@ def grad2_allocate(p: Tensor, c: Tensor, epsilons) -> Tensor:
         p, c: [B, K]; returns [B, E, K] (E = 1 for a single number).
     """
     _same_device(("p", _tensor(p, "p")), ("c", _tensor(c, "c")))
-    return torch.ops.ppoison.grad2_allocate.default(p, c, _budgets(epsilons))
+    return _kernel("grad2_allocate")(p, c, _budgets(epsilons))
+
 
 def modelguard_w_solve(y: Tensor, epsilon: float, margin: float = 1e-4,
                        log_offset: float = 1e-6) -> Tuple[Tensor, Tensor, Tensor]:
@@ -347,7 +347,7 @@ def modelguard_w_solve(y: Tensor, epsilon: float, margin: float = 1e-4,
     eps = _number(epsilon, "epsilon")
     delta = _number(margin, "margin")
     off = _number(log_offset, "log_offset")
-    return torch.ops.ppoison.modelguard_w_solve.default(_tensor(y, "y"), eps, delta, off)
+    return _kernel("modelguard_w_solve")(_tensor(y, "y"), eps, delta, off)
 
 
 # ---------------------------------------------------------------------------------------
@@ -360,67 +360,59 @@ def _fake_bk(y: Tensor) -> Tuple[int, int]:
     return y.shape[0], y.shape[1]
 
 
-@torch.library.register_fake("ppoison::jacobian_gram_fc")
+@_fake("jacobian_gram_fc")
 def _jacobian_gram_fc_fake(p, h_sqnorm):
     B, K = _fake_bk(p)
     return p.new_empty((B, K, K))
 
 
-@torch.library.register_fake("ppoison::jacobian_tvec_fc")
+@_fake("jacobian_tvec_fc")
 def _jacobian_tvec_fc_fake(p, h, y):
     B, K = _fake_bk(p)
     torch._check(h.dim() == 2)
     return p.new_empty((B, K * h.shape[1]))
 
 
-@torch.library.register_fake("ppoison::jacobian_gram")
+@_fake("jacobian_gram")
 def _jacobian_gram_fake(G):
     torch._check(G.dim() == 3)
     return G.new_empty((G.shape[0], G.shape[1], G.shape[1]))
 
 
-@torch.library.register_fake("ppoison::jacobian_tvec")
+@_fake("jacobian_tvec")
 def _jacobian_tvec_fake(G, y):
     torch._check(G.dim() == 3)
     return G.new_empty((G.shape[0], G.shape[2]))
 
 
-@torch.library.register_fake("ppoison::mad_oracle")
+@_fake("mad_oracle")
 def _mad_oracle_fake(y, p, h_sqnorm, gram, oracle, objmax, exact_max_k, max_candidates, index):
     B, K = _fake_bk(y)
     return y.new_empty((B, K)), y.new_empty((B,))
 
 
-@torch.library.register_fake("ppoison::mad_objective")
+@_fake("mad_objective")
 def _mad_objective_fake(y_tilde, y, p, h_sqnorm, gram):
     B, K = _fake_bk(y)
     return y.new_empty((B,)), y.new_empty((B,))
 
 
-@torch.library.register_fake("ppoison::mad_step")
-def _mad_step_fake(y, y_star, epsilon, ydist, kl_steps):
-    _fake_bk(y)
-    return torch.empty_like(y, memory_format=torch.contiguous_format)
-
-
-@torch.library.register_fake("ppoison::project_simplex")
-def _project_simplex_fake(v, radius):
+def _same_shape_fake(v, *args):
     _fake_bk(v)
     return torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake("ppoison::project_l1_ball")
-def _project_l1_ball_fake(v, radius):
-    _fake_bk(v)
-    return torch.empty_like(v, memory_format=torch.contiguous_format)
+for _name in ("mad_step", "project_simplex", "project_l1_ball"):
+    _fake(_name)(_same_shape_fake)
 
 
-@torch.library.register_fake("ppoison::grad2_allocate")
+@_fake("grad2_allocate")
 def _grad2_allocate_fake(p, c, epsilons):
     B, K = _fake_bk(p)
     return p.new_empty((B, len(epsilons), K))
 
-@torch.library.register_fake("ppoison::modelguard_w_solve")
+
+@_fake("modelguard_w_solve")
 def _modelguard_w_solve_fake(y, epsilon, margin, log_offset):
     B, K = _fake_bk(y)
     return y.new_empty((B, K)), y.new_empty((B,)), y.new_empty((B,), dtype=torch.bool)

@@ -14,20 +14,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = [
-    "jacobian_gram_fc",
-    "jacobian_tvec_fc",
-    "jacobian_gram",
-    "jacobian_tvec",
-    "mad_oracle",
-    "mad_objective",
-    "mad_step",
-    "project_simplex",
-    "project_l1_ball",
-    "grad2_allocate",
-
-    "modelguard_w_solve",
-]
+__all__ = ["jacobian_gram_fc", "jacobian_tvec_fc", "jacobian_gram", "jacobian_tvec", "mad_oracle",
+           "mad_objective", "mad_step", "project_simplex", "project_l1_ball", "grad2_allocate",
+           "modelguard_w_solve"]
 
 VERTEX_WEIGHT = 1e-5  # up-weight of the top class in argmax-preserving vertices
 GREEDY_SMOOTH = 1e-8  # y smoothing in the greedy argmax search

@@ -38,36 +38,40 @@ def tol(dtype: torch.dtype, scale: float = 1.0) -> Dict[str, float]:
 PROB_KINDS = ("random", "peaked", "onehot", "uniform", "ties", "zeros", "tiny")
 
 
-def make_probs(B: int, K: int, kind: str = "random", *, dtype=torch.float32, device="cpu", generator=None):
-    """Rows on the probability simplex of a given kind.
+def make_probs(B: int, K: int, kind: str = "random", *, dtype=torch.float32, device="cpu", generator=None,
+               peak_scale: float = 10.0, drop_rate: float = 0.3):
+    """Rows on the probability simplex of a given kind, the edge cases that break naive code.
 
-    random: softmax of N(0, 3²) logits; peaked: softmax of N(0, 10²) logits; onehot;
-    uniform; ties: two classes tied at the top; zeros: random with exact zeros; tiny:
-    random with entries of 1e-38.
+    random (or softmax): softmax of N(0, 3²) logits; peaked: softmax of N(0, peak_scale²)
+    logits (exact zeros after rounding for large scales); onehot; uniform; ties: two classes
+    tied at the top; two_hot: the mass split on two classes; zeros / tiny / denormal: random
+    with a ``drop_rate`` share of the entries (never the top one) set to 0 / 1e-38 / 1e-44.
     """
     g = generator
     if kind == "onehot":
-        idx = torch.randint(K, (B,), generator=g)
-        y = torch.nn.functional.one_hot(idx, K).double()
+        y = torch.nn.functional.one_hot(torch.randint(K, (B,), generator=g), K).double()
     elif kind == "uniform":
         y = torch.full((B, K), 1.0 / K, dtype=torch.float64)
+    elif kind == "two_hot":
+        a = torch.randint(K, (B,), generator=g)
+        b = (a + 1 + torch.randint(K - 1, (B,), generator=g)) % K
+        y = torch.zeros(B, K, dtype=torch.float64)
+        w = torch.rand(B, generator=g, dtype=torch.float64)
+        y[torch.arange(B), a] = w
+        y[torch.arange(B), b] += 1 - w
     else:
-        scale = 10.0 if kind == "peaked" else 3.0
+        scale = peak_scale if kind == "peaked" else 3.0
         y = torch.softmax(torch.randn(B, K, generator=g, dtype=torch.float64) * scale, -1)
         if kind == "ties" and K >= 2:
             top = y.argmax(-1)
             other = (top + 1 + torch.randint(K - 1, (B,), generator=g)) % K
             y[torch.arange(B), other] = y[torch.arange(B), top]
             y = y / y.sum(-1, keepdim=True)
-        elif kind == "zeros":
-            drop = torch.rand(B, K, generator=g) < 0.3
+        elif kind in ("zeros", "tiny", "denormal"):
+            value = {"zeros": 0.0, "tiny": 1e-38, "denormal": 1e-44}[kind]
+            drop = torch.rand(B, K, generator=g) < drop_rate
             drop[torch.arange(B), y.argmax(-1)] = False
-            y = torch.where(drop, torch.zeros_like(y), y)
-            y = y / y.sum(-1, keepdim=True)
-        elif kind == "tiny":
-            drop = torch.rand(B, K, generator=g) < 0.3
-            drop[torch.arange(B), y.argmax(-1)] = False
-            y = torch.where(drop, torch.full_like(y, 1e-38), y)
+            y = torch.where(drop, torch.full_like(y, value), y)
             y = y / y.sum(-1, keepdim=True)
     return y.to(dtype=dtype, device=device)
 

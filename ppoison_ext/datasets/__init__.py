@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from torch.utils.data import Dataset
 
@@ -26,55 +26,34 @@ from ._common import (ENV_DATA_ROOT, ENV_SKIP_MD5, ArrayDataset, DatasetIntegrit
 from .cifar import CIFAR10, CIFAR100, SVHN, RestrictedUnpickler, safe_pickle_load
 from .folders import (CUBS200, Caltech256, Diabetic5, ImageFolder, ImageNet1k, Indoor67, TinyImageNet200,
                       find_classes, fraction_split, per_class_split, scan_image_folder)
-from .idx import read_idx
-from .mnist import EMNIST, KMNIST, MNIST, EMNISTLetters, FashionMNIST, NotMNIST
+from .mnist import EMNIST, KMNIST, MNIST, EMNISTLetters, FashionMNIST, NotMNIST, read_idx
 from .transforms import get_transform, modelfamily_to_transforms
 
-#: name -> dataset class
-DATASETS: Dict[str, type] = {
-    "MNIST": MNIST,
-    "FashionMNIST": FashionMNIST,
-    "KMNIST": KMNIST,
-    "EMNIST": EMNIST,
-    "EMNISTLetters": EMNISTLetters,
-    "notMNIST": NotMNIST,
-    "CIFAR10": CIFAR10,
-    "CIFAR100": CIFAR100,
-    "SVHN": SVHN,
-    "TinyImageNet200": TinyImageNet200,
-    "CUBS200": CUBS200,
-    "Caltech256": Caltech256,
-    "Indoor67": Indoor67,
-    "Diabetic5": Diabetic5,
-    "ImageNet1k": ImageNet1k,
-    "ImageFolder": ImageFolder,
+#: name -> (dataset class, model family, number of classes); ImageFolder's K depends on its folder.
+_TABLE: Dict[str, Tuple[type, str, Optional[int]]] = {
+    "MNIST": (MNIST, "mnist", 10),
+    "FashionMNIST": (FashionMNIST, "mnist", 10),
+    "KMNIST": (KMNIST, "mnist", 10),
+    "EMNIST": (EMNIST, "mnist", 47),
+    "EMNISTLetters": (EMNISTLetters, "mnist", 26),
+    "notMNIST": (NotMNIST, "mnist", 10),
+    "CIFAR10": (CIFAR10, "cifar", 10),
+    "CIFAR100": (CIFAR100, "cifar", 100),
+    "SVHN": (SVHN, "cifar", 10),
+    "TinyImageNet200": (TinyImageNet200, "cifar", 200),
+    "CUBS200": (CUBS200, "imagenet", 200),
+    "Caltech256": (Caltech256, "imagenet", 256),
+    "Indoor67": (Indoor67, "imagenet", 67),
+    "Diabetic5": (Diabetic5, "imagenet", 5),
+    "ImageNet1k": (ImageNet1k, "imagenet", 1000),
+    "ImageFolder": (ImageFolder, "imagenet", None),
 }
+
+#: name -> dataset class
+DATASETS: Dict[str, type] = {name: cls for name, (cls, _, _) in _TABLE.items()}
 
 #: name -> model family ('mnist', 'cifar', 'imagenet'); selects the model zoo and the transforms.
-dataset_to_modelfamily: Dict[str, str] = {
-    "MNIST": "mnist",
-    "KMNIST": "mnist",
-    "EMNIST": "mnist",
-    "EMNISTLetters": "mnist",
-    "FashionMNIST": "mnist",
-    "notMNIST": "mnist",
-    "CIFAR10": "cifar",
-    "CIFAR100": "cifar",
-    "SVHN": "cifar",
-    "TinyImageNet200": "cifar",
-    "CUBS200": "imagenet",
-    "Caltech256": "imagenet",
-    "Indoor67": "imagenet",
-    "Diabetic5": "imagenet",
-    "ImageNet1k": "imagenet",
-    "ImageFolder": "imagenet",
-}
-
-_NUM_CLASSES: Dict[str, int] = {
-    "MNIST": 10, "FashionMNIST": 10, "KMNIST": 10, "EMNIST": 47, "EMNISTLetters": 26, "notMNIST": 10,
-    "CIFAR10": 10, "CIFAR100": 100, "SVHN": 10, "TinyImageNet200": 200,
-    "CUBS200": 200, "Caltech256": 256, "Indoor67": 67, "Diabetic5": 5, "ImageNet1k": 1000,
-}
+dataset_to_modelfamily: Dict[str, str] = {name: family for name, (_, family, _) in _TABLE.items()}
 
 
 def _check_name(name: Any) -> str:
@@ -112,7 +91,7 @@ def num_classes(name: str, root: Optional[PathLike] = None) -> int:
             raise ValueError(
                 "num_classes('ImageFolder') needs root=<folder whose sub-folders are the classes>")
         return len(find_classes(os.fspath(root)))
-    return _NUM_CLASSES[name]
+    return _TABLE[name][2]
 
 
 __all__ = [

@@ -38,6 +38,11 @@ def embedded_root() -> Path:
     return EMBEDDED_ROOT
 
 
+def _env_root() -> Optional[Path]:
+    env = os.environ.get(ENV_DATA_ROOT, "").strip()
+    return Path(env).expanduser() if env else None
+
+
 def data_root(root: Optional[PathLike] = None) -> Path:
     """The data root a loader looks in first.
 
@@ -46,10 +51,7 @@ def data_root(root: Optional[PathLike] = None) -> Path:
     """
     if root is not None:
         return Path(os.fspath(root)).expanduser()
-    env = os.environ.get(ENV_DATA_ROOT, "").strip()
-    if env:
-        return Path(env).expanduser()
-    return EMBEDDED_ROOT
+    return _env_root() or EMBEDDED_ROOT
 
 
 def search_roots(root: Optional[PathLike], embedded_ok: bool) -> List[Path]:
@@ -60,13 +62,8 @@ def search_roots(root: Optional[PathLike], embedded_ok: bool) -> List[Path]:
     """
     if root is not None:
         return [data_root(root)]
-    roots: List[Path] = []
-    env = os.environ.get(ENV_DATA_ROOT, "").strip()
-    if env:
-        roots.append(Path(env).expanduser())
-    if embedded_ok or not roots:
-        roots.append(EMBEDDED_ROOT)
-    return roots
+    env = _env_root()
+    return [env, EMBEDDED_ROOT] if env and embedded_ok else [env or EMBEDDED_ROOT]
 
 
 def is_embedded(path: Path) -> bool:
@@ -81,8 +78,8 @@ def root_placeholder(root: Optional[PathLike]) -> str:
     """How to spell the user's data root in an error message when none was given."""
     if root is not None:
         return str(data_root(root))
-    env = os.environ.get(ENV_DATA_ROOT, "").strip()
-    return str(Path(env).expanduser()) if env else "$" + ENV_DATA_ROOT
+    env = _env_root()
+    return str(env) if env else "$" + ENV_DATA_ROOT
 
 
 def not_found(name: str, searched: Iterable[PathLike], where: str, what: str, url: str,
@@ -91,7 +88,7 @@ def not_found(name: str, searched: Iterable[PathLike], where: str, what: str, ur
     searched = [str(s) for s in searched]
     msg = [f"{name}: dataset not found. Searched: {', '.join(searched)}."]
     msg.append(f"Put {what} into {where}.")
-    if root is None and not os.environ.get(ENV_DATA_ROOT, "").strip():
+    if root is None and _env_root() is None:
         msg.append(f"No data root is configured: pass root=<folder> or set {ENV_DATA_ROOT}=<folder> "
                    f"(the package's embedded folder only holds {', '.join(EMBEDDED_DATASETS)}).")
     if url:
@@ -201,7 +198,33 @@ def unique(paths: Iterable[Path]) -> List[Path]:
 
 # --------------------------------------------------------------------------- base datasets
 
-class ArrayDataset(Dataset):
+class _ImageDataset(Dataset):
+    """What the array and folder datasets share: ``classes``, ``train``, the transforms and ``root``."""
+
+    name = "Dataset"
+
+    def _set_meta(self, classes: Sequence[str], train: Any, transform: Optional[Callable],
+                  target_transform: Optional[Callable], root: Optional[Path]) -> None:
+        self.classes: List[str] = [str(c) for c in classes]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.train = train
+        self.transform = transform
+        self.target_transform = target_transform
+        self.root = root
+
+    def _item(self, img: Any, target: Any) -> Tuple[Any, Any]:
+        if self.transform is not None:
+            img = self.transform(img)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return img, target
+
+    def __repr__(self) -> str:
+        return (f"{self.name}(train={self.train!r}, n={len(self)}, classes={len(self.classes)}, "
+                f"root={str(self.root)!r})")
+
+
+class ArrayDataset(_ImageDataset):
     """Images held in memory as uint8 arrays (``N×H×W`` grey or ``N×H×W×3`` RGB).
 
     ``__getitem__`` turns ``data[i]`` into a PIL image (mode ``L`` or ``RGB``, as torchvision does) and
@@ -220,32 +243,17 @@ class ArrayDataset(Dataset):
             raise ValueError(f"{self.name}: {len(data)} images but {len(targets)} labels")
         self.data = np.ascontiguousarray(data)
         self.targets: List[int] = [int(t) for t in targets]
-        self.classes: List[str] = [str(c) for c in classes]
-        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self._set_meta(classes, train, transform, target_transform, root)
         if self.targets and (min(self.targets) < 0 or max(self.targets) >= len(self.classes)):
             raise DatasetIntegrityError(
                 f"{self.name}: labels span {min(self.targets)}..{max(self.targets)} but there are "
                 f"{len(self.classes)} classes")
-        self.train = train
-        self.transform = transform
-        self.target_transform = target_transform
-        self.root = root
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, index: int) -> Tuple[Any, Any]:
-        img = Image.fromarray(self.data[index])
-        target: Any = self.targets[index]
-        if self.transform is not None:
-            img = self.transform(img)
-        if self.target_transform is not None:
-            target = self.target_transform(target)
-        return img, target
-
-    def __repr__(self) -> str:
-        return (f"{self.name}(train={self.train!r}, n={len(self)}, classes={len(self.classes)}, "
-                f"root={str(self.root)!r})")
+        return self._item(Image.fromarray(self.data[index]), self.targets[index])
 
 
 def pil_loader(path: PathLike) -> Image.Image:
@@ -255,7 +263,7 @@ def pil_loader(path: PathLike) -> Image.Image:
         return img.convert("RGB")
 
 
-class FolderDataset(Dataset):
+class FolderDataset(_ImageDataset):
     """Images on disk listed in ``samples`` as ``(path, label)``, loaded lazily with :func:`pil_loader`."""
 
     name = "FolderDataset"
@@ -266,12 +274,7 @@ class FolderDataset(Dataset):
         self.samples: List[Tuple[str, int]] = list(samples)
         self.imgs = self.samples
         self.targets: List[int] = [s[1] for s in self.samples]
-        self.classes: List[str] = [str(c) for c in classes]
-        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        self.train = train
-        self.transform = transform
-        self.target_transform = target_transform
-        self.root = root
+        self._set_meta(classes, train, transform, target_transform, root)
         self.loader = loader
 
     def __len__(self) -> int:
@@ -279,16 +282,7 @@ class FolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> Tuple[Any, Any]:
         path, target = self.samples[index]
-        img = self.loader(path)
-        if self.transform is not None:
-            img = self.transform(img)
-        if self.target_transform is not None:
-            target = self.target_transform(target)
-        return img, target
-
-    def __repr__(self) -> str:
-        return (f"{self.name}(train={self.train!r}, n={len(self)}, classes={len(self.classes)}, "
-                f"root={str(self.root)!r})")
+        return self._item(self.loader(path), target)
 
 
 class InMemory(Dataset):

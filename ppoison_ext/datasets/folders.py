@@ -109,6 +109,12 @@ def _require_file(name: str, path: Path, what: str) -> Path:
     return path
 
 
+def _read_columns(path: Path, maxsplit: int = -1) -> List[List[str]]:
+    """The whitespace-separated fields of each line of a text file that has at least two."""
+    with open(path, "r", encoding="utf-8") as f:
+        return [parts for parts in (line.strip().split(maxsplit=maxsplit) for line in f) if len(parts) >= 2]
+
+
 def _scan_nonempty(name: str, directory: Path) -> Tuple[List[str], List[Tuple[str, int]]]:
     if not directory.is_dir():
         raise FileNotFoundError(f"{name}: folder {directory} does not exist.")
@@ -173,7 +179,8 @@ class _SeededFolder(_Folder):
         return classes, samples
 
     def _split(self, folder: Path, samples: List[Tuple[str, int]]) -> Tuple[List[int], List[int]]:
-        raise NotImplementedError
+        """The per-class split with ``ntest`` test images per class."""
+        return per_class_split([t for _, t in samples], self.ntest)
 
 
 class Caltech256(_SeededFolder):
@@ -195,9 +202,6 @@ class Caltech256(_SeededFolder):
         remap = {classes.index(c): i for i, c in enumerate(keep)}
         return keep, [(p, remap[t]) for p, t in samples if t != drop]
 
-    def _split(self, folder, samples):
-        return per_class_split([t for _, t in samples], self.ntest)
-
 
 class Diabetic5(_SeededFolder):
     """Kaggle diabetic retinopathy, 5 grades; per class (seed 123) 200 test images, rest train."""
@@ -208,9 +212,6 @@ class Diabetic5(_SeededFolder):
     what = "the Kaggle training images sorted into one folder per grade (0/ .. 4/)"
     url = "https://www.kaggle.com/c/diabetic-retinopathy-detection"
     ntest = 200
-
-    def _split(self, folder, samples):
-        return per_class_split([t for _, t in samples], self.ntest)
 
 
 class ImageNet1k(_SeededFolder):
@@ -261,19 +262,11 @@ class CUBS200(_SeededFolder):
 
     def _split(self, folder, samples):
         base = folder.parent
-        name_to_id: Dict[str, str] = {}
-        with open(_require_file(self.name, base / "images.txt", "image id → path"), encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    image_id, filepath = line.split()
-                    name_to_id[os.path.basename(filepath)] = image_id
-        id_to_train: Dict[str, bool] = {}
-        with open(_require_file(self.name, base / "train_test_split.txt", "image id → 1 train / 0 test"),
-                  encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    image_id, flag = line.split()
-                    id_to_train[image_id] = bool(int(flag))
+        images = _read_columns(_require_file(self.name, base / "images.txt", "image id → path"))
+        name_to_id = {os.path.basename(filepath): image_id for image_id, filepath in images}
+        flags = _read_columns(_require_file(self.name, base / "train_test_split.txt",
+                                            "image id → 1 train / 0 test"))
+        id_to_train = {image_id: bool(int(flag)) for image_id, flag in flags}
         train, test = [], []
         for idx, (path, _) in enumerate(samples):
             image_id = name_to_id.get(os.path.basename(path))
@@ -319,12 +312,7 @@ class TinyImageNet200(_Folder):
         ann, images = folder / "val_annotations.txt", folder / "images"
         if not (ann.is_file() and images.is_dir()):
             return _scan_nonempty(self.name, folder)
-        pairs = []
-        with open(ann, "r", encoding="utf-8") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 2:
-                    pairs.append((parts[0], parts[1]))
+        pairs = [(parts[0], parts[1]) for parts in _read_columns(ann)]
         if (base / "train").is_dir():
             wnids = find_classes(base / "train")
         elif (base / "wnids.txt").is_file():
@@ -349,10 +337,5 @@ class TinyImageNet200(_Folder):
         words = base / "words.txt"
         if not words.is_file():
             return list(wnids)
-        desc: Dict[str, str] = {}
-        with open(words, "r", encoding="utf-8") as f:
-            for line in f:
-                parts = line.strip().split(maxsplit=1)
-                if len(parts) == 2:
-                    desc[parts[0]] = parts[1]
+        desc = dict(_read_columns(words, maxsplit=1))
         return [desc.get(w, w) for w in wnids]

@@ -1,6 +1,6 @@
 """MNIST-like datasets: MNIST, FashionMNIST, KMNIST, EMNIST (balanced), EMNISTLetters, notMNIST.
 
-Files are read with :mod:`.idx` (plain or ``.gz``) from, for a data root ``R`` and dataset ``Name``:
+Files are read with :func:`read_idx` (plain or ``.gz``) from, for a data root ``R`` and dataset ``Name``:
 
 1. ``R/Name/raw/``              (torchvision's layout: ``torchvision.datasets.Name(root=R)``)
 2. ``R/<ko>/Name/raw/``         (the reference's Knockoff Nets layout, e.g. ``R/mnist/MNIST/raw/``)
@@ -9,10 +9,17 @@ Files are read with :mod:`.idx` (plain or ``.gz``) from, for a data root ``R`` a
 plus a ``gzip/`` sub-folder of each (how the EMNIST archive unpacks). A ``partial/`` folder beside
 ``raw/`` may hold declared prefixes ``<file>.gz.first<N>bytes`` (the embedded FashionMNIST); they are used
 only when no complete images file is found, and the dataset then has ``is_partial = True``.
+
+The IDX reader checks the magic number, the number of dimensions and the byte count. Only for a
+declared prefix (``*.first<N>bytes``) is a truncated stream accepted, and then only the complete
+records are decoded (the header still states the full count, so it cannot be used).
 """
 from __future__ import annotations
 
+import re
 import string
+import struct
+import zlib
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -20,7 +27,79 @@ import numpy as np
 
 from ._common import (ArrayDataset, DatasetIntegrityError, PathLike, check_embedded, check_train, is_embedded,
                       not_found, root_placeholder, search_roots, unique, verify_default)
-from .idx import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, read_idx
+
+IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned byte, 3 dimensions
+IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned byte, 1 dimension
+
+_PARTIAL_RE = re.compile(r"\.first\d+bytes$")
+
+
+def is_partial_file(path: PathLike) -> bool:
+    """Whether the file is a declared prefix of a larger file (``*.first<N>bytes``)."""
+    return bool(_PARTIAL_RE.search(Path(path).name))
+
+
+def _is_gzip(path: Path, head: bytes) -> bool:
+    return head[:2] == b"\x1f\x8b" or ".gz" in path.suffixes
+
+
+def _gunzip(raw: bytes, path: Path, allow_truncated: bool) -> Tuple[bytes, bool]:
+    """Decompress every gzip member; returns (bytes, truncated)."""
+    out = []
+    while raw:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            out.append(d.decompress(raw))
+        except zlib.error as e:
+            raise DatasetIntegrityError(f"{path}: not a valid gzip file ({e})") from None
+        if not d.eof:
+            if allow_truncated:
+                return b"".join(out), True
+            raise DatasetIntegrityError(f"{path}: gzip stream is truncated (incomplete download?)")
+        raw = d.unused_data.lstrip(b"\x00")
+    return b"".join(out), False
+
+
+def read_idx_bytes(path: PathLike) -> Tuple[bytes, bool]:
+    """The decompressed bytes of an IDX file and whether they are a truncated prefix."""
+    p = Path(path)
+    raw = p.read_bytes()
+    partial = is_partial_file(p)
+    if _is_gzip(p, raw[:2]):
+        return _gunzip(raw, p, allow_truncated=partial)
+    return raw, partial
+
+
+def read_idx(path: PathLike, magic: int) -> Tuple[np.ndarray, bool]:
+    """Read a uint8 IDX file; returns ``(array, truncated)``.
+
+    ``magic`` is 2051 for images (``N×H×W``) or 2049 for labels (``N``). For a declared partial file the
+    array holds the complete leading records only and ``truncated`` is True.
+    """
+    p = Path(path)
+    buf, truncated = read_idx_bytes(p)
+    if len(buf) < 4:
+        raise DatasetIntegrityError(f"{p}: too short for an IDX header")
+    (got,) = struct.unpack(">I", buf[:4])
+    if got != magic:
+        raise DatasetIntegrityError(f"{p}: bad IDX magic number {got}, expected {magic}")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(buf) < header:
+        raise DatasetIntegrityError(f"{p}: truncated IDX header")
+    dims = struct.unpack(">" + "I" * ndim, buf[4:header])
+    record = int(np.prod(dims[1:], dtype=np.int64)) if ndim > 1 else 1
+    body = len(buf) - header
+    if truncated:
+        n = min(dims[0], body // record)
+    else:
+        n = dims[0]
+        if body != n * record:
+            raise DatasetIntegrityError(
+                f"{p}: header says {dims} ({header + n * record} bytes) but the file has {len(buf)} bytes")
+    arr = np.frombuffer(buf, dtype=np.uint8, count=n * record, offset=header).reshape((n,) + tuple(dims[1:]))
+    return arr, truncated
+
 
 _MNIST_FILES = {
     True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

@@ -11,33 +11,9 @@
 from . import cifar, imagenet, mnist
 from .heads import classifier_head, example_input, last_linear, last_linear_name, num_classes_of
 from .imagenet import find_imagenet_weights, imagenet_weight_candidates, remap_cadene_state_dict
-from .zoo import (
-    DEFAULT_NUM_CLASSES,
-    INPUT_SIZES,
-    MODEL_FAMILIES,
-    MODEL_NAMES,
-    CopyReport,
-    copy_weights_,
-    get_net,
-)
+from .zoo import DEFAULT_NUM_CLASSES, INPUT_SIZES, MODEL_FAMILIES, MODEL_NAMES, CopyReport, copy_weights_, get_net
 
-__all__ = [
-    "get_net",
-    "MODEL_NAMES",
-    "MODEL_FAMILIES",
-    "DEFAULT_NUM_CLASSES",
-    "INPUT_SIZES",
-    "last_linear",
-    "last_linear_name",
-    "classifier_head",
-    "num_classes_of",
-    "example_input",
-    "copy_weights_",
-    "CopyReport",
-    "find_imagenet_weights",
-    "imagenet_weight_candidates",
-    "remap_cadene_state_dict",
-    "cifar",
-    "imagenet",
-    "mnist",
-]
+__all__ = ["get_net", "MODEL_NAMES", "MODEL_FAMILIES", "DEFAULT_NUM_CLASSES", "INPUT_SIZES", "last_linear",
+           "last_linear_name", "classifier_head", "num_classes_of", "example_input", "copy_weights_",
+           "CopyReport", "find_imagenet_weights", "imagenet_weight_candidates", "remap_cadene_state_dict",
+           "cifar", "imagenet", "mnist"]

@@ -2,8 +2,7 @@
 
 MAD's closed-form Jacobian (:mod:`ppoison_ext.ops`) needs the features h entering the
 proxy's last Linear layer W and relies on the logits being exactly ``W h + b``.
-:func:`last_linear` checks that property by running one forward pass with hooks,
-instead of trusting ``parameters()[-2]`` as the reference does.
+:func:`last_linear` checks that property by running one forward pass with hooks.
 """
 
 from __future__ import annotations

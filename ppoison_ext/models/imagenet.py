@@ -1,9 +1,7 @@
 """ImageNet-family architectures: torchvision's classification models, built offline.
 
-The reference's zoo used Cadene's ``pretrainedmodels`` 0.7.4 here. Every architecture it
-shares with torchvision (ResNet, VGG, AlexNet, DenseNet, SqueezeNet, Inception v3) is the
-torchvision network with renamed layers, so this module builds the torchvision model
-directly and adds what Cadene-style code expects:
+The models are torchvision's, with what code written for Cadene's ``pretrainedmodels``
+(torchvision networks with renamed layers) expects:
 
 * the final classifier layer is reachable as ``model.last_linear`` (``model.last_conv``
   for SqueezeNet); assigning ``model.last_linear = nn.Linear(...)`` replaces the real
@@ -13,12 +11,8 @@ directly and adds what Cadene-style code expects:
   ``_features.*``, ``linear0.*``, ...) to torchvision's.
 
 Inception v3 and GoogLeNet are built without their auxiliary classifiers, so they return a
-plain logits tensor in training mode too. Cadene-only architectures (``fbresnet152``,
-``bninception``, ``inceptionv4``, ``nasnetalarge``, ``dpn*``, ``se_resnet*``, ``xception``,
-``polynet``, ``pnasnet5large``, ...) and ``bagnet*`` are not provided.
-
-Nothing here downloads: ImageNet weights are read only from local files
-(:func:`find_imagenet_weights`).
+plain logits tensor in training mode too. Nothing here downloads: ImageNet weights are read
+only from local files (:func:`find_imagenet_weights`).
 """
 
 from __future__ import annotations
@@ -37,20 +31,9 @@ from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "NAMES",
-    "ALIASES",
-    "CADENE_ONLY",
-    "NO_LINEAR_HEAD",
-    "PRETRAINED_DIR_ENV",
-    "build",
-    "set_num_classes",
-    "head_name",
-    "imagenet_weight_candidates",
-    "find_imagenet_weights",
-    "load_imagenet_weights_",
-    "remap_cadene_state_dict",
-]
+__all__ = ["NAMES", "ALIASES", "CADENE_ONLY", "NO_LINEAR_HEAD", "PRETRAINED_DIR_ENV", "build",
+           "set_num_classes", "head_name", "imagenet_weight_candidates", "find_imagenet_weights",
+           "load_imagenet_weights_", "remap_cadene_state_dict"]
 
 #: Every torchvision classification architecture, by its torchvision builder name.
 NAMES: List[str] = sorted(torchvision.models.list_models(module=torchvision.models))

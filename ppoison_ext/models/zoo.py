@@ -1,17 +1,8 @@
-"""The model zoo: ``get_net(name, modelfamily, pretrained, num_classes)``.
-
-The names and families are those of the reference's ``knockoff/models/zoo.py``
-(deliberate differences from the reference: ``docs/differences.md``):
-
-* **No downloads, and "scratch" means scratch.** ``pretrained=None`` is a random init for
-  every family, imagenet included. ``pretrained='imagenet'`` starts an imagenet-family model
-  from ImageNet weights read from a local file (see
-  :func:`~ppoison_ext.models.imagenet.find_imagenet_weights`) and replaces the head; that is
-  what the reference's imagenet-family "scratch" models actually were.
-* ``pretrained='imagenet'`` is accepted for the imagenet family only.
-* Unknown names raise ``ValueError`` listing the known ones; a ``pretrained`` path that
-  does not exist raises ``FileNotFoundError``.
-* Checkpoint files are read with ``torch.load(weights_only=True)``.
+"""The model zoo: ``get_net(name, modelfamily, pretrained, num_classes)``, with the names and
+families of the reference's ``knockoff/models/zoo.py``. Nothing is downloaded: ``pretrained=None``
+is a random init for every family, ``pretrained='imagenet'`` (imagenet family only) reads
+ImageNet weights from a local file (:func:`~ppoison_ext.models.imagenet.find_imagenet_weights`),
+and checkpoint files are read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -30,15 +21,8 @@ from . import cifar, imagenet, mnist
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "MODEL_FAMILIES",
-    "MODEL_NAMES",
-    "DEFAULT_NUM_CLASSES",
-    "INPUT_SIZES",
-    "CopyReport",
-    "get_net",
-    "copy_weights_",
-]
+__all__ = ["MODEL_FAMILIES", "MODEL_NAMES", "DEFAULT_NUM_CLASSES", "INPUT_SIZES", "CopyReport", "get_net",
+           "copy_weights_"]
 
 MODEL_FAMILIES: Tuple[str, ...] = ("mnist", "cifar", "imagenet")
 
@@ -189,8 +173,8 @@ def get_net(
     Args:
         name: architecture name.
         modelfamily: ``"mnist"``, ``"cifar"`` or ``"imagenet"``.
-        pretrained: ``None`` (also ``""`` or ``False``): random init with the reference's init
-            schemes (for the imagenet family too, see the module docs); ``"imagenet"``
+        pretrained: ``None`` (also ``""`` or ``False``): random init with the architectures'
+            init schemes (for the imagenet family too); ``"imagenet"``
             (imagenet family only: ImageNet weights from a local file, never downloaded; the
             head is then replaced if ``num_classes != 1000``); or the path of a checkpoint /
             state_dict file, whose tensors are copied by name where shapes
@@ -213,11 +197,6 @@ def get_net(
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
 
     if pretrained is None or pretrained is False or (isinstance(pretrained, str) and pretrained == ""):
-        if family == "imagenet":
-            logger.debug(
-                "get_net(%r, 'imagenet'): random init; the reference's zoo started imagenet-family models "
-                "from ImageNet weights (pass pretrained='imagenet' for that)", name,
-            )
         return _build(name, family, num_classes, **kwargs)
 
     if isinstance(pretrained, str) and pretrained == "imagenet":
