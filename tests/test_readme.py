@@ -73,3 +73,43 @@ def test_pipeline_steps(tmp_path):
     assert rows[0].split("\t")[0] == "call_count" and rows[-1].split("\t")[0] == "300"
     l1_mean = float(rows[-1].split("\t")[1])
     assert 0 < l1_mean <= 0.5 + 1e-5  # MAD with eps 0.5 in L1
+
+
+def test_serve_example(tmp_path, monkeypatch):
+    """The serve example as written, on a free loopback port; one real query through the client."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from ppoison_ext.client import RemoteBlackbox
+    from ppoison_ext.serve.auth import append_key
+    from ppoison_ext.serve.process import free_port
+
+    monkeypatch.chdir(tmp_path)
+    key = append_key(tmp_path / "keys.txt", "alice", 100)
+    servers = []
+
+    def run_in_thread(app, host, port):  # what uvicorn.run does, but returning so the test can query
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=free_port(), log_level="warning"))
+        threading.Thread(target=server.run, daemon=True).start()
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        servers.append(server)
+
+    monkeypatch.setattr(uvicorn, "run", run_in_thread)
+    scope: dict = {}
+    exec(compile(_block("serve"), "README.md", "exec"), scope)
+    server = servers[0]
+    try:
+        x = torch.rand(2, 3, 224, 224)
+        with RemoteBlackbox(f"http://127.0.0.1:{server.config.port}", api_key=key) as bb:
+            y = bb(x)
+            assert bb.info["budget_remaining"] is not None
+    finally:
+        server.should_exit = True
+    # the server pads batches to 16 rows, which changes ResNet's convolution bits, not the answer
+    torch.testing.assert_close(y, scope["defense"](x), rtol=0, atol=1e-6)
+    assert (tmp_path / "serve-logs" / "alice").is_dir()
