@@ -6,21 +6,12 @@ Launch any training step with ``torchrun`` instead of ``python`` and
 
     torchrun --standalone --nproc_per_node 4 -m ppoison_ext.cli train-victim CIFAR10 vgg16_bn -o out
 
-What happens under ``torchrun`` (``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in the
-environment, ``WORLD_SIZE > 1``):
-
-* :func:`init_distributed` starts the default process group once per process: ``nccl`` when
-  training on a GPU (each process uses ``cuda:LOCAL_RANK``), ``gloo`` on the CPU.
-* Each process sees its own shard of the training set (:class:`DistributedSampler`,
-  reshuffled every epoch) with ``ceil(batch_size / world_size)`` samples per step, so the
-  global batch and the learning-rate schedule match a single-process run.
-* Test sets are split into disjoint shards and the loss/accuracy sums are all-reduced, so
-  every rank logs the same numbers and takes the same "best" decisions.
-* Only rank 0 (:func:`is_main_process`) writes files and shows progress bars; the others
-  log warnings only (:func:`setup_logging`).
-
-Without ``torchrun`` (or with ``WORLD_SIZE == 1``) everything here is a no-op and
-:func:`get_context` describes a single process.
+Under ``torchrun`` (``WORLD_SIZE > 1``) :func:`init_distributed` starts the process group
+(``nccl`` on ``cuda:LOCAL_RANK``, else ``gloo``); each process trains on its own shard with
+``ceil(batch_size / world_size)`` samples per step (the global batch of a single-process run);
+test sums are all-reduced, so every rank logs the same numbers and makes the same "best"
+decisions; only rank 0 (:func:`is_main_process`) writes files. Without ``torchrun`` everything
+here is a no-op and :func:`get_context` describes a single process.
 """
 
 from __future__ import annotations
@@ -96,15 +87,11 @@ def launched_with_torchrun() -> bool:
 
 
 def init_distributed(device: Union[str, torch.device, None] = None) -> DistContext:
-    """Starts the process group if launched by ``torchrun`` (idempotent) and returns the context.
+    """Starts the process group if launched by ``torchrun`` (idempotent) and returns the
+    :class:`DistContext` (a single-process one outside ``torchrun``).
 
-    Args:
-        device: the device training was asked to use. Under ``torchrun`` a CUDA device
-            becomes ``cuda:LOCAL_RANK`` with the ``nccl`` backend; anything else trains on
-            the CPU with ``gloo``.
-
-    Returns:
-        The :class:`DistContext` (a single-process one outside ``torchrun``).
+    Under ``torchrun`` a CUDA ``device`` becomes ``cuda:LOCAL_RANK`` with the ``nccl`` backend;
+    anything else trains on the CPU with ``gloo``.
     """
     global _CONTEXT, _STARTED_HERE
     want = torch.device(device) if device is not None else torch.device("cpu")

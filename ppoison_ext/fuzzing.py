@@ -56,9 +56,8 @@ def check_ball(y: Tensor, yp: Tensor, eps: float, ydist: str, tol: float = 1e-5)
     return [f"{ydist} distance {float(d[bad].max())} > epsilon {eps}"] if bad.any() else []
 
 
-# Relative tolerance per output dtype for native-vs-reference value comparisons: both sides
-# compute the MAD math in float64 and round once, so float32 outputs may differ by an ulp or
-# two and float64 ones by summation order.
+# Relative tolerance per output dtype for native kernels against their pure-PyTorch twins: both
+# compute in float64 and round once (float32: an ulp or two; float64: summation order).
 VALUE_TOL = {torch.float32: 4e-6, torch.float64: 1e-9}
 
 

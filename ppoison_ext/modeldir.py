@@ -2,11 +2,8 @@
 
 * ``params.json``: the training arguments; a model folder needs ``model_arch``,
   ``num_classes`` and a dataset name under ``queryset``, ``testdataset`` or ``dataset`` (the
-  first one present names the dataset, as the reference's loader reads it).
+  first one present names the dataset).
 * a checkpoint of :data:`ppoison_ext.checkpoint.CHECKPOINT_NAMES` (:mod:`ppoison_ext.checkpoint`).
-
-:func:`load_model_dir` builds ``get_net(model_arch, family, num_classes)`` with the family of
-the folder's dataset and loads the weights; :func:`write_params` writes a run's arguments.
 """
 
 from __future__ import annotations
@@ -65,8 +62,8 @@ def read_params(model_dir: PathLike, filename: str = "params.json") -> Dict[str,
     """Read and validate a model folder's ``params.json``.
 
     ``model_dir`` may also be the JSON file itself. Requires ``model_arch`` (non-empty str),
-    ``num_classes`` (int ≥ 1) and a dataset name under ``dataset``, ``testdataset`` or
-    ``queryset`` (a str; :func:`dataset_name` picks one; null values are ignored); other keys are returned unchecked.
+    ``num_classes`` (int ≥ 1) and a dataset name (a str) under one of :data:`DATASET_KEYS`
+    (null values are ignored); other keys are returned unchecked.
 
     Raises:
         FileNotFoundError: no such file.
@@ -120,22 +117,11 @@ def load_model_dir(
     way the package loads a model folder.
 
     Reads ``params.json`` (:func:`read_params`), builds
-    ``get_net(params['model_arch'], family, num_classes=params['num_classes'])`` with the
-    family of the params' dataset (or ``modelfamily``), and loads the first existing file of
-    ``checkpoint_names`` with :func:`load_checkpoint`.
-
-    Args:
-        model_dir: the folder.
-        device: where the model and tensors go (anything :func:`~ppoison_ext.devices.as_device`
-            takes; None means the CPU).
-        checkpoint_names: file names tried in order.
-        modelfamily: overrides the dataset's family.
-        strict: passed to :func:`load_checkpoint`.
-        model_kwargs: extra ``get_net`` keywords (e.g. ``{"depth": 20}`` for cifar ``resnet``).
-        train: leave the model in training mode instead of eval mode.
-
-    Returns:
-        ``(model, params)``; the model is on ``device``, in eval mode unless ``train``.
+    ``get_net(params['model_arch'], family, num_classes=params['num_classes'], **model_kwargs)``
+    with the family of the params' dataset (or ``modelfamily``), and loads the first existing
+    file of ``checkpoint_names`` with :func:`load_checkpoint` (``strict`` passed on).
+    Returns ``(model, params)``; the model is on ``device`` (None: the CPU), in eval mode unless
+    ``train``.
 
     Raises:
         FileNotFoundError: no folder, params file or checkpoint.

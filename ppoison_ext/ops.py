@@ -1,10 +1,9 @@
 """Typed wrappers over the native MAD kernels (``torch.ops.ppoison``).
 
 This is the only module that calls ``torch.ops.ppoison``. Without the native library
-(:data:`ppoison_ext.HAS_OPS` False) every op runs its pure-PyTorch twin. Every op takes and returns
-batched tensors (B ≥ 0 samples, K ≥ 2 classes), float32 or float64, on CPU or CUDA;
-all tensor arguments must share one device and dtype. They are inference-only (no
-autograd). Each has a pure-PyTorch twin of the same name in :mod:`ppoison_ext.reference`.
+(:data:`ppoison_ext.HAS_OPS` False) every op runs its pure-PyTorch twin of the same name in
+:mod:`ppoison_ext.reference`. Every op takes and returns batched tensors (B ≥ 0 samples, K ≥ 2
+classes), float32 or float64, on CPU or CUDA, one device and dtype for all; inference-only.
 
 Notation. For a proxy with last Linear layer W [K, H] on features h [H] and softmax output
 p [K], row k of the Jacobian G [K, K·H] of the per-class NLL −log p_k w.r.t. W is
@@ -21,7 +20,7 @@ MAD's objectives of a perturbed posterior ỹ depend on G only through M = G·G�
 So the oracle and objective ops take the Gram in one of three forms: ``p`` and ``h_sqnorm``
 (the last-Linear closed form: one proxy forward, no backward), an explicit ``gram``
 [B, K, K] (e.g. from :func:`jacobian_gram` of per-sample Jacobians of any parameter set), or
-neither (G = I, the reference's ``disable_jacobian`` / ``random`` / ``argmin`` case).
+neither (G = I: MAD without a Jacobian).
 """
 
 from __future__ import annotations
@@ -99,12 +98,9 @@ def jacobian_gram_fc(p: Tensor, h_sqnorm: Tensor) -> Tensor:
 
     ``out[b] = h_sqnorm[b] · (I − 1 p[b]ᵀ − p[b] 1ᵀ + ‖p[b]‖² 11ᵀ)``
 
-    Args:
-        p: proxy softmax outputs.
-        h_sqnorm: squared norms ‖h‖² of the features entering the last Linear layer.
-
     Shape:
-        p: [B, K]; h_sqnorm: [B]; returns [B, K, K].
+        p (proxy softmax outputs): [B, K]; h_sqnorm (‖h‖² of the features entering the last
+        Linear layer): [B]; returns [B, K, K].
     """
     _same_device(("p", _tensor(p, "p")), ("h_sqnorm", _tensor(h_sqnorm, "h_sqnorm")))
     return _kernel("jacobian_gram_fc")(p, h_sqnorm)
@@ -124,20 +120,12 @@ def jacobian_tvec_fc(p: Tensor, h: Tensor, y: Tensor) -> Tensor:
 
 
 def jacobian_gram(G: Tensor) -> Tensor:
-    """Gram matrices G·Gᵀ of explicit per-sample Jacobians.
-
-    Shape:
-        G: [B, K, D]; returns [B, K, K].
-    """
+    """Gram matrices G·Gᵀ [B, K, K] of explicit per-sample Jacobians G [B, K, D]."""
     return _kernel("jacobian_gram")(_tensor(G, "G"))
 
 
 def jacobian_tvec(G: Tensor, y: Tensor) -> Tensor:
-    """Products Gᵀy of explicit per-sample Jacobians: ``out[b] = Σ_k y[b,k] G[b,k]``.
-
-    Shape:
-        G: [B, K, D]; y: [B, K]; returns [B, D].
-    """
+    """Products Gᵀy of explicit per-sample Jacobians: ``out[b] = Σ_k y[b,k] G[b,k]`` [B, D]."""
     _same_device(("G", _tensor(G, "G")), ("y", _tensor(y, "y")))
     return _kernel("jacobian_tvec")(G, y)
 
@@ -162,28 +150,24 @@ def mad_oracle(
     * ``extreme``: the K one-hot vertices e_k.
     * ``argmax`` (accuracy preserving), with k* = argmax y: the vertices
       ``(1_S + 1e-5·e_k*) / (|S| + 1e-5)`` for sets S ∋ k*. For K ≤ ``exact_max_k`` all
-      2^(K−1) of them, in the reference's ``itertools.product`` order; above that the
-      reference's greedy search: S grows from {k*} by the class whose vertex scores best,
-      every S ∪ {c} is scored, the global best is kept, until ``max_candidates`` vertices
-      were scored or S holds every class; it always uses the angular objective and
-      y smoothed as (y + 1e-8)/Σ, like the reference. (The reference enumerates only up to
-      K = 10; pass ``exact_max_k=10`` to reproduce it exactly for 11 ≤ K ≤ 16.)
+      2^(K−1) of them, in ``itertools.product`` order over the other classes; above that a
+      greedy search: S grows from {k*} by the class whose vertex scores best, every S ∪ {c}
+      is scored, the global best is kept, until ``max_candidates`` vertices were scored or S
+      holds every class; it uses the angular objective and y smoothed as (y + 1e-8)/Σ
+      (differences.md: exact argmax enumeration).
     * ``argmin``: e_k for k = argmin y.
     * ``random``: e_k for k drawn uniformly (``index`` if given, else from ``generator``).
 
-    The first candidate wins ties (objective values within 1e-10 relative), as the
-    reference's strict ``>`` scan does. Values are computed in float64.
+    The first candidate wins ties (objective values within 1e-10 relative). Values are
+    computed in float64.
 
     Args:
         y: posteriors (rows on the simplex).
         p, h_sqnorm: FC-form Gram (see module docs); ``h_sqnorm`` defaults to 1.
         gram: explicit Gram M = G·Gᵀ; exclusive with ``p``/``h_sqnorm``.
-        oracle: one of ``extreme``, ``argmax``, ``argmin``, ``random``.
-        objmax: score with the angular objective instead of the surrogate.
         exact_max_k: largest K searched exactly by ``argmax`` (≤ 24).
-        max_candidates: greedy budget of scored vertices (the reference's 1024).
-        generator: RNG for ``random``.
-        index: explicit classes for ``random``, int64 [B].
+        max_candidates: greedy budget of scored vertices.
+        generator, index: RNG, or explicit int64 [B] classes, for ``random``.
 
     Returns:
         ``(y_star [B, K], value [B])``; value is the objective of y* (angular if ``objmax``
@@ -220,10 +204,7 @@ def mad_objective(
     """MAD's objective values of ``y_tilde`` against ``y``.
 
     Returns ``(obj, sobj)``: the angular objective ‖Gᵀỹ/‖Gᵀỹ‖ − Gᵀy/‖Gᵀy‖‖² and the
-    surrogate ‖Gᵀ(ỹ − y)‖², with the Gram given as in :func:`mad_oracle`.
-
-    Shape:
-        y_tilde, y: [B, K]; returns two [B] tensors.
+    surrogate ‖Gᵀ(ỹ − y)‖² (two [B] tensors), with the Gram given as in :func:`mad_oracle`.
     """
     _same_device(("y", _tensor(y, "y")), ("y_tilde", _tensor(y_tilde, "y_tilde")), ("p", _opt_tensor(p, "p")),
                  ("h_sqnorm", _opt_tensor(h_sqnorm, "h_sqnorm")), ("gram", _opt_tensor(gram, "gram")))
@@ -231,15 +212,13 @@ def mad_objective(
 
 
 def mad_step(y: Tensor, y_star: Tensor, epsilon: float, ydist: str = "l1", kl_steps: int = 15) -> Tensor:
-    """The reference's line search from y toward y* inside the ε-ball.
+    """MAD's line search from y toward y* inside the ε-ball.
 
     ``ỹ = (1 − α) y + α y*`` with, per sample,
 
     * ``l1``/``l2``: α = clamp(ε / (‖y − y*‖_p + 1e-7), 0, 1);
     * ``kl``: α = 1 if KL(y‖y*) ≤ ε, else the last feasible midpoint of a ``kl_steps``-step
       bisection on KL(y‖ỹ(α)) ≤ ε over [0, 1] (α = 0 if none is feasible).
-
-    ỹ is a convex combination, so it stays on the simplex when y and y* are on it.
 
     Shape:
         y, y_star: [B, K]; returns [B, K].
@@ -255,12 +234,8 @@ def mad_step(y: Tensor, y_star: Tensor, epsilon: float, ydist: str = "l1", kl_st
 def project_simplex(v: Tensor, radius: float = 1.0) -> Tensor:
     """Euclidean projection of each row onto the simplex {x ≥ 0, Σx = radius}.
 
-    ``x = max(v − τ, 0)`` with τ found by Michelot's active-set method, on both backends
-    (the twin uses the sort-based method of Duchi et al., 2008). Rows already on the simplex are returned
-    unchanged, as in the reference.
-
-    Shape:
-        v: [B, K]; returns [B, K].
+    ``x = max(v − τ, 0)`` with τ found by Michelot's active-set method (the twin: the sort-based
+    method of Duchi et al., 2008). Rows already on the simplex are returned unchanged.
     """
     return _kernel("project_simplex")(_tensor(v, "v"), _number(radius, "radius"))
 
@@ -269,9 +244,6 @@ def project_l1_ball(v: Tensor, radius: float) -> Tensor:
     """Euclidean projection of each row onto the L1 ball {‖x‖₁ ≤ radius}.
 
     ``x = v`` if ‖v‖₁ ≤ radius, else ``sign(v) ⊙ project_simplex(|v|, radius)``.
-
-    Shape:
-        v: [B, K]; returns [B, K].
     """
     return _kernel("project_l1_ball")(_tensor(v, "v"), _number(radius, "radius"))
 
@@ -297,13 +269,9 @@ def grad2_allocate(p: Tensor, c: Tensor, epsilons) -> Tensor:
     classes in descending order of c (equal c: lowest index first); G = min(1 − p_r, ε/2);
     take_d = clamp(G − S_d, 0, p_d) with S the exclusive cumulative sum of p along the donor
     order; x = p − take, x_r = p_r + Σ take; ``ỹ = clamp(x, 1e-15, 1) / Σ clamp(x, 1e-15, 1)``.
-    ε = 0 gives p with exact zeros floored at 1e-15 (renormalised). Before the floor
-    ‖x − p‖₁ = 2G ≤ ε. Computed in float64, rounded once. Inference-only.
-
-    Args:
-        p: the victim posteriors (rows on the simplex).
-        c: the coefficients (only their order within a row matters).
-        epsilons: one budget (a number) or several (a sequence, E ≥ 1), each finite and ≥ 0.
+    Before the floor ‖x − p‖₁ = 2G ≤ ε. Computed in float64, rounded once. Only the order of
+    the coefficients c within a row matters; ``epsilons`` is one budget or a sequence of E ≥ 1,
+    each finite and ≥ 0.
 
     Shape:
         p, c: [B, K]; returns [B, E, K] (E = 1 for a single number).
@@ -325,24 +293,13 @@ def modelguard_w_solve(y: Tensor, epsilon: float, margin: float = 1e-4,
     Minimising ⟨log y, x⟩ maximises the cross-entropy of the release against y while the top-1
     class is kept. Solved as a 1-D convex search over t = x_m (the inner problem for a fixed t
     is a greedy fill; its value is convex piecewise-linear in t): the ends of the feasible t
-    interval by bisection, the minimum by golden-section search, in float64. Matches an LP
-    solver's optimum value; where y has tied entries the optimal vertex is not unique and the
-    choice may differ from an LP solver's. Rows where no x satisfies both the margin and the
-    budget (a near-tie at the top with a budget too small to open the margin, or ε below
-    |1 − Σy|) are returned unchanged, with ``feasible`` False.
-
-    Args:
-        y: victim posteriors, finite and ≥ 0.
-        epsilon: L1 budget ε ≥ 0.
-        margin: the top-1 margin (the reference's 1e-4), in [0, 1).
-        log_offset: the offset inside the log (the reference's 1e-6), > 0.
+    interval by bisection, the minimum by golden-section search, in float64 (differences.md:
+    ModelGuard-W). Rows where no x satisfies both the margin and the budget are returned
+    unchanged, with ``feasible`` False. y is finite and ≥ 0, ε ≥ 0, margin in [0, 1),
+    log_offset > 0.
 
     Returns:
-        ``(x, objective, feasible)``: x [B, K] in y's dtype, Σ c·x [B] in y's dtype, and a bool
-        [B].
-
-    Shape:
-        y: [B, K] with K ≥ 2.
+        ``(x, objective, feasible)``: x [B, K] and Σ c·x [B] in y's dtype, and a bool [B].
     """
     eps = _number(epsilon, "epsilon")
     delta = _number(margin, "margin")

@@ -2,12 +2,10 @@
 
 :class:`RemoteBlackbox` is a callable x → y′ (float32 ``[B, K]``) like a local
 :class:`~ppoison_ext.defenses.Defense`: ``KnockoffNets().build_transferset(RemoteBlackbox(url,
-api_key=k), queryset)`` steals from a served victim (``ppoison serve``, or any app of
-``ppoison_ext.serve.create_app``). Inputs go over the wire as float32 npy in the victim's input
-space and answers come back as float32 npy, so a remote query returns exactly the bits the
-server's defense released. Unlike a local defense, it cannot be reseeded (the server seeds its
-defense once), never shows the undefended y (the server keeps the query log), and every call is
-charged to the API key's budget (:class:`BudgetExhausted` when it is spent).
+api_key=k), queryset)`` steals from a served victim. Inputs and answers travel as float32 npy, so
+a remote query returns exactly the bits the server's defense released. Unlike a local defense, it
+cannot be reseeded, never shows the undefended y, and every call is charged to the API key's
+budget (:class:`BudgetExhausted` when it is spent).
 """
 
 from __future__ import annotations
@@ -65,17 +63,10 @@ def _checked(response):
 class RemoteBlackbox:
     """The defended victim behind ``url`` (a ``ppoison serve`` process or a ``create_app`` app).
 
-    Args:
-        url: the server's base URL, e.g. ``http://127.0.0.1:8000``.
-        api_key: the key sent as ``Authorization: Bearer <key>`` (None for a server without keys).
-        timeout: seconds per HTTP request.
-        max_request_images: images per HTTP request (default: the server's limit from
-            ``/v1/info``); a larger batch is sent in several requests, in order.
-
-    Attributes:
-        num_classes: K, from ``/v1/info``.
-        info: the whole ``/v1/info`` answer (model, dataset, classes, defense name, limits).
-        call_count: images answered so far by this client.
+    ``api_key`` is sent as ``Authorization: Bearer <key>``; ``timeout`` is in seconds per HTTP
+    request; ``max_request_images`` (default: the server's limit) splits a larger batch into
+    several requests, in order. ``info`` holds the ``/v1/info`` answer, ``num_classes`` its K,
+    ``call_count`` the images answered so far.
 
     Example:
         >>> bb = RemoteBlackbox("http://127.0.0.1:8000", api_key=read_api_key("key.txt"))

@@ -1,4 +1,4 @@
-"""Datasets of the reference's Knockoff Nets / Prediction Poisoning code, read from local files only.
+"""Datasets of Knockoff Nets / Prediction Poisoning, read from local files only.
 
 Quick use::
 
@@ -75,9 +75,7 @@ def get_dataset(name: str, train: Any = True, transform: Optional[Callable] = No
     ``train`` is a bool (SVHN also takes 'train' / 'test' / 'extra'). ``root`` is the data root (for
     ``ImageFolder``: the folder of class sub-folders itself). Extra keywords go to the dataset class:
     ``target_transform`` for all, ``verify`` (md5 checks) for the MNIST-like, CIFAR and SVHN sets.
-
-    Raises ``ValueError`` for an unknown name, ``TypeError`` for a bad ``train`` and ``FileNotFoundError``
-    (naming the roots searched and the files expected where) when the data is missing.
+    Raises ``FileNotFoundError`` (naming the roots searched and the files expected) for missing data.
     """
     cls = DATASETS[_check_name(name)]
     return cls(root=root, train=train, transform=transform, **kw)

@@ -31,8 +31,6 @@ class DatasetIntegrityError(RuntimeError):
     """A dataset file exists but is not what it should be (md5 mismatch, bad header, truncated)."""
 
 
-# --------------------------------------------------------------------------- roots
-
 def embedded_root() -> Path:
     """The package's own data folder (read-only; never written to)."""
     return EMBEDDED_ROOT
@@ -44,22 +42,16 @@ def _env_root() -> Optional[Path]:
 
 
 def data_root(root: Optional[PathLike] = None) -> Path:
-    """The data root a loader looks in first.
-
-    Precedence: the explicit ``root`` argument, then the ``PPOISON_DATA`` environment variable,
-    then the embedded folder (which holds only MNIST, notMNIST and a partial FashionMNIST).
-    """
+    """The data root a loader looks in first: ``root``, else ``$PPOISON_DATA``, else the embedded
+    folder."""
     if root is not None:
         return Path(os.fspath(root)).expanduser()
     return _env_root() or EMBEDDED_ROOT
 
 
 def search_roots(root: Optional[PathLike], embedded_ok: bool) -> List[Path]:
-    """Roots searched, in order.
-
-    An explicit ``root`` is searched alone. Otherwise ``$PPOISON_DATA`` (if set) comes first and, for the
-    datasets that ship with the package, the embedded folder is the fallback.
-    """
+    """Roots searched, in order: an explicit ``root`` alone; else ``$PPOISON_DATA`` (if set) and, for
+    the datasets that ship with the package, the embedded folder."""
     if root is not None:
         return [data_root(root)]
     env = _env_root()
@@ -95,8 +87,6 @@ def not_found(name: str, searched: Iterable[PathLike], where: str, what: str, ur
         msg.append(f"Source: {url} (ppoison_ext never downloads).")
     return FileNotFoundError(" ".join(msg))
 
-
-# --------------------------------------------------------------------------- md5
 
 _MD5_LOCK = threading.Lock()
 _MD5_CACHE: Dict[Tuple[str, int, int], str] = {}
@@ -173,8 +163,6 @@ def verify_embedded_data() -> Dict[str, bool]:
     return out
 
 
-# --------------------------------------------------------------------------- arguments
-
 def check_train(train: Any, name: str, strings: Sequence[str] = ()) -> Union[bool, str]:
     """``train`` must be a bool (or, for SVHN, one of ``strings``)."""
     if isinstance(train, (bool, np.bool_)):
@@ -195,8 +183,6 @@ def unique(paths: Iterable[Path]) -> List[Path]:
             out.append(p)
     return out
 
-
-# --------------------------------------------------------------------------- base datasets
 
 class _ImageDataset(Dataset):
     """What the array and folder datasets share: ``classes``, ``train``, the transforms and ``root``."""
@@ -286,13 +272,8 @@ class FolderDataset(_ImageDataset):
 
 
 class InMemory(Dataset):
-    """A dataset whose items were computed once: ``dataset[i]`` for every i, stacked.
-
-    For datasets whose transform is deterministic (every ``test`` transform of this package)
-    this returns exactly the items ``dataset`` would, without decoding and transforming each
-    image again every epoch. Keeps ``targets`` (and ``classes``) so class-count weighting
-    still works. Build it with :func:`in_memory`, which refuses datasets too large to hold.
-    """
+    """A dataset whose items were computed once: ``dataset[i]`` for every i, stacked, with
+    ``targets`` (and ``classes``) kept. Build it with :func:`in_memory`."""
 
     def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, classes: Optional[Sequence[str]] = None):
         self.inputs, self.targets = inputs, targets

@@ -23,7 +23,6 @@ import numpy as np
 from ._common import (ArrayDataset, DatasetIntegrityError, PathLike, check_md5, check_train, not_found,
                       root_placeholder, search_roots, verify_default)
 
-# --------------------------------------------------------------------------- restricted unpickling
 
 _LATIN1 = {"latin1", "latin-1", "latin_1", "iso-8859-1", "iso8859-1", "iso_8859_1", "l1"}
 
@@ -86,8 +85,6 @@ def _str_keys(d: Any, path: Path) -> Dict[str, Any]:
         raise DatasetIntegrityError(f"{path}: expected a dict, got {type(d).__name__}")
     return {(k.decode("latin1") if isinstance(k, bytes) else str(k)): v for k, v in d.items()}
 
-
-# --------------------------------------------------------------------------- CIFAR
 
 class _CIFARBase(ArrayDataset):
     name = "CIFAR"
@@ -226,8 +223,6 @@ class CIFAR100(_CIFARBase):
     bin_label_offset = 1
     bin_header = 2
 
-
-# --------------------------------------------------------------------------- SVHN
 
 _SVHN_MD5 = {
     "train": "e26dedcc434d2e4c54c9b2d4a06d8373",

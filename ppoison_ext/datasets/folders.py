@@ -1,10 +1,9 @@
-"""Datasets stored as folders of image files (one sub-folder per class), with the reference's splits.
+"""Datasets stored as folders of image files (one sub-folder per class), with Knockoff Nets' splits.
 
-Scanning follows torchvision's ``ImageFolder``: classes are the sorted sub-folder names; each class folder
-is walked recursively (``sorted(os.walk(..., followlinks=True))``, files sorted), keeping files with an
-image extension. The sample order matters: the seeded splits below index into it.
+Scanning follows torchvision's ``ImageFolder`` (:func:`scan_image_folder`); the seeded splits index
+into its sample order.
 
-Folders under the data root ``R`` (the reference's Knockoff Nets names) and splits:
+Folders under the data root ``R`` (Knockoff Nets' names) and splits:
 
 * TinyImageNet200: ``R/tiny-imagenet-200/{train,val}``; official train / val.
 * CUBS200: ``R/CUB_200_2011/images`` with ``images.txt`` and ``train_test_split.txt``; the official split.
@@ -27,10 +26,8 @@ from ._common import (DatasetIntegrityError, FolderDataset, PathLike, check_trai
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-DS_SEED = 123   # the reference's cfg.DS_SEED
+DS_SEED = 123   # seed of every seeded split
 
-
-# --------------------------------------------------------------------------- scanning and splits
 
 def find_classes(directory: PathLike) -> List[str]:
     """Sorted names of the sub-folders of ``directory``."""
@@ -40,7 +37,8 @@ def find_classes(directory: PathLike) -> List[str]:
 
 def scan_image_folder(directory: PathLike, extensions: Sequence[str] = IMG_EXTENSIONS
                       ) -> Tuple[List[str], List[Tuple[str, int]]]:
-    """``(classes, samples)`` in torchvision ``ImageFolder`` order (empty classes are allowed)."""
+    """``(classes, samples)`` in torchvision ``ImageFolder`` order: sorted class folders, each walked
+    recursively (``sorted(os.walk(..., followlinks=True))``, files sorted). Empty classes are allowed."""
     directory = os.fspath(directory)
     classes = find_classes(directory)
     exts = tuple(e.lower() for e in extensions)
@@ -54,12 +52,11 @@ def scan_image_folder(directory: PathLike, extensions: Sequence[str] = IMG_EXTEN
 
 
 def per_class_split(targets: Sequence[int], ntest: int, seed: int = DS_SEED) -> Tuple[List[int], List[int]]:
-    """The reference's per-class split: ``(train_idxs, test_idxs)``.
+    """The per-class split: ``(train_idxs, test_idxs)``.
 
     Indices are grouped by class in order of first appearance; one ``RandomState(seed)`` shuffles each
-    group in turn (the same stream as the reference's ``np.random.seed(seed)`` + ``np.random.shuffle``,
-    without touching the global RNG); the first ``ntest`` of each group go to test, the rest to train.
-    Both lists are concatenations over the classes in that (shuffled) order.
+    group in turn (differences.md: seeded splits); the first ``ntest`` of each group go to test, the
+    rest to train. Both lists are concatenations over the classes in that order.
     """
     rs = np.random.RandomState(seed)
     groups: Dict[int, List[int]] = {}
@@ -76,10 +73,10 @@ def per_class_split(targets: Sequence[int], ntest: int, seed: int = DS_SEED) -> 
 
 
 def fraction_split(n: int, test_frac: float, seed: int = DS_SEED) -> Tuple[List[int], List[int]]:
-    """The reference's ImageNet1k split: ``(train_idxs, test_idxs)``.
+    """The ImageNet1k split: ``(train_idxs, test_idxs)``.
 
     ``test = RandomState(seed).choice(arange(n), int(test_frac * n), replace=False)`` in drawn order;
-    ``train`` = the rest in ascending order (what the reference's ``list(set(all) - set(test))`` yields).
+    ``train`` = the rest in ascending order.
     """
     rs = np.random.RandomState(seed)
     n_test = int(test_frac * n)
@@ -91,10 +88,8 @@ def fraction_split(n: int, test_frac: float, seed: int = DS_SEED) -> Tuple[List[
 
 def _find_dir(name: str, root: Optional[PathLike], rels: Sequence[str], where: str, what: str, url: str
               ) -> Tuple[Path, Path]:
-    """First existing ``R/<rel>`` over the search roots; returns ``(folder, R)``.
-
-    The error for a miss says to put ``what`` into ``R/<where>/``.
-    """
+    """First existing ``R/<rel>`` over the search roots: ``(folder, R)``; a miss says to put
+    ``what`` into ``R/<where>/``."""
     roots = search_roots(root, embedded_ok=False)
     for r in roots:
         for rel in rels:
@@ -124,8 +119,6 @@ def _scan_nonempty(name: str, directory: Path) -> Tuple[List[str], List[Tuple[st
     return classes, samples
 
 
-# --------------------------------------------------------------------------- datasets
-
 class _Folder(FolderDataset):
     name = "Folder"
 
@@ -135,7 +128,7 @@ class _Folder(FolderDataset):
 
 
 class ImageFolder(_Folder):
-    """Any folder of class sub-folders (the reference's ``--root`` query sets). ``root`` is that folder.
+    """Any folder of class sub-folders (``--root`` query sets). ``root`` is that folder.
 
     There is no split: ``train`` is checked but both values return every image.
     """
@@ -156,7 +149,7 @@ class ImageFolder(_Folder):
 
 
 class _SeededFolder(_Folder):
-    """A single image folder split into train/test by the reference's seeded rules."""
+    """A single image folder split into train/test by seeded rules."""
 
     rels: Sequence[str] = ()   # folder scanned, relative to the data root (first = canonical)
     where = ""                 # folder named in the "not found" message, relative to the data root
@@ -283,9 +276,9 @@ class TinyImageNet200(_Folder):
     """Tiny ImageNet (200 classes, 64×64): ``train/`` for train, ``val/`` for test.
 
     Both the official layout (``train/<wnid>/images/*.JPEG``; ``val/images/`` + ``val_annotations.txt``,
-    regrouped by class in memory, nothing is moved) and the reference's restructured layout
-    (``val/<wnid>/*.JPEG``) work. ``classes`` are the ``words.txt`` descriptions when that file exists
-    (as in the reference), else the wnids; ``wnids`` keeps the latter. Family ``cifar``, as in the reference.
+    regrouped by class in memory, nothing is moved) and Knockoff Nets' restructured layout
+    (``val/<wnid>/*.JPEG``) work. ``classes`` are the ``words.txt`` descriptions when that file exists,
+    else the wnids; ``wnids`` keeps the latter. Family ``cifar``.
     """
 
     name = "TinyImageNet200"

@@ -3,16 +3,12 @@
 Files are read with :func:`read_idx` (plain or ``.gz``) from, for a data root ``R`` and dataset ``Name``:
 
 1. ``R/Name/raw/``              (torchvision's layout: ``torchvision.datasets.Name(root=R)``)
-2. ``R/<ko>/Name/raw/``         (the reference's Knockoff Nets layout, e.g. ``R/mnist/MNIST/raw/``)
+2. ``R/<ko>/Name/raw/``         (Knockoff Nets' layout, e.g. ``R/mnist/MNIST/raw/``)
 3. ``R/Name/`` and ``R/<ko>/``  (the files directly in the folder)
 
 plus a ``gzip/`` sub-folder of each (how the EMNIST archive unpacks). A ``partial/`` folder beside
 ``raw/`` may hold declared prefixes ``<file>.gz.first<N>bytes`` (the embedded FashionMNIST); they are used
 only when no complete images file is found, and the dataset then has ``is_partial = True``.
-
-The IDX reader checks the magic number, the number of dimensions and the byte count. Only for a
-declared prefix (``*.first<N>bytes``) is a truncated stream accepted, and then only the complete
-records are decoded (the header still states the full count, so it cannot be used).
 """
 from __future__ import annotations
 
@@ -73,8 +69,9 @@ def read_idx_bytes(path: PathLike) -> Tuple[bytes, bool]:
 def read_idx(path: PathLike, magic: int) -> Tuple[np.ndarray, bool]:
     """Read a uint8 IDX file; returns ``(array, truncated)``.
 
-    ``magic`` is 2051 for images (``N×H×W``) or 2049 for labels (``N``). For a declared partial file the
-    array holds the complete leading records only and ``truncated`` is True.
+    ``magic`` is 2051 for images (``N×H×W``) or 2049 for labels (``N``). The magic number, the number
+    of dimensions and the byte count are checked. Only a declared prefix (``*.first<N>bytes``) may be
+    truncated: the array then holds its complete leading records and ``truncated`` is True.
     """
     p = Path(path)
     buf, truncated = read_idx_bytes(p)
@@ -117,11 +114,11 @@ class _MNISTLike(ArrayDataset):
 
     name = "MNISTLike"
     folder_names: Sequence[str] = ()     # torchvision / Knockoff class-name folders, first is canonical
-    ko_folder = ""                       # the reference's folder under its data root
+    ko_folder = ""                       # Knockoff Nets' folder under its data root
     files: Dict[bool, Tuple[str, str]] = _MNIST_FILES
     classes_list: Sequence[str] = ()
     url = ""
-    transpose = False                    # EMNIST: the reference's data.permute(0, 2, 1)
+    transpose = False                    # EMNIST: stored transposed
     embedded_ok = False
 
     def __init__(self, root: Optional[PathLike] = None, train: bool = True,
@@ -151,11 +148,9 @@ class _MNISTLike(ArrayDataset):
         self.labels_file = str(labels_path)
         self.is_partial = bool(truncated)
 
-    # ------------------------------------------------------------------ hooks
     def _fix_labels(self, labels: np.ndarray, path: Path) -> np.ndarray:
         return labels.astype(np.int64)
 
-    # ------------------------------------------------------------------ search
     def _candidate_dirs(self, root: Path) -> List[Path]:
         bases = [root / n for n in self.folder_names]
         if self.ko_folder:
@@ -248,7 +243,7 @@ _EMNIST_BALANCED = sorted(set(string.digits + string.ascii_letters) - _EMNIST_ME
 
 
 class EMNIST(_MNISTLike):
-    """EMNIST ``balanced`` split (47 classes). Images are transposed back to upright, as in the reference."""
+    """EMNIST ``balanced`` split (47 classes). Images are transposed back to upright."""
 
     name = "EMNIST"
     folder_names = ("EMNIST",)

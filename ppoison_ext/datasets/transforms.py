@@ -1,4 +1,4 @@
-"""The reference's input transforms per model family (Knockoff Nets ``modelfamily_to_transforms``)."""
+"""The input transforms per model family (Knockoff Nets' ``modelfamily_to_transforms``)."""
 from __future__ import annotations
 
 from typing import Dict
@@ -16,9 +16,9 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 def get_transform(family: str, split: str) -> T.Compose:
     """A new ``Compose`` for ``family`` in {'mnist', 'cifar', 'imagenet'} and ``split`` in {'train', 'test'}.
 
-    * mnist: train = test = ToTensor, Normalize((0.1307,), (0.3081,))
+    * mnist: train = test = ToTensor, Normalize(MNIST)
     * cifar: train = RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize(CIFAR);
-      test = ToTensor, Normalize(CIFAR) with mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010)
+      test = ToTensor, Normalize(CIFAR)
     * imagenet: train = RandomResizedCrop(224), RandomHorizontalFlip, ToTensor, Normalize(ImageNet);
       test = Resize(256), CenterCrop(224), ToTensor, Normalize(ImageNet)
     """
@@ -39,7 +39,7 @@ def get_transform(family: str, split: str) -> T.Compose:
     return T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])
 
 
-#: ``family -> {'train': Compose, 'test': Compose}``, as in the reference (shared instances).
+#: ``family -> {'train': Compose, 'test': Compose}`` (shared instances).
 modelfamily_to_transforms: Dict[str, Dict[str, T.Compose]] = {
     fam: {split: get_transform(fam, split) for split in SPLITS} for fam in FAMILIES
 }

@@ -2,11 +2,9 @@
 ``pip install 'ppoison_ext[art]'``), so ART's extraction attacks run against it unchanged.
 
 * :class:`DefendedClassifier` — a local :class:`~ppoison_ext.defenses.Defense` as an ART
-  ``PyTorchClassifier`` whose model *is* the defense: ``predict(x)`` returns the released
-  posteriors y′ (probabilities, not logits). MAD cannot be an ART ``Postprocessor``: those are
-  called as ``postprocessor(preds)`` and never see the query x, which MAD's perturbation (the
-  proxy's gradient ∇_w log p(y | x)) needs. It is predict-only — y′ comes out of an oracle and a
-  projection under ``no_grad`` — which is all ART's extraction attacks (``KnockoffNets``,
+  ``PyTorchClassifier`` whose model *is* the defense (not an ART ``Postprocessor``, which never
+  sees the query x that MAD's perturbation needs): ``predict(x)`` returns the released
+  posteriors y′. It is predict-only, which is all ART's extraction attacks (``KnockoffNets``,
   ``CopycatCNN``) ask of a victim.
 * :class:`RemoteClassifier` — a served victim as an ART ``BlackBoxClassifier`` calling
   :class:`~ppoison_ext.client.RemoteBlackbox` (every call is charged to the API key's budget).
@@ -87,12 +85,8 @@ def thief_classifier(model: nn.Module, optimizer: Optional[torch.optim.Optimizer
                      clip_values: Optional[Tuple[float, float]] = None, **kwargs: Any) -> PyTorchClassifier:
     """An ART ``PyTorchClassifier`` for the thief (``model`` returns logits) that trains with
     :class:`SoftCrossEntropyLoss`, so ``fit(x, y)`` with ``y`` ``[N, K]`` posteriors trains on
-    exactly those posteriors.
-
-    Args:
-        model: the thief's network (logits out).
-        optimizer: default ``SGD(model.parameters(), lr, momentum)``.
-        input_shape, nb_classes, clip_values: as ART's; further keywords go to ``PyTorchClassifier``.
+    exactly those posteriors. ``optimizer`` defaults to ``SGD(model.parameters(), lr, momentum)``;
+    further keywords go to ``PyTorchClassifier``.
     """
     if optimizer is None:
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
@@ -106,16 +100,11 @@ class DefendedClassifier(PyTorchClassifier):
     """A local defended victim as an ART classifier: ``predict(x)`` → the defense's released
     posteriors y′ ``[N, K]`` (float32 probabilities).
 
-    Args:
-        defense: a :class:`~ppoison_ext.defenses.Defense` (``build_defense(...)``).
-        input_shape: C×H×W of the (already normalized) inputs the victim takes.
-        nb_classes: K (default: the victim's last layer's ``out_features`` where it has one).
-        clip_values: ART's ``(min, max)`` of the input features, for attacks that perturb x.
-        device_type: ``"cpu"`` or ``"gpu"`` (default: where the defense's parameters are).
-
-    The model is left as the defense set it (the victim in eval mode, MAD's proxy as built):
-    ART's ``predict`` calls ``train(False)`` on the wrapper, which a ``Defense`` does not pass
-    on to its models. Gradients and ``fit`` raise ``NotImplementedError`` (see the module docs).
+    ``input_shape`` is C×H×W of the (already normalized) inputs; ``nb_classes`` defaults to the
+    victim's last Linear layer's ``out_features``, ``device_type`` to where the defense's
+    parameters are. The model is left as the defense set it (the victim in eval mode, MAD's
+    proxy as built): ART's ``predict`` calls ``train(False)`` on the wrapper, which a ``Defense``
+    does not pass on to its models. Gradients and ``fit`` raise ``NotImplementedError``.
     """
 
     def __init__(self, defense: Defense, *, input_shape: Sequence[int], nb_classes: Optional[int] = None,
@@ -156,14 +145,10 @@ class RemoteClassifier(BlackBoxClassifier):
     sends ``x`` (float32 ``[N, C, H, W]``, in the victim's normalized input space) through
     :class:`~ppoison_ext.client.RemoteBlackbox` and returns the released posteriors.
 
-    Args:
-        url: the server's base URL, or a :class:`~ppoison_ext.client.RemoteBlackbox`.
-        api_key: sent as ``Authorization: Bearer <key>``; further keywords go to ``RemoteBlackbox``.
-        clip_values: ART's ``(min, max)`` of the input features (optional).
-
-    The input shape and K come from the server's ``/v1/info``. ART's ``predict`` batches by
-    its ``batch_size`` (128 by default); larger batches than the server takes per request are
-    split by the client. Budget exhaustion raises
+    ``url`` is the server's base URL or a :class:`~ppoison_ext.client.RemoteBlackbox`; ``api_key``
+    and further keywords go to ``RemoteBlackbox``. The input shape and K come from ``/v1/info``.
+    ART's ``predict`` batches by its ``batch_size`` (128 by default); larger batches than the
+    server takes per request are split by the client. Budget exhaustion raises
     :class:`~ppoison_ext.client.BudgetExhausted` out of ``predict``.
     """
 

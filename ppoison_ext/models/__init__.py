@@ -1,4 +1,4 @@
-"""Model zoo of the reference's Knockoff Nets / Prediction Poisoning code, offline.
+"""Model zoo of Knockoff Nets / Prediction Poisoning, offline.
 
 * :func:`get_net` builds ``mnist`` / ``cifar`` / ``imagenet`` family architectures
   (:data:`MODEL_NAMES`), randomly initialised, from a local checkpoint (weights copied by

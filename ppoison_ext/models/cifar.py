@@ -1,12 +1,9 @@
 """CIFAR-family architectures (32×32 inputs), from bearpaw's ``pytorch-classification``
 (AlexNet, VGG, ResNet, PreResNet, DenseNet), prlz77's ``ResNeXt.pytorch`` and xternalz's
-``WideResNet-pytorch``, as the reference's zoo (``knockoff/models/cifar``) has them. Layer
-names match the reference's so its checkpoints load by name.
-
-Every model ends in one ``nn.Linear`` whose output is the logits. The names follow the
-reference's zoo, not the depths: ``resnet18``, ``resnet34`` and ``resnet50`` are the CIFAR
-ResNets of depth **20, 32 and 56** (BasicBlock, widths 16-32-64, ``fc = Linear(64, K)``),
-not the ImageNet ResNet-18/34/50.
+``WideResNet-pytorch``, with the layer names of Knockoff Nets' ``knockoff/models/cifar`` (so its
+checkpoints load by name). Every model ends in one ``nn.Linear`` whose output is the logits.
+``resnet18``, ``resnet34`` and ``resnet50`` are the CIFAR ResNets of depth **20, 32 and 56**
+(BasicBlock, widths 16-32-64), not the ImageNet ResNet-18/34/50.
 """
 
 from __future__ import annotations
@@ -42,9 +39,6 @@ def he_conv_unit_bn_(model: nn.Module, *, zero_linear_bias: bool = False, vgg: b
             nn.init.zeros_(m.bias)
 
 
-# --- AlexNet -------------------------------------------------------------------------------------
-
-
 class AlexNet(nn.Module):
     """Five convolutions (64-192-384-256-256, first one 11×11 stride 4) with three
     2×2 max pools, then a single ``classifier = Linear(256, K)``. PyTorch default init."""
@@ -77,9 +71,6 @@ def alexnet(num_classes: int = 10) -> AlexNet:
     return AlexNet(num_classes)
 
 
-# --- VGG -----------------------------------------------------------------------------------------
-
-
 # Channels per 3×3 conv, "M" = 2×2 max pool. A/B/D/E = VGG-11/13/16/19.
 CFGS = {
     "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
@@ -92,11 +83,7 @@ CFGS = {
 
 class VGG(nn.Module):
     """``features`` (conv stack, 1×1×512 at 32×32 input) then a single
-    ``classifier = Linear(512, K)``.
-
-    Init: :func:`he_conv_unit_bn_` with ``vgg=True`` (conv bias 0, Linear weight N(0, 0.01)
-    and bias 0).
-    """
+    ``classifier = Linear(512, K)``; init :func:`he_conv_unit_bn_` with ``vgg=True``."""
 
     def __init__(self, features: nn.Sequential, num_classes: int = 10) -> None:
         super().__init__()
@@ -132,9 +119,6 @@ vgg11, vgg11_bn = partial(_vgg, "A", False), partial(_vgg, "A", True)
 vgg13, vgg13_bn = partial(_vgg, "B", False), partial(_vgg, "B", True)
 vgg16, vgg16_bn = partial(_vgg, "D", False), partial(_vgg, "D", True)
 vgg19, vgg19_bn = partial(_vgg, "E", False), partial(_vgg, "E", True)
-
-
-# --- ResNet and PreResNet ------------------------------------------------------------------------
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -275,10 +259,8 @@ class _Stages(nn.Module):
 
 class ResNet(_Stages):
     """CIFAR ResNet: conv 3→16, three stages of 16/32/64·expansion channels
-    (strides 1, 2, 2), 8×8 average pool, ``fc = Linear(64·expansion, K)``.
-
-    Init: conv weights N(0, 2/(k·k·C_out)), BN weight 1 / bias 0, ``fc`` PyTorch default.
-    """
+    (strides 1, 2, 2), 8×8 average pool, ``fc = Linear(64·expansion, K)``; init
+    :func:`he_conv_unit_bn_`."""
 
     blocks = {"basicblock": BasicBlock, "bottleneck": Bottleneck}
 
@@ -298,8 +280,7 @@ class ResNet(_Stages):
 class PreResNet(_Stages):
     """CIFAR pre-activation ResNet: conv 3→16, three stages (16/32/64·expansion
     channels), final BN → ReLU → 8×8 average pool → ``fc = Linear(64·expansion, K)``.
-    Shortcut projections are a bare 1×1 conv (no BN). Init as :class:`ResNet`.
-    """
+    Shortcut projections are a bare 1×1 conv (no BN). Init as :class:`ResNet`."""
 
     blocks = {"basicblock": PreBasicBlock, "bottleneck": PreBottleneck}
     preact = True
@@ -322,13 +303,10 @@ class PreResNet(_Stages):
 #: Any valid depth (6n+2 for BasicBlock, 9n+2 for Bottleneck): ``resnet(depth, num_classes, block_name)``.
 resnet = ResNet
 preresnet = PreResNet
-#: The reference zoo's names, not the depths: CIFAR ResNet-20, -32 and -56.
+#: CIFAR ResNet-20, -32 and -56 (the names are not the depths).
 resnet18 = partial(ResNet, 20)
 resnet34 = partial(ResNet, 32)
 resnet50 = partial(ResNet, 56)
-
-
-# --- ResNeXt -------------------------------------------------------------------------------------
 
 
 class ResNeXtBottleneck(nn.Module):
@@ -364,10 +342,8 @@ class CifarResNeXt(nn.Module):
     """CIFAR ResNeXt: conv 3→64, three stages of ``(depth−2)//9`` bottlenecks with
     64/128/256·widen_factor channels, 8×8 average pool, ``classifier = Linear(1024, K)``.
 
-    The classifier input is hard-wired to 1024 (= 256·4), as in the reference, so only
-    ``widen_factor=4`` builds a working model.
-
-    Init: ``classifier`` weight Kaiming-normal (fan-in); every parameter named ``*conv*.weight``
+    The classifier input is hard-wired to 1024 (= 256·4), so only ``widen_factor=4`` builds a
+    working model. Init: ``classifier`` weight Kaiming-normal (fan-in); every ``*conv*.weight``
     Kaiming-normal (fan-out); ``*bn*.weight`` 1; all biases 0.
     """
 
@@ -429,12 +405,9 @@ def resnext(num_classes: int = 10, widen_factor: int = 4, dropRate: float = 0) -
                         dropRate=dropRate)
 
 
-# --- Wide ResNet ---------------------------------------------------------------------------------
-
-
 class WideBasicBlock(nn.Module):
     """Pre-activation wide block. When the width changes, the shortcut 1×1 conv is
-    applied to the *activated* input (``relu1(bn1(x))``), as in the reference."""
+    applied to the *activated* input (``relu1(bn1(x))``)."""
 
     def __init__(self, in_planes: int, out_planes: int, stride: int, dropRate: float = 0.0):
         super().__init__()
@@ -483,10 +456,8 @@ class NetworkBlock(nn.Module):
 
 class WideResNet(nn.Module):
     """WRN-depth-widen: conv 3→16, three blocks of 16/32/64·widen channels,
-    BN → ReLU → 8×8 average pool → ``fc = Linear(64·widen, K)``.
-
-    Init: conv weights N(0, 2/(k·k·C_out)), BN weight 1 / bias 0, ``fc`` bias 0.
-    """
+    BN → ReLU → 8×8 average pool → ``fc = Linear(64·widen, K)``; init :func:`he_conv_unit_bn_`
+    with zero ``fc`` bias."""
 
     def __init__(self, depth: int, num_classes: int = 10, widen_factor: int = 1, dropRate: float = 0.0) -> None:
         super().__init__()
@@ -514,9 +485,6 @@ wrn_16_1 = partial(WideResNet, 16, widen_factor=1)
 wrn_16_2 = partial(WideResNet, 16, widen_factor=2)
 wrn_40_1 = partial(WideResNet, 40, widen_factor=1)
 wrn_40_2 = partial(WideResNet, 40, widen_factor=2)
-
-
-# --- DenseNet ------------------------------------------------------------------------------------
 
 
 class DenseBottleneck(nn.Module):
@@ -571,8 +539,7 @@ class DenseTransition(nn.Module):
 class DenseNet(nn.Module):
     """CIFAR DenseNet(-BC): three dense blocks with two compressing transitions, then
     BN → ReLU → 8×8 average pool → ``fc = Linear(C, K)``. Defaults: depth 22, growth 12,
-    Bottleneck blocks ((depth−4)/6 per block), compression 2. Init as the CIFAR ResNet.
-    """
+    Bottleneck blocks ((depth−4)/6 per block), compression 2. Init as the CIFAR ResNet."""
 
     def __init__(
         self,
@@ -636,28 +603,13 @@ def densenet(
                     growthRate=growthRate, compressionRate=compressionRate)
 
 
-#: name -> constructor, in the reference's export order.
+#: name -> constructor, in Knockoff Nets' export order.
 BUILDERS = {
-    "alexnet": alexnet,
-    "vgg11": vgg11,
-    "vgg11_bn": vgg11_bn,
-    "vgg13": vgg13,
-    "vgg13_bn": vgg13_bn,
-    "vgg16": vgg16,
-    "vgg16_bn": vgg16_bn,
-    "vgg19": vgg19,
-    "vgg19_bn": vgg19_bn,
-    "resnet18": resnet18,
-    "resnet34": resnet34,
-    "resnet50": resnet50,
-    "resnet": resnet,
-    "resnext": resnext,
-    "wrn_16_1": wrn_16_1,
-    "wrn_16_2": wrn_16_2,
-    "wrn_40_1": wrn_40_1,
-    "wrn_40_2": wrn_40_2,
-    "preresnet": preresnet,
-    "densenet": densenet,
+    "alexnet": alexnet, "vgg11": vgg11, "vgg11_bn": vgg11_bn, "vgg13": vgg13, "vgg13_bn": vgg13_bn,
+    "vgg16": vgg16, "vgg16_bn": vgg16_bn, "vgg19": vgg19, "vgg19_bn": vgg19_bn,
+    "resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50, "resnet": resnet, "resnext": resnext,
+    "wrn_16_1": wrn_16_1, "wrn_16_2": wrn_16_2, "wrn_40_1": wrn_40_1, "wrn_40_2": wrn_40_2,
+    "preresnet": preresnet, "densenet": densenet,
 }
 
 __all__ = ["BUILDERS", "AlexNet", "DenseNet", "PreResNet", "ResNet", "CifarResNeXt", "VGG", "WideResNet",

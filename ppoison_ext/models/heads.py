@@ -86,14 +86,10 @@ def _find(model: nn.Module, x: Optional[Tensor]) -> Tuple[str, nn.Linear]:
 def last_linear(model: nn.Module, example_input: Optional[Tensor] = None) -> nn.Linear:
     """The ``nn.Linear`` layer whose output is the model's output (the logits).
 
-    Runs one forward pass in eval mode without gradients (every submodule's training flag
-    is restored afterwards) with hooks on every Linear layer. The layer whose output tensor
-    *is* the returned tensor wins (or, failing that, one whose output equals it). Its
-    captured input is the feature vector h, and ``model(x) == layer(h)``.
-
-    Args:
-        model: any module returning a logits tensor.
-        example_input: an input batch; defaults to a random one of ``model.input_size``.
+    Runs one forward pass of ``example_input`` (default: a random one of ``model.input_size``)
+    in eval mode without gradients (every training flag is restored afterwards) with hooks on
+    every Linear layer. The layer whose output tensor *is* the returned tensor wins (or, failing
+    that, one whose output equals it). Its input is the feature vector h: ``model(x) == layer(h)``.
 
     Raises:
         ValueError: naming the model class, when no Linear layer produces the output

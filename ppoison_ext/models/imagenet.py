@@ -1,14 +1,10 @@
 """ImageNet-family architectures: torchvision's classification models, built offline.
 
-The models are torchvision's, with what code written for Cadene's ``pretrainedmodels``
-(torchvision networks with renamed layers) expects:
-
-* the final classifier layer is reachable as ``model.last_linear`` (``model.last_conv``
-  for SqueezeNet); assigning ``model.last_linear = nn.Linear(...)`` replaces the real
-  head (``fc``, ``classifier[6]``, ...) without adding a second copy to the state_dict;
-* ``model.input_size`` = (3, 224, 224), or (3, 299, 299) for Inception v3;
-* :func:`remap_cadene_state_dict` renames Cadene state_dict keys (``last_linear.*``,
-  ``_features.*``, ``linear0.*``, ...) to torchvision's.
+The models have what code written for Cadene's ``pretrainedmodels`` expects: the classifier
+layer is reachable as ``model.last_linear`` (``model.last_conv`` for SqueezeNet), and assigning
+``model.last_linear = nn.Linear(...)`` replaces the real head (``fc``, ``classifier[6]``, ...);
+``model.input_size`` is (3, 224, 224), or (3, 299, 299) for Inception v3; and
+:func:`remap_cadene_state_dict` renames Cadene state_dict keys to torchvision's.
 
 Inception v3 and GoogLeNet are built without their auxiliary classifiers, so they return a
 plain logits tensor in training mode too. Nothing here downloads: ImageNet weights are read
@@ -41,7 +37,7 @@ NAMES: List[str] = sorted(torchvision.models.list_models(module=torchvision.mode
 #: Cadene names that differ from torchvision's.
 ALIASES: Dict[str, str] = {"inceptionv3": "inception_v3"}
 
-#: Architectures of the reference's imagenet family that torchvision does not have.
+#: Cadene ``pretrainedmodels`` / bagnet architectures, which torchvision does not have.
 CADENE_ONLY = frozenset({
     "fbresnet152", "cafferesnet101", "bninception", "resnext101_32x4d", "resnext101_64x4d",
     "inceptionv4", "inceptionresnetv2", "nasnetalarge", "nasnetamobile", "dpn68", "dpn68b",
@@ -69,9 +65,6 @@ _DENSENET_OLD_KEY = re.compile(  # torchvision's DenseNet files say "norm.1" for
 def canonical(name: str) -> str:
     """The torchvision name for a (possibly Cadene) architecture name."""
     return ALIASES.get(name, name)
-
-
-# --- the `last_linear` alias -------------------------------------------------------------
 
 
 class _HeadAlias:
@@ -110,8 +103,7 @@ def _aliased_class(cls: type) -> type:
 
 
 def __getattr__(name: str) -> type:
-    # Lets pickle find the aliased subclasses (``ppoison_ext.models.imagenet.ResNet``, ...)
-    # that `build` creates on demand.
+    # Lets pickle find the aliased subclasses that `build` creates on demand.
     base = getattr(torchvision.models, name, None)
     if inspect.isclass(base) and issubclass(base, nn.Module):
         return _aliased_class(base)
@@ -124,9 +116,6 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, leaf, module)
 
 
-# --- building ------------------------------------------------------------------------------
-
-
 def _find_head(model: nn.Module, name: str) -> str:
     if name in NO_LINEAR_HEAD:
         return "classifier.1"
@@ -137,11 +126,9 @@ def _find_head(model: nn.Module, name: str) -> str:
 
 
 def build(name: str, **kwargs: Any) -> nn.Module:
-    """A randomly initialised torchvision ``name`` with its 1000-way ImageNet head.
-
-    ``kwargs`` go to the torchvision builder (``weights`` and ``num_classes`` are not
-    allowed: use :func:`set_num_classes`). The model gets ``last_linear`` (or
-    ``last_conv``) and ``input_size``; auxiliary classifiers are removed.
+    """A randomly initialised torchvision ``name`` with its 1000-way ImageNet head, ``last_linear``
+    (or ``last_conv``) and ``input_size``, without auxiliary classifiers. ``kwargs`` go to the
+    torchvision builder (not ``weights`` nor ``num_classes``: use :func:`set_num_classes`).
     """
     cname = canonical(name)
     if cname not in NAMES:
@@ -178,8 +165,8 @@ def head_name(model: nn.Module) -> str:
 
 def set_num_classes(model: nn.Module, num_classes: int) -> None:
     """Replace a :func:`build` model's head with a fresh ``nn.Linear(in, num_classes)``
-    (PyTorch default init, as the reference's zoo does), or for SqueezeNet a fresh
-    ``Conv2d(512, num_classes, 1)`` with torchvision's N(0, 0.01) init."""
+    (PyTorch default init), or for SqueezeNet a fresh ``Conv2d(512, num_classes, 1)`` with
+    torchvision's N(0, 0.01) init."""
     path = head_name(model)
     old = model.get_submodule(path)
     if isinstance(old, nn.Conv2d):
@@ -193,9 +180,6 @@ def set_num_classes(model: nn.Module, num_classes: int) -> None:
     _set_submodule(model, path, new.to(device=ref.device, dtype=ref.dtype))
     if isinstance(getattr(model, "num_classes", None), int):
         model.num_classes = num_classes
-
-
-# --- ImageNet weights from local files -----------------------------------------------------
 
 
 def _pretrained_dir() -> Optional[Path]:
@@ -269,13 +253,9 @@ def _unwrap_state_dict(obj: Any, path: Path) -> Dict[str, Tensor]:
 def load_imagenet_weights_(model: nn.Module, name: str, path: Optional[os.PathLike] = None) -> Path:
     """Load ImageNet weights into a 1000-class :func:`build` model, in place.
 
-    Args:
-        model: the model from ``build(name)``, before :func:`set_num_classes`.
-        name: its architecture name.
-        path: the weight file; defaults to :func:`find_imagenet_weights`.
-
-    Returns the file used. Inception v3 and GoogLeNet get ``transform_input=True``, as
-    torchvision sets for its ImageNet weights.
+    ``model`` is from ``build(name)``, before :func:`set_num_classes`; ``path`` defaults to
+    :func:`find_imagenet_weights`. Returns the file used. Inception v3 and GoogLeNet get
+    ``transform_input=True``, as torchvision sets for its ImageNet weights.
 
     Raises:
         FileNotFoundError: no local file (see :func:`find_imagenet_weights`).
@@ -304,8 +284,6 @@ def load_imagenet_weights_(model: nn.Module, name: str, path: Optional[os.PathLi
     return path
 
 
-# --- Cadene key names ---------------------------------------------------------------------
-
 _CADENE_RENAMES: Tuple[Tuple[str, Tuple[Tuple[str, str], ...]], ...] = (
     ("AlexNet", (("_features.", "features."), ("linear0.", "classifier.1."), ("linear1.", "classifier.4."),
                  ("last_linear.", "classifier.6."))),
@@ -324,9 +302,9 @@ def remap_cadene_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module) 
     Cadene moved torchvision layers (ResNet ``fc`` → ``last_linear``; VGG ``features`` →
     ``_features`` and ``classifier[0/3/6]`` → ``linear0/linear1/last_linear``; AlexNet
     ``classifier[1/4/6]``; DenseNet ``classifier``; SqueezeNet ``classifier[1]`` →
-    ``last_conv``), so checkpoints of the reference's imagenet-family models carry those
-    names. Keys already valid for ``model``, and models of other classes, are left alone.
-    Inception v3's ``AuxLogits.*`` keys are dropped when the model has no aux head.
+    ``last_conv``), as in Knockoff Nets' imagenet-family checkpoints. Keys already valid for
+    ``model``, and models of other classes, are left alone. Inception v3's ``AuxLogits.*``
+    keys are dropped when the model has no aux head.
     """
     own = model.state_dict().keys()
     rules: Tuple[Tuple[str, str], ...] = ()

@@ -1,4 +1,4 @@
-"""MNIST-family architectures (the reference's ``knockoff/models/mnist/models.py``)."""
+"""MNIST-family architectures (Knockoff Nets' ``knockoff/models/mnist``)."""
 
 from __future__ import annotations
 

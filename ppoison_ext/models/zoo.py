@@ -1,8 +1,6 @@
-"""The model zoo: ``get_net(name, modelfamily, pretrained, num_classes)``, with the names and
-families of the reference's ``knockoff/models/zoo.py``. Nothing is downloaded: ``pretrained=None``
-is a random init for every family, ``pretrained='imagenet'`` (imagenet family only) reads
-ImageNet weights from a local file (:func:`~ppoison_ext.models.imagenet.find_imagenet_weights`),
-and checkpoint files are read with ``torch.load(weights_only=True)``.
+"""The model zoo: ``get_net(name, modelfamily, pretrained, num_classes)``, with Knockoff Nets'
+names and families. Nothing is downloaded (see :func:`get_net`); checkpoint files are read with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -31,9 +29,8 @@ _BUILDERS: Dict[str, Dict[str, Any]] = {
     "cifar": dict(cifar.BUILDERS),
 }
 
-#: Architecture names per family. ``cifar`` ``resnet`` and ``preresnet`` need a ``depth=``
-#: keyword; the imagenet family is every torchvision classification model (Cadene's
-#: ``inceptionv3`` is also accepted, as an alias of ``inception_v3``).
+#: Architecture names per family (cifar ``resnet`` and ``preresnet`` need a ``depth=`` keyword;
+#: imagenet also accepts Cadene's ``inceptionv3``).
 MODEL_NAMES: Dict[str, List[str]] = {
     "mnist": list(_BUILDERS["mnist"]),
     "cifar": list(_BUILDERS["cifar"]),
@@ -43,13 +40,9 @@ MODEL_NAMES: Dict[str, List[str]] = {
 #: ``num_classes`` used when ``get_net`` is not given one.
 DEFAULT_NUM_CLASSES: Dict[str, int] = {"mnist": 10, "cifar": 10, "imagenet": 1000}
 
-#: Input size (C, H, W) per family; every model also carries it as ``model.input_size``
-#: (Inception v3: (3, 299, 299)).
-INPUT_SIZES: Dict[str, Tuple[int, int, int]] = {
-    "mnist": (1, 28, 28),
-    "cifar": (3, 32, 32),
-    "imagenet": (3, 224, 224),
-}
+#: Input size (C, H, W) per family; every model also carries it as ``model.input_size``.
+INPUT_SIZES: Dict[str, Tuple[int, int, int]] = {"mnist": (1, 28, 28), "cifar": (3, 32, 32),
+                                                 "imagenet": (3, 224, 224)}
 
 
 @dataclass
@@ -81,14 +74,8 @@ class CopyReport:
 def copy_weights_(
     src_state_dict: Mapping[str, Tensor], dst: Union[nn.Module, Mapping[str, Tensor]]
 ) -> CopyReport:
-    """Copy tensors by name where the shapes match, in place (the reference's ``copy_weights_``).
-
-    Args:
-        src_state_dict: source tensors by state_dict key.
-        dst: a model, or a state_dict whose tensors are written in place.
-
-    Returns:
-        A :class:`CopyReport`; skipped names are also logged at INFO level.
+    """Copy tensors by name where the shapes match, into ``dst`` (a model, or a state_dict
+    written in place). Returns a :class:`CopyReport`; skipped names are also logged at INFO level.
     """
     dst_sd = dst.state_dict() if isinstance(dst, nn.Module) else dst
     report = CopyReport()
@@ -124,7 +111,7 @@ def _unknown_name(name: str, family: str) -> ValueError:
     extra = ""
     if family == "imagenet" and name in imagenet.CADENE_ONLY:
         extra = (
-            f" ({name!r} is a Cadene pretrainedmodels / bagnet architecture that the reference's zoo had; "
+            f" ({name!r} is a Cadene pretrainedmodels / bagnet architecture; "
             "ppoison_ext provides only torchvision's architectures)"
         )
     else:
@@ -161,27 +148,21 @@ def get_net(
 ) -> nn.Module:
     """Build architecture ``name`` of ``modelfamily``, optionally with weights.
 
-    Families: ``mnist`` (``lenet``), ``cifar`` (bearpaw CIFAR models; note ``resnet18/34/50``
-    are CIFAR ResNets of depth 20/32/56) and ``imagenet`` (torchvision models built with
-    ``weights=None``, last Linear replaced by ``nn.Linear(in, num_classes)``, and a
-    ``last_linear`` alias to it). See :data:`MODEL_NAMES`.
-
-    For every model except SqueezeNet the logits are the direct output of the model's last
-    ``nn.Linear`` (:func:`~ppoison_ext.models.last_linear`); SqueezeNet's head is a 1×1
-    convolution followed by ReLU and average pooling.
+    Families (:data:`MODEL_NAMES`): ``mnist`` (``lenet``), ``cifar`` (bearpaw CIFAR models;
+    ``resnet18/34/50`` are CIFAR ResNets of depth 20/32/56) and ``imagenet`` (torchvision
+    models, last Linear replaced by ``nn.Linear(in, num_classes)``, with a ``last_linear`` alias
+    to it). Except for SqueezeNet (a 1×1-conv head), the logits are the direct output of the
+    model's last ``nn.Linear`` (:func:`~ppoison_ext.models.last_linear`).
 
     Args:
-        name: architecture name.
-        modelfamily: ``"mnist"``, ``"cifar"`` or ``"imagenet"``.
         pretrained: ``None`` (also ``""`` or ``False``): random init with the architectures'
-            init schemes (for the imagenet family too); ``"imagenet"``
-            (imagenet family only: ImageNet weights from a local file, never downloaded; the
-            head is then replaced if ``num_classes != 1000``); or the path of a checkpoint /
-            state_dict file, whose tensors are copied by name where shapes
-            match (:func:`copy_weights_`; skipped names are logged).
+            init schemes (for the imagenet family too); ``"imagenet"`` (imagenet family only:
+            ImageNet weights from a local file, never downloaded; the head is then replaced if
+            ``num_classes != 1000``); or the path of a checkpoint / state_dict file, whose
+            tensors are copied by name where shapes match (:func:`copy_weights_`).
         num_classes: K; defaults to :data:`DEFAULT_NUM_CLASSES` of the family.
         **kwargs: passed to the architecture's constructor (e.g. ``depth=20`` for the
-            cifar ``resnet``/``preresnet``; torchvision builder options for imagenet).
+            cifar ``resnet``/``preresnet``).
 
     Raises:
         ValueError: unknown family or name (the message lists the known ones), bad

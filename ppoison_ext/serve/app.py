@@ -1,7 +1,5 @@
-"""The HTTP API of a defended model: :func:`create_app` serves any
-:class:`~ppoison_ext.defenses.Defense` (around any ``nn.Module``) as a FastAPI app, and
-:func:`create_router` mounts the same endpoints into an existing FastAPI app. ``ppoison serve``
-(:mod:`ppoison_ext.serve.main`) is one caller: it builds the defense from a model folder.
+"""The HTTP API of a defended model: :func:`create_app` (a FastAPI app) and :func:`create_router`
+(the same endpoints for an existing app), around any :class:`~ppoison_ext.defenses.Defense`.
 
 Endpoints: ``POST /v1/predict`` (wire format: :mod:`ppoison_ext.client.wire`),
 ``GET /v1/health`` (no key needed), ``GET /v1/info`` (model, dataset, classes, input shape,
@@ -105,9 +103,8 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
                   durable: bool = False, device: DeviceLike = None, max_batch: int = 64,
                   max_wait_ms: float = 2.0, pad_multiple: int = 16, max_request_images: int = 256,
                   max_body_mb: float = 32.0, threads: Optional[int] = None):
-    """The endpoints serving ``defense`` as a FastAPI ``APIRouter``, for
-    ``app.include_router(router)`` (a ``prefix`` is fine): its lifespan, which the app then runs,
-    starts the micro-batcher, and at shutdown stops it and closes the ledger.
+    """The endpoints serving ``defense`` as a FastAPI ``APIRouter`` for ``app.include_router``: its
+    lifespan starts the micro-batcher, and at shutdown stops it and closes the ledger.
     ``router.metrics.registry`` holds its Prometheus metrics.
 
     Args:
@@ -117,7 +114,7 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
             answers do not depend on the batch when ``defense.batch_independent``.
         input_shape: the shape of one input (C×H×W for images), as npy requests send it.
         classes: class names (default ``"0"``..``"K-1"``, K from one forward of zeros).
-        info: more (or other) ``/v1/info`` fields, e.g. ``{"model": "resnet18", "dataset": ...}``.
+        info: more (or other) ``/v1/info`` fields.
         image_mode, transform: how a PNG of a JSON request becomes an input (default: the PIL mode
             of ``IMAGE_MODES`` by channel count, then torchvision's ``to_tensor``); without a
             mode only npy requests are taken.
@@ -127,9 +124,8 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
         log_dir: folder of ``ledger.sqlite`` and the per-key query logs (:mod:`.ledger`); None
             keeps budgets and request records in memory and writes no query log.
         log_every, durable: the query logs' distance-row period; fsync every commit.
-        device: where the defense runs (default: where its parameters are).
-        max_batch, max_wait_ms, pad_multiple: micro-batching (:mod:`.batcher`); threads: torch
-            threads of its worker. max_request_images, max_body_mb: per-request limits (413).
+        max_batch, max_wait_ms, pad_multiple, threads: micro-batching (:mod:`.batcher`).
+        max_request_images, max_body_mb: per-request limits (413).
     """
     from fastapi import APIRouter, Request
     from fastapi.responses import JSONResponse, Response

@@ -6,12 +6,9 @@ Key file format, one key a line (``#`` starts a comment)::
 
 ``KEY_ID`` (letters, digits, ``_ . -``; at most 64) names the key in the ledger, the metrics
 and the per-key query-log folder; ``BUDGET`` overrides the server's ``--budget`` for that key.
-The server never sees or stores a key in the clear: it hashes what a client presents and
-compares it with every stored hash using :func:`hmac.compare_digest` (no early exit, so the
-time taken does not tell which key, or how much of one, matched).
-
-``ppoison serve-keygen KEY_ID --key-file F`` makes a key, appends its hash to ``F`` and
-prints the key once.
+The server never stores a key in the clear: it hashes what a client presents and compares it
+with every stored hash using :func:`hmac.compare_digest`, with no early exit.
+``ppoison serve-keygen`` (:mod:`.keygen`) makes keys.
 """
 
 from __future__ import annotations

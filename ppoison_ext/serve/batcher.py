@@ -4,18 +4,14 @@ The :class:`MicroBatcher`'s loop takes the first waiting request, then gathers m
 already waiting at once, later ones for up to ``max_wait_s`` after the first — while the batch
 stays within ``max_batch`` images (a larger request runs alone). The batch runs in one worker
 thread (one defense call, then the ledger commit) while the event loop keeps accepting
-requests, which form the next batch; each request's future gets its own rows back, in order.
+requests; each request's future gets its own rows back, in order.
 
-Batch independence: a defense whose ``batch_independent`` property is true computes each row
-from that row alone — mathematically. Bitwise, CPU matrix products pick their kernels by the
-number of rows (a [1, 800] × [800, 500] product sums in another order than a [64, 800] one), so
-the server pads every batch with copies of its first row to a multiple of ``pad_multiple`` rows
-(16 by default; padding rows are never logged or charged): a request's answer is then the same
-bits alone or with others (tests/test_serve.py checks it). Any other defense (a BatchNorm proxy
-in train mode, one random stream over the batch as ``rand_noise`` or MAD's ``random`` oracle, a
-target computed over the batch) answers depending on which requests shared its batch: serve it
-with ``--max-batch 1`` (no batch mixes requests, nothing is padded) when that matters.
-``/v1/info`` reports ``batch_independent``.
+Batch independence: a ``batch_independent`` defense computes each row from that row alone, but
+CPU matrix products pick their kernels by the number of rows, so the server pads every batch
+with copies of its first row to a multiple of ``pad_multiple`` rows (never logged or charged):
+a request's answer is then the same bits alone or with others. Any other defense answers
+depending on which requests shared its batch: serve it with ``--max-batch 1`` when that
+matters. ``/v1/info`` reports ``batch_independent``.
 """
 
 from __future__ import annotations
@@ -65,8 +61,6 @@ class MicroBatcher:
     Args:
         run_batch: called in the worker thread with the batch's requests; returns one result
             per request (in order) or raises (every request of the batch gets the exception).
-        max_batch: images per batch (≥ 1; ``create_router`` checks the settings).
-        max_wait_s: how long the first request of a batch waits for company.
         on_batch: called with (images, requests) of each batch (metrics).
         on_drop: called with each request that was not answered: its client went away before
             its batch ran, or its batch failed (returns the budget it held).

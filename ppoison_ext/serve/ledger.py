@@ -81,12 +81,8 @@ def _stack(group: Sequence[LedgerEntry]) -> list:
 class Ledger:
     """Budgets, request records and per-key query logs (see the module docs).
 
-    Args:
-        log_dir: folder of ``ledger.sqlite`` and the per-key log folders; None: the SQLite
-            database in memory and no query logs.
-        budgets: key id → query budget (None: unlimited).
-        log_every: the query logs' distance-row period.
-        durable: fsync on every commit (survives power loss, not only process death).
+    ``log_dir`` None keeps the SQLite database in memory and writes no query logs; ``budgets``
+    maps key id → query budget (None: unlimited).
     """
 
     def __init__(self, log_dir, budgets: Dict[str, Optional[int]], *, log_every: int = 1000,
@@ -119,7 +115,6 @@ class Ledger:
             self._loggers[key_id] = lg
         return lg
 
-    # -- admission -------------------------------------------------------------------------
     def reserve(self, key_id: str, n: int) -> None:
         """Holds ``n`` queries of ``key_id``'s budget for a request in flight.
 
@@ -141,7 +136,6 @@ class Ledger:
         budget = self.budgets.get(key_id)
         return None if budget is None else max(0, budget - self.used.get(key_id, 0))
 
-    # -- commit ----------------------------------------------------------------------------
     def commit(self, entries: Sequence[LedgerEntry]) -> None:
         """Logs and records a batch's answered requests (steps 1 and 2 of the module docs);
         their reservations become ``used``. On failure nothing is committed and the logs are

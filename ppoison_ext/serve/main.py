@@ -6,11 +6,9 @@
         --defense-args "epsilon:1.0,oracle:argmax,model_adv_proxy:models/proxy" \\
         --api-keys keys.txt --budget 10000 --log-dir serve-logs [--host 127.0.0.1 --port 8000]
 
-Builds the model from the victim folder and the defense with
-:func:`~ppoison_ext.defenses.build_defense`, then runs :func:`~ppoison_ext.serve.app.create_app`'s
-app on uvicorn, one process. The defense is seeded once from ``--seed``: a client cannot reseed
-it, so a stochastic defense (``rand_noise``, MAD's ``random`` oracle) draws from one server-side
-stream in the order batches arrive. The white-box ``*_wb`` defenses are not served.
+Runs :func:`~ppoison_ext.serve.app.create_app`'s app on uvicorn, one process. The defense is
+seeded once from ``--seed``: a stochastic defense draws from one server-side stream in the order
+batches arrive. The white-box ``*_wb`` defenses are not served.
 """
 
 from __future__ import annotations

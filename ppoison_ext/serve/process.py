@@ -31,13 +31,9 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """Starts ``python -m ppoison_ext.serve.main ARGS --host 127.0.0.1 --port P`` and waits
-    until ``/v1/health`` answers (``start_timeout`` seconds at most).
-
-    Args:
-        args: the server's arguments, without ``--host`` / ``--port``.
-        port: the port (default: a free one).
-        log_path: where the server's stdout/stderr go (default: discarded).
+    """Starts ``python -m ppoison_ext.serve.main ARGS --host 127.0.0.1 --port P`` (``port``
+    default: a free one) and waits until ``/v1/health`` answers (``start_timeout`` seconds at
+    most). The server's output goes to ``log_path`` (default: discarded).
     """
 
     def __init__(self, args: Sequence[str], *, port: Optional[int] = None, log_path=None,
