@@ -11,7 +11,7 @@ from ppoison_ext.checkpoint import save_checkpoint
 
 from ppoison_ext.fileio import atomic_write_json
 from ppoison_ext.defenses import (MAD, Blackbox, Defense, ProxyView, QueryLogger, RandomNoise, ReverseSigmoid,
-                                  make_defense, parse_defense_args, read_queries)
+                                  build_defense, parse_defense_args, read_queries)
 from ppoison_ext.defenses.querylog import DISTANCE_COLUMNS
 from ppoison_ext.models import get_net
 from ppoison_ext.testing import IdentityLogits
@@ -280,7 +280,7 @@ def test_parse_defense_args_rejects(args, defense, match):
         parse_defense_args(args, defense)
 
 
-def test_make_defense_by_reference_names(tmp_path):
+def test_build_defense_by_reference_names(tmp_path):
     victim = get_net("lenet", "mnist", num_classes=10)
     proxy_dir = tmp_path / "proxy"
     proxy_dir.mkdir()
@@ -288,21 +288,21 @@ def test_make_defense_by_reference_names(tmp_path):
                     epoch=1, best_acc=0.0)
     atomic_write_json(proxy_dir / "params.json", {"model_arch": "lenet", "num_classes": 10, "dataset": "MNIST"})
     made = {
-        "none": make_defense("none", "", model=victim),
-        "topk": make_defense("topk", "topk:1,rounding:0", model=victim),
-        "rounding": make_defense("rounding", "rounding:2", model=victim),
-        "mad": make_defense("mad", f"epsilon:0.5,objmax:True,ydist:l1,model_adv_proxy:{proxy_dir}", model=victim),
-        "reverse_sigmoid": make_defense("reverse_sigmoid", "beta:0.5,gamma:0.2", model=victim),
-        "rand_noise": make_defense("rand_noise", "epsilon_z:0.5,dist_z:l2,seed:1", model=victim),
+        "none": build_defense("none", "", model=victim),
+        "topk": build_defense("topk", "topk:1,rounding:0", model=victim),
+        "rounding": build_defense("rounding", "rounding:2", model=victim),
+        "mad": build_defense("mad", f"epsilon:0.5,objmax:True,ydist:l1,model_adv_proxy:{proxy_dir}", model=victim),
+        "reverse_sigmoid": build_defense("reverse_sigmoid", "beta:0.5,gamma:0.2", model=victim),
+        "rand_noise": build_defense("rand_noise", "epsilon_z:0.5,dist_z:l2,seed:1", model=victim),
     }
     assert isinstance(made["mad"], MAD) and made["mad"].proxy.training  # the original never calls .eval()
     x = torch.randn(3, 1, 28, 28)
     for name, d in made.items():
         assert isinstance(d, Defense) and d(x).shape == (3, 10), name
     with pytest.raises(ValueError, match="unknown defense"):
-        make_defense("madd", "", model=victim)
+        build_defense("madd", "", model=victim)
     with pytest.raises(ValueError, match="needs epsilon"):
-        make_defense("mad", "ydist:l1", model=victim)
+        build_defense("mad", "ydist:l1", model=victim)
 
 
 def test_defenses_are_modules_and_thread_safe():

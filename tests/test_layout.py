@@ -233,14 +233,3 @@ def test_deprecated_modules_reexport_with_a_warning(module, name):
         mod = importlib.import_module(module)
     assert hasattr(mod, name)
     assert any(issubclass(w.category, DeprecationWarning) for w in caught)
-
-
-def test_deprecated_builders_warn_and_match_build_defense():
-    from ppoison_ext.defenses import make_defense
-
-    victim = _victim()
-    with pytest.warns(DeprecationWarning, match="build_defense"):
-        old = make_defense("reverse_sigmoid", "beta:0.7,gamma:0.4", model=victim)
-    new = build_defense("reverse_sigmoid", "beta:0.7,gamma:0.4", model=victim)
-    x = torch.rand(4, 1, 28, 28)
-    torch.testing.assert_close(old(x), new(x), rtol=0, atol=0)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ppoison_ext.attacks.transferset import TransferSetWriter, load_transferset
-from ppoison_ext.defenses import make_wb_defense
+from ppoison_ext.defenses import build_defense
 from ppoison_ext.defenses.whitebox import ONLINE_COLUMNS, ONLINE_LOG, WhiteboxDefense
 from ppoison_ext.checkpoint import save_checkpoint
 from ppoison_ext.fileio import atomic_write_json
@@ -42,8 +42,8 @@ def build(env, name, args, out, **kw):
     kw.setdefault("train_size", 60000)
     kw.setdefault("log_every", 100)
     kw.setdefault("minitest_size", 100)
-    wb = make_wb_defense(name, args, model=model, logger=qlog, device=torch.device("cpu"), victim_params=params,
-                         out_dir=out, **kw)
+    wb = build_defense(name, args, model=model, logger=qlog, device=torch.device("cpu"), out_dir=out,
+                       whitebox={"victim_params": params, **kw})
     return wb, qlog
 
 
@@ -177,7 +177,7 @@ def test_pipeline_mad_wb_interrupted_and_resumed(env, tmp_path, monkeypatch):
 def test_bad_arguments(env, tmp_path):
     with pytest.raises(ValueError, match="adv_optimizer"):
         build(env, "mad_wb", "epsilon:0.5,adv_optimizer:rmsprop", tmp_path)
-    with pytest.raises(ValueError, match="unknown white-box defense"):
+    with pytest.raises(ValueError, match=r"whitebox= settings are for the \*_wb defenses, not 'mad'"):
         build(env, "mad", "epsilon:0.5", tmp_path)
     with pytest.raises(ValueError, match="unknown key"):
         build(env, "reverse_sigmoid_wb", "model_adv_proxy:x", tmp_path)

@@ -5,19 +5,19 @@ Every defense is an ``nn.Module``: ``defense(x)`` returns the released posterior
 :func:`build_defense` builds any of them from a name and arguments.
 """
 
-from .admis import AM_VARIANTS, AdaptiveMisinformation, AMComponents
-from .base import Defense, DefenseOutput
-from .baselines import RandomNoise, ReverseSigmoid
+# The defense modules register their names when imported, in this order (that of DEFENSE_NAMES).
 from .blackbox import Blackbox
+from .mad import MAD
+from .baselines import RandomNoise, ReverseSigmoid
 from .grad2 import GRAD2, flatten_params, watermark_target
 from .grad2_baselines import MADGR, RandomGR, ReverseSigmoidGR
-from .factory import (DEFENSE_KEYS, DEFENSE_NAMES, DefenseSpec, build_defense, defense_from_dir, make_defense,
-                      make_wb_defense, parse_defense_args)
-from .mad import MAD
 from .modelguard import ModelGuardS, ModelGuardW
+from .whitebox import WB_DEFENSES, WhiteboxDefense
+from .admis import AM_VARIANTS, AdaptiveMisinformation, AMComponents
+from .base import Defense, DefenseOutput
+from .factory import DEFENSE_KEYS, DEFENSE_NAMES, DefenseSpec, build_defense, parse_defense_args
 from .proxy import ProxyView
 from .querylog import QueryLogger, read_queries
-from .whitebox import WB_DEFENSES, WhiteboxDefense
 
 __all__ = [
     # base
@@ -25,13 +25,9 @@ __all__ = [
     # defenses
     "Blackbox", "MAD", "ReverseSigmoid", "RandomNoise", "WhiteboxDefense",
     "GRAD2", "MADGR", "ReverseSigmoidGR", "RandomGR", "flatten_params", "watermark_target",
-    "AdaptiveMisinformation", "AMComponents", "AM_VARIANTS",
-
-    "ModelGuardW", "ModelGuardS",
+    "AdaptiveMisinformation", "AMComponents", "AM_VARIANTS", "ModelGuardW", "ModelGuardS",
     # building
     "build_defense", "DefenseSpec", "parse_defense_args", "DEFENSE_NAMES", "DEFENSE_KEYS", "WB_DEFENSES",
-    # deprecated builders
-    "make_defense", "defense_from_dir", "make_wb_defense",
     # logging and proxies
     "QueryLogger", "read_queries", "ProxyView",
 ]

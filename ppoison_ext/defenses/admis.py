@@ -5,14 +5,15 @@ re-implementations used as baselines by GRAD² (Mazeika et al., ICML 2022) and M
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Defense, DefenseOutput
+from ..checkpoint import CHECKPOINT_NAMES
+from .base import (Defense, DefenseOutput, boolean, check_bools, load_model_arg, optional_str, real_arg,
+                   register)
 
 __all__ = ["AdaptiveMisinformation", "AMComponents", "AM_VARIANTS", "am_mixing_weight"]
 
@@ -48,37 +49,20 @@ def am_mixing_weight(score: Tensor, tau: float, nu: float) -> Tensor:
     return 1.0 / (1.0 + torch.exp((score - tau) * nu))
 
 
-def _real(v, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    v = float(v)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    return v
-
-
+@register("am", needs="tau", example="tau:0.99,model_misinfo:DIR", tau=float, nu=float, variant=str,
+          adaptive=boolean, temperature=float, model_misinfo=optional_str, model_score=optional_str)
 class AdaptiveMisinformation(Defense):
     """Adaptive Misinformation: answer in-distribution queries with the victim's posteriors and
     out-of-distribution ones with a misinformation model's.
 
     Per batch: y = softmax(victim(x) / T); the OOD score s = max_k of the score posteriors (the
-    victim's own y, an Outlier-Exposure-trained defender; or, variant ``grad2`` only, a
-    separate ``score_model``'s softmax); ŷ = softmax(misinformation_model(x)); the weight
-    α = 1 / (1 + exp(ν (s − τ))) (``adaptive=False``: α = τ for every query); released
-    ỹ = (1 − α)·y + α·ŷ. One forward of each model, closed form otherwise; every row stays on
-    the simplex. Queries with s well above τ get y, those well below get ŷ, s = τ gets the
-    average.
-
-    Variants (the constants of the three implementations, spec §5.6):
-
-    * ``admis`` (default, the original): ν = 10000, score = the victim's max softmax.
-    * ``grad2`` (GRAD²'s baseline): ν = 1000, score = the max softmax of ``score_model`` when
-      given (there: a separate Outlier-Exposure model), else of the victim.
-    * ``modelguard`` (ModelGuard's baseline): ν = 1000, score = the victim's max softmax.
-
-    The victim should be trained with Outlier Exposure and the misinformation model with the
-    loss −log(1 − p_y + 1e-7) (:func:`ppoison_ext.training.train_model_oe`,
-    ``ppoison train-victim --outlier-exposure DATASET``).
+    victim's y, or variant ``grad2``'s ``score_model``); ŷ = softmax(misinformation_model(x));
+    α = 1 / (1 + exp(ν (s − τ))) (``adaptive=False``: α = τ); released ỹ = (1 − α)·y + α·ŷ,
+    on the simplex. Variants: ``admis`` (the original, ν = 10000), ``grad2`` (GRAD²'s
+    baseline, ν = 1000, an optional separate score model) and ``modelguard`` (ModelGuard's
+    baseline, ν = 1000). The victim should be trained with Outlier Exposure and the
+    misinformation model with the loss −log(1 − p_y + 1e-7)
+    (``ppoison train-victim --outlier-exposure DATASET``).
 
     Args:
         model: the victim (the defender).
@@ -92,14 +76,9 @@ class AdaptiveMisinformation(Defense):
         adaptive: False is the original's ``--no_adaptive`` (α = τ).
         temperature: T > 0 of the victim's softmax (the original's ``-T``, default 1); y is
             both scored and released at this temperature.
-        logger: optional :class:`~ppoison_ext.defenses.QueryLogger`.
-
-    Shape:
-        x: [B, ...] as the victim takes it; returns [B, K].
 
     Example:
         >>> am = AdaptiveMisinformation(victim, misinformation_model=misinfo, tau=0.99)
-        >>> y_prime = am(x)
         >>> by_tau = am.release_levels(x, [0.5, 0.9, 0.99])   # {τ: [B, K]}, one forward each
     """
 
@@ -118,21 +97,36 @@ class AdaptiveMisinformation(Defense):
             if not AM_VARIANTS[variant]["score_model"]:
                 raise ValueError(f"score_model is for variant 'grad2'; variant {variant!r} scores with the "
                                  "victim's own max softmax")
-        if not isinstance(adaptive, bool):
-            raise TypeError(f"adaptive must be a bool, got {type(adaptive).__name__}")
-        self.tau = _real(tau, "tau")
+        check_bools(adaptive=adaptive)
+        self.tau = real_arg(tau, "tau", low=None)
         if not adaptive and not 0.0 <= self.tau <= 1.0:
             raise ValueError(f"tau is the constant mixing weight when adaptive=False and must be in [0, 1], "
                              f"got {self.tau}")
-        self.nu = float(AM_VARIANTS[variant]["nu"]) if nu is None else _real(nu, "nu")
+        self.nu = float(AM_VARIANTS[variant]["nu"]) if nu is None else real_arg(nu, "nu", low=None)
         if self.nu < 0:
             raise ValueError(f"nu must be >= 0, got {self.nu}")
-        self.temperature = _real(temperature, "temperature")
+        self.temperature = real_arg(temperature, "temperature", low=None)
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         self.variant, self.adaptive = variant, adaptive
         self.misinformation_model = misinformation_model.eval()
         self.score_model = score_model.eval() if score_model is not None else None
+
+    @classmethod
+    def from_args(cls, name, model, args, *, logger=None, device=None, **_):
+        """``model_misinfo:DIR`` (required: the misinformation model's folder, e.g.
+        ``<victim>/misinformation`` as ``train-victim --outlier-exposure`` writes it) and, variant
+        ``grad2`` only, ``model_score:DIR`` (the OOD-score model's folder); both in eval mode."""
+        device = device or next(model.parameters()).device
+        paths = {key: args.pop(key, None) for key in ("model_misinfo", "model_score")}
+        folders = {key: load_model_arg(path, key, device, CHECKPOINT_NAMES) for key, path in paths.items()
+                   if path is not None}
+        if "model_misinfo" not in folders:
+            raise ValueError("defense am needs model_misinfo:DIR, the misinformation model's folder")
+        return cls(model, misinformation_model=folders["model_misinfo"],
+                   score_model=folders.get("model_score"), logger=logger, **args)
+
+    batch_independent = True
 
     def hparams(self) -> dict:
         return {"tau": self.tau, "nu": self.nu, "variant": self.variant, "adaptive": self.adaptive,
@@ -159,7 +153,7 @@ class AdaptiveMisinformation(Defense):
 
     def mixing_weight(self, score: Tensor, tau: Optional[float] = None) -> Tensor:
         """α [B] for scores s [B] (at ``tau``, default this defense's τ)."""
-        tau = self.tau if tau is None else _real(tau, "tau")
+        tau = self.tau if tau is None else real_arg(tau, "tau", low=None)
         if not self.adaptive:
             return torch.full_like(score, tau)
         return am_mixing_weight(score, tau, self.nu)
@@ -185,8 +179,7 @@ class AdaptiveMisinformation(Defense):
         if isinstance(taus, (int, float)) or not all(isinstance(t, (int, float)) for t in taus):
             raise TypeError("taus must be a sequence of real numbers")
         comps = self.components(x)
-        with self._count_lock:
-            self.call_count += comps.y.shape[0]
+        self._count(comps.y.shape[0])
         return {float(t): self._mix(comps.y, comps.y_hat, self.mixing_weight(comps.score, t)) for t in taus}
 
     def defend(self, x: Tensor, y: Tensor) -> DefenseOutput:

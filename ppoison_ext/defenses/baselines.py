@@ -8,18 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from .base import Defense, DefenseOutput
+from .base import Defense, DefenseOutput, real_arg, register
 
 __all__ = ["ReverseSigmoid", "RandomNoise"]
-
-
-def _real(v, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    v = float(v)
-    if not (v >= 0.0 and v < float("inf")):
-        raise ValueError(f"{name} must be finite and >= 0, got {v}")
-    return v
 
 
 def _logit(y: Tensor) -> Tensor:
@@ -27,6 +18,7 @@ def _logit(y: Tensor) -> Tensor:
     return torch.log(y) - torch.log1p(-y)
 
 
+@register("reverse_sigmoid", beta=float, gamma=float)
 class ReverseSigmoid(Defense):
     """Reverse sigmoid (Lee et al., "Defending against NN model stealing attacks using
     deceptive perturbations", S&P Workshops 2019), as the reference implements it.
@@ -42,8 +34,10 @@ class ReverseSigmoid(Defense):
 
     def __init__(self, model: nn.Module, *, beta: float = 1.0, gamma: float = 1.0, logger=None):
         super().__init__(model, logger=logger)
-        self.beta = _real(beta, "beta")
-        self.gamma = _real(gamma, "gamma")
+        self.beta = real_arg(beta, "beta")
+        self.gamma = real_arg(gamma, "gamma")
+
+    batch_independent = True
 
     def hparams(self) -> dict:
         return {"beta": self.beta, "gamma": self.gamma}
@@ -56,6 +50,8 @@ class ReverseSigmoid(Defense):
         return DefenseOutput((yhat / yhat.sum(1, keepdim=True)).to(y.dtype), y)
 
 
+@register("rand_noise", needs="epsilon_z", example="epsilon_z:0.5,dist_z:l1", epsilon_z=float, dist_z=str,
+          strat=str, seed=int)
 class RandomNoise(Defense):
     """Random noise in logit space (the reference's ``rand_noise`` baseline).
 
@@ -76,26 +72,26 @@ class RandomNoise(Defense):
     def __init__(self, model: nn.Module, *, epsilon_z: float, dist_z: str = "l1", strat: str = "uniform",
                  seed: Optional[int] = None, logger=None):
         super().__init__(model, logger=logger)
-        self.epsilon_z = _real(epsilon_z, "epsilon_z")
+        self.epsilon_z = real_arg(epsilon_z, "epsilon_z")
         if dist_z not in ("l1", "l2"):
             raise ValueError(f"dist_z must be 'l1' or 'l2', got {dist_z!r}")
         if strat not in ("uniform", "gaussian"):
             raise ValueError(f"strat must be 'uniform' or 'gaussian', got {strat!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-        self.dist_z, self.strat, self.seed = dist_z, strat, seed
-        self._generators = {}
+        self.dist_z, self.strat = dist_z, strat
+        self._init_seed(seed)
+
+    reseedable = True
 
     def hparams(self) -> dict:
         return {"epsilon_z": self.epsilon_z, "dist_z": self.dist_z, "strat": self.strat, "seed": self.seed}
 
-    def _generator(self, device: torch.device) -> Optional[torch.Generator]:
-        if self.seed is None:
-            return None
-        key = str(device)
-        if key not in self._generators:
-            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[key]
+    @property
+    def batch_independent(self) -> bool:
+        return self.epsilon_z <= 0.0  # else each row's noise is the next draw of one stream
+
+    @property
+    def keeps_top1(self) -> bool:
+        return self.epsilon_z <= 0.0
 
     def noise(self, shape, dtype, device) -> Tensor:
         g = self._generator(device)

@@ -7,11 +7,12 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .base import Defense, DefenseOutput
+from .base import Defense, DefenseOutput, register
 
 __all__ = ["Blackbox"]
 
 
+@register("none", "topk", "rounding", topk=int, rounding=int)
 class Blackbox(Defense):
     """Softmax posteriors, optionally truncated (the reference's ``Blackbox``).
 
@@ -22,7 +23,6 @@ class Blackbox(Defense):
             renormalized. With ``topk``, ``rounding=0`` gives k ones instead of the k values
             (``topk=1, rounding=0``: one-hot top-1 labels). ``rounding=0`` alone does
             nothing, as in the reference. Works on CUDA and CPU alike.
-        logger: optional :class:`~ppoison_ext.defenses.QueryLogger`.
 
     Example:
         >>> labels_only = Blackbox(model, topk=1, rounding=0)
@@ -41,8 +41,15 @@ class Blackbox(Defense):
         self.topk = topk
         self.rounding = rounding
 
+    batch_independent = True
+
     def hparams(self) -> dict:
         return {"topk": self.topk, "rounding": self.rounding}
+
+    @property
+    def keeps_top1(self) -> bool:
+        # top-k leaves the order of tied classes to torch.topk, and rounding creates ties
+        return self.topk is None and not self.rounding
 
     def truncate(self, y: Tensor) -> Tensor:
         if self.topk is not None:

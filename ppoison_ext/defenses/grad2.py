@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from .base import Defense, DefenseOutput
+from .base import Defense, DefenseOutput, boolean, check_bools, optional_str, proxy_arg, real_arg, register
 from .proxy import ProxyView
 
 __all__ = ["GRAD2", "TARGETS", "watermark_target", "flatten_params"]
@@ -53,10 +53,20 @@ def watermark_target(surrogate: nn.Module, x_w: Tensor, y_w: Tensor) -> Tensor:
     return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
 
 
+def surrogate_arg(name: str, model: nn.Module, args: dict, proxy, device) -> nn.Module:
+    """GR's surrogate: ``proxy=`` or the model folder ``model_adv_proxy``."""
+    proxy = proxy_arg(args, proxy, model, device, "surrogate")
+    if proxy is None:
+        raise ValueError(f"defense {name} needs a surrogate: model_adv_proxy:DIR in defense_args, or proxy=")
+    return proxy
+
+
+@register("grad2", needs="epsilon", example="epsilon:0.5,target:all_ones", epsilon=float, target=str,
+          jacobian=str, seed=int, batch_independent=boolean, model_adv_proxy=optional_str)
 class GRAD2(Defense):
     """GRAD² as GR's ``method_gradient_redirection`` computes it, batched.
 
-    Per batch: one victim forward (y), then the surrogate's coefficients c [B, K] by one
+    Per batch: one victim forward (y), the surrogate's coefficients c [B, K] by one
     forward-mode JVP along the target (``min_ip``: one backward pass for the target first),
     then :func:`ppoison_ext.ops.grad2_allocate`: up to ε/2 of mass moved onto argmin c, taken
     from the largest-c classes first, and GR's clamp(·, 1e-15, 1)-and-renormalise. Every
@@ -64,61 +74,38 @@ class GRAD2(Defense):
 
     Args:
         model: the victim.
-        epsilon: the L1 budget ε ≥ 0 (one per defense; GR evaluates a list of budgets per call,
-            which :meth:`perturb_budgets` and the op offer). ε = 0 releases y with exact zeros
-            floored at 1e-15 (GR's renormalisation) and runs no surrogate.
-        surrogate: the defender's model of the attacker (same classes as the victim), or a
-            sequence of them: then one is drawn uniformly per batch (GR's ``sample_surrogates``),
-            from this defense's generator. Each is put in eval mode, as GR uses them
-            (BatchNorm running statistics, no dropout); its parameters are never changed.
-        target: the paper's direction a (maximise ⟨Gᵀỹ, a⟩), as GR's experiments name them:
+        epsilon: the L1 budget ε ≥ 0 (:meth:`perturb_budgets` takes several). ε = 0 releases
+            y with exact zeros floored at 1e-15 and runs no surrogate.
+        surrogate: the defender's model of the attacker (same classes), or a sequence of them:
+            one is then drawn uniformly per batch (GR's ``sample_surrogates``) from this
+            defense's generator. Each is put in eval mode; its parameters are never changed.
+        target: the direction a (maximise ⟨Gᵀỹ, a⟩), named as in GR's experiments:
 
-            * ``all_ones``: a = 1 over every parameter (GR's main setting ``ALL-ONES``);
-            * ``max_norm``: a = θ, the surrogate's own current parameters (``MAX-NORM``);
+            * ``all_ones``: a = 1 over every parameter (``ALL-ONES``);
+            * ``max_norm``: a = θ, the surrogate's own parameters (``MAX-NORM``);
             * ``min_ip``: minimise the inner product with the clean gradient, t = the
               batch-mean log-likelihood gradient at y (``MIN-IP``). **This couples the samples
-              of a batch** (the spec's one exception): the same query can get a different
-              answer in another batch. ``batch_independent=True`` evaluates it per sample;
-            * a tensor a [P], flattened over the surrogate's parameters in
-              ``named_parameters()`` order (:func:`flatten_params`'s layout), e.g.
-              :func:`watermark_target`. With ``jacobian="fc"`` it may instead hold the last
-              Linear layer's parameters only (weight row-major, then bias).
+              of a batch** unless ``batch_independent=True``;
+            * a tensor a [P] in :func:`flatten_params`'s layout, e.g. :func:`watermark_target`;
+              with ``jacobian="fc"`` it may hold the last Linear layer's parameters only
+              (weight row-major, then bias).
         jacobian: ``full`` (J over every parameter, one JVP) or ``fc``: the closed forms on the
             surrogate's last Linear layer (v_n = T_W h_n + t_b with (T_W, t_b) the target's
-            slice of that layer; ``min_ip``: v_n = (1/B) Σ_i (h_iᵀh_n + 1)(y_i − q_i)); no
-            autograd at all. Refused for ``all_ones``, whose last-layer coefficients are
-            identically zero.
+            slice of that layer; ``min_ip``: v_n = (1/B) Σ_i (h_iᵀh_n + 1)(y_i − q_i)), no
+            autograd; refused for ``all_ones``, whose last-layer coefficients are zero.
         seed: seeds the draw among several surrogates (None: torch's global RNG).
         batch_independent: ``min_ip`` per sample (t_n = that sample's own log-likelihood
             gradient, c_n = v_n − q_nᵀv_n) and, with several surrogates, one draw per sample.
-            The other targets are batch-independent already.
-        logger: optional :class:`~ppoison_ext.defenses.QueryLogger`.
-
-    Shape:
-        x: [B, ...] as the victim takes it; returns [B, K].
 
     Example:
-        >>> defense = GRAD2(victim, epsilon=0.5, surrogate=surrogate, target="all_ones")
-        >>> y_prime = defense(x)
+        >>> y_prime = GRAD2(victim, epsilon=0.5, surrogate=surrogate, target="all_ones")(x)  # [B, K]
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        epsilon: float,
-        surrogate: Union[nn.Module, Sequence[nn.Module]],
-        target: Union[str, Tensor] = "all_ones",
-        jacobian: str = "full",
-        seed: Optional[int] = None,
-        batch_independent: bool = False,
-        logger=None,
-    ):
+    def __init__(self, model: nn.Module, *, epsilon: float, surrogate: Union[nn.Module, Sequence[nn.Module]],
+                 target: Union[str, Tensor] = "all_ones", jacobian: str = "full", seed: Optional[int] = None,
+                 batch_independent: bool = False, logger=None):
         super().__init__(model, logger=logger)
-        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
-            raise TypeError(f"epsilon must be a real number, got {type(epsilon).__name__}")
-        if not (0.0 <= float(epsilon) < float("inf")):
-            raise ValueError(f"epsilon must be finite and >= 0, got {epsilon}")
+        epsilon = real_arg(epsilon, "epsilon")
         surrogates = [surrogate] if isinstance(surrogate, nn.Module) else surrogate
         if not isinstance(surrogates, (list, tuple)) or not surrogates:
             raise TypeError(f"surrogate must be a torch.nn.Module or a non-empty sequence of them, got "
@@ -128,10 +115,7 @@ class GRAD2(Defense):
                 raise TypeError(f"surrogate[{i}] must be a torch.nn.Module, got {type(s).__name__}")
         if jacobian not in ("full", "fc"):
             raise ValueError(f"jacobian must be one of ['full', 'fc'], got {jacobian!r}")
-        if not isinstance(batch_independent, bool):
-            raise TypeError(f"batch_independent must be a bool, got {type(batch_independent).__name__}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        check_bools(batch_independent=batch_independent)
         if isinstance(target, str):
             if target not in TARGETS:
                 raise ValueError(f"target must be one of {list(TARGETS)} or a tensor, got {target!r}")
@@ -149,21 +133,31 @@ class GRAD2(Defense):
                 raise ValueError("target tensor contains NaN or Inf values")
         else:
             raise TypeError(f"target must be a str ({list(TARGETS)}) or a tensor, got {type(target).__name__}")
-        self.epsilon = float(epsilon)
+        self.epsilon = epsilon
         self.surrogates = nn.ModuleList([s.eval() for s in surrogates])
         self._views: List[Optional[ProxyView]] = [None] * len(surrogates)
-        self.jacobian, self.seed, self.per_sample = jacobian, seed, batch_independent
+        self.jacobian, self.per_sample = jacobian, batch_independent
+        self._init_seed(seed)
         self.target_name = target if isinstance(target, str) else "tensor"
         self._target = None if isinstance(target, str) else target.detach()
         if self._target is not None:
             for i, s in enumerate(surrogates):
                 self._check_target_size(s, i)
-        self._generators: Dict[str, torch.Generator] = {}
         self._func_lock = threading.Lock()
+
+    @classmethod
+    def from_args(cls, name, model, args, *, proxy=None, logger=None, device=None, **_):
+        return cls(model, surrogate=surrogate_arg(name, model, args, proxy, device), logger=logger, **args)
 
     @property
     def batch_independent(self) -> bool:
-        return self.per_sample
+        """``min_ip`` couples the batch unless ``batch_independent``; several surrogates are
+        drawn from one stream."""
+        return len(self.surrogates) == 1 and (self.per_sample or self.target_name != "min_ip")
+
+    @property
+    def reseedable(self) -> bool:
+        return len(self.surrogates) > 1
 
     def hparams(self) -> dict:
         return {"epsilon": self.epsilon, "target": self.target_name, "jacobian": self.jacobian,
@@ -206,13 +200,6 @@ class GRAD2(Defense):
         return out
 
     # -- coefficients -------------------------------------------------------------------------
-    def _generator(self) -> Optional[torch.Generator]:
-        if self.seed is None:
-            return None
-        if "cpu" not in self._generators:  # draws happen on the CPU
-            self._generators["cpu"] = torch.Generator().manual_seed(self.seed)
-        return self._generators["cpu"]
-
     def _draw(self, n: int) -> Tensor:
         return torch.randint(len(self.surrogates), (n,), generator=self._generator())
 
@@ -326,6 +313,5 @@ class GRAD2(Defense):
         with torch.no_grad():
             y = self.victim_probs(x)
             out = ops.grad2_allocate(y, self._all_coefficients(x, y), epsilons)
-        with self._count_lock:
-            self.call_count += y.shape[0]
+        self._count(y.shape[0])
         return out

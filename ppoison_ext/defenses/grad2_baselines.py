@@ -13,22 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Defense, DefenseOutput
+from .base import Defense, DefenseOutput, optional_str, real_arg, register
+from .grad2 import surrogate_arg
 
 __all__ = ["MADGR", "ReverseSigmoidGR", "RandomGR", "mad_gr_target", "rand_gr_mix"]
 
 _RS_LOW = 1e-12
 _RS_HIGH = 1.0  # GR's 1 − 1e-12, rounded to float32
-
-
-def _real(v, name: str, upper: float = float("inf")) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    v = float(v)
-    if not (0.0 <= v < float("inf")) or v > upper:
-        raise ValueError(f"{name} must be finite, >= 0" + (f" and <= {upper:g}" if upper < float("inf") else "")
-                         + f", got {v}")
-    return v
 
 
 def mad_gr_target(p: Tensor, q: Tensor) -> Tensor:
@@ -49,6 +40,7 @@ def mad_gr_target(p: Tensor, q: Tensor) -> Tensor:
     return K - 1 - obj.flip(1).argmax(1)  # the last maximum
 
 
+@register("mad_gr", needs="epsilon", epsilon=float, model_adv_proxy=optional_str)
 class MADGR(Defense):
     """GR's "MAD" baseline (``method_orekondy``), in closed form: one surrogate forward.
 
@@ -67,11 +59,17 @@ class MADGR(Defense):
         super().__init__(model, logger=logger)
         if not isinstance(surrogate, nn.Module):
             raise TypeError(f"surrogate must be a torch.nn.Module, got {type(surrogate).__name__}")
-        self.epsilon = _real(epsilon, "epsilon")
+        self.epsilon = real_arg(epsilon, "epsilon")
         self.surrogate = surrogate.eval()
+
+    @classmethod
+    def from_args(cls, name, model, args, *, proxy=None, logger=None, device=None, **_):
+        return cls(model, surrogate=surrogate_arg(name, model, args, proxy, device), logger=logger, **args)
 
     def hparams(self) -> dict:
         return {"epsilon": self.epsilon}
+
+    batch_independent = True
 
     def defend(self, x: Tensor, y: Tensor) -> DefenseOutput:
         q = F.softmax(self.surrogate(x), dim=1).to(device=y.device)
@@ -83,6 +81,7 @@ class MADGR(Defense):
         return DefenseOutput(((1.0 - alpha) * yd + alpha * onehot).to(y.dtype), y)
 
 
+@register("reverse_sigmoid_gr", needs="beta", beta=float, gamma=float)
 class ReverseSigmoidGR(Defense):
     """GR's reverse sigmoid (``method_reverse_sigmoid``), with its clamp on the odds.
 
@@ -99,11 +98,13 @@ class ReverseSigmoidGR(Defense):
 
     def __init__(self, model: nn.Module, *, beta: float, gamma: float = 0.1, logger=None):
         super().__init__(model, logger=logger)
-        self.beta = _real(beta, "beta")
-        self.gamma = _real(gamma, "gamma")
+        self.beta = real_arg(beta, "beta")
+        self.gamma = real_arg(gamma, "gamma")
 
     def hparams(self) -> dict:
         return {"beta": self.beta, "gamma": self.gamma}
+
+    batch_independent = True
 
     def defend(self, x: Tensor, y: Tensor) -> DefenseOutput:
         ell = torch.log((y / (1.0 - y)).clamp(_RS_LOW, _RS_HIGH))
@@ -119,6 +120,7 @@ def rand_gr_mix(y: Tensor, u: Tensor, epsilon: float) -> Tensor:
     return (epsilon / 2) * onehot + (1.0 - epsilon / 2) * y
 
 
+@register("rand_gr", needs="epsilon", epsilon=float, seed=int)
 class RandomGR(Defense):
     """GR's random baseline (``method_rand_perturbation``): per query one class u drawn
     uniformly among the K − 1 classes other than argmax y (first max), ``ỹ = (ε/2) e_u +
@@ -133,21 +135,21 @@ class RandomGR(Defense):
 
     def __init__(self, model: nn.Module, *, epsilon: float, seed: Optional[int] = None, logger=None):
         super().__init__(model, logger=logger)
-        self.epsilon = _real(epsilon, "epsilon", upper=2.0)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-        self.seed = seed
-        self._generators = {}
+        self.epsilon = real_arg(epsilon, "epsilon", high=2.0)
+        self._init_seed(seed)
 
     def hparams(self) -> dict:
         return {"epsilon": self.epsilon, "seed": self.seed}
 
-    def _generator(self) -> Optional[torch.Generator]:
-        if self.seed is None:
-            return None
-        if "cpu" not in self._generators:
-            self._generators["cpu"] = torch.Generator().manual_seed(self.seed)
-        return self._generators["cpu"]
+    @property
+    def batch_independent(self) -> bool:
+        return self.epsilon == 0.0  # else each row's class is the next draw of one stream
+
+    @property
+    def keeps_top1(self) -> bool:
+        return self.epsilon == 0.0
+
+    reseedable = True
 
     def draw(self, y: Tensor) -> Tensor:
         """The drawn classes u [B], never argmax y."""

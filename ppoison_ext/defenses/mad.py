@@ -11,15 +11,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from .base import Defense, DefenseOutput
+from .base import Defense, DefenseOutput, boolean, check_bools, optional_str, proxy_arg, real_arg, register
 from .proxy import ProxyView, reference_jacobian_param
 
 __all__ = ["MAD"]
 
 _PROJECTION_TOL = 1e-4  # the reference's convergence tolerance for optim="projections"
 _PROJECTION_ITERS = 100
+_BN_DROPOUT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+#: MAD's ``defense_args`` keys (also those of ``mad_wb``)
+MAD_KEYS = {
+    "epsilon": float, "optim": str, "model_adv_proxy": optional_str, "max_grad_layer": optional_str,
+    "ydist": str, "oracle": str, "disable_jacobian": boolean, "objmax": boolean, "jacobian": str,
+    "jacobian_params": str, "exact_max_k": int, "seed": int, "proxy_mode": str,
+}
 
 
+@register("mad", needs="epsilon", **MAD_KEYS)
 class MAD(Defense):
     """The MAD defense: release ỹ = argmax angular deviation of the attacker's gradient,
     within ``epsilon`` of the true posterior y.
@@ -27,75 +36,45 @@ class MAD(Defense):
     Per batch: one victim forward (y), one proxy forward (p and the features h entering its
     last Linear layer), then the native ops: the oracle picks a target vertex y* per query
     (:func:`ppoison_ext.ops.mad_oracle`) and the line search steps toward it
-    (:func:`ppoison_ext.ops.mad_step`). The Jacobian G is that of the proxy's per-class NLL
-    w.r.t. the parameter the reference differentiates, its second-to-last parameter (the last
-    layer's weight). When the proxy's output is its last Linear layer's output up to a per-row
-    constant (plain logits, ``log_softmax``), G enters only through its closed-form Gram
-    matrix ‖h‖²(I − 1pᵀ − p1ᵀ + ‖p‖²11ᵀ): no backward pass, no G.
+    (:func:`ppoison_ext.ops.mad_step`). G is the Jacobian of the proxy's per-class NLL w.r.t.
+    its second-to-last parameter (the last layer's weight); when the proxy's output is its last
+    Linear layer's output up to a per-row constant, G enters only through its closed-form Gram
+    matrix ‖h‖²(I − 1pᵀ − p1ᵀ + ‖p‖²11ᵀ).
 
     Args:
         model: the victim.
         epsilon: perturbation budget ε ≥ 0 in ``ydist`` (0 releases y exactly).
-        proxy: the defender's stand-in for the attacker's model; None uses the victim (as the
-            reference does; the victim is in eval mode, so p = y and the angular objective
-            degenerates: Gᵀy = 0 normalizes to 0). Used as given: in train mode it follows
-            the reference's per-query forward (BatchNorm statistics per query, dropout on)
-            in one batched forward, see :mod:`ppoison_ext.defenses.proxy`; in eval mode the
-            plain forward. Its parameters are never changed.
+        proxy: the defender's stand-in for the attacker's model; None uses the victim (then
+            p = y and the angular objective degenerates). Used as given: in train mode with
+            the reference's per-query forward (per-query BatchNorm statistics, dropout on; see
+            :mod:`ppoison_ext.defenses.proxy`), in eval mode plainly. Never changed.
         ydist: ``l1``, ``l2`` or ``kl``.
-        oracle: ``extreme`` (one-hot targets), ``argmax`` (targets that keep the top-1
-            class: MAD-argmax), ``argmin`` or ``random`` (these two use G = I, as the reference).
-        optim: ``linesearch`` (the reference's default) or ``projections`` (alternating
-            projection of y* − y onto the ε-ball and of y + δ onto the simplex, the
-            reference's algorithm; l1/l2 only). A final step back toward y keeps
-            the result inside the ball exactly.
-        objmax: score candidates with the angular objective (the reference's README uses
-            it) instead of the surrogate ‖Gᵀ(ỹ − y)‖².
+        oracle: ``extreme`` (one-hot targets), ``argmax`` (targets that keep the top-1 class),
+            ``argmin`` or ``random`` (these two use G = I).
+        optim: ``linesearch`` or ``projections`` (alternating projections onto the ε-ball and
+            the simplex; l1/l2 only; a final step back toward y keeps it inside the ball).
+        objmax: score candidates with the angular objective instead of ‖Gᵀ(ỹ − y)‖².
         disable_jacobian: use G = I.
-        jacobian: ``auto`` (default): per batch, the closed form when the proxy's output equals
-            its last Linear layer's output up to a per-row additive constant (checked by
-            value), else explicit per-sample Jacobians w.r.t. the proxy's second-to-last
-            parameter, as the reference computes them; ``fc``: the closed form, refused
-            (ValueError) when it does not apply; ``full``: explicit per-sample Jacobians of
-            the NLL w.r.t. ``jacobian_params`` by torch.func, reduced to their Gram matrices
-            by :func:`ppoison_ext.ops.jacobian_gram`.
-        jacobian_params: for ``full``: ``"all"`` (the default: every parameter, a different
-            defense from the reference's) or parameter names / name prefixes.
-        exact_max_k: largest K whose argmax-preserving vertices are all enumerated (default
-            16; above it, the reference's greedy search).
+        jacobian: ``auto``: per batch, the closed form when it applies (checked by value), else
+            explicit per-sample Jacobians w.r.t. the second-to-last parameter; ``fc``: the
+            closed form (ValueError when it does not apply); ``full``: explicit per-sample
+            Jacobians w.r.t. ``jacobian_params`` (:func:`ppoison_ext.ops.jacobian_gram`).
+        jacobian_params: for ``full``: ``"all"`` or parameter names / name prefixes.
+        exact_max_k: largest K whose argmax-preserving vertices are all enumerated (above it,
+            the reference's greedy search).
         seed: seeds the ``random`` oracle's generator (None: torch's global RNG).
-        logger: optional :class:`~ppoison_ext.defenses.QueryLogger`.
-
-    Shape:
-        x: [B, ...] as the victim takes it; returns [B, K].
 
     Example:
-        >>> defense = MAD(victim, epsilon=0.5, proxy=proxy, objmax=True)
-        >>> y_prime = defense(x)
+        >>> y_prime = MAD(victim, epsilon=0.5, proxy=proxy, objmax=True)(x)  # [B, K]
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        epsilon: float,
-        proxy: Optional[nn.Module] = None,
-        ydist: str = "l1",
-        oracle: str = "extreme",
-        optim: str = "linesearch",
-        objmax: bool = False,
-        disable_jacobian: bool = False,
-        jacobian: str = "auto",
-        jacobian_params: Union[str, Sequence[str]] = "all",
-        exact_max_k: int = 16,
-        seed: Optional[int] = None,
-        logger=None,
-    ):
+    def __init__(self, model: nn.Module, *, epsilon: float, proxy: Optional[nn.Module] = None,
+                 ydist: str = "l1", oracle: str = "extreme", optim: str = "linesearch", objmax: bool = False,
+                 disable_jacobian: bool = False, jacobian: str = "auto",
+                 jacobian_params: Union[str, Sequence[str]] = "all", exact_max_k: int = 16,
+                 seed: Optional[int] = None, logger=None):
         super().__init__(model, logger=logger)
-        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
-            raise TypeError(f"epsilon must be a real number, got {type(epsilon).__name__}")
-        if not (0.0 <= float(epsilon) < float("inf")):
-            raise ValueError(f"epsilon must be finite and >= 0, got {epsilon}")
+        epsilon = real_arg(epsilon, "epsilon")
         choices = {"ydist": (ydist, ops.YDISTS), "oracle": (oracle, ops.ORACLES),
                    "optim": (optim, ("linesearch", "projections")), "jacobian": (jacobian, ("auto", "fc", "full"))}
         for name, (v, allowed) in choices.items():
@@ -104,21 +83,36 @@ class MAD(Defense):
         if optim == "projections" and ydist == "kl":
             raise ValueError("optim='projections' supports ydist 'l1' and 'l2' (the reference raises for "
                              "'kl')")
-        for name, v in (("objmax", objmax), ("disable_jacobian", disable_jacobian)):
-            if not isinstance(v, bool):
-                raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+        check_bools(objmax=objmax, disable_jacobian=disable_jacobian)
         if proxy is not None and not isinstance(proxy, nn.Module):
             raise TypeError(f"proxy must be a torch.nn.Module or None, got {type(proxy).__name__}")
-        self.epsilon = float(epsilon)
+        self.epsilon = epsilon
         self.ydist, self.oracle, self.optim = ydist, oracle, optim
         self.objmax, self.disable_jacobian = objmax, disable_jacobian
         self.jacobian, self.jacobian_params = jacobian, jacobian_params
-        self.exact_max_k, self.seed = int(exact_max_k), seed
+        self.exact_max_k = int(exact_max_k)
+        self._init_seed(seed)
         self.proxy = proxy
         self._victim_is_proxy = proxy is None
         self._view = ProxyView(model if proxy is None else proxy)
-        self._generators = {}
         self._func_lock = threading.Lock()
+
+    @classmethod
+    def from_args(cls, name, model, args, *, proxy=None, logger=None, device=None, **_):
+        """``model_adv_proxy:DIR`` loads the proxy in train mode (the reference never puts it in
+        eval mode) unless ``proxy_mode:eval``; ``jacobian_params`` is ``+``-separated;
+        ``max_grad_layer`` is accepted and ignored, as in the reference."""
+        args.pop("max_grad_layer", None)
+        mode = args.pop("proxy_mode", None)
+        if mode not in (None, "train", "eval"):
+            raise ValueError(f"defense_args: proxy_mode must be 'train' or 'eval', got {mode!r}")
+        proxy = proxy_arg(args, proxy, model, device, train=True)
+        if proxy is not None and mode is not None:
+            proxy.train(mode == "train")
+        if isinstance(args.get("jacobian_params"), str):
+            names = [s for s in args["jacobian_params"].split("+") if s]
+            args["jacobian_params"] = "all" if names in ([], ["all"]) else names
+        return cls(model, proxy=proxy, logger=logger, **args)
 
     def hparams(self) -> dict:
         return {"epsilon": self.epsilon, "ydist": self.ydist, "oracle": self.oracle, "optim": self.optim,
@@ -130,12 +124,22 @@ class MAD(Defense):
         """G = I: no proxy forward (``disable_jacobian``, or the ``random``/``argmin`` oracles)."""
         return self.disable_jacobian or self.oracle in ("random", "argmin")
 
-    def _generator(self, device: torch.device) -> Optional[torch.Generator]:
-        if self.seed is None:
-            return None
-        if device.type not in self._generators:  # one stream per device type; draws happen on the CPU
-            self._generators[device.type] = torch.Generator().manual_seed(self.seed)
-        return self._generators[device.type]
+    @property
+    def batch_independent(self) -> bool:
+        """Not with the ``random`` oracle (one stream of draws per batch), nor with a proxy in
+        train mode holding BatchNorm or dropout layers."""
+        if self.oracle == "random":
+            return False
+        proxy = self._view.proxy
+        return not (proxy.training and any(isinstance(m, _BN_DROPOUT) for m in proxy.modules()))
+
+    @property
+    def keeps_top1(self) -> bool:
+        return self.oracle == "argmax" or self.epsilon <= 0.0
+
+    @property
+    def reseedable(self) -> bool:
+        return self.oracle == "random"
 
     # -- Gram of the proxy's NLL Jacobian -------------------------------------------------
     @staticmethod
@@ -197,26 +201,17 @@ class MAD(Defense):
         return {k: v.to(device=y.device, dtype=y.dtype) for k, v in g.items()}
 
     # -- the defense ------------------------------------------------------------------------
-    def perturb(self, x: Tensor) -> DefenseOutput:
-        if self._victim_is_proxy and self.jacobian != "full" and not self.uses_identity and self.epsilon > 0:
-            # the victim is its own proxy: one forward gives y, p (= y) and h
-            if not isinstance(x, Tensor):
-                raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-            with torch.no_grad():
-                if self.jacobian == "fc":
-                    logits, h = self._view.forward_with_features(x)
-                else:
-                    logits, h = self._view.features(x)
-                y = F.softmax(logits, dim=1)
-                gram = self._auto_gram(x, y.shape[1], logits, h)
-                gram = {k: v.to(device=y.device, dtype=y.dtype) for k, v in gram.items()}
-                out = self._defend_with(y, gram)
-            with self._count_lock:
-                self.call_count += y.shape[0]
-            if self.logger is not None:
-                self.logger.log(out.y, out.y_prime, out.obj, out.sobj)
-            return out
-        return super().perturb(x)
+    def _answer(self, x: Tensor) -> DefenseOutput:
+        if not self._victim_is_proxy or self.jacobian == "full" or self.uses_identity or self.epsilon <= 0:
+            return super()._answer(x)
+        # the victim is its own proxy: one forward gives y, p (= y) and h
+        if self.jacobian == "fc":
+            logits, h = self._view.forward_with_features(x)
+        else:
+            logits, h = self._view.features(x)
+        y = F.softmax(logits, dim=1)
+        gram = self._auto_gram(x, y.shape[1], logits, h)
+        return self._defend_with(y, {k: v.to(device=y.device, dtype=y.dtype) for k, v in gram.items()})
 
     def defend(self, x: Tensor, y: Tensor) -> DefenseOutput:
         if self.epsilon <= 0.0:
@@ -226,7 +221,7 @@ class MAD(Defense):
 
     def _defend_with(self, y: Tensor, gram: dict) -> DefenseOutput:
         y_star, _ = ops.mad_oracle(y, oracle=self.oracle, objmax=self.objmax, exact_max_k=self.exact_max_k,
-                                   generator=self._generator(y.device), **gram)
+                                   generator=self._generator(), **gram)
         if self.optim == "linesearch":
             y_prime = ops.mad_step(y, y_star, self.epsilon, self.ydist)
         else:

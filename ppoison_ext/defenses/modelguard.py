@@ -1,12 +1,6 @@
 """ModelGuard's defenses (Tang et al., "ModelGuard: Information-Theoretic Defense Against
-Model Extraction Attacks", USENIX Security 2024), batched.
-
-* :class:`ModelGuardW` — the misinformation LP (``MLD``): release the posterior inside the L1
-  ball around y that minimises ⟨log y, y′⟩ while keeping the top-1 class.
-* :class:`ModelGuardS` — incremental quantisation: sequential leader clustering of the
-  released posteriors per top-1 class. **Stateful**: the answer to a query depends on the
-  queries answered before it.
-"""
+Model Extraction Attacks", USENIX Security 2024), batched: :class:`ModelGuardW` (the
+misinformation LP) and :class:`ModelGuardS` (stateful incremental quantisation)."""
 
 from __future__ import annotations
 
@@ -19,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from .base import Defense, DefenseOutput
+from .base import Defense, DefenseOutput, boolean, check_bools, real_arg, register
 
 __all__ = ["ModelGuardW", "ModelGuardS"]
 
@@ -30,52 +24,32 @@ LOG_OFFSET = 1e-6  # the reference's c = log(y + 1e-6)
 YDISTS = ("l1", "l2", "kl")
 
 
-def _budget(v, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    v = float(v)
-    if not (v >= 0.0 and v < math.inf):
-        raise ValueError(f"{name} must be finite and >= 0, got {v}")
-    return v
-
-
+@register("modelguard_w", needs="epsilon", example="epsilon:1.0", epsilon=float, ydist=str,
+          batch_constraint=int)
 class ModelGuardW(Defense):
     """ModelGuard-W: the reference's ``MLD`` defense, with an exact batched solver.
 
-    Per query, with y the victim's posterior, c = log(y + 1e-6) and m = argmax y (first max),
-    the released y′ solves::
+    Per query, with c = log(y + 1e-6) and m = argmax y (first max), the released y′ solves::
 
         minimise Σ_j c_j y′_j   s.t.   y′ on the simplex, ‖y′ − y‖₁ ≤ ε,
                                        y′_m − y′_j ≥ 1e-4 for every j ≠ m
 
-    (:func:`ppoison_ext.ops.modelguard_w_solve`: a 1-D convex search per row instead of the
-    reference's one CBC LP per batch). The top-1 class is preserved. ``perturb(x).obj`` is the
-    LP objective Σ c·y′ per query (the value the reference logs). A query whose top two
-    posteriors are so close that the margin cannot be opened within ε is released unchanged
-    (the reference's LP would be infeasible there); such queries are counted in
+    (:func:`ppoison_ext.ops.modelguard_w_solve`, a 1-D convex search per row). The top-1 class
+    is kept; ``perturb(x).obj`` is the LP objective Σ c·y′. A query whose margin cannot be
+    opened within ε (an infeasible LP) is released unchanged and counted in
     :attr:`infeasible_count`.
 
     Args:
         model: the victim.
         epsilon: the L1 budget ε ≥ 0 (the reference's scripts: 1.0).
-        ydist: accepted for compatibility (``l1``, ``l2``, ``kl``); as in the reference the
-            budget is always L1 (ydist only chose the metric of its warnings).
-        batch_constraint: 0 (a budget per query, the reference's default); the shared-budget
-            variant 1 is not supported.
-        logger: optional :class:`~ppoison_ext.defenses.QueryLogger`.
-
-    Shape:
-        x: the victim's input [B, ...]; returns [B, K] rows on the simplex.
-
-    Example:
-        >>> mgw = ModelGuardW(victim, epsilon=1.0)
-        >>> y_prime = mgw(x)
+        ydist: ``l1``, ``l2`` or ``kl``, accepted and unused: the budget is L1, as in the reference.
+        batch_constraint: 0 (a budget per query); the shared-budget variant 1 is not supported.
     """
 
     def __init__(self, model: nn.Module, *, epsilon: float, ydist: str = "l1", batch_constraint: int = 0,
                  logger=None):
         super().__init__(model, logger=logger)
-        self.epsilon = _budget(epsilon, "epsilon")
+        self.epsilon = real_arg(epsilon, "epsilon")
         if not isinstance(ydist, str):
             raise TypeError(f"ydist must be a str, got {type(ydist).__name__}")
         if ydist not in YDISTS:
@@ -92,6 +66,8 @@ class ModelGuardW(Defense):
     def hparams(self) -> dict:
         return {"epsilon": self.epsilon, "ydist": self.ydist, "batch_constraint": self.batch_constraint}
 
+    batch_independent = keeps_top1 = True
+
     def get_yprime(self, y: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """The defense applied to given posteriors y [B, K]: (y′, objective, feasible)."""
         return ops.modelguard_w_solve(y, self.epsilon, MARGIN, LOG_OFFSET)
@@ -106,58 +82,56 @@ class ModelGuardW(Defense):
         return DefenseOutput(y_prime, y, obj)
 
 
+@register("modelguard_s", epsilon=float, ydist=str, frozen=boolean, optim=int, ordered_quantization=boolean)
 class ModelGuardS(Defense):
     """ModelGuard-S: the reference's incremental quantisation (``incremental_kmeans`` with
-    ``ordered_quantization`` 1, ``optim`` 0, wrapping the undefended black box).
+    ``ordered_quantization`` 1, ``optim`` 0).
 
-    **Stateful.** One centroid bank per top-1 class, empty at construction. Queries are
-    answered in order (row order inside a batch): with l = argmax y, the release is the
+    **Stateful**: one centroid bank per top-1 class, empty at construction; queries are
+    answered in order (row order inside a batch). With l = argmax y, the release is the
     earliest-created centroid of class l within distance ε of y (L1 or L2); if there is none,
-    y becomes a new centroid of class l and is released as is. So the answer to a query
-    depends on every query answered before it, and the same input keeps getting the same
-    answer. The top-1 class is preserved by construction. Batched: queries that match an
-    existing centroid are resolved at once; only the rest go through a short sequential pass.
-
-    ``frozen=True`` answers without adding centroids: the first centroid within ε, else the
-    nearest (first on ties); y itself when its class has no centroid yet.
-
-    The state survives a resumed transfer run through :meth:`resume_state` /
-    :meth:`load_resume_state` (snapshotted after every batch by
-    :class:`~ppoison_ext.attacks.KnockoffNets`). The defense is deterministic:
-    :meth:`reseed` leaves the banks alone; :meth:`reset` empties them.
+    y becomes a new centroid and is released as is. The same input keeps getting the same
+    answer, and the top-1 class is kept. Queries that match an existing centroid are resolved
+    at once; only the rest go through a short sequential pass. ``frozen=True`` adds no
+    centroids: the first centroid within ε, else the nearest (first on ties), else y.
+    The banks are :meth:`get_state`; :meth:`reset` empties them.
 
     Args:
         model: the victim.
         epsilon: the quantisation radius ε ≥ 0 (the reference's scripts: 1.0).
         ydist: ``l1`` or ``l2``.
         frozen: look up only, never add centroids.
-        logger: optional :class:`~ppoison_ext.defenses.QueryLogger`.
-
-    Shape:
-        x: the victim's input [B, ...]; returns [B, K].
-
-    Example:
-        >>> mgs = ModelGuardS(victim, epsilon=1.0)
-        >>> y1 = mgs(x)          # creates centroids
-        >>> mgs(x).equal(y1)     # the same answers again
-        True
     """
 
     def __init__(self, model: nn.Module, *, epsilon: float = 1.0, ydist: str = "l1", frozen: bool = False,
                  logger=None):
         super().__init__(model, logger=logger)
-        self.epsilon = _budget(epsilon, "epsilon")
+        self.epsilon = real_arg(epsilon, "epsilon")
         if not isinstance(ydist, str):
             raise TypeError(f"ydist must be a str, got {type(ydist).__name__}")
         if ydist not in ("l1", "l2"):
             raise ValueError(f"ydist must be 'l1' or 'l2', got {ydist!r}")
-        if not isinstance(frozen, bool):
-            raise TypeError(f"frozen must be a bool, got {type(frozen).__name__}")
+        check_bools(frozen=frozen)
         self.ydist, self.frozen = ydist, frozen
         self.reset()
 
+    @classmethod
+    def from_args(cls, name, model, args, *, logger=None, **_):
+        if args.pop("optim", 0) != 0:
+            raise ValueError("defense_args: modelguard_s supports optim:0 only "
+                             "(the new centroid is the query)")
+        if not args.pop("ordered_quantization", True):
+            raise ValueError("defense_args: modelguard_s supports ordered_quantization:1 only")
+        return cls(model, logger=logger, **args)
+
     def hparams(self) -> dict:
         return {"epsilon": self.epsilon, "ydist": self.ydist, "frozen": self.frozen}
+
+    @property
+    def batch_independent(self) -> bool:
+        return self.frozen  # else a row may become the centroid of the rows after it
+
+    keeps_top1 = stateful = True
 
     # -- state ----------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -175,10 +149,7 @@ class ModelGuardS(Defense):
             return torch.zeros(0, 0)
         return self._bank[self._labels == label].clone()
 
-    def reseed(self, seed: Optional[int]) -> None:
-        """No random stream to restart; the banks are state, not randomness, and are kept."""
-
-    def resume_state(self) -> Dict[str, Any]:
+    def get_state(self) -> Dict[str, Any]:
         """The banks and the query count (tensors and numbers only)."""
         st: Dict[str, Any] = {"call_count": int(self.call_count)}
         if self._bank is not None:
@@ -186,19 +157,22 @@ class ModelGuardS(Defense):
             st["labels"] = self._labels.detach().cpu().clone()
         return st
 
-    def load_resume_state(self, st: Optional[Mapping[str, Any]]) -> None:
-        """Restores :meth:`resume_state`; None: the state before any query."""
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Restores :meth:`get_state`; ``{}``: the state before any query."""
         self.reset()
-        if st is None:
-            self.call_count = 0
-            return
-        self.call_count = int(st["call_count"])
-        if "bank" in st:
-            bank, labels = st["bank"], st["labels"]
+        self.call_count = int(state.get("call_count", 0))
+        if "bank" in state:
+            bank, labels = state["bank"], state["labels"]
             if bank.dim() != 2 or labels.shape != bank.shape[:1]:
                 raise ValueError(f"resume state: bank {tuple(bank.shape)} and labels {tuple(labels.shape)} "
                                  "do not match")
             self._bank, self._labels = bank.clone(), labels.to(torch.int64).clone()
+
+    # the names attacks/knockoff.py looks for
+    resume_state = get_state
+
+    def load_resume_state(self, state: Optional[Mapping[str, Any]]) -> None:
+        self.set_state(state or {})
 
     # -- lookup ---------------------------------------------------------------------------------
     def _dist(self, a: Tensor, b: Tensor) -> Tensor:

@@ -9,13 +9,9 @@ is instance normalization with the BN layer's affine parameters. Dropout is acti
 proxy that shares every parameter and buffer with it (nothing is copied or changed), in
 which each BatchNorm layer normalizes per sample whenever the proxy's layer would use
 batch statistics, and each ``nn.Linear`` can report the features entering it. Train/eval
-flags are read from the proxy's modules at every call, so the proxy is used exactly as
-the caller gives it:
-
-* train mode: per-sample BN statistics, active dropout (independent masks per sample);
-  BN running statistics are *not* updated (they do not affect train-mode outputs, and the
-  proxy is left as given);
-* eval mode: the plain deterministic forward.
+flags are read from the proxy's modules at every call: in train mode, per-sample BN
+statistics (running statistics are not updated) and active dropout; in eval mode, the plain
+forward.
 
 Captured features live in thread-local storage, so one view can serve several threads.
 """
@@ -92,7 +88,7 @@ class _CaptureLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = F.linear(x, self._parameters["weight"], self._parameters.get("bias"))
         rec = getattr(self.store, "records", None)
-        if rec is not None and (self.store.only is None or self.store.only == self.name):
+        if rec is not None:
             rec[self.name] = (x, out)
         return out
 
@@ -137,10 +133,9 @@ class ProxyView(nn.Module):
         self._sync_modes()
         return self.view(x)
 
-    def _run(self, x: Tensor, only: Optional[str]) -> Tuple[Tensor, Dict[str, Tuple[Tensor, Tensor]]]:
+    def _run(self, x: Tensor) -> Tuple[Tensor, Dict[str, Tuple[Tensor, Tensor]]]:
         self._sync_modes()
         self._store.records = {}
-        self._store.only = only
         try:
             out = self.view(x)
             return out, self._store.records
@@ -162,7 +157,7 @@ class ProxyView(nn.Module):
     def features(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """The proxy's output and the input h [B, D] of its closed-form head, checked by value
         on this batch; h is None when no nn.Linear qualifies (a conv head, scaled logits)."""
-        out, recs = self._run(x, None)
+        out, recs = self._run(x)
         name = self._closed_form_head(out, recs)
         if name is None:
             return out, None

@@ -116,8 +116,7 @@ class QueryLogger:
             self._restore()
         else:
             for p in (self.tsv_path, self.bin_path, self.meta_path):
-                if p.exists():
-                    p.unlink()
+                p.unlink(missing_ok=True)
         if not self.tsv_path.exists():
             atomic_write_text(self.tsv_path, _HEADER)
 
