@@ -25,10 +25,7 @@ checkpoint into the model before the first budget.
 
 A budget larger than the transfer set is an error (a model trained on fewer samples would
 carry the larger budget's name); ``--weighted-loss`` weights by the argmax class counts of
-the transfer set; ``--test_subset N`` tests on the first N test images only. Deliberate
-differences from the reference: ``docs/differences.md``.
-
-Example::
+the transfer set. Deliberate differences from the reference: ``docs/differences.md``. Example::
 
     ppoison train-attacker models/final_bb_dist/MNIST-lenet-mad... lenet MNIST \\
         --budgets 50,100,500,1000,10000,60000 --log-interval 500 --epochs 50 -d 0
@@ -36,30 +33,34 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-import torch
 from torch import nn
-from torch.utils.data import Subset
 
 from .. import distributed
 from ..attacks.transferset import load_transferset
 from ..checkpoint import load_checkpoint
-from ..modeldir import dataset_name, read_params, write_params
 from ..datasets import dataset_to_modelfamily, get_dataset, get_transform, in_memory
+from ..devices import as_device
+from ..modeldir import dataset_name, read_params, write_params
 from ..models import get_net
 from ..training import OPTIMIZERS, get_optimizer, seed_everything, soft_cross_entropy, train_model
-from . import settings
-from .common import resolve_device
-from .settings import CommonSettings, device_setting, setting
+from .common import check_dataset, first_n
+from .settings import CommonSettings, device_setting, entry_points, setting
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["train_attacker", "parse_budgets", "AttackerSettings", "build_parser", "main"]
+
+
+def train_attacker(*args: Any, **kwargs: Any) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Trains a knockoff through the budgets: ``AttackerSettings.of(*args, **kwargs).run()``, e.g.
+    ``train_attacker(model_dir, "lenet", "MNIST", "50,100", device=-1)`` (``budgets`` may be a
+    list of ints; DataLoader workers default to 0 here)."""
+    return AttackerSettings.of(*args, **kwargs).run()
 
 
 def parse_budgets(budgets: Union[str, Sequence[int], int]) -> List[int]:
@@ -107,148 +108,6 @@ def _check_victim_dataset(model_dir: Path, meta: Dict[str, Any], testdataset: st
                          f"pass testdataset={vdataset!r} or the transfer set of a {testdataset} victim")
 
 
-def train_attacker(
-    model_dir: Union[str, Path],
-    arch: str,
-    testdataset: str,
-    budgets: Union[str, Sequence[int]],
-    *,
-    device: Union[int, str, torch.device, None] = 0,
-    batch_size: int = 64,
-    epochs: int = 100,
-    lr: float = 0.01,
-    momentum: float = 0.5,
-    log_interval: int = 50,
-    resume: Optional[str] = "auto",
-    lr_step: int = 60,
-    lr_gamma: float = 0.1,
-    num_workers: int = 0,
-    pretrained: Optional[str] = None,
-    weighted_loss: bool = False,
-    argmaxed: bool = False,
-    optimizer_choice: str = "sgdm",
-    data_root: Optional[Union[str, Path]] = None,
-    seed: int = 42,
-    test_subset: Optional[int] = None,
-    progress: bool = True,
-    params: Optional[Dict[str, Any]] = None,
-    transferset_subdir: Optional[str] = None,
-    semitrainweight: float = 0.0,
-    semidataset: Optional[str] = None,
-) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Trains a knockoff through ``budgets`` on the transfer set in ``model_dir`` (see the
-    module docs); files go into ``model_dir``.
-
-    Args:
-        model_dir: folder holding the transfer set; outputs are written here.
-        arch: attacker architecture (of the test set's family).
-        testdataset: dataset whose test split measures the attacker (and whose family
-            picks the zoo and the transform).
-        budgets: ``"50,100"`` or ``[50, 100]``, trained in this order.
-        device: GPU index (-1 = CPU, falls back to the CPU), or a device.
-        batch_size, epochs, lr, momentum, lr_step, lr_gamma, log_interval: as the reference.
-        resume: ``"auto"`` (skip finished budgets, continue an unfinished one), None/``"none"``
-            (start over), or a checkpoint path whose weights initialise the model.
-        num_workers: DataLoader workers.
-        pretrained: None, ``"imagenet"`` or a checkpoint path (``get_net``).
-        weighted_loss: class-weighted losses (counts of the argmax labels).
-        argmaxed: train on one-hot argmax labels instead of the posteriors.
-        optimizer_choice: ``sgd``, ``sgdm``, ``adam`` or ``adagrad``.
-        data_root: dataset root.
-        seed: reseeded before every budget (default 42, the reference's).
-        test_subset: test on the first N test images only.
-        progress: show progress bars.
-        params: the values recorded in ``params_train.json`` (default: these arguments).
-        transferset_subdir: train on the transfer set in ``model_dir/transferset_subdir``
-            (e.g. ``aware``, a defense-aware set); outputs still go to ``model_dir``.
-        semitrainweight: S4L: weight of the rotation loss on the unlabelled query set (0: off;
-            1.0 in the reference's runs), :mod:`ppoison_ext.attacks.s4l`.
-        semidataset: S4L's unlabelled set (train split, test transform; default: the transfer
-            set's query set).
-
-    Returns:
-        ``(model, summary)``: the model after the last budget, and
-        ``{"budgets": [...], "results": {b: train_model summary}, "num_classes": K}``
-        (``results`` in training order).
-    """
-    model_dir = Path(model_dir)
-    budget_list = parse_budgets(budgets)
-    if optimizer_choice not in OPTIMIZERS:
-        raise ValueError(f"optimizer_choice must be one of {list(OPTIMIZERS)}, got {optimizer_choice!r}")
-    if not isinstance(testdataset, str) or testdataset not in dataset_to_modelfamily:
-        raise ValueError(f"testdataset must be one of {sorted(dataset_to_modelfamily)}, got {testdataset!r}")
-    if isinstance(resume, str) and resume.lower() in ("none", "no", "off", ""):
-        resume = None
-    if isinstance(device, torch.device):
-        dev = device
-    elif isinstance(device, str) and not device.lstrip("-").isdigit():
-        dev = torch.device(device)
-    else:
-        dev = resolve_device(0 if device is None else int(device))
-
-    ts = load_transferset(model_dir / transferset_subdir if transferset_subdir else model_dir)
-    K = ts.num_classes
-    _check_victim_dataset(model_dir, ts.meta, testdataset)
-    logger.info("transfer set %s: %d samples, %d classes", model_dir, len(ts), K)
-    too_big = [b for b in budget_list if b > len(ts)]
-    if too_big:
-        raise ValueError(f"budgets {too_big} exceed the {len(ts)} samples of the transfer set in {model_dir}")
-
-    family = dataset_to_modelfamily[testdataset]
-    transform = get_transform(family, "test")
-    testset = get_dataset(testdataset, train=False, transform=transform, root=data_root)
-    ts.check_classes(len(testset.classes), f"test set {testdataset}")
-    if test_subset is not None:
-        if isinstance(test_subset, bool) or not isinstance(test_subset, int) or test_subset < 1:
-            raise ValueError(f"test_subset must be a positive int or None, got {test_subset!r}")
-        testset = Subset(testset, list(range(min(test_subset, len(testset)))))
-    # the test transform is deterministic: decode and transform every image once, not every epoch
-    testset = in_memory(testset)
-
-    seed_everything(seed)  # seeded before building the model, as the reference (torch.manual_seed(42))
-    model = get_net(arch, family, pretrained, num_classes=K).to(dev)
-    auto = resume is not None and str(resume) in ("auto", "True")
-    if resume is not None and not auto:
-        load_checkpoint(resume, model, map_location=dev)
-        logger.info("initial weights from %s", resume)
-
-    criterion, extra_params = soft_cross_entropy, []
-    if semitrainweight:
-        criterion = _s4l_criterion(model, ts, semidataset, transform, semitrainweight, batch_size, seed, data_root)
-        extra_params = list(criterion.parameters())
-    results: Dict[int, Dict[str, Any]] = {}
-    for b in budget_list:
-        seed_everything(seed)
-        trainset = in_memory(ts.dataset(transform=transform, n=b, argmaxed=argmaxed))
-        optimizer = get_optimizer(list(model.parameters()) + extra_params, optimizer_choice, lr=lr, momentum=momentum)
-        logger.info("=> training at budget %d", b)
-        model, summary = train_model(
-            model, trainset, model_dir, testset=testset, batch_size=batch_size, epochs=epochs, lr=lr,
-            momentum=momentum, lr_step=lr_step, lr_gamma=lr_gamma, optimizer=optimizer,
-            criterion=criterion, weighted_loss=weighted_loss, checkpoint_suffix=f".{b}", device=dev,
-            num_workers=num_workers, seed=seed, arch=arch, progress=progress, resume="auto" if auto else None,
-            save_last=True, log_interval=log_interval, num_classes=K,
-        )
-        if summary["skipped"]:
-            logger.info("budget %d: all %d epochs already done; continuing from its final state", b, epochs)
-        results[b] = summary
-
-    if distributed.is_main_process():
-        record = dict(params) if params is not None else {
-            "model_dir": str(model_dir), "model_arch": arch, "testdataset": testdataset,
-            "budgets": budgets if isinstance(budgets, str) else ",".join(map(str, budget_list)),
-            "device_id": device if isinstance(device, int) else str(device), "batch_size": batch_size,
-            "epochs": epochs, "lr": lr, "momentum": momentum, "log_interval": log_interval,
-            "resume": None if resume is None else str(resume), "lr_step": lr_step, "lr_gamma": lr_gamma,
-            "num_workers": num_workers, "pretrained": pretrained, "weighted_loss": weighted_loss,
-            "argmaxed": argmaxed, "optimizer_choice": optimizer_choice, "seed": seed,
-            "data_root": None if data_root is None else str(data_root), "test_subset": test_subset,
-            "transferset_subdir": transferset_subdir, "semitrainweight": semitrainweight, "semidataset": semidataset,
-        }
-        write_params(model_dir / "params_train.json", record)
-    return model, {"budgets": budget_list, "results": results, "num_classes": K}
-
-
 def _s4l_criterion(model, ts, semidataset, transform, weight, batch_size, seed, data_root):
     from ..attacks.s4l import S4LCriterion
 
@@ -263,6 +122,8 @@ def _s4l_criterion(model, ts, semidataset, transform, weight, batch_size, seed, 
 @dataclass(kw_only=True)
 class AttackerSettings(CommonSettings):
     """Train a knockoff on a transfer set, through a list of budgets (knockoff/adversary/train.py)."""
+
+    call_defaults = {"num_workers": 0}
 
     model_dir: str = setting(metavar="DIR", help="folder containing the transfer set")
     model_arch: str = setting(metavar="MODEL_ARCH", help="model name")
@@ -299,26 +160,78 @@ class AttackerSettings(CommonSettings):
     semidataset: Optional[str] = setting("--semidataset", default=None, metavar="DS_NAME",
                                          help="S4L unlabelled set (default: the transfer set's query set)")
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.budgets, str):
+            self.budgets = ",".join(map(str, parse_budgets(self.budgets)))
+
     def run(self) -> Tuple[nn.Module, Dict[str, Any]]:
-        """:func:`train_attacker` with these settings (recorded as ``params_train.json``)."""
-        return train_attacker(
-            self.model_dir, self.model_arch, self.testdataset, self.budgets, device=self.device_id,
-            batch_size=self.batch_size, epochs=self.epochs, lr=self.lr, momentum=self.momentum,
-            log_interval=self.log_interval, resume=self.resume, lr_step=self.lr_step, lr_gamma=self.lr_gamma,
-            num_workers=self.num_workers, pretrained=self.pretrained, weighted_loss=self.weighted_loss,
-            argmaxed=self.argmaxed, optimizer_choice=self.optimizer_choice, data_root=self.data_root,
-            seed=self.seed, test_subset=self.test_subset, progress=not self.no_progress, params=self.params(),
-            transferset_subdir=self.transferset_subdir, semitrainweight=self.semitrainweight,
-            semidataset=self.semidataset,
-        )
+        """Trains the knockoff through the budgets on the transfer set in ``model_dir`` (outputs
+        go there; see the module docs). ``resume``: ``"auto"`` (skip finished budgets, continue
+        an unfinished one), None/``"none"`` (start over), or a checkpoint whose weights
+        initialise the model. Returns ``(model, {"budgets": [...], "results": {b: train_model
+        summary}, "num_classes": K})``, ``results`` in training order."""
+        model_dir = Path(self.model_dir)
+        budget_list = parse_budgets(self.budgets)
+        if self.optimizer_choice not in OPTIMIZERS:
+            raise ValueError(f"optimizer_choice must be one of {list(OPTIMIZERS)}, got {self.optimizer_choice!r}")
+        check_dataset(self.testdataset, "testdataset")
+        resume = self.resume
+        if isinstance(resume, str) and resume.lower() in ("none", "no", "off", ""):
+            resume = None
+        dev = as_device(self.device_id)
+
+        ts = load_transferset(model_dir / self.transferset_subdir if self.transferset_subdir else model_dir)
+        K = ts.num_classes
+        _check_victim_dataset(model_dir, ts.meta, self.testdataset)
+        logger.info("transfer set %s: %d samples, %d classes", model_dir, len(ts), K)
+        too_big = [b for b in budget_list if b > len(ts)]
+        if too_big:
+            raise ValueError(f"budgets {too_big} exceed the {len(ts)} samples of the transfer set in {model_dir}")
+
+        family = dataset_to_modelfamily[self.testdataset]
+        transform = get_transform(family, "test")
+        testset = get_dataset(self.testdataset, train=False, transform=transform, root=self.data_root)
+        ts.check_classes(len(testset.classes), f"test set {self.testdataset}")
+        # the test transform is deterministic: decode and transform every image once, not every epoch
+        testset = in_memory(first_n(testset, self.test_subset))
+
+        seed_everything(self.seed)  # seeded before building the model, as the reference (torch.manual_seed(42))
+        model = get_net(self.model_arch, family, self.pretrained, num_classes=K).to(dev)
+        auto = resume is not None and str(resume) in ("auto", "True")
+        if resume is not None and not auto:
+            load_checkpoint(resume, model, map_location=dev)
+            logger.info("initial weights from %s", resume)
+
+        criterion, extra_params = soft_cross_entropy, []
+        if self.semitrainweight:
+            criterion = _s4l_criterion(model, ts, self.semidataset, transform, self.semitrainweight,
+                                       self.batch_size, self.seed, self.data_root)
+            extra_params = list(criterion.parameters())
+        results: Dict[int, Dict[str, Any]] = {}
+        for b in budget_list:
+            seed_everything(self.seed)
+            trainset = in_memory(ts.dataset(transform=transform, n=b, argmaxed=self.argmaxed))
+            optimizer = get_optimizer(list(model.parameters()) + extra_params, self.optimizer_choice, lr=self.lr,
+                                      momentum=self.momentum)
+            logger.info("=> training at budget %d", b)
+            model, summary = train_model(
+                model, trainset, model_dir, testset=testset, batch_size=self.batch_size, epochs=self.epochs,
+                lr=self.lr, momentum=self.momentum, lr_step=self.lr_step, lr_gamma=self.lr_gamma,
+                optimizer=optimizer, criterion=criterion, weighted_loss=self.weighted_loss,
+                checkpoint_suffix=f".{b}", device=dev, num_workers=self.num_workers, seed=self.seed,
+                arch=self.model_arch, progress=not self.no_progress, resume="auto" if auto else None,
+                save_last=True, log_interval=self.log_interval, num_classes=K,
+            )
+            if summary["skipped"]:
+                logger.info("budget %d: all %d epochs already done; continuing from its final state", b, self.epochs)
+            results[b] = summary
+
+        if distributed.is_main_process():
+            write_params(model_dir / "params_train.json", self.params())
+        return model, {"budgets": budget_list, "results": results, "num_classes": K}
 
 
-def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
-    return settings.build_parser(AttackerSettings, prog=prog)
-
-
-def main(argv: Optional[List[str]] = None, *, prog: Optional[str] = None) -> int:
-    return settings.run_step(AttackerSettings, argv, prog=prog)
+build_parser, main = entry_points(AttackerSettings)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,15 +26,18 @@ from ..attacks.shadow import load_shadow_models, shadow_folders, train_shadow_mo
 from ..attacks.transferset import load_transferset
 from ..datasets import dataset_to_modelfamily, get_transform
 from ..defenses import WB_DEFENSES, DefenseSpec, build_defense
+from ..devices import as_device
 from ..modeldir import dataset_name, read_params, write_params
-from .common import resolve_device
+from .settings import group_fields
 
-__all__ = ["RESTORERS", "aware_requested", "postprocess_transfer"]
+__all__ = ["RESTORERS", "AWARE_GROUP", "aware_requested", "postprocess_transfer"]
 
 logger = logging.getLogger(__name__)
 
 #: ``--recover`` choices
 RESTORERS = ("none", "pbayes", "ddae")
+#: the --help section of the step's settings in ``TransferSettings`` (and the grid's keys for it)
+AWARE_GROUP = "defense-aware attack"
 
 
 def aware_requested(s: Any) -> bool:
@@ -58,9 +61,10 @@ def postprocess_transfer(s: Any, folder: Path) -> Path:
     if s.recover != "none" and s.defense in WB_DEFENSES:
         raise ValueError(f"--recover cannot be used with the white-box defense {s.defense!r} (its state evolves "
                          "with the queries, so no fixed perturbation function exists)")
+    dev = as_device(s.device_id)
+    spec = DefenseSpec.parse(s.defense, s.defense_args)
     folder = Path(folder)
     out = Path(s.aware_out) if s.aware_out else folder / AWARE_SUBDIR
-    dev = resolve_device(s.device_id)
     raw = load_transferset(folder)
     family = dataset_to_modelfamily[s.queryset]
     transform = get_transform(family, "train" if s.train_transform else "test")
@@ -72,20 +76,15 @@ def postprocess_transfer(s: Any, folder: Path) -> Path:
             train_shadow_models(shadow_dir, dataset=s.shadow_dataset or dataset_name(vparams),
                                 arch=vparams["model_arch"], num_classes=int(vparams["num_classes"]),
                                 num_shadows=s.num_shadows, epochs=s.shadow_epochs, per_shadow=s.shadow_images,
-                                seed=s.seed, device=dev,
-                                data_root=s.data_root, progress=not s.no_progress)
+                                seed=s.seed, device=dev, data_root=s.data_root, progress=not s.no_progress)
         shadows = load_shadow_models(shadow_dir, device=dev, limit=s.num_shadows)
-    spec = DefenseSpec.parse(s.defense, s.defense_args)
     defense = build_defense(spec, victim_dir=s.victim_model_dir, device=dev) if s.recover != "none" else None
     attack = DefenseAware(restorer=_restorer(s, dev), table_source=s.recover_table, prior=s.dirichlet_prior,
                           table_size=s.table_size, concentration=s.concentration, epsilon=s.epsilon_filter,
                           shadows=shadows, hard_label=s.hardlabel, seed=s.seed)
     attack.postprocess(raw, defense, out, transform=transform)
-    record = {k: getattr(s, k) for k in ("hardlabel", "recover", "recover_table", "dirichlet_prior", "table_size",
-                                         "concentration", "recover_norm", "tolerance", "top1_recover",
-                                         "recover_epochs", "recover_batch_size", "recover_bn_train",
-                                         "epsilon_filter", "shadow_dir", "num_shadows", "shadow_epochs",
-                                         "shadow_images", "shadow_dataset", "seed")}
+    record = {k: getattr(s, k) for k in group_fields(type(s), AWARE_GROUP) if k != "aware_out"}
+    record["seed"] = s.seed
     record.update(raw_transferset=str(folder), leaks_clean_posteriors=bool(
         attack.table is not None and attack.table.meta.get("leaks_clean_posteriors")))
     write_params(out / "params_aware.json", record)

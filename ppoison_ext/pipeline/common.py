@@ -1,19 +1,52 @@
-"""Pieces shared by the pipeline steps."""
+"""Pieces shared by the pipeline steps, and ``resolve_device`` (:func:`ppoison_ext.devices.as_device`,
+the name :mod:`ppoison_ext.serve.main` imports)."""
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Any, Dict, Optional, Tuple
 
-import torch
+from torch.utils.data import Dataset, Subset
 
-__all__ = ["resolve_device"]
+from ..client import RemoteBlackbox, read_api_key
+from ..datasets import dataset_to_modelfamily
+from ..defenses import WB_DEFENSES, Defense, DefenseSpec, QueryLogger, build_defense
+from ..devices import as_device as resolve_device
+
+__all__ = ["resolve_device", "check_dataset", "first_n", "remote_blackbox", "local_blackbox"]
 
 
-def resolve_device(device_id: Union[int, str, None]) -> torch.device:
-    """The ``-d`` flag: a GPU index, or -1 for the CPU (falls back to CPU without a GPU)."""
-    if isinstance(device_id, str) and not device_id.lstrip("-").isdigit():
-        return torch.device(device_id)
-    idx = -1 if device_id is None else int(device_id)
-    if idx < 0 or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", idx)
+def check_dataset(name: Any, what: str) -> str:
+    """``name`` if it is a known dataset, else a ValueError naming ``what``."""
+    if not isinstance(name, str) or name not in dataset_to_modelfamily:
+        raise ValueError(f"{what} must be one of {sorted(dataset_to_modelfamily)}, got {name!r}")
+    return name
+
+
+def first_n(dataset: Dataset, n: Optional[int], what: str = "test_subset") -> Dataset:
+    """The first ``n`` items of ``dataset`` (all of them for None)."""
+    if n is None:
+        return dataset
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{what} must be a positive int or None, got {n!r}")
+    return Subset(dataset, list(range(min(n, len(dataset)))))
+
+
+def remote_blackbox(url: str, defense: Optional[str], defense_args: Any, api_key_file: Optional[str]
+                    ) -> Tuple[RemoteBlackbox, str, Dict[str, Any]]:
+    """The served victim at ``url`` (its defense, query log and seed are the server's): the black
+    box, its defense's name and the victim's ``model_arch``, ``num_classes`` and ``dataset``.
+    A ``defense`` given must be the server's."""
+    if defense_args:
+        raise ValueError("defense_args: the served victim's defense runs on the server; give none with a URL")
+    bb = RemoteBlackbox(str(url), api_key=read_api_key(api_key_file) if api_key_file else None)
+    if defense is not None and defense != bb.info["defense"]:
+        raise ValueError(f"defense: the server at {url} runs {bb.info['defense']!r}, not {defense!r}")
+    vparams = {"model_arch": bb.info["model"], "num_classes": bb.num_classes, "dataset": bb.info.get("dataset")}
+    return bb, bb.info["defense"], vparams
+
+
+def local_blackbox(spec: DefenseSpec, victim_dir, qlog: QueryLogger, device, out_dir, data_root) -> Defense:
+    """The defended victim in ``victim_dir``, logging its queries to ``qlog`` (the white-box
+    variants' files go to ``out_dir``)."""
+    return build_defense(spec, victim_dir=victim_dir, logger=qlog, device=device, out_dir=out_dir,
+                         whitebox={"data_root": data_root} if spec.name in WB_DEFENSES else None)

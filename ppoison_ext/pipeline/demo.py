@@ -30,6 +30,7 @@ from ..fileio import atomic_write_json, atomic_write_text
 from .grid import AMPLIFICATION_DROPS, load_config, run_grid
 from .metrics import grad2_markdown, grad2_table
 from .plots import plot_results
+from .settings import device_arg
 
 __all__ = ["run_demo", "config_path", "summary_markdown", "robust_markdown", "build_parser", "main"]
 
@@ -159,7 +160,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--attackers", choices=("default", "all"), default="default",
                    help="all: also the Smoothing, S4L, Partial Bayes, D-DAE and oracle-prior D-DAE+ thieves")
     p.add_argument("--jobs", type=int, default=None, help="parallel worker processes (default 2)")
-    p.add_argument("-d", "--device", default=None, help="GPU index or -1 for the CPU (default: CPU)")
+    p.add_argument("-d", "--device", type=device_arg, default=None, help="GPU index or -1 for the CPU (default: CPU)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -167,8 +168,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None, *, prog: Optional[str] = None) -> int:
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    device = None if args.device is None else (int(args.device) if args.device.lstrip("-").isdigit() else args.device)
-    res = run_demo(args.out, fast=args.fast, config=args.config, jobs=args.jobs, device=device,
+    res = run_demo(args.out, fast=args.fast, config=args.config, jobs=args.jobs, device=args.device,
                    progress=not args.no_progress, attackers=args.attackers)
     sys.stdout.write((Path(args.out) / "summary.md").read_text())
     sys.stdout.write(f"\nresults: {args.out}/results.csv, plots: {', '.join(res['meta']['plots'])}\n")

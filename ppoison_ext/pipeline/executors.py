@@ -1,9 +1,13 @@
-"""Where the grid's cells run: worker processes on this machine (the default) or a Ray cluster.
+"""Where the grid's cells run: :func:`run_jobs` runs them in this process, in worker processes on
+this machine (the default), or on a Ray cluster (:class:`RayExecutor`).
 
-A cell is a job dict run by a step function of :mod:`.grid` (``_eval_step``, ``_attack_step``).
+A cell is a job dict run by a step function of :mod:`.grid` (``_grid_job``, ``_transfer_step``, ...).
 The step keeps its own books on disk (``started.json`` / ``done.json`` markers, resuming inside
 each step), so an executor only has to run every job to its end, however often a run of it is
 cut short, and hand the result back to the driver, which rewrites the results files.
+
+Local workers are spawned processes with one torch thread each; each watches its parent and exits
+when the grid is gone (a SIGKILLed grid cannot stop them, and they would race the rerun).
 
 Ray (``pip install ppoison_ext[ray]``): every cell is a task asking for one CPU, and one GPU when
 the grid's device is a GPU and the cluster has any; a task whose worker dies is retried
@@ -24,11 +28,13 @@ import importlib
 import logging
 import os
 import sys
+import threading
+import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EXECUTORS", "RAY_LOCAL_ENV", "RayExecutor", "is_gpu", "open_executor"]
+__all__ = ["EXECUTORS", "RAY_LOCAL_ENV", "RayExecutor", "is_gpu", "open_executor", "run_jobs"]
 
 EXECUTORS = ("local", "ray")
 
@@ -192,3 +198,49 @@ def open_executor(name: str, *, address: Optional[str] = None, workers: int = 1)
     if name == "ray":
         return RayExecutor(address=address, num_cpus=max(1, workers))
     raise ValueError(f"executor must be one of {EXECUTORS}, got {name!r}")
+
+
+def _orphan_watchdog(parent: int, interval: float = 0.5) -> None:
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os._exit(1)
+
+
+def _worker_init(parent: int) -> None:
+    import torch
+
+    threading.Thread(target=_orphan_watchdog, args=(parent,), daemon=True, name="orphan-watchdog").start()
+    torch.set_num_threads(1)
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+def run_jobs(fn: Callable, jobs: List[Dict[str, Any]], workers: int, desc: str, progress: bool,
+             after: Optional[Callable[[], Any]] = None, executor: Optional[RayExecutor] = None,
+             gpu: bool = False) -> List[Any]:
+    """Runs ``fn(job)`` for every job, on ``executor`` if given, else in ``workers`` spawned
+    processes (here when one is enough); calls ``after()`` as each finishes. Returns the results
+    in the order of ``jobs``."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from tqdm import tqdm
+
+    results: List[Any] = [None] * len(jobs)
+    with tqdm(total=len(jobs), desc=desc, disable=not progress, unit="cell") as bar, \
+            contextlib.ExitStack() as stack:
+        if executor is not None:
+            finished: Iterator[Tuple[int, Any]] = executor.run(fn, jobs, gpu=gpu)
+        elif workers <= 1 or len(jobs) <= 1:
+            finished = ((i, fn(job)) for i, job in enumerate(jobs))
+        else:
+            pool = stack.enter_context(ProcessPoolExecutor(
+                max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                initargs=(os.getpid(),)))
+            futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
+            finished = ((futures[fut], fut.result()) for fut in as_completed(futures))
+        for i, result in finished:
+            results[i] = result
+            bar.update(1)
+            if after:
+                after()
+    return results

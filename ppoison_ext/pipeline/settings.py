@@ -1,40 +1,37 @@
-"""Typed settings of the pipeline steps: one dataclass per step, shared by the command line,
-the grid's TOML tables and Python calls.
+"""Typed settings of the pipeline steps: one dataclass per step, shared by the command line, the
+grid's TOML tables and Python calls. The dataclass *is* the step: :meth:`CommonSettings.run` is
+its body, and the step function (``train_victim``, ``transfer``, ...) is
+``Settings.of(*args, **kwargs).run()``.
 
-A step declares its settings next to its code, each field with :func:`setting`, which records
-the command-line flag beside the default and the type::
-
-    @dataclass(kw_only=True)
-    class VictimSettings(CommonSettings):
-        dataset: str = setting(metavar="DS_NAME", help="dataset name, e.g. MNIST")       # positional
-        batch_size: int = setting("-b", "--batch-size", default=64, metavar="N", help="batch size")
-        weighted_loss: bool = setting("--weighted-loss", default=False, help="...")     # store_true
-
-        def run(self):
-            return train_victim(self.dataset, ..., batch_size=self.batch_size)
-
-and gets ``build_parser(VictimSettings)`` (argparse: the flags, their types from the
-annotations, ``required`` for flags without a default), ``from_args`` (parsed flags to the
-dataclass), :func:`from_dict` / :func:`check_values` (a mapping such as a TOML table: unknown
-keys, wrong types and values outside ``choices`` are ValueErrors naming the key) and
-:func:`run_step`, the one ``main(argv)`` of every step. Field names are the flags' ``dest``
-(``--batch-size`` → ``batch_size``), so ``params*.json`` records keep the reference's keys.
+Each field is declared with :func:`setting`, which records the command-line flag beside the
+default and the type (``batch_size: int = setting("-b", "--batch-size", default=64, help=...)``;
+no flags: a positional). The class then gives :func:`build_parser` (argparse: types from the
+annotations, ``required`` for flags without a default), :func:`from_args`, :func:`from_dict` /
+:func:`check_values` (a mapping such as a TOML table: unknown keys, wrong types and values outside
+``choices`` are ValueErrors naming the key), :meth:`CommonSettings.of` (a Python call) and
+:func:`entry_points` (the ``build_parser`` / ``main(argv)`` of a step module). Field names are the
+flags' ``dest``, so :meth:`CommonSettings.params`, the ``params*.json`` record, keeps the
+reference's keys.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections.abc
 import dataclasses
 import logging
+import math
 import typing
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
+from pathlib import Path
+from typing import (Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar,
+                    Union)
+
+import torch
 
 from .. import distributed
 
 __all__ = ["setting", "device_setting", "CommonSettings", "build_parser", "from_args", "from_dict",
-           "check_values", "check_value", "group_fields", "run_step"]
+           "check_values", "check_value", "group_fields", "run_step", "entry_points", "jsonable", "device_arg"]
 
 S = TypeVar("S", bound="CommonSettings")
 
@@ -53,9 +50,7 @@ class Flag:
     group: Optional[str]
 
     def choice_list(self) -> Optional[List[Any]]:
-        if self.choices is None:
-            return None
-        return list(self.choices() if callable(self.choices) else self.choices)
+        return None if self.choices is None else list(self.choices() if callable(self.choices) else self.choices)
 
 
 def setting(*flags: str, default: Any = MISSING, help: str = "", metavar: Optional[str] = None,
@@ -83,10 +78,25 @@ def device_setting(help: str = "GPU index, -1 for CPU (default: 0; the CPU when 
     return setting("-d", "--device_id", default=0, metavar="D", help=help)
 
 
+#: keywords of the Python call form (:meth:`CommonSettings.of`) that name a setting differently
+CALL_ALIASES = {"device": "device_id", "arch": "model_arch", "victim_dir": "victim_model_dir",
+                "num_workers": "nworkers"}
+
+
+def device_arg(text: str) -> Union[int, str]:
+    """A ``-d`` value of the grid and the demo as the steps' ``device_id`` takes it: a GPU index
+    (-1 for the CPU) as an int, else the device string (parsed by :func:`ppoison_ext.devices.as_device`
+    where the step runs)."""
+    return int(text) if text.strip().lstrip("-").isdigit() else text
+
+
 @dataclass(kw_only=True)
 class CommonSettings:
     """The settings every step has: ``--data-root``, ``--seed``, ``--no-progress``.
-    Step settings subclass it and implement :meth:`run`."""
+    Step settings subclass it and implement :meth:`run`, the step's body."""
+
+    #: defaults of the Python call form that differ from the command line's
+    call_defaults: ClassVar[Dict[str, Any]] = {}
 
     data_root: Optional[str] = setting("--data-root", default=None, metavar="DIR",
                                        help="dataset root (default: $PPOISON_DATA, then the embedded "
@@ -95,33 +105,68 @@ class CommonSettings:
                                                                 "DEFAULT_SEED)")
     no_progress: bool = setting("--no-progress", default=False, help="hide the progress bars")
 
+    @classmethod
+    def of(cls: Type[S], *args: Any, **kwargs: Any) -> S:
+        """The settings of a Python call of the step: a settings object as it is, else positional
+        arguments fill the fields in declaration order and keywords name fields, or one of
+        :data:`CALL_ALIASES` (``device=`` for ``device_id``), or ``progress`` (the inverse of
+        ``no_progress``); :attr:`call_defaults` replace the command line's defaults."""
+        if len(args) == 1 and not kwargs and isinstance(args[0], cls):
+            return args[0]
+        names = [f.name for f in fields(cls)]
+        own = [f.name for f in fields(cls) if f.name not in _COMMON]
+        if len(args) > len(own):
+            raise TypeError(f"{cls.__name__}.of() takes at most {len(own)} positional arguments, got {len(args)}")
+        values = {k: v for k, v in cls.call_defaults.items()}
+        given = dict(zip(own, args))
+        for key, value in kwargs.items():
+            if key == "progress":
+                key, value = "no_progress", not value
+            elif key not in names:
+                key = CALL_ALIASES.get(key, key)
+            if key in given:
+                raise TypeError(f"{cls.__name__}.of() got multiple values for {key!r}")
+            given[key] = value
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise TypeError(f"{cls.__name__}.of() got unexpected keywords {unknown}")
+        return cls(**{**values, **given})
+
     def run(self) -> Any:
-        """Runs the step with these settings; returns what the step function returns."""
+        """Runs the step with these settings; returns what the step returns."""
         raise NotImplementedError(f"{type(self).__name__} does not define run()")
 
     def params(self) -> Dict[str, Any]:
         """The settings as the ``params*.json`` record of a run (every flag but ``--no-progress``),
-        in command-line order."""
-        return {f.name: getattr(self, f.name) for f in _ordered(type(self)) if f.name != "no_progress"}
+        in command-line order, as JSON values."""
+        return {f.name: jsonable(getattr(self, f.name)) for f in _ordered(type(self)) if f.name != "no_progress"}
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as a JSON value of a params record (paths and devices as strings, and
+    non-finite floats, which JSON lacks)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (Path, torch.device)):
+        return str(value)
+    return value
 
 
 def _ordered(cls: type) -> List[dataclasses.Field]:
     """The fields of ``cls`` with the common ones last (dataclass inheritance puts them first)."""
-    common = {f.name for f in fields(CommonSettings)}
-    own = [f for f in fields(cls) if f.name not in common]
-    return own + [f for f in fields(cls) if f.name in common]
+    own = [f for f in fields(cls) if f.name not in _COMMON]
+    return own + [f for f in fields(cls) if f.name in _COMMON]
 
 
-def _hints(cls: type) -> Dict[str, Any]:
-    return typing.get_type_hints(cls)
+_COMMON = {f.name for f in fields(CommonSettings)}
 
 
 def _strip_optional(tp: Any) -> Tuple[Any, bool]:
-    if typing.get_origin(tp) is Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], len(args) < len(typing.get_args(tp))
-        return tp, type(None) in typing.get_args(tp)
+    """(``X``, True) for ``Optional[X]``, else (``tp``, False)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is Union and type(None) in args:
+        rest = tuple(a for a in args if a is not type(None))
+        return (rest[0] if len(rest) == 1 else Union[rest]), True
     return tp, False
 
 
@@ -138,7 +183,7 @@ def build_parser(cls: type, *, prog: Optional[str] = None, description: Optional
     (the common flags last). ``description`` defaults to the class docstring."""
     if parser is None:
         parser = argparse.ArgumentParser(prog=prog, description=description or _doc(cls))
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     groups: Dict[str, Any] = {}
     for f in _ordered(cls):
         flag = _flag(f)
@@ -192,26 +237,12 @@ def from_args(cls: Type[S], args: argparse.Namespace) -> S:
 def _type_ok(value: Any, tp: Any) -> bool:
     inner, optional = _strip_optional(tp)
     if value is None:
-        return optional or inner is Any
-    if inner is Any or isinstance(inner, TypeVar):
-        return True
-    if inner is bool:
-        return isinstance(value, bool)
-    if inner is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if inner is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if inner is str:
-        return isinstance(value, str)
-    origin = typing.get_origin(inner)
-    if origin is Union:
+        return optional
+    if typing.get_origin(inner) is Union:
         return any(_type_ok(value, a) for a in typing.get_args(inner))
-    if origin in (list, tuple, collections.abc.Sequence):
-        args = typing.get_args(inner)
-        return isinstance(value, (list, tuple)) and (not args or all(_type_ok(v, args[0]) for v in value))
-    if origin in (dict, collections.abc.Mapping):
-        return isinstance(value, dict)
-    return isinstance(value, inner) if isinstance(inner, type) else True
+    if isinstance(value, bool) and inner is not bool:
+        return False
+    return isinstance(value, (int, float) if inner is float else inner)
 
 
 def _type_name(tp: Any) -> str:
@@ -232,7 +263,7 @@ def check_value(cls: type, name: str, value: Any, where: str, *, key: Optional[s
     by_name = {f.name: f for f in fields(cls)}
     if name not in by_name:
         raise ValueError(f"{where}: unknown key {key!r}")
-    tp = _hints(cls)[name]
+    tp = typing.get_type_hints(cls)[name]
     if not _type_ok(value, tp):
         raise ValueError(f"{where}: {key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     flag = by_name[name].metadata.get(_FLAG)
@@ -284,3 +315,15 @@ def run_step(cls: Type[CommonSettings], argv: Optional[List[str]] = None, *,
     finally:
         distributed.cleanup()
     return 0
+
+
+def entry_points(cls: Type[CommonSettings]) -> Tuple[Callable[..., argparse.ArgumentParser], Callable[..., int]]:
+    """A step module's ``build_parser(prog=None)`` and ``main(argv=None, *, prog=None)``."""
+
+    def build(prog: Optional[str] = None) -> argparse.ArgumentParser:
+        return build_parser(cls, prog=prog)
+
+    def main(argv: Optional[List[str]] = None, *, prog: Optional[str] = None) -> int:
+        return run_step(cls, argv, prog=prog)
+
+    return build, main

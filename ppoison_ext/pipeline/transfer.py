@@ -1,12 +1,7 @@
 """``ppoison transfer``: build a transfer set by querying a defended victim (the reference's
 ``defenses/adversary/transfer.py``).
 
-    ppoison transfer POLICY VIC_DIR DEFENSE DEFENSE_ARGS --out_dir D --queryset Q
-        [--budget N] [--nqueries N] [--qpi N] [--batch_size B] [-d ID] [-w N] [--train_transform]
-        [--data-root R] [--seed S] [--export-pickle] [--resume | --no-resume]
-        [--num-shards S --shard-id I] [--merge-shards S]
-        [--reward R --alpha A --delta D --online-lr LR --hierarchy JSON]   # adaptive only
-        [--recover none|pbayes|ddae --hardlabel ...]                        # defense-aware (pipeline/aware.py)
+    ppoison transfer POLICY VIC_DIR DEFENSE DEFENSE_ARGS --out_dir D --queryset Q [--budget N] ...
 
 Writes into ``out_dir``: the transfer set (:mod:`ppoison_ext.attacks.transferset` format;
 ``--export-pickle`` adds the reference's ``transferset.pickle``), ``run_times.f64`` (seconds
@@ -15,10 +10,9 @@ per black-box call) and ``run_times_summary.json`` (``{"batch_size", "mean", "st
 the defense writes ``distancetransfer.log.tsv`` and ``queriestransfer.{f32,json}``
 (white-box defenses also ``online.log.tsv``).
 
-Defaults follow the reference except ``--batch_size`` (256 images per black-box call, for
-speed; the query order for a given batch size is the reference's). ``-w`` loads query
-images in that many DataLoader workers; with ``--train_transform`` images are loaded in the
-main process so that random augmentations are reproducible.
+``-w`` loads query images in that many DataLoader workers; with ``--train_transform`` images are
+loaded in the main process so that random augmentations are reproducible. ``--recover`` /
+``--hardlabel`` add the defense-aware step (:mod:`.aware`).
 
 Resuming: a run killed at any moment (even SIGKILL) is continued by rerunning the same
 command: the committed queries are kept, the query log, run times and any white-box or
@@ -44,7 +38,6 @@ the others and merges.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -58,16 +51,18 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..attacks.knockoff import DEFAULT_SEED, REWARDS, RUN_TIMES_FILE, STATE_FILES, KnockoffNets
-from ..client import RemoteBlackbox, is_url, read_api_key
+from ..attacks.knockoff import REWARDS, RUN_TIMES_FILE, STATE_FILES, KnockoffNets
 from ..attacks.transferset import (INDEX_FILE, META, PATHS_FILE, X_FILE, Y_FILE, TransferSetError,
                                    TransferSetWriter, export_pickle, load_transferset)
-from ..defenses import DEFENSE_NAMES, WB_DEFENSES, DefenseSpec, QueryLogger, build_defense, read_queries
+from ..client import is_url
+from ..datasets import dataset_to_modelfamily, get_dataset, get_transform
+from ..defenses import DEFENSE_NAMES, WB_DEFENSES, DefenseSpec, QueryLogger, read_queries
+from ..devices import as_device
 from ..fileio import atomic_save_bytes, atomic_write_json
 from ..modeldir import dataset_name, modelfamily_for_dataset, read_params, write_params
-from . import settings
-from .common import resolve_device
-from .settings import CommonSettings, device_setting, setting
+from . import aware
+from .common import local_blackbox, remote_blackbox
+from .settings import CommonSettings, device_setting, entry_points, group_fields, setting
 
 __all__ = ["build_parser", "main", "transfer", "merge_shards", "shard_dir", "TransferSettings", "LOG_PREFIX"]
 
@@ -119,8 +114,6 @@ def _shard_env(num_shards: Optional[int], shard_id: Optional[int]):
 
 
 def _query_set(name: str, train_transform: bool, data_root):
-    from ..datasets import dataset_to_modelfamily, get_dataset, get_transform
-
     if name not in dataset_to_modelfamily:
         raise ValueError(f"queryset: unknown dataset {name!r}; known: {sorted(dataset_to_modelfamily)}")
     family = dataset_to_modelfamily[name]
@@ -128,112 +121,11 @@ def _query_set(name: str, train_transform: bool, data_root):
     return get_dataset(name, train=True, transform=transform, root=data_root)
 
 
-def transfer(policy: str, victim_model_dir, defense: Optional[str], defense_args: Optional[str], *, out_dir,
-             queryset: str,
-             budget: Optional[int] = None, nqueries: Optional[int] = None, qpi: int = 1,
-             batch_size: int = 256,
-             device_id: Any = 0, nworkers: int = 10, train_transform: bool = False, data_root=None,
-             seed: int = DEFAULT_SEED, export_pickle_file: bool = False, resume: bool = True,
-             num_shards: Optional[int] = None, shard_id: Optional[int] = None, reward: str = "all",
-             alpha: float = 0.1, delta: int = 25, online_lr: float = 0.01, hierarchy=None,
-             merge_timeout: Optional[float] = None, progress: bool = True,
-             api_key_file: Optional[str] = None) -> Path:
-    """Builds the transfer set (see the module docs); returns the folder written
-    (``out_dir``, or ``out_dir/shard-I`` for a shard that does not merge)."""
-    if policy not in ("random", "adaptive"):
-        raise ValueError(f"policy must be 'random' or 'adaptive', got {policy!r}")
-    remote = is_url(str(victim_model_dir))
-    if not remote and defense not in DEFENSE_NAMES:
-        raise ValueError(f"defense must be one of {list(DEFENSE_NAMES)}, got {defense!r}")
-    if remote and defense_args:
-        raise ValueError("defense_args: the served victim's defense runs on the server; give none with a URL")
-    S, I, under_torchrun = _shard_env(num_shards, shard_id)
-    if S > 1 and policy != "random":
-        raise ValueError("--num-shards needs the random policy (the adaptive policy is sequential)")
-    if S > 1 and defense is not None and defense.endswith("_wb"):
-        raise ValueError(f"--num-shards cannot be used with {defense} (its online attacker is sequential)")
-    spec = None if remote else DefenseSpec.parse(defense, defense_args)  # fail early, before loading anything
-    parsed = {} if spec is None else spec.args
-    out_dir = Path(out_dir)
-    folder = shard_dir(out_dir, I) if S > 1 else out_dir
-    folder.mkdir(parents=True, exist_ok=True)
-    log_dir = Path(parsed["out_path"]) if parsed.get("out_path") and S == 1 else folder
-
-    device = resolve_device(device_id)
-    if under_torchrun and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    torch.manual_seed(seed)  # seed torch (default 42) before building anything, as the reference
-    qs = _query_set(queryset, train_transform, data_root)
-    if budget is None:
-        budget = len(qs)
-
-    workers = 0 if train_transform else min(int(nworkers), os.cpu_count() or 1)
-    attack = KnockoffNets(strategy=policy, budget=budget, nqueries=nqueries, batch_size=batch_size, qpi=qpi,
-                          seed=seed, reward=reward, alpha=alpha, delta=delta, hierarchy=hierarchy,
-                          online_lr=online_lr, num_workers=workers,
-                          progress=progress and (not under_torchrun or I == 0))
-    done = 0
-    if not resume:
-        for name in ("params_transfer.json", "run_times_summary.json"):
-            (folder / name).unlink(missing_ok=True)
-    else:
-        done = attack.prepare_resume(folder, len(qs), S, I)  # before touching any log
-    if remote:  # the server keeps the query log (per API key) and seeds its own defense
-        qlog = None
-        bb = RemoteBlackbox(str(victim_model_dir), api_key=read_api_key(api_key_file) if api_key_file else None)
-        if defense is not None and defense != bb.info["defense"]:
-            raise ValueError(f"defense: the server at {victim_model_dir} runs {bb.info['defense']!r}, not {defense!r}")
-        defense = bb.info["defense"]
-        vparams = {"model_arch": bb.info["model"], "num_classes": bb.num_classes, "dataset": bb.info["dataset"]}
-    else:
-        qlog = QueryLogger(log_dir, prefix=LOG_PREFIX, every=LOG_EVERY, resume=resume)
-        if resume:
-            qlog.truncate(done * qpi)  # queries answered but never committed to the transfer set
-        bb = build_defense(spec, victim_dir=victim_model_dir, logger=qlog, device=device, out_dir=log_dir,
-                           whitebox={"data_root": data_root} if defense in WB_DEFENSES else None)
-        vparams = read_params(victim_model_dir)
-    kwargs = {**parsed, "log_prefix": LOG_PREFIX}
-    K = int(vparams["num_classes"])
-    if policy == "adaptive" and reward in ("loss", "all"):
-        from ..models import get_net
-
-        torch.manual_seed(seed)
-        family = modelfamily_for_dataset(dataset_name(vparams))
-        attack.online_model = get_net(vparams["model_arch"], family, num_classes=K).to(device)
-    meta = {"victim_model_dir": str(victim_model_dir), "defense": defense, "defense_args": defense_args,
-            "queryset": queryset, "train_transform": bool(train_transform)}
-    logger.info("transfer: %s, %s %s, queryset %s, %s", attack, defense, parsed, queryset, folder)
-    if done:
-        logger.info("transfer: resuming after %d committed queries", done)
-    attack.build_transferset(bb, qs, folder, resume=resume, device=device, num_classes=K, meta=meta,
-                             num_shards=S, shard_id=I)
-    if qlog is not None:
-        qlog.close()  # only on success: the tail row after the last multiple of 1000
-    _summary(folder, batch_size, attack.run_times)
-    params: Dict[str, Any] = {
-        "policy": policy, "victim_model_dir": str(victim_model_dir), "defense": defense,
-        "defense_args": defense_args, "out_dir": str(out_dir), "budget": budget, "nqueries": nqueries,
-        "qpi": qpi, "queryset": queryset, "batch_size": batch_size, "device_id": device_id,
-        "nworkers": nworkers, "train_transform": bool(train_transform),
-        "data_root": None if data_root is None else str(data_root),
-        "seed": seed, "num_shards": S, "shard_id": I,
-    }
-    if policy == "adaptive":
-        params.update(reward=reward, alpha=alpha, delta=delta, online_lr=online_lr,
-                      hierarchy=None if hierarchy is None or isinstance(hierarchy, dict) else str(hierarchy))
-    for k, v in kwargs.items():  # defense kwargs are recorded too, without overwriting CLI keys
-        params.setdefault(k, v)
-    params["defense_kwargs"] = kwargs
-    write_params(folder / "params_transfer.json", params)
-    if S > 1:
-        if not under_torchrun or I != 0:
-            return folder
-        _wait_for_shards(out_dir, S, merge_timeout)
-        merge_shards(out_dir, S, export_pickle_file=export_pickle_file, progress=progress)
-        return out_dir
-    if export_pickle_file:
-        export_pickle(folder)
-    return folder
+def transfer(*args: Any, **kwargs: Any) -> Path:
+    """Builds the transfer set: ``TransferSettings.of(*args, **kwargs).run()``, e.g.
+    ``transfer("random", victim_dir, "mad", "epsilon:0.5", out_dir=D, queryset="notMNIST")``;
+    returns the folder written (``out_dir``, or ``out_dir/shard-I`` for a shard that does not merge)."""
+    return TransferSettings.of(*args, **kwargs).run()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,20 +264,12 @@ def merge_shards(out_dir, num_shards: int, *, export_pickle_file: bool = False,
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI
+# The step
 # ---------------------------------------------------------------------------------------------
 
 
 _ADAPTIVE = "adaptive policy"
-#: the --help section (and grid keys) of the defense-aware step
-AWARE_GROUP = _AWARE = "defense-aware attack"
-
-
-def _aware():
-    from . import aware
-
-    return aware
-
+AWARE_GROUP = _AWARE = aware.AWARE_GROUP
 
 @dataclass(kw_only=True)
 class TransferSettings(CommonSettings):
@@ -432,7 +316,7 @@ class TransferSettings(CommonSettings):
     # defense-aware attacks (ppoison_ext/pipeline/aware.py): raw set kept in out_dir, result in aware_out
     hardlabel: bool = setting("--hardlabel", default=False, group=_AWARE,
                               help="Top-1: one-hot(argmax) labels, after any recovery")
-    recover: str = setting("--recover", default="none", choices=lambda: list(_aware().RESTORERS), group=_AWARE,
+    recover: str = setting("--recover", default="none", choices=aware.RESTORERS, group=_AWARE,
                            help="restorer: none | pbayes (Partial Bayes) | ddae (D-DAE / D-DAE+ MLP)")
     recover_table: str = setting("--recover-table", default="dirichlet", choices=["dirichlet", "shadow"],
                                  group=_AWARE, help="true samples: dirichlet (D-DAE+, Partial Bayes) | shadow (D-DAE)")
@@ -467,32 +351,108 @@ class TransferSettings(CommonSettings):
                                        help="folder of the defense-aware transfer set (default: out_dir/aware)")
 
     def run(self) -> Path:
-        """:func:`transfer` with these settings (or, with ``merge_shards``, :func:`merge_shards`
-        only); returns the folder written."""
+        """Builds the transfer set (see the module docs), then runs the defense-aware step when it is
+        asked for (:mod:`.aware`); with ``merge_shards``, only merges the shards. Returns the
+        folder written (``out_dir``, or ``out_dir/shard-I`` for a shard that does not merge)."""
         if self.merge_shards is not None:
             return merge_shards(self.out_dir, self.merge_shards, export_pickle_file=self.export_pickle_file,
                                 progress=not self.no_progress)
-        folder = transfer(
-            self.policy, self.victim_model_dir, self.defense, self.defense_args, out_dir=self.out_dir,
-            queryset=self.queryset, budget=self.budget, nqueries=self.nqueries, qpi=self.qpi,
-            batch_size=self.batch_size, device_id=self.device_id, nworkers=self.nworkers,
-            train_transform=self.train_transform, data_root=self.data_root, seed=self.seed,
-            export_pickle_file=self.export_pickle_file, resume=self.resume, num_shards=self.num_shards,
-            shard_id=self.shard_id, reward=self.reward, alpha=self.alpha, delta=self.delta,
-            online_lr=self.online_lr, hierarchy=self.hierarchy, merge_timeout=self.merge_timeout,
-            progress=not self.no_progress, api_key_file=self.api_key_file,
-        )
-        if _aware().aware_requested(self) and Path(folder) == Path(self.out_dir):  # not for a lone shard
-            _aware().postprocess_transfer(self, folder)
+        folder = self._query()
+        if aware.aware_requested(self) and Path(folder) == Path(self.out_dir):  # not for a lone shard
+            aware.postprocess_transfer(self, folder)
+        return folder
+
+    def _query(self) -> Path:
+        policy, victim_dir, defense, seed = self.policy, self.victim_model_dir, self.defense, self.seed
+        if policy not in ("random", "adaptive"):
+            raise ValueError(f"policy must be 'random' or 'adaptive', got {policy!r}")
+        remote = is_url(str(victim_dir))
+        if not remote and defense not in DEFENSE_NAMES:
+            raise ValueError(f"defense must be one of {list(DEFENSE_NAMES)}, got {defense!r}")
+        S, I, under_torchrun = _shard_env(self.num_shards, self.shard_id)
+        if S > 1 and policy != "random":
+            raise ValueError("--num-shards needs the random policy (the adaptive policy is sequential)")
+        if S > 1 and defense in WB_DEFENSES:
+            raise ValueError(f"--num-shards cannot be used with {defense} (its online attacker is sequential)")
+        spec = None if remote else DefenseSpec.parse(defense, self.defense_args)  # fail early, before loading
+        parsed = {} if spec is None else spec.args
+        out_dir = Path(self.out_dir)
+        folder = shard_dir(out_dir, I) if S > 1 else out_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        log_dir = Path(parsed["out_path"]) if parsed.get("out_path") and S == 1 else folder
+
+        device = as_device(self.device_id)
+        if under_torchrun and device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.manual_seed(seed)  # seed torch (default 42) before building anything, as the reference
+        qs = _query_set(self.queryset, self.train_transform, self.data_root)
+        budget = len(qs) if self.budget is None else self.budget
+
+        workers = 0 if self.train_transform else min(int(self.nworkers), os.cpu_count() or 1)
+        progress = not self.no_progress
+        attack = KnockoffNets(strategy=policy, budget=budget, nqueries=self.nqueries, batch_size=self.batch_size,
+                              qpi=self.qpi, seed=seed, reward=self.reward, alpha=self.alpha, delta=self.delta,
+                              hierarchy=self.hierarchy, online_lr=self.online_lr, num_workers=workers,
+                              progress=progress and (not under_torchrun or I == 0))
+        done = 0
+        if not self.resume:
+            for name in ("params_transfer.json", "run_times_summary.json"):
+                (folder / name).unlink(missing_ok=True)
+        else:
+            done = attack.prepare_resume(folder, len(qs), S, I)  # before touching any log
+        if remote:  # the server keeps the query log (per API key) and seeds its own defense
+            qlog = None
+            bb, defense, vparams = remote_blackbox(victim_dir, defense, self.defense_args, self.api_key_file)
+        else:
+            qlog = QueryLogger(log_dir, prefix=LOG_PREFIX, every=LOG_EVERY, resume=self.resume)
+            if self.resume:
+                qlog.truncate(done * self.qpi)  # queries answered but never committed to the transfer set
+            bb = local_blackbox(spec, victim_dir, qlog, device, log_dir, self.data_root)
+            vparams = read_params(victim_dir)
+        kwargs = {**parsed, "log_prefix": LOG_PREFIX}
+        K = int(vparams["num_classes"])
+        if policy == "adaptive" and self.reward in ("loss", "all"):
+            from ..models import get_net
+
+            torch.manual_seed(seed)
+            family = modelfamily_for_dataset(dataset_name(vparams))
+            attack.online_model = get_net(vparams["model_arch"], family, num_classes=K).to(device)
+        meta = {"victim_model_dir": str(victim_dir), "defense": defense, "defense_args": self.defense_args,
+                "queryset": self.queryset, "train_transform": bool(self.train_transform)}
+        logger.info("transfer: %s, %s %s, queryset %s, %s", attack, defense, parsed, self.queryset, folder)
+        if done:
+            logger.info("transfer: resuming after %d committed queries", done)
+        attack.build_transferset(bb, qs, folder, resume=self.resume, device=device, num_classes=K, meta=meta,
+                                 num_shards=S, shard_id=I)
+        if qlog is not None:
+            qlog.close()  # only on success: the tail row after the last multiple of 1000
+        _summary(folder, self.batch_size, attack.run_times)
+        unrecorded = set(_UNRECORDED) | set(group_fields(TransferSettings, AWARE_GROUP))
+        if policy != "adaptive":
+            unrecorded |= set(group_fields(TransferSettings, _ADAPTIVE))
+        params = {k: v for k, v in self.params().items() if k not in unrecorded}
+        params.update(defense=defense, budget=budget, num_shards=S, shard_id=I)
+        for k, v in kwargs.items():  # defense kwargs are recorded too, without overwriting CLI keys
+            params.setdefault(k, v)
+        params["defense_kwargs"] = kwargs
+        write_params(folder / "params_transfer.json", params)
+        if S > 1:
+            if not under_torchrun or I != 0:
+                return folder
+            _wait_for_shards(out_dir, S, self.merge_timeout)
+            merge_shards(out_dir, S, export_pickle_file=self.export_pickle_file, progress=progress)
+            return out_dir
+        if self.export_pickle_file:
+            export_pickle(folder)
         return folder
 
 
-def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
-    return settings.build_parser(TransferSettings, prog=prog)
+#: the settings ``params_transfer.json`` leaves out (besides the defense-aware ones, and the adaptive
+#: policy's for the random policy)
+_UNRECORDED = ("api_key_file", "export_pickle_file", "resume", "merge_shards", "merge_timeout")
 
 
-def main(argv: Optional[List[str]] = None, *, prog: Optional[str] = None) -> int:
-    return settings.run_step(TransferSettings, argv, prog=prog)
+build_parser, main = entry_points(TransferSettings)
 
 
 if __name__ == "__main__":
