@@ -1,14 +1,10 @@
 """Checkpoint files: atomic writes, ``weights_only`` loads, readable errors.
 
-* ``checkpoint{suffix}.pth.tar`` / ``model_best.pth.tar``: a ``torch.save`` dict with
-  ``epoch``, ``arch``, ``state_dict``, ``best_acc``, ``optimizer`` (state_dict),
-  ``created_on`` and ``num_classes``. ``arch`` is the architecture *name* (a str), so every
-  checkpoint holds only tensors and primitives and loads with ``torch.load(weights_only=True)``.
-  Files that pickle the model class (as the reference code writes them) can be converted once
-  with :func:`convert_reference_checkpoint`.
-
-Writes go through :func:`ppoison_ext.fileio.atomic_write`. This module needs only torch and
-:mod:`ppoison_ext.fileio`; building a model from a folder is :mod:`ppoison_ext.modeldir`.
+A checkpoint (``checkpoint{suffix}.pth.tar`` / ``model_best.pth.tar``) is a ``torch.save`` dict
+with ``epoch``, ``arch`` (the architecture *name*), ``state_dict``, ``best_acc``, ``optimizer``,
+``created_on`` and ``num_classes``: only tensors and primitives, so it loads with
+``torch.load(weights_only=True)``. Files that pickle the model class convert once with
+:func:`convert_reference_checkpoint`. Building a model from a folder is :mod:`ppoison_ext.modeldir`.
 """
 
 from __future__ import annotations
@@ -31,21 +27,13 @@ from .fileio import PathLike, atomic_write
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "save_checkpoint",
-    "load_checkpoint",
-    "read_state_dict",
-    "convert_reference_checkpoint",
-    "CHECKPOINT_NAMES",
-]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_state_dict", "convert_reference_checkpoint",
+           "CHECKPOINT_NAMES"]
 
-#: Checkpoint files of a model folder, in the order a loader tries them (the reference's).
+#: Checkpoint files of a model folder, in the order a loader tries them.
 CHECKPOINT_NAMES: Tuple[str, ...] = ("model_best.pth.tar", "checkpoint.pth.tar")
 
 _RESERVED_KEYS = ("epoch", "arch", "state_dict", "best_acc", "optimizer", "created_on", "num_classes")
-
-
-# --- checkpoint contents ---------------------------------------------------------------------
 
 
 def _check_safe(value: Any, where: str) -> None:
@@ -66,15 +54,15 @@ def _check_safe(value: Any, where: str) -> None:
     raise TypeError(
         f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which "
         "torch.load(weights_only=True) cannot read; store tensors, numbers, strings, lists or dicts "
-        "(e.g. float(x), torch.from_numpy(a))"
-    )
+        "(e.g. float(x), torch.from_numpy(a))")
 
 
 def _classifier_weight(sd: Mapping[str, Any]) -> Optional[str]:
     """The state-dict key of the classifier's weight: the last 2-D ``*.weight`` (a Linear
     layer), else the last 4-D one (a 1×1-conv head such as SqueezeNet's)."""
     for ndim in (2, 4):
-        keys = [k for k, v in sd.items() if k.endswith("weight") and isinstance(v, Tensor) and v.dim() == ndim]
+        keys = [k for k, v in sd.items()
+                if k.endswith("weight") and isinstance(v, Tensor) and v.dim() == ndim]
         if keys:
             return keys[-1]
     return None
@@ -85,23 +73,11 @@ def _num_classes(sd: Mapping[str, Any]) -> Optional[int]:
     return int(sd[key].shape[0]) if key is not None else None
 
 
-def save_checkpoint(
-    path: PathLike,
-    model: nn.Module,
-    *,
-    arch: str,
-    epoch: int,
-    best_acc: float,
-    optimizer: Optional[torch.optim.Optimizer] = None,
-    extra: Optional[Mapping[str, Any]] = None,
-    num_classes: Optional[int] = None,
-) -> Path:
-    """Atomically write a checkpoint that loads with ``torch.load(weights_only=True)``.
-
-    The file holds a dict with ``epoch`` (int), ``arch`` (the architecture name, a str:
-    never the class), ``state_dict``, ``best_acc`` (float), ``optimizer`` (its state_dict,
-    or None), ``created_on`` (``str(datetime.now())``, as the reference), ``num_classes``
-    (the output size of the model's last Linear layer unless given) and the ``extra`` keys.
+def save_checkpoint(path: PathLike, model: nn.Module, *, arch: str, epoch: int, best_acc: float,
+                    optimizer: Optional[torch.optim.Optimizer] = None,
+                    extra: Optional[Mapping[str, Any]] = None, num_classes: Optional[int] = None) -> Path:
+    """Atomically write a checkpoint (see the module docs) plus the ``extra`` keys;
+    ``num_classes`` defaults to the output size of the model's classifier weight.
 
     Raises:
         TypeError: ``arch`` is not a str, or an ``extra`` value is not a tensor / primitive.
@@ -110,8 +86,7 @@ def save_checkpoint(
     if not isinstance(arch, str):
         raise TypeError(
             f"arch must be the architecture name (a str such as 'vgg16'), got {type(arch).__name__}; "
-            "pickling the class would make the checkpoint unreadable with weights_only=True"
-        )
+            "pickling the class would make the checkpoint unreadable with weights_only=True")
     state_dict = model.state_dict()
     ckpt: Dict[str, Any] = {
         "epoch": operator.index(epoch),
@@ -126,14 +101,11 @@ def save_checkpoint(
     for key, value in (extra or {}).items():
         if key in _RESERVED_KEYS:
             raise ValueError(
-                f"extra key {key!r} collides with a standard checkpoint key {list(_RESERVED_KEYS)}"
-            )
+                f"extra key {key!r} collides with a standard checkpoint key {list(_RESERVED_KEYS)}")
         _check_safe(value, f"extra[{key!r}]")
         ckpt[key] = value
     return atomic_write(path, lambda f: torch.save(ckpt, f))
 
-
-# --- loading -----------------------------------------------------------------------------------
 
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 
@@ -143,8 +115,7 @@ def _torch_load(path: Path, map_location: Any) -> Any:
         raise FileNotFoundError(f"checkpoint file {path} does not exist")
     if path.is_dir():
         raise ValueError(
-            f"{path} is a directory, not a checkpoint file (use load_model_dir for a model folder)"
-        )
+            f"{path} is a directory, not a checkpoint file (use load_model_dir for a model folder)")
     size = path.stat().st_size
     if size == 0:
         raise ValueError(f"checkpoint file {path} is empty (0 bytes), e.g. from an interrupted write")
@@ -172,8 +143,7 @@ def _corrupt(path: Path, size: int, e: BaseException) -> ValueError:
     detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return ValueError(
         f"checkpoint file {path} ({size} bytes) is truncated or corrupt, or not a torch.save file "
-        f"({type(e).__name__}: {detail})"
-    )
+        f"({type(e).__name__}: {detail})")
 
 
 def _as_checkpoint(obj: Any, path: Path) -> Dict[str, Any]:
@@ -183,8 +153,7 @@ def _as_checkpoint(obj: Any, path: Path) -> Dict[str, Any]:
         sd = obj["state_dict"]
         if not isinstance(sd, Mapping) or not all(isinstance(k, str) for k in sd):
             raise ValueError(
-                f"{path}: 'state_dict' is a {type(sd).__name__}, not a mapping of names to tensors"
-            )
+                f"{path}: 'state_dict' is a {type(sd).__name__}, not a mapping of names to tensors")
         return dict(obj)
     if obj and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
         return {"state_dict": obj}  # a bare state_dict
@@ -202,10 +171,8 @@ def _strip_module_prefix(sd: Mapping[str, Any]) -> Dict[str, Any]:
 StateDictRemap = Callable[[Mapping[str, Tensor], nn.Module], Mapping[str, Tensor]]
 
 
-def _fit_state_dict(
-    sd: Mapping[str, Any], model: nn.Module, path: Path, strict: bool, arch: Any = None,
-    remap: Optional[StateDictRemap] = None,
-) -> Dict[str, Any]:
+def _fit_state_dict(sd: Mapping[str, Any], model: nn.Module, path: Path, strict: bool,
+                    arch: Any = None, remap: Optional[StateDictRemap] = None) -> Dict[str, Any]:
     sd = _strip_module_prefix(sd)
     if remap is not None:
         sd = dict(remap(sd, model))
@@ -230,42 +197,23 @@ def _fit_state_dict(
         more = f" (+{len(mismatched) - 5} more)" if len(mismatched) > 5 else ""
         parts.append(f"{len(mismatched)} tensors differ in shape: {shown}{more}")
     if missing or unexpected:
-        parts.append(
-            f"{len(missing)} model tensors missing from the checkpoint {missing[:5]}, "
-            f"{len(unexpected)} checkpoint tensors unknown to the model {unexpected[:5]} "
-            "(strict=False loads the matching ones)"
-        )
+        parts.append(f"{len(missing)} model tensors missing from the checkpoint {missing[:5]}, "
+                     f"{len(unexpected)} checkpoint tensors unknown to the model {unexpected[:5]} "
+                     "(strict=False loads the matching ones)")
     saved = f" (saved arch {arch!r})" if isinstance(arch, str) else ""
     raise ValueError(f"{path}{saved} does not fit {type(model).__name__}: " + "; ".join(parts))
 
 
-def load_checkpoint(
-    path: PathLike,
-    model: Optional[nn.Module] = None,
-    *,
-    map_location: Any = "cpu",
-    strict: bool = True,
-    remap: Optional[StateDictRemap] = None,
-) -> Dict[str, Any]:
-    """Read a checkpoint with ``torch.load(weights_only=True)`` and optionally load it into
-    ``model``.
+def load_checkpoint(path: PathLike, model: Optional[nn.Module] = None, *,
+                    map_location: Any = "cpu", strict: bool = True,
+                    remap: Optional[StateDictRemap] = None) -> Dict[str, Any]:
+    """The checkpoint dict at ``path`` (``weights_only=True``), loaded into ``model`` if given.
 
-    A bare state_dict file (e.g. torchvision weights) is accepted as
-    ``{"state_dict": ...}``. Keys saved from ``nn.DataParallel`` (``module.`` prefix) are
-    mapped to the model's; ``remap(state_dict, model)`` renames other keys first (e.g.
-    :func:`ppoison_ext.models.imagenet.remap_cadene_state_dict` for Cadene
-    ``pretrainedmodels`` names).
-
-    Returns:
-        The checkpoint dict (``state_dict`` as loaded into the model).
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: naming the file and the problem: empty, truncated or corrupt; not a
-            dict or without a state_dict; pickles a class (a reference-code checkpoint:
-            see :func:`convert_reference_checkpoint`); tensors whose shapes do not fit the
-            model (e.g. "checkpoint has K=10 classes, model has 26"); with ``strict``,
-            missing or unexpected keys.
+    A bare state_dict file counts as ``{"state_dict": ...}``; a ``module.`` prefix is stripped,
+    and ``remap(state_dict, model)`` renames other keys first. FileNotFoundError for a missing
+    file; ValueError naming the file and the problem: empty, corrupt, no state_dict, pickles a
+    class (see :func:`convert_reference_checkpoint`), shapes that do not fit the model
+    ("checkpoint has K=10 classes, model has 26"), with ``strict`` missing or unexpected keys.
     """
     path = Path(path)
     ckpt = _as_checkpoint(_torch_load(path, map_location), path)
@@ -281,9 +229,6 @@ def read_state_dict(path: PathLike, map_location: Any = "cpu") -> Dict[str, Tens
     errors as :func:`load_checkpoint`), without a ``module.`` prefix."""
     path = Path(path)
     return _strip_module_prefix(_as_checkpoint(_torch_load(path, map_location), path)["state_dict"])
-
-
-# --- converting reference-code checkpoints -------------------------------------------------------
 
 
 class _MissingClass:
@@ -317,14 +262,10 @@ def _lenient_pickle_module() -> types.ModuleType:
     return mod
 
 
-def _qualname(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
 def _to_safe(value: Any, where: str) -> Tuple[bool, Any]:
     """(ok, value) with classes turned into their qualified names and numpy into torch/python."""
     if isinstance(value, type):
-        return True, _qualname(value)
+        return True, f"{value.__module__}.{value.__qualname__}"
     if isinstance(value, _MissingClass):
         return False, None
     if type(value).__module__ == "numpy":
@@ -334,22 +275,18 @@ def _to_safe(value: Any, where: str) -> Tuple[bool, Any]:
             return True, torch.from_numpy(value)
         except TypeError:
             return False, None
-    if isinstance(value, (list, tuple)):
-        out = []
-        for i, v in enumerate(value):
-            ok, v = _to_safe(v, f"{where}[{i}]")
-            if not ok:
-                return False, None
-            out.append(v)
-        return True, type(value)(out) if isinstance(value, list) else tuple(out)
-    if isinstance(value, dict):
-        d = OrderedDict() if isinstance(value, OrderedDict) else {}
-        for k, v in value.items():
+    if isinstance(value, (list, tuple, dict)):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        converted = []
+        for k, v in items:
             ok, v = _to_safe(v, f"{where}[{k!r}]")
             if not ok:
                 return False, None
-            d[k] = v
-        return True, d
+            converted.append((k, v))
+        if isinstance(value, dict):
+            return True, (OrderedDict if isinstance(value, OrderedDict) else dict)(converted)
+        values = [v for _, v in converted]
+        return True, type(value)(values) if isinstance(value, list) else tuple(values)
     try:
         _check_safe(value, where)
     except TypeError:
@@ -357,35 +294,20 @@ def _to_safe(value: Any, where: str) -> Tuple[bool, Any]:
     return True, value
 
 
-def convert_reference_checkpoint(
-    src: PathLike,
-    dst: PathLike,
-    *,
-    arch: Optional[str] = None,
-    num_classes: Optional[int] = None,
-) -> Path:
-    """Convert a checkpoint written by the reference code into a ``weights_only``-safe one.
+def convert_reference_checkpoint(src: PathLike, dst: PathLike, *, arch: Optional[str] = None,
+                                 num_classes: Optional[int] = None) -> Path:
+    """Converts a checkpoint that pickles classes (e.g. ``'arch': model.__class__``) into a
+    ``weights_only``-safe one, ``dst`` (written atomically, checked, returned).
 
     .. warning::
-        This unpickles ``src`` with ``torch.load(weights_only=False)``, which can run
-        arbitrary code embedded in the file. Call it only on files you trust (e.g. ones you
-        trained yourself with the reference code). Nothing else in ppoison_ext ever loads
-        with ``weights_only=False``.
+        This unpickles ``src`` with ``torch.load(weights_only=False)``, which can run arbitrary
+        code embedded in the file: call it only on files you trust. Nothing else in ppoison_ext
+        loads with ``weights_only=False``.
 
-    Classes that cannot be imported (``knockoff.models.cifar.vgg.VGG`` without the reference's
-    package) are replaced by inert stand-ins. In the output, ``arch`` becomes a str: the
-    given ``arch`` name, else the pickled class's qualified name (e.g.
-    ``"knockoff.models.cifar.vgg.VGG"``; the architecture *name* lives in ``params.json``).
-    Other class objects become their qualified names, numpy values become python numbers or
-    tensors, and entries that cannot be made safe are dropped with a warning.
-    ``num_classes`` is inferred from the last 2-D ``*.weight`` tensor unless given.
-
-    Returns:
-        ``dst``, written atomically and verified to load with ``weights_only=True``.
-
-    Raises:
-        FileNotFoundError: ``src`` does not exist.
-        ValueError: ``src`` is unreadable or has no state_dict.
+    Classes become their qualified names (``arch`` the given name if any), numpy values numbers
+    or tensors; entries that cannot be made safe are dropped with a warning. ``num_classes``
+    defaults to the rows of the last 2-D ``*.weight`` tensor. FileNotFoundError: no ``src``;
+    ValueError: ``src`` is unreadable or has no state_dict.
     """
     src, dst = Path(src), Path(dst)
     if not src.is_file():
@@ -394,8 +316,7 @@ def convert_reference_checkpoint(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Couldn't retrieve source code for container ..."
             obj = torch.load(
-                src, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle_module()
-            )
+                src, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle_module())
     except Exception as e:  # noqa: BLE001 - re-raised with the file name
         raise _corrupt(src, src.stat().st_size, e) from e
     ckpt = _as_checkpoint(obj, src)
@@ -428,5 +349,3 @@ def convert_reference_checkpoint(
     torch.load(dst, map_location="cpu", weights_only=True)  # must be readable the safe way
     logger.info("converted %s -> %s (arch=%r)", src, dst, out.get("arch"))
     return dst
-
-

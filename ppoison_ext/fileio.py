@@ -1,10 +1,6 @@
-"""Low-level file I/O shared by every layer: atomic replacement, appends, trimming.
-
-Every file that must never be seen half-written goes through :func:`atomic_write`: a
-temporary file in the target's folder, flushed and fsync'ed, then ``os.replace``'d over the
-target. Files that grow (logs, per-query records, call times) are appended with
-:class:`AppendFile` and cut back to a known length with :func:`truncate_file` when a run
-resumes after a crash. This module needs nothing but the standard library.
+"""Low-level file I/O shared by every layer (standard library only): :func:`atomic_write` for
+files that must never be seen half-written, :class:`AppendFile` for files that grow, and
+:func:`truncate_file` to cut them back when a run resumes after a crash.
 """
 
 from __future__ import annotations
@@ -16,18 +12,10 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable, Optional, Union
+from typing import IO, Any, Callable, Iterable, List, Optional, Sequence, Union
 
-__all__ = [
-    "PathLike",
-    "atomic_write",
-    "atomic_save_bytes",
-    "atomic_write_text",
-    "atomic_write_json",
-    "AppendFile",
-    "append_text",
-    "truncate_file",
-]
+__all__ = ["PathLike", "atomic_write", "atomic_save_bytes", "atomic_write_text", "atomic_write_json",
+           "AppendFile", "append_text", "append_tsv", "drop_tsv_rows", "truncate_file"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -57,16 +45,12 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def atomic_write(path: PathLike, write_fn: Callable[[IO[bytes]], None]) -> Path:
-    """Write a file atomically: ``write_fn(f)`` fills a temporary binary file in the same
-    folder, which is flushed, fsync'ed and ``os.replace``'d over ``path``.
+    """Writes ``path`` atomically and returns it as a Path: ``write_fn(f)`` fills a temporary
+    binary file in the same folder, which is fsync'ed and ``os.replace``'d over ``path``.
 
-    Missing parent folders are created; temporary files of this target left by a killed
-    writer are removed. The file gets the mode of the file it replaces,
-    or the usual ``0o666 & ~umask``. If ``write_fn`` raises, the temporary file is removed
-    and ``path`` is left as it was.
-
-    Returns:
-        ``path`` as a :class:`~pathlib.Path`.
+    Missing parent folders are created and a killed writer's leftover temporary files removed.
+    The file keeps the mode of the file it replaces (new: ``0o666 & ~umask``). If ``write_fn``
+    raises, ``path`` is left as it was.
     """
     path = Path(path)
     directory = path.parent
@@ -107,14 +91,34 @@ def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Pat
     return atomic_save_bytes(path, text.encode(encoding))
 
 
-def atomic_write_json(
-    path: PathLike, obj: Any, *, indent: Optional[int] = 2, sort_keys: bool = False
-) -> Path:
+def atomic_write_json(path: PathLike, obj: Any, *, indent: Optional[int] = 2,
+                      sort_keys: bool = False) -> Path:
     """Atomically write ``obj`` as JSON (plus a final newline). ``obj`` is serialised
     before the file is touched, so a non-serialisable object leaves ``path`` unchanged."""
     return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")
 
 
+def append_tsv(path: PathLike, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Appends ``rows`` to the tab-separated run log ``path`` (each value written with ``str``),
+    after the header line ``columns`` when the file is new. The file is rewritten atomically, so
+    a crash never leaves half a row."""
+    path = Path(path)
+    old = path.read_text() if path.exists() else "\t".join(columns) + "\n"
+    if old and not old.endswith("\n"):
+        old += "\n"
+    atomic_write_text(path, old + "".join("\t".join(str(value) for value in row) + "\n" for row in rows))
+
+
+def drop_tsv_rows(path: PathLike, drop: Callable[[List[str]], bool]) -> None:
+    """Removes the rows below the header of the run log ``path`` for which ``drop(fields)`` is
+    true; nothing is written when the file is missing or no row is dropped."""
+    path = Path(path)
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = lines[:1] + [line for line in lines[1:] if not drop(line.split("\t"))]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "\n".join(kept) + "\n")
 
 
 def truncate_file(path: PathLike, size: int) -> None:
@@ -141,9 +145,7 @@ def append_text(path: PathLike, text: str, *, fsync: bool = True, encoding: str 
 
 class AppendFile:
     """A binary file that only grows: ``append(data)`` writes and flushes; ``close()`` fsyncs.
-
-    Opened lazily on the first append, so creating one never creates the file.
-    """
+    The file is opened (created) on the first append."""
 
     def __init__(self, path: PathLike):
         self.path = Path(path)

@@ -13,20 +13,9 @@ __all__ = ["soft_cross_entropy", "uniform_cross_entropy", "misinformation_loss"]
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor, weights: Optional[Tensor] = None, *,
                        reduction: str = "mean") -> Tensor:
-    """Cross-entropy with soft targets: per row ``-Σ_k t_bk · log_softmax(z_b)_k``.
-
-    The targets are used as given, **not renormalised** (top-k outputs whose rows sum to
-    less than 1 are used as they are, as the reference trains on them).
-
-    Args:
-        logits: [B, K].
-        targets: [B, K] (e.g. a victim's posteriors).
-        weights: optional per-class weights [K], multiplied into each term.
-        reduction: ``mean`` (over rows), ``sum``, or ``none`` ([B]).
-
-    Returns:
-        A scalar tensor ([B] with ``reduction="none"``).
-    """
+    """Cross-entropy with soft targets [B, K]: per row ``-Σ_k w_k · t_bk · log_softmax(z_b)_k``
+    (``weights`` w optional), reduced by ``mean``, ``sum`` or ``none`` ([B]). The targets are
+    **not renormalised** (top-k outputs whose rows sum to less than 1 are used as they are)."""
     if logits.dim() != 2 or targets.shape != logits.shape:
         raise ValueError(
             f"logits and targets must both be [B, K], got {tuple(logits.shape)} and {tuple(targets.shape)}")
@@ -51,8 +40,8 @@ def uniform_cross_entropy(logits: Tensor) -> Tensor:
 
 
 def misinformation_loss(logits: Tensor, labels: Tensor, eps: float = 1e-7) -> Tensor:
-    """Adaptive Misinformation's loss for the misinformation model, as the original computes
-    it: cross-entropy with ``log(1 − softmax(z) + eps)`` as the logits. Per row it equals
+    """Adaptive Misinformation's loss for the misinformation model: cross-entropy with
+    ``log(1 − softmax(z) + eps)`` as the logits. Per row it equals
     ``−log(1 − p_label + eps) + log(K − 1 + K·eps)``: minimising it drives p_label to 0.
     Shape: logits [B, K], int labels [B] → scalar (mean over rows)."""
     if logits.dim() != 2 or labels.shape != logits.shape[:1]:

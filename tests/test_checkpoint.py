@@ -357,3 +357,18 @@ def test_atomic_write_removes_a_killed_writers_temporary_file(tmp_path):
     assert target.read_text() == "row\n"
     assert not stale.exists() and other.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tsv.abc123.tmp", "train.log.tsv"]
+
+
+def test_tsv_run_log_append_and_drop(tmp_path):
+    from ppoison_ext.fileio import append_tsv, drop_tsv_rows
+
+    log = tmp_path / "run.log.tsv"
+    append_tsv(log, ["run_id", "epoch"], [])
+    assert log.read_text() == "run_id\tepoch\n"
+    append_tsv(log, ["run_id", "epoch"], [["a", 1], ["a", 2.5]])
+    append_tsv(log, ["ignored"], [["b", 1]])  # the header is written only when the file is new
+    assert log.read_text() == "run_id\tepoch\na\t1\na\t2.5\nb\t1\n"
+    drop_tsv_rows(log, lambda fields: fields[0] == "a" and float(fields[1]) > 2)
+    assert log.read_text() == "run_id\tepoch\na\t1\nb\t1\n"
+    drop_tsv_rows(tmp_path / "missing.tsv", lambda fields: True)  # a missing file: nothing happens
+    assert not (tmp_path / "missing.tsv").exists()

@@ -1,36 +1,22 @@
-"""The Knockoff adaptive policy: a gradient bandit over the query set's labels.
+"""The Knockoff adaptive policy, a gradient bandit over the query set's labels, written from the
+paper (§4.1.2 and the supplementary; differences.md: Knockoff adaptive).
 
-The reference has no implementation to follow (see ``docs/differences.md``), so this one is
-written from the paper (§4.1.2 and the supplementary):
+* **Actions** are the query set's labels; with a hierarchy ``{coarse: [fine, ...]}`` the policy
+  picks a coarse node, then a label below it. An action yields an image of that label drawn
+  uniformly *without replacement*; exhausted labels (and groups) drop out of the softmax.
+* **Policy**: π = softmax(H) at every node; after reward r_t, at each node of the path, for the
+  chosen a: H(a) += α (r_t − r̄_t)(1 − π(a)), for the node's other available children a′:
+  H(a′) −= α (r_t − r̄_t) π(a′).
+* **Rewards** on the released posterior y′_t: ``cert`` top-1 minus top-2; ``div``
+  Σ_k max(0, y′_{t,k} − ȳ_k), ȳ the mean of the last Δ posteriors (0 for the first query);
+  ``loss`` the soft cross-entropy between y′_t and the online knockoff's prediction *before*
+  it takes its one SGD step (soft CE, batch mean) on the batch; ``all`` the sum of the three,
+  each z-normalised by its running mean and std (Welford, current reward included; 0 while
+  the std is 0).
 
-* **Actions** are the query set's labels. With a hierarchy (``{coarse: [fine, ...]}``,
-  e.g. from a JSON file for folder datasets) the policy first picks a coarse node, then a
-  fine label below it; without one it is a flat bandit over the labels. An action yields
-  one image of that label drawn uniformly *without replacement*; exhausted labels (and
-  groups) drop out of the softmax.
-* **Policy**: gradient bandit. π = softmax(H) at every node; after reward r_t for the
-  path's choice a at each node on the path:
-  H(a) += α (r_t − r̄_t)(1 − π(a)),  H(a′) −= α (r_t − r̄_t) π(a′) for the node's other
-  (still available) children.
-* **Rewards** (on the released posterior y′_t):
-  ``cert``: top-1 minus top-2 of y′_t;
-  ``div``: Σ_k max(0, y′_{t,k} − ȳ_k), ȳ = mean of the last Δ posteriors before t (0 for
-  the very first query);
-  ``loss``: −Σ_k y′_{t,k} log ŷ_{t,k}, the soft cross-entropy between y′_t and the online
-  knockoff's prediction ŷ_t *before* it is trained on the batch; the knockoff then takes
-  one SGD step (soft CE, mean over the batch) per batch;
-  ``all``: the sum of the three, each z-normalized by its running mean and std over all
-  rewards so far (Welford, including the current one; 0 while the std is 0), as the paper
-  normalizes each reward before combining them.
-
-Constants the paper does not pin down (so chosen here, all constructor arguments):
-α = 0.1 (constant step size, as Sutton & Barto's gradient bandit), Δ = 25, baseline r̄_t =
-running mean of all earlier rewards (0 before the first), online knockoff trained by SGD
-with lr 0.01 and momentum 0.5 (the attacker-training defaults, §4.2).
-
-Batching: each batch samples B actions from the policy as it stands (availability updated
-as images are consumed), queries the B images in one call, then applies the B reward /
-preference updates in order, one per sample.
+Constants the paper leaves open: α = 0.1, Δ = 25, baseline r̄_t = the running mean of the
+earlier rewards (0 at first), online knockoff SGD lr 0.01, momentum 0.5. Each batch samples B
+actions from the policy as it stands, queries them in one call, then applies the B updates.
 """
 
 from __future__ import annotations
@@ -47,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..losses import soft_cross_entropy
+from ..training import device_of, optimizer_step
 from .query_order import check_count
 
 __all__ = ["AdaptivePolicy", "load_hierarchy", "REWARDS"]
@@ -93,19 +80,10 @@ def load_hierarchy(spec: Union[str, Path, Mapping[str, Sequence[Union[int, str]]
 
 
 class AdaptivePolicy:
-    """The gradient-bandit sampling policy of Knockoff Nets' adaptive strategy (see the
-    module docs for the exact rules and constants).
-
-    Args:
-        labels: label of every query-set image [N].
-        pool: the query-set indices the policy may use (each at most once).
-        reward: ``cert``, ``div``, ``loss`` or ``all``.
-        alpha: step size α of the preference updates.
-        delta: Δ, the number of recent posteriors the ``div`` reward compares with.
-        hierarchy: ``{coarse: [label, ...]}`` (label indices); None: a flat bandit.
-        online_model: the knockoff trained online (needed by ``loss`` and ``all``).
-        online_lr, online_momentum: its SGD settings.
-    """
+    """The gradient-bandit sampling policy of Knockoff Nets' adaptive strategy (module docs),
+    over the query-set indices ``pool`` (each used at most once) labelled by ``labels`` [N];
+    ``hierarchy`` holds label indices (None: a flat bandit); ``online_model`` is the knockoff
+    trained while querying (needed by the ``loss`` and ``all`` rewards)."""
 
     def __init__(self, labels: Sequence[int], pool: Sequence[int], *, reward: str = "all", alpha: float = 0.1,
                  delta: int = 25, hierarchy: Optional[Mapping[str, Sequence[int]]] = None,
@@ -156,7 +134,6 @@ class AdaptivePolicy:
         self.online_opt = (torch.optim.SGD(online_model.parameters(), lr=online_lr, momentum=online_momentum)
                            if online_model is not None else None)
 
-    # -- sampling ---------------------------------------------------------------------------
     @staticmethod
     def _softmax(h: np.ndarray, avail: np.ndarray) -> np.ndarray:
         p = np.zeros_like(h)
@@ -217,7 +194,6 @@ class AdaptivePolicy:
             paths.append((g, a))
         return np.asarray(idxs, dtype=np.int64), paths
 
-    # -- rewards and updates ----------------------------------------------------------------
     def _welford(self, k: int, r: float) -> float:
         c, mean, m2 = self.stats[k]
         c += 1
@@ -246,16 +222,14 @@ class AdaptivePolicy:
             parts["cert"] = (top[:, 0] - (top[:, 1] if top.shape[1] > 1 else 0)).numpy()
         if self.reward in ("loss", "all"):
             model = self.online_model
-            dev = next(model.parameters()).device
+            dev = device_of(model)
             xb = x.to(dev)
             tgt = y_prime.detach().float().to(dev)
             model.train()
             with torch.enable_grad():
                 per_sample = soft_cross_entropy(model(xb), tgt, reduction="none")
                 parts["loss"] = per_sample.detach().double().cpu().numpy()  # before this batch's step
-                self.online_opt.zero_grad()
-                per_sample.mean().backward()
-                self.online_opt.step()
+                optimizer_step(self.online_opt, per_sample.mean())
         div = np.zeros(B)
         rewards = np.zeros(B)
         for i, (g, a) in enumerate(paths):
@@ -288,7 +262,6 @@ class AdaptivePolicy:
             self.baseline += (r - self.baseline) / self.n_rewards
         return rewards
 
-    # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         st = {
             "H_root": torch.from_numpy(self.H_root.copy()),

@@ -1,23 +1,9 @@
-"""Defense-aware attackers (ModelGuard's attacker suite): Smoothing, Top-1, and restoring the
-released posteriors with a recovery table (Partial Bayes, D-DAE, D-DAE+).
-
-Each is an :class:`~ppoison_ext.attacks.base.Attack`. A defense-aware run keeps the raw
-transfer set the inner attack built in ``out_dir`` and writes the transfer set to train on in
-``out_dir/aware`` (:data:`AWARE_SUBDIR`), returned by ``build_transferset``:
-
-* :class:`Smoothing` — Knockoff Nets querying each image ``qpi`` (3) times under independent
-  random augmentations (default: the query set family's train transform) and storing the mean
-  of the outputs. The images are stored raw; the substitute trains on their test transform.
-  (The MNIST family's train transform is deterministic, so there Smoothing only averages a
-  stochastic defense's noise unless ``augment`` is given.)
-* :class:`DefenseAware` — any inner attack, then (optionally) a restorer fitted on a recovery
-  table built with the defense's perturbation function (white-box, see
-  :mod:`ppoison_ext.attacks.recovery`), then (optionally) hard labels.
-* :class:`Top1` — hard labels: one-hot(top-1 ỹ), after any recovery.
-
-Example:
-    >>> attack = DefenseAware(KnockoffNets(budget=5000), restorer=DDAE(), table_source="dirichlet")
-    >>> ts = attack.build_transferset(defense, queryset, "out/")   # raw in out/, restored in out/aware
+"""Defense-aware attackers (ModelGuard's attacker suite): :class:`Smoothing` (Knockoff Nets
+averaging ``qpi`` augmented queries per image), :class:`DefenseAware` (any inner attack, then a
+restorer fitted on a recovery table and/or hard labels) and :class:`Top1` (hard labels).
+:class:`DefenseAware` keeps the inner attack's raw transfer set in ``out_dir`` and writes the
+one to train on in ``out_dir/aware`` (:data:`AWARE_SUBDIR`), e.g.
+``DefenseAware(KnockoffNets(budget=5000), restorer=DDAE()).build_transferset(defense, queryset, "out/")``.
 """
 
 from __future__ import annotations
@@ -30,6 +16,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ..training import device_of
 from .base import Attack
 from .knockoff import KnockoffNets
 from .recovery import PRIORS, TABLE_FILE, TABLE_SOURCES, RecoveryTable, build_recovery_table
@@ -49,15 +36,9 @@ def query_inputs(ts: TransferSet, transform: Callable) -> Tensor:
 
 
 class Smoothing(KnockoffNets):
-    """Knockoff Nets with ``qpi`` augmented queries per image, the label their mean.
-
-    Args:
-        qpi: queries per image (3, as ModelGuard's runs).
-        augment: the transform applied to each query (default: the query set family's train
-            transform, passed in by the caller as ``queryset.transform`` is replaced).
-        **kwargs: :class:`KnockoffNets` settings (``num_workers`` is forced to 0 so the
-            augmentations are reseeded per batch and reproducible).
-    """
+    """Knockoff Nets with ``qpi`` queries per image, each re-augmented by ``augment`` (which
+    replaces ``queryset.transform``; None keeps it), the label their mean. ``num_workers`` is
+    forced to 0, so the augmentations are reseeded per batch and reproducible."""
 
     def __init__(self, *, qpi: int = 3, augment: Optional[Callable] = None, **kwargs: Any):
         kwargs["num_workers"] = 0
@@ -75,27 +56,13 @@ class Smoothing(KnockoffNets):
 
 
 class DefenseAware(Attack):
-    """An inner attack's transfer set, restored with a recovery table and/or made hard labels.
+    """The transfer set of ``inner`` (default ``KnockoffNets()``), restored by ``restorer`` (None:
+    no recovery) and/or made hard labels (``hard_label``). The recovery table's settings are
+    :func:`~ppoison_ext.attacks.recovery.build_recovery_table`'s; ``perturb`` defaults to the
+    black box, ``transform`` (stored image → table input) to the query set's."""
 
-    Args:
-        inner: the attack that queries the black box (default ``KnockoffNets()``).
-        restorer: a :class:`~ppoison_ext.attacks.restorers.Restorer` (``PartialBayes()``,
-            ``DDAE()``) or None (no recovery).
-        table_source: ``dirichlet`` or ``shadow`` (``shadows`` needed).
-        prior: the Dirichlet prior: ``sparse`` (default), ``released`` or ``oracle`` (leaks
-            the victim's clean posteriors of the queries; the reference's D-DAE+/Partial Bayes).
-        table_size, concentration, epsilon: :func:`~ppoison_ext.attacks.recovery.build_recovery_table`.
-        shadows: shadow models (D-DAE).
-        perturb: the defense's perturbation function ``(x, y_true) -> y'`` (default: the
-            black box's own ``defend``: white-box).
-        hard_label: one-hot top-1 labels after recovery (Top-1).
-        transform: turns stored images into the inputs the table is built on (default: the
-            query set's ``transform``).
-        seed: table sampling seed.
-        table_batch_size: rows per perturbation call.
-    """
-
-    attack_params = ("inner", "restorer", "table_source", "prior", "table_size", "concentration", "hard_label")
+    attack_params = ("inner", "restorer", "table_source", "prior", "table_size", "concentration",
+                     "hard_label")
 
     def __init__(self, inner: Optional[Attack] = None, *, restorer: Optional[Restorer] = None,
                  table_source: str = "dirichlet", prior: str = "sparse", table_size: int = 1_000_000,
@@ -144,7 +111,7 @@ class DefenseAware(Attack):
                 victim_probs = getattr(blackbox, "victim_probs", None)
                 if victim_probs is None:
                     raise ValueError("prior 'oracle' needs the black box's clean posteriors (victim_probs)")
-                dev = next(blackbox.parameters()).device if isinstance(blackbox, nn.Module) else "cpu"
+                dev = device_of(blackbox)
                 clean = torch.cat([victim_probs(x[lo:lo + 1024].to(dev)).float().cpu()
                                    for lo in range(0, len(x), 1024)])
             self.table = build_recovery_table(
@@ -153,8 +120,7 @@ class DefenseAware(Attack):
                 epsilon=self.epsilon, batch_size=self.table_batch_size, seed=self.seed)
             self.table.save(out / TABLE_FILE)
             self.restorer.fit(self.table)
-            restorer = self.restorer
-            fn = restorer.restore
+            fn = self.restorer.restore
             meta["defense_aware"]["table"] = self.table.meta
         if self.hard_label:
             inner_fn = fn

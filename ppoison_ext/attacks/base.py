@@ -2,15 +2,9 @@
 
 An attack is built with keyword arguments (its hyperparameters, validated at construction)
 and has one verb, :meth:`Attack.build_transferset` ``(blackbox, queryset, out_dir=None)``:
-it queries the black box (any callable x → released posteriors [B, K], e.g. a
-:class:`~ppoison_ext.defenses.Defense`) with inputs drawn from or grown out of the attacker's
-data, and returns the :class:`~ppoison_ext.attacks.transferset.TransferSet` it stored in
-``out_dir`` (a fresh temporary folder when None). Training a surrogate on the transfer set
-is a separate step (``ppoison train-attacker`` / :func:`ppoison_ext.training.train_model`).
-
-Example:
-    >>> attack = KnockoffNets(strategy="random", budget=10000, batch_size=256)
-    >>> transferset = attack.build_transferset(defense, queryset, "out/")
+it queries the black box (any callable x → released posteriors [B, K]) and returns the
+:class:`~ppoison_ext.attacks.transferset.TransferSet` it stored in ``out_dir``. Training a
+surrogate on it is a separate step (``ppoison train-attacker``).
 """
 
 from __future__ import annotations
@@ -26,11 +20,8 @@ __all__ = ["Attack"]
 
 
 class Attack(abc.ABC):
-    """Base class of the attacks: ``attack.build_transferset(blackbox, queryset, out_dir)``.
-
-    Subclasses list their hyperparameters in ``attack_params`` (``repr`` prints them) and
-    implement :meth:`build_transferset`; calling the attack is the same as that verb.
-    """
+    """Base class of the attacks: ``attack.build_transferset(blackbox, queryset, out_dir)`` (or
+    ``attack(...)``); ``attack_params`` lists the hyperparameters ``repr`` prints."""
 
     attack_params: Tuple[str, ...] = ()
 

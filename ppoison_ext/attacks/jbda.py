@@ -1,48 +1,20 @@
-"""Jacobian-based dataset augmentation attacks: JBDA, JB-self and JB-top-k.
+"""Jacobian-based dataset augmentation attacks: JBDA (Papernot et al., AsiaCCS 2017,
+arXiv 1602.02697), JB-self and JB-top-k (PRADA, Juuti et al., EuroS&P 2019, arXiv 1805.02628).
 
-The reference's implementation is ``JacobianAdversary`` of the prediction-poisoning code.
-JBDA follows Papernot et al., "Practical Black-Box Attacks against Machine Learning"
-(AsiaCCS 2017, arXiv 1602.02697); JB-self and JB-top-k follow PRADA (Juuti et al., EuroS&P
-2019, arXiv 1805.02628).
+1. Query a seed set → D = {(x, y′)}; train a throw-away substitute for 1 epoch (lr 0.01).
+2. Round ρ = 0, 1, ...: train a **fresh** substitute F_A on D (``train_epochs`` at lr 0.1),
+   then augment D_s (κ random rows of D if ``kappa`` is set and ρ ≥ σ, else all of D, capped
+   by the budget) with step λ_ρ = 0.1·(−1)^round(ρ/τ) (Python's half-to-even round):
+   ``jbda`` queries x + λ·sign ∇ₓ CE(F_A(x), argmax y), ``jbself`` x − λ·sign ∇, ``jbtop<k>``
+   x + δ for each of the k classes F_A ranks highest besides the label, δ from targeted
+   PGD-L∞ (radius |λ|); D grows by the queried images and their answers, up to the budget.
+3. When the budget is spent (or after ``rho`` rounds), train the final substitute
+   (``final_train_epochs`` at lr 0.01). Files: ``checkpoint.<queries>.pth.tar``,
+   ``train.<queries>.log.tsv``.
 
-The attack:
-
-1. Query a seed set S₀ (``seedsize`` query-set images) → D = {(x, y′)}; train a
-   throw-away substitute for 1 epoch (lr 0.01, momentum 0.9).
-2. Round ρ = 0, 1, ...: train a **fresh** substitute F_A on D (``train_epochs`` = 20, lr 0.1,
-   momentum 0.9, weight decay 5e-4, StepLR(30, 0.1), batch 64, soft cross-entropy), then
-   augment:
-
-   * sample D_s = κ random rows of D if ``kappa`` is set and ρ ≥ σ, else D_s = D;
-     cap |D_s| so the budget is not exceeded;
-   * step λ_ρ = 0.1·(−1)^round(ρ/τ) (Python's ``round``: half to even);
-   * ``jbda``: query x + λ·sign ∇ₓ CE(F_A(x), argmax y); ``jbself``: query x − λ·sign ∇;
-   * ``jbtop<k>``: for the k classes F_A ranks highest (the label's class excluded),
-     targeted PGD-L∞ (8 steps of 0.01, radius λ) ascending that logit; query x + δ for each;
-   * D ← D ∪ {(queried image, y′)} (truncated to the budget).
-3. Stop when the budget is spent (or after ``rho`` rounds) and train the final substitute
-   for ``final_train_epochs`` = 100 epochs at lr 0.01 (StepLR(30, 0.1)).
-
-Checkpoints ``checkpoint.<queries so far>.pth.tar`` and logs ``train.<queries>.log.tsv``
-come from :func:`~ppoison_ext.training.train_model` at every training.
-
-Where the reference had bugs, this code does the intended thing; each ``orig_*`` flag
-restores one reference bug (their descriptions: ``docs/differences.md``):
-
-* D_s is a copy of D, so augmented rows are appended and the seed images kept
-  (``orig_aliasing``: D_s aliases D when κ is unset or ρ < σ, so D becomes [D′, D′]).
-* JB-self stores the image it queried, x − δ (``orig_jbself_store``: stores x + δ).
-* Every queried image is clamped to the valid pixel range [0, 1] expressed in normalised
-  units, ``(0 − mean)/std`` to ``(1 − mean)/std`` per channel (``orig_clamp``: FGSM clamps
-  x + δ into [0, 1] in *normalised* units, :func:`clamp_original`, and PGD does not clamp).
-* The JB-top-k budget cap divides the remaining queries by k and the round stops exactly at
-  the budget (``orig_topk_cap``: divides by 3).
-* The PGD radius is |λ| (``orig_pgd_sign``: ``clamp(−λ, λ)`` with λ < 0, which sets every
-  δ element to −|λ|, a constant brightness shift).
-
-Queries go to the black box in batches of ``query_batch_size``:
-the substitute is in eval mode, so gradients and PGD steps are per-sample, and the defenses
-treat a batch as independent queries. White-box (``*_wb``) defenses need batch 1.
+Queried images are clamped to the pixel range; each ``orig_*`` flag restores a bug of the
+original attack (differences.md: JBDA family). Queries go to the black box in batches of
+``query_batch_size`` (gradients and PGD steps are per sample).
 """
 
 from __future__ import annotations
@@ -61,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 from tqdm import tqdm
 
+from ..devices import as_device
 from ..fileio import atomic_write
 from ..models import get_net
 from ..losses import soft_cross_entropy
@@ -70,19 +43,9 @@ from .transferset import TransferSet, TransferSetWriter, load_transferset
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "JacobianAdversary",
-    "AugmentedSet",
-    "parse_policy",
-    "step_size_for_round",
-    "pixel_bounds",
-    "fgsm_untargeted",
-    "clamp_original",
-    "pgd_linf_targeted",
-    "rand_sample",
-    "save_augmented_set",
-    "IMAGES_FILE",
-]
+__all__ = ["JacobianAdversary", "AugmentedSet", "parse_policy", "step_size_for_round", "pixel_bounds",
+           "fgsm_untargeted", "clamp_original", "pgd_linf_targeted", "rand_sample", "save_augmented_set",
+           "IMAGES_FILE"]
 
 #: The exact (normalised, float32) images of a saved augmented set.
 IMAGES_FILE = "jbda_images.pt"
@@ -92,11 +55,7 @@ _TOP_RE = re.compile(r"^jbtop(\d+)$")
 
 def parse_policy(policy: str) -> Tuple[str, Optional[int]]:
     """``"jbda"`` → ``("jbda", None)``, ``"jbself"`` → ``("jbself", None)``,
-    ``"jbtop3"`` → ``("jbtop", 3)``.
-
-    Raises:
-        ValueError: any other name, or ``jbtop0``.
-    """
+    ``"jbtop3"`` → ``("jbtop", 3)``; ValueError for any other name or ``jbtop0``."""
     if policy in ("jbda", "jbself"):
         return policy, None
     m = _TOP_RE.match(policy) if isinstance(policy, str) else None
@@ -107,8 +66,8 @@ def parse_policy(policy: str) -> Tuple[str, Optional[int]]:
 
 
 def step_size_for_round(rho: int, tau: Optional[int], base: float = 0.1) -> float:
-    """λ_ρ = base·(−1)^round(ρ/τ) (``round`` is Python's half-to-even, as the reference;
-    Papernot et al. use ⌊ρ/τ⌋); ``base`` when ``tau`` is None."""
+    """λ_ρ = base·(−1)^round(ρ/τ) (Python's half-to-even ``round``; Papernot et al. use ⌊ρ/τ⌋);
+    ``base`` when ``tau`` is None."""
     if tau is None:
         return base
     return base * ((-1) ** round(rho / tau))
@@ -123,11 +82,7 @@ def pixel_bounds(mean: Sequence[float], std: Sequence[float]) -> Tuple[Tensor, T
 
 
 def fgsm_untargeted(model: nn.Module, x: Tensor, targets: Tensor, epsilon: float) -> Tensor:
-    """δ = ε·sign(∇ₓ CE(model(x), targets)) per sample (no clamping; see :func:`clamp_original`).
-
-    The loss is summed over the batch, so each row's gradient equals its batch-1 gradient.
-    Returns zeros for ε = 0.
-    """
+    """δ = ε·sign(∇ₓ CE(model(x), targets)) per sample (each row's batch-1 gradient), unclamped."""
     if epsilon == 0:
         return torch.zeros_like(x)
     with torch.enable_grad():
@@ -138,19 +93,16 @@ def fgsm_untargeted(model: nn.Module, x: Tensor, targets: Tensor, epsilon: float
 
 
 def clamp_original(x: Tensor, delta: Tensor) -> Tensor:
-    """The reference's FGSM clamp ``min(max(δ, −x), 1 − x)``: x + δ ∈ [0, 1] in the units of
-    x, which are *normalised* units (the bug ``orig_clamp`` reproduces)."""
+    """``orig_clamp``'s FGSM clamp ``min(max(δ, −x), 1 − x)``: x + δ ∈ [0, 1] in the
+    *normalised* units of x."""
     return torch.min(torch.max(delta, -x), 1 - x)
 
 
 def pgd_linf_targeted(model: nn.Module, x: Tensor, targets: Tensor, epsilon: float, alpha: float = 0.01,
                       num_iter: int = 8, *, orig_sign: bool = False) -> Tensor:
     """Targeted PGD-L∞ ascending logit ``targets`` (one class per row): ``num_iter`` steps
-    δ ← clamp(δ + α·sign ∇_δ z_c(x + δ), −ε, ε), from δ = 0, without an image-range clamp.
-
-    With ``orig_sign`` the clamp is the reference's ``clamp(−ε, ε)`` even for ε < 0 (every
-    element becomes ε); otherwise the radius is |ε|.
-    """
+    δ ← clamp(δ + α·sign ∇_δ z_c(x + δ), −|ε|, |ε|) from δ = 0, without an image-range clamp
+    (``orig_sign``: ``clamp(−ε, ε)`` as given, which for ε < 0 sets every element to ε)."""
     eps = epsilon if orig_sign else abs(epsilon)
     delta = torch.zeros_like(x)
     idx = targets.view(-1, 1)
@@ -165,7 +117,7 @@ def pgd_linf_targeted(model: nn.Module, x: Tensor, targets: Tensor, epsilon: flo
 
 def rand_sample(n: int, kappa: int) -> Tensor:
     """Indices of ``min(kappa, n)`` rows of ``range(n)`` drawn uniformly without replacement
-    with NumPy's global RNG, in increasing order (the reference's boolean-mask copy)."""
+    with NumPy's global RNG, in increasing order."""
     k = min(int(kappa), n)
     chosen = np.random.choice(np.arange(n), size=k, replace=False)
     mask = np.zeros(n, dtype=bool)
@@ -200,18 +152,9 @@ class AugmentedSet:
 
 def save_augmented_set(D: AugmentedSet, out_dir: Union[str, Path], *, mean: Sequence[float],
                        std: Sequence[float], meta: Optional[Dict[str, Any]] = None) -> Path:
-    """Stores D in ``out_dir`` as a transfer set (:class:`~ppoison_ext.attacks.TransferSetWriter`)
-    plus its exact images.
-
-    Synthetic images are not uint8 images (δ = ±0.1 in normalised units is a fraction of a
-    grey level, and ``orig_clamp`` leaves [0, 1]), so:
-
-    * the transfer set holds the images de-normalised and rounded to uint8 (``kind
-      'images'``; ``index`` = ``origin``, −1 for synthetic rows), which ``train-attacker``
-      reads like any transfer set;
-    * ``jbda_images.pt`` holds the exact normalised float32 images [N, C, H, W], a plain
-      tensor saved with ``torch.save`` (loads with ``weights_only=True``).
-    """
+    """Stores D in ``out_dir`` as a transfer set of the images de-normalised and rounded to
+    uint8 (``index`` = ``origin``), which ``train-attacker`` reads like any other, plus the exact
+    normalised float32 images in ``jbda_images.pt`` (synthetic images are not uint8 images)."""
     out_dir = Path(out_dir)
     x = D.x.detach().float().cpu()
     m = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
@@ -232,40 +175,12 @@ def save_augmented_set(D: AugmentedSet, out_dir: Union[str, Path], *, mean: Sequ
 class JacobianAdversary(Attack):
     """JBDA / JB-self / JB-top-k against a (defended) black box (see the module docs).
 
-    :meth:`build_transferset` (the attack contract) queries the seed set and runs the
-    augmentation rounds; :meth:`run` after :meth:`setup` also trains the final substitute.
-
-    Args:
-        blackbox: callable x → released posteriors [B, K] (a
-            :class:`~ppoison_ext.defenses.Defense`); its ``call_count`` (if present) counts
-            queries, else this class counts them. None: given to :meth:`build_transferset`.
-        policy: ``jbda``, ``jbself`` or ``jbtop<k>``.
-        budget: total number of queries (seed set included).
-        model_adv_name: substitute architecture (``get_net`` name).
-        modelfamily: substitute family (the CLI passes the test set's).
-        num_classes: K.
-        testset: evaluated after every substitute epoch (logs / best checkpoint).
-        out_dir: where checkpoints and logs go.
-        device: training / query device.
-        model_adv_pretrained: ``get_net``'s ``pretrained``.
-        batch_size: substitute training batch (64).
-        train_epochs: epochs per round (20, lr 0.1).
-        final_train_epochs: epochs of the final substitute (100, lr 0.01).
-        kappa: rows sampled per round from round ``sigma`` on (None: all of D).
-        tau: sign-flip period of λ (None: never).
-        rho: stop after this many rounds (None: when the budget is spent).
-        sigma: first round that samples ``kappa`` rows.
-        step_size: |λ| (0.1).
-        pgd_alpha, pgd_iters: JB-top-k PGD step and iterations (0.01, 8).
-        query_batch_size: images per black-box call.
-        bounds: valid pixel range in normalised units ``(lo, hi)`` ([C, 1, 1] tensors; see
-            :func:`pixel_bounds`), needed unless ``orig_clamp``.
-        useprobs: keep posteriors (True, the reference's only setting) or one-hot labels.
-        orig_aliasing, orig_jbself_store, orig_clamp, orig_topk_cap, orig_pgd_sign:
-            reproduce the reference's bugs (module docs).
-        num_workers: DataLoader workers for training.
-        progress: show progress bars.
-        model_kwargs: extra ``get_net`` keywords.
+    :meth:`build_transferset` queries the seed set and runs the augmentation rounds;
+    :meth:`run` after :meth:`setup` also trains the final substitute. ``blackbox`` (or the one
+    given to :meth:`build_transferset`) counts the queries with its ``call_count`` if it has
+    one; ``budget`` includes the seed set; ``kappa``, ``tau``, ``rho`` = None: all of D, never
+    flipping λ, until the budget is spent; ``bounds``: the pixel range in normalised units
+    (:func:`pixel_bounds`), needed unless ``orig_clamp``.
     """
 
     attack_params = ("policy", "budget", "model_adv_name", "kappa", "tau", "rho", "sigma", "step_size",
@@ -300,34 +215,23 @@ class JacobianAdversary(Attack):
         if not orig_clamp and bounds is None:
             raise ValueError(
                 "bounds (the valid pixel range in normalised units) are needed unless orig_clamp=True")
-        self.blackbox = blackbox
-        self.budget = budget
-        self.model_adv_name = model_adv_name
-        self.model_adv_pretrained = model_adv_pretrained
-        self.modelfamily = modelfamily
-        self.num_classes = num_classes
-        self.testset = testset
-        self.out_dir = Path(out_dir)
-        self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.train_epochs = train_epochs
+        self.blackbox, self.budget, self.num_classes, self.testset = blackbox, budget, num_classes, testset
+        self.model_adv_name, self.model_adv_pretrained = model_adv_name, model_adv_pretrained
+        self.modelfamily, self.model_kwargs = modelfamily, dict(model_kwargs or {})
+        self.out_dir, self.device = Path(out_dir), as_device(device)
+        self.batch_size, self.train_epochs = batch_size, train_epochs
         self.final_train_epochs = final_train_epochs
         self.kappa, self.tau, self.rho, self.sigma = kappa, tau, rho, sigma
-        self.step_size = float(step_size)
-        self.pgd_alpha, self.pgd_iters = float(pgd_alpha), pgd_iters
-        self.query_batch_size = query_batch_size
+        self.step_size, self.pgd_alpha, self.pgd_iters = float(step_size), float(pgd_alpha), pgd_iters
+        self.query_batch_size, self.useprobs = query_batch_size, useprobs
         self.bounds = None if bounds is None else tuple(b.float().to(self.device) for b in bounds)
-        self.useprobs = useprobs
         self.orig_aliasing, self.orig_jbself_store = orig_aliasing, orig_jbself_store
         self.orig_clamp, self.orig_topk_cap, self.orig_pgd_sign = orig_clamp, orig_topk_cap, orig_pgd_sign
-        self.num_workers = num_workers
-        self.progress = progress
-        self.model_kwargs = dict(model_kwargs or {})
+        self.num_workers, self.progress = num_workers, progress
         self.D: Optional[AugmentedSet] = None
         self._own_count = 0
         self.rounds: List[Dict[str, Any]] = []
 
-    # -- queries ------------------------------------------------------------------------------
     @property
     def call_count(self) -> int:
         c = getattr(self.blackbox, "call_count", None)
@@ -351,15 +255,11 @@ class JacobianAdversary(Attack):
         lo, hi = self.bounds
         return torch.max(torch.min(x, hi), lo)
 
-    # -- training -------------------------------------------------------------------------------
-    def _new_model(self) -> nn.Module:
-        return get_net(self.model_adv_name, self.modelfamily, self.model_adv_pretrained,
-                       num_classes=self.num_classes, **self.model_kwargs).to(self.device)
-
     def train_substitute(self, epochs: int, lr: float,
                          momentum: float = 0.9) -> Tuple[nn.Module, Dict[str, Any]]:
         """A fresh substitute trained on D (files suffixed ``.<queries so far>``)."""
-        model = self._new_model()
+        model = get_net(self.model_adv_name, self.modelfamily, self.model_adv_pretrained,
+                        num_classes=self.num_classes, **self.model_kwargs).to(self.device)
         model, summary = train_model(
             model, self.D.dataset(), self.out_dir, testset=self.testset, batch_size=self.batch_size,
             epochs=epochs, lr=lr, momentum=momentum, lr_gamma=0.1, criterion=soft_cross_entropy,
@@ -368,7 +268,6 @@ class JacobianAdversary(Attack):
             num_classes=self.num_classes)
         return model, summary
 
-    # -- the attack ------------------------------------------------------------------------------
     def setup(self, x_seed: Tensor, seed_indices: Optional[Sequence[int]] = None) -> AugmentedSet:
         """Queries the seed images (normalised [N, C, H, W]) and trains the throw-away
         1-epoch substitute (lr 0.01, momentum 0.9)."""
@@ -432,8 +331,7 @@ class JacobianAdversary(Attack):
             xs[sl] = x_store.detach().cpu()
             ys[sl] = y_new
             os_[sl] = -1
-        new = AugmentedSet(torch.cat([D.x, xs]), torch.cat([D.y, ys]), torch.cat([D.origin, os_]))
-        return new.truncate(self.budget)
+        return self._extended(xs, ys, os_)
 
     def augment_topk(self, model: nn.Module, rho: int) -> AugmentedSet:
         """One JB-top-k round (see the module docs)."""
@@ -472,24 +370,21 @@ class JacobianAdversary(Attack):
             xs_aug.append(xq.detach().cpu())
         if not xs_aug:
             return D
-        xa, ya = torch.cat(xs_aug), torch.cat(ys_aug)
-        oa = torch.full((xa.shape[0],), -1, dtype=torch.long)
-        new = AugmentedSet(torch.cat([D.x, xa]), torch.cat([D.y, ya]), torch.cat([D.origin, oa]))
-        return new.truncate(self.budget)
+        xa = torch.cat(xs_aug)
+        return self._extended(xa, torch.cat(ys_aug), torch.full((xa.shape[0],), -1, dtype=torch.long))
+
+    def _extended(self, x: Tensor, y: Tensor, origin: Tensor) -> AugmentedSet:
+        """D with the rows (x, y, origin) appended, truncated to the budget."""
+        D = self.D
+        grown = AugmentedSet(torch.cat([D.x, x]), torch.cat([D.y, y]), torch.cat([D.origin, origin]))
+        return grown.truncate(self.budget)
 
     def build_transferset(self, blackbox, queryset, out_dir=None, *,
                           seed_indices: Optional[Sequence[int]] = None) -> TransferSet:
-        """The attack contract: queries the seed set and runs the augmentation rounds against
-        ``blackbox``, and stores D in ``out_dir`` (:func:`save_augmented_set`).
-
-        Args:
-            blackbox: callable x → released posteriors [B, K].
-            queryset: the seed images: a normalised [N, C, H, W] tensor, or a dataset of
-                (image tensor, label) whose images are all used.
-            out_dir: the transfer-set folder (None: a new temporary folder).
-            seed_indices: the seed images' indices in the attacker's query set (stored as the
-                transfer set's ``index``; default −1).
-        """
+        """Queries the seed set ``queryset`` (a normalised [N, C, H, W] tensor, or a dataset of
+        (image, label) whose images are all used), runs the augmentation rounds against
+        ``blackbox`` and stores D in ``out_dir`` (:func:`save_augmented_set`; ``seed_indices``:
+        the seed images' query-set indices, default −1)."""
         if isinstance(queryset, Tensor):
             x_seed = queryset
         else:
@@ -512,14 +407,9 @@ class JacobianAdversary(Attack):
         return self.D
 
     def run(self) -> Tuple[AugmentedSet, nn.Module, Dict[str, Any]]:
-        """Runs the rounds and trains the final substitute (call :meth:`setup` first).
-
-        Returns:
-            ``(D, final substitute, summary)``; ``summary`` has ``rounds`` (per round: ``round``,
-            ``queries`` before augmenting, ``size`` and ``unique`` of D after it, ``step_size``,
-            ``best_test_acc`` of that round's substitute), ``final`` (the final training's
-            summary), ``queries``, ``size``, ``unique``.
-        """
+        """Runs the rounds and trains the final substitute (call :meth:`setup` first); returns
+        ``(D, final substitute, summary)`` with ``rounds`` (one dict per round), ``final`` (the
+        final training's summary), ``queries``, ``size``, ``unique``."""
         model, final = self._rounds_until_final(train_final=True)
         summary = {"rounds": self.rounds, "final": final, "queries": self.call_count, "size": len(self.D),
                    "unique": self.D.num_unique()}

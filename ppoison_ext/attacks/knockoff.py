@@ -1,11 +1,7 @@
-"""Knockoff Nets (Orekondy, Schiele, Fritz. "Knockoff Nets: Stealing Functionality of
-Black-Box Models", CVPR 2019, arXiv:1812.02766): building a transfer set by querying a
-(defended) black box with images of the attacker's query set.
-
-Two policies: ``random`` (the reference's ``RandomAdversaryIters``, reproduced query for
-query: :mod:`ppoison_ext.attacks.query_order`) and ``adaptive`` (never released by the
-authors; implemented from the paper: :mod:`ppoison_ext.attacks.adaptive`). Per-batch
-seeding, call times and state snapshots: :mod:`ppoison_ext.attacks.runstate`.
+"""Knockoff Nets (Orekondy, Schiele, Fritz, CVPR 2019, arXiv:1812.02766): building a transfer
+set by querying a (defended) black box with images of the attacker's query set, in the
+``random`` order (:mod:`~ppoison_ext.attacks.query_order`) or by the ``adaptive`` policy
+(:mod:`~ppoison_ext.attacks.adaptive`); resumable (:mod:`~ppoison_ext.attacks.runstate`).
 """
 
 from __future__ import annotations
@@ -21,16 +17,19 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..defenses import QueryLogger
+from ..defenses import Defense, QueryLogger
+from ..devices import as_device
 from ..fileio import truncate_file
 from ..losses import soft_cross_entropy
 from ..models.heads import num_classes_of
+from ..training import Steps, device_of, fit
 from .adaptive import REWARDS, AdaptivePolicy, load_hierarchy
 from .base import Attack
 from .query_order import DEFAULT_SEED, check_count, random_query_order, resolve_budget, shuffled_pool
 from .queryset import load_images, raw_items, storage_kind
 from .runstate import RUN_TIMES_FILE, STATE_FILES, RunTimes, StateSlots, batch_seed, reseed_blackbox
-from .transferset import INDEX_FILE, META, Y_FILE, TransferSet, TransferSetError, TransferSetWriter, load_transferset
+from .transferset import (INDEX_FILE, META, Y_FILE, TransferSet, TransferSetError, TransferSetWriter,
+                          load_transferset)
 
 __all__ = ["KnockoffNets", "AdaptivePolicy", "random_query_order", "batch_seed", "reseed_blackbox",
            "load_hierarchy", "RUN_TIMES_FILE", "STATE_FILES", "DEFAULT_SEED", "REWARDS"]
@@ -49,42 +48,24 @@ def _infer_num_classes(blackbox) -> Optional[int]:
     return num_classes_of(model) if isinstance(model, nn.Module) else None
 
 
-def _device_of(blackbox) -> torch.device:
-    if isinstance(blackbox, nn.Module):
-        for p in blackbox.parameters():
-            return p.device
-    return torch.device("cpu")
-
-
-def _query_logger(blackbox):
-    lg = getattr(blackbox, "logger", None)
-    return lg if isinstance(lg, QueryLogger) else None
+def _stateful(blackbox) -> bool:
+    return isinstance(blackbox, Defense) and blackbox.stateful
 
 
 class KnockoffNets(Attack):
-    """Knockoff Nets transfer-set construction (arXiv:1812.02766), random or adaptive.
-
-    Hyperparameters are keyword arguments; see the module docs for the exact algorithms.
+    """Knockoff Nets transfer-set construction, random or adaptive.
 
     Args:
-        strategy: ``random`` (the reference's query order) or ``adaptive`` (gradient bandit).
         budget: number of distinct query images, the first ``budget`` of a seed-``seed``
-            shuffle of the query set (default: all).
-        nqueries: number of queries (default ``budget``).
-        batch_size: images per black-box call (the reference's default was 1).
+            shuffle of the query set (default: all); ``nqueries``: queries (default ``budget``).
         qpi: queries per image; the stored posterior is the mean over ``qpi`` calls.
-        seed: 42 reproduces the reference's order; also derives the per-batch seeds.
-        reward, alpha, delta, hierarchy, online_model, online_lr: the adaptive policy's
-            settings (:class:`AdaptivePolicy`).
-        num_workers: DataLoader workers loading the random policy's images (0: in the
-            main process after the batch's reseed, needed for random training transforms to
-            be reproducible).
-        progress: show a tqdm progress bar.
+        seed: fixes the query order and the per-batch seeds.
+        reward, alpha, delta, hierarchy, online_model, online_lr: :class:`AdaptivePolicy`'s.
+        num_workers: DataLoader workers loading the random policy's images (0: loaded after
+            the batch's reseed, so random transforms are reproducible).
 
     Example:
-        >>> attack = KnockoffNets(strategy="random", budget=60000, batch_size=256)
-        >>> ts = attack.build_transferset(defense, queryset, "out/")
-        >>> knockoff = attack.extract(defense, queryset, "out/", surrogate=get_net("lenet", "mnist"))
+        >>> knockoff = KnockoffNets(budget=60000).extract(defense, queryset, "out/", surrogate=net)
     """
 
     attack_params = ("strategy", "budget", "nqueries", "batch_size", "qpi", "seed", "reward", "alpha",
@@ -201,38 +182,26 @@ class KnockoffNets(Attack):
                 truncate_file(out / name, keep * row)
         return keep
 
-    # -- the main loop ----------------------------------------------------------------------
     def build_transferset(self, blackbox, queryset, out_dir=None, *, resume: bool = True,
                           device: Union[str, torch.device, None] = None, num_classes: Optional[int] = None,
                           meta: Optional[Mapping[str, Any]] = None, num_shards: int = 1,
                           shard_id: int = 0) -> TransferSet:
-        """Queries ``blackbox`` and writes the transfer set into ``out_dir``.
+        """Queries ``blackbox`` (x → y′ [B, K]) and writes the transfer set into ``out_dir``;
+        returns it (this shard's part when sharded: batches t with t % num_shards == shard_id).
 
-        Args:
-            blackbox: a callable x → y′ [B, K] (a :class:`~ppoison_ext.defenses.Defense`).
-            queryset: the attacker's images: a Dataset of (tensor, label) with ``.data`` (uint8
-                images, stored raw) or ``.samples`` (paths, stored as paths); ``.targets`` for
-                the adaptive policy.
-            out_dir: the transfer-set folder (None: a new temporary folder).
-            resume: continue the queries already committed there (their parameters must match);
-                False starts over.
-            device: where x goes (default: the blackbox's parameters' device).
-            num_classes: K (default: inferred from the blackbox's victim).
-            meta: extra description stored in ``transferset.json``.
-            num_shards, shard_id: build only the batches t with t % num_shards == shard_id
-                (random strategy only).
-
-        Returns:
-            The transfer set (this shard's part when sharded).
+        ``queryset`` is a Dataset of (tensor, label) with ``.data`` (uint8 images, stored raw) or
+        ``.samples`` (stored as paths), and ``.targets`` for the adaptive policy. ``resume``
+        continues the queries committed there (same settings required). ``meta`` is stored in
+        ``transferset.json``.
         """
         out = self.output_folder(out_dir)
         if self.strategy == "adaptive" and self.reward in ("loss", "all") and self.online_model is None:
             raise ValueError(f"strategy 'adaptive' with reward {self.reward!r} needs online_model")
         if num_shards > 1 and self.strategy != "random":
             raise ValueError("sharding needs the random strategy (the adaptive policy is sequential)")
-        if num_shards > 1 and hasattr(blackbox, "resume_state"):
-            raise ValueError("sharding cannot be used with a white-box defense (its online attacker is "
-                             "sequential)")
+        if num_shards > 1 and _stateful(blackbox):
+            raise ValueError("sharding cannot be used with a stateful defense (a white-box one's online "
+                             "attacker, a quantizer's centroids: its answers depend on earlier queries)")
         kind, image_shape = storage_kind(queryset)
         N = len(queryset)
         run = self.run_params(N, num_shards, shard_id)
@@ -240,7 +209,7 @@ class KnockoffNets(Attack):
         K = num_classes if num_classes is not None else _infer_num_classes(blackbox)
         if K is None:
             raise ValueError("num_classes: cannot infer K from the blackbox; pass num_classes=")
-        device = torch.device(device) if device is not None else _device_of(blackbox)
+        device = as_device(device, default=device_of(blackbox))
         desc = dict(meta or {})
         desc["knockoff"] = run
         if resume:
@@ -262,7 +231,8 @@ class KnockoffNets(Attack):
 
     def _prepare(self, blackbox, writer: TransferSetWriter, slots: StateSlots, done: int,
                  n_batches_done: int, policy: Optional[AdaptivePolicy]) -> RunTimes:
-        stateful = hasattr(blackbox, "resume_state") and hasattr(blackbox, "load_resume_state")
+        """Restores the black box's and the policy's state for ``done`` committed queries."""
+        stateful = _stateful(blackbox)
         if done > 0 and (stateful or policy is not None):
             states = slots.load(done)
             if states is None:
@@ -270,13 +240,13 @@ class KnockoffNets(Attack):
                                    f"({', '.join(STATE_FILES)}); cannot resume exactly, start over with "
                                    "resume=False")
             if stateful:
-                blackbox.load_resume_state(states["blackbox"])
+                blackbox.set_state(states["blackbox"] or {})
             if policy is not None:
                 policy.load_state_dict(states["policy"])
         elif stateful:
-            blackbox.load_resume_state(None)
-        qlog = _query_logger(blackbox)
-        if qlog is not None and qlog.count != done * self.qpi:
+            blackbox.set_state({})
+        qlog = getattr(blackbox, "logger", None)
+        if isinstance(qlog, QueryLogger) and qlog.count != done * self.qpi:
             qlog.truncate(done * self.qpi)  # answered, never committed: a crash between the two
         times = RunTimes(writer.folder / RUN_TIMES_FILE, n_batches_done * self.qpi)
         self.run_times = times.times
@@ -296,14 +266,27 @@ class KnockoffNets(Attack):
             ys.append(y)
         return torch.stack(ys).mean(dim=0) if len(ys) > 1 else ys[0]
 
-    def _snapshot(self, slots: StateSlots, t: int, done: int, blackbox, policy) -> None:
-        states = {}
-        if hasattr(blackbox, "resume_state") and hasattr(blackbox, "load_resume_state"):
-            states["blackbox"] = blackbox.resume_state()
-        if policy is not None:
-            states["policy"] = policy.state_dict()
-        if states:
-            slots.save(t, done, states)
+    def _commit_batches(self, blackbox, queryset, writer, slots, kind, device, times: RunTimes, batches,
+                        total: int, desc: str, policy: Optional[AdaptivePolicy] = None) -> None:
+        """Queries each ``(t, idxs, x, paths)`` of ``batches`` (the black box already reseeded),
+        updates the policy, snapshots the state and commits the batch."""
+        done = writer.done
+        try:
+            with tqdm(total=total, initial=done, disable=not self.progress, desc=desc, unit="query") as pbar:
+                for t, idxs, x, paths in batches:
+                    y = self._query(blackbox, x.to(device), times, lambda: load_images(queryset, idxs))
+                    if policy is not None:
+                        policy.update(x, y, paths)
+                    done += len(idxs)
+                    states = {"policy": policy.state_dict()} if policy is not None else {}
+                    if _stateful(blackbox):
+                        states = {"blackbox": blackbox.get_state(), **states}
+                    if states:
+                        slots.save(t, done, states)
+                    writer.append(idxs, raw_items(queryset, idxs, kind), y)
+                    pbar.update(len(idxs))
+        finally:
+            times.close()
 
     def _random(self, blackbox, queryset, writer, slots, kind, device, S, I) -> None:
         batches = self.query_order(len(queryset))
@@ -322,19 +305,14 @@ class KnockoffNets(Attack):
         if self.num_workers > 0 and todo:
             loader = iter(torch.utils.data.DataLoader(queryset, batch_sampler=[b.tolist() for _, b in todo],
                                                       num_workers=self.num_workers))
-        try:
-            with tqdm(total=total, initial=done, disable=not self.progress, desc="transfer set",
-                      unit="query") as pbar:
-                for t, idxs in todo:
-                    reseed_blackbox(blackbox, batch_seed(self.seed, t))
-                    x = next(loader)[0] if loader is not None else load_images(queryset, idxs)
-                    y = self._query(blackbox, x.to(device), times, lambda: load_images(queryset, idxs))
-                    done += len(idxs)
-                    self._snapshot(slots, t, done, blackbox, None)
-                    writer.append(idxs, raw_items(queryset, idxs, kind), y)
-                    pbar.update(len(idxs))
-        finally:
-            times.close()
+
+        def reseeded_batches():
+            for t, idxs in todo:
+                reseed_blackbox(blackbox, batch_seed(self.seed, t))
+                yield t, idxs, next(loader)[0] if loader is not None else load_images(queryset, idxs), None
+
+        self._commit_batches(blackbox, queryset, writer, slots, kind, device, times, reseeded_batches(),
+                             total, "transfer set")
 
     def _adaptive(self, blackbox, queryset, writer, slots, kind, device, budget, nqueries) -> None:
         labels = getattr(queryset, "targets", None)
@@ -353,28 +331,21 @@ class KnockoffNets(Attack):
         B = self.batch_size
         if done > nqueries or (done % B and done != nqueries):
             raise RuntimeError(f"{writer.folder}: holds {done} queries, not a batch boundary of this run")
-        t = -(-done // B)
-        times = self._prepare(blackbox, writer, slots, done, t, policy)
-        try:
-            with tqdm(total=nqueries, initial=done, disable=not self.progress, desc="transfer set (adaptive)",
-                      unit="query") as pbar:
-                while done < nqueries and not policy.exhausted:
-                    seed_t = batch_seed(self.seed, t)
-                    reseed_blackbox(blackbox, seed_t)
-                    rng = np.random.default_rng(seed_t)
-                    idxs, paths = policy.sample(min(B, nqueries - done), rng)
-                    x = load_images(queryset, idxs)
-                    y = self._query(blackbox, x.to(device), times, lambda: load_images(queryset, idxs))
-                    policy.update(x, y, paths)
-                    done += len(idxs)
-                    self._snapshot(slots, t, done, blackbox, policy)
-                    writer.append(idxs, raw_items(queryset, idxs, kind), y)
-                    pbar.update(len(idxs))
-                    t += 1
-        finally:
-            times.close()
+        first = -(-done // B)
+        times = self._prepare(blackbox, writer, slots, done, first, policy)
 
-    # -- ART-style entry point -------------------------------------------------------------------
+        def sampled_batches():
+            t, sampled = first, done
+            while sampled < nqueries and not policy.exhausted:
+                seed_t = batch_seed(self.seed, t)
+                reseed_blackbox(blackbox, seed_t)
+                idxs, paths = policy.sample(min(B, nqueries - sampled), np.random.default_rng(seed_t))
+                yield t, idxs, load_images(queryset, idxs), paths
+                t, sampled = t + 1, sampled + len(idxs)
+
+        self._commit_batches(blackbox, queryset, writer, slots, kind, device, times, sampled_batches(),
+                             nqueries, "transfer set (adaptive)", policy)
+
     def extract(self, blackbox, queryset, out_dir, surrogate: nn.Module, *, epochs: int = 10,
                 lr: float = 0.01, momentum: float = 0.5, train_batch_size: int = 64, transform=None,
                 device: Union[str, torch.device, None] = None, **build_kwargs) -> nn.Module:
@@ -392,16 +363,8 @@ class KnockoffNets(Attack):
             raise ValueError("transform: the query set has no .transform; pass the one that turns a stored "
                              "PIL image into a model input")
         ts = self.build_transferset(blackbox, queryset, out_dir, device=device, **build_kwargs)
-        dev = torch.device(device) if device is not None else _device_of(surrogate)
-        data = ts.dataset(transform)
-        loader = torch.utils.data.DataLoader(data, batch_size=train_batch_size, shuffle=True)
+        dev = as_device(device, default=device_of(surrogate))
         opt = torch.optim.SGD(surrogate.parameters(), lr=lr, momentum=momentum)
-        surrogate.to(dev).train()
-        for epoch in tqdm(range(epochs), disable=not self.progress, desc="knockoff training", unit="epoch"):
-            for xb, yb in loader:
-                loss = soft_cross_entropy(surrogate(xb.to(dev)), yb.to(dev))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            logger.debug("knockoff training: epoch %d loss %.4f", epoch + 1, loss.item())
+        fit(surrogate.to(dev), ts.dataset(transform), Steps(soft_cross_entropy), optimizer=opt, device=dev,
+            epochs=epochs, batch_size=train_batch_size, progress=self.progress, desc="knockoff training")
         return surrogate.eval()

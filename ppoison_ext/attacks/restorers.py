@@ -1,19 +1,9 @@
 """Restorers: undo a defense's perturbation of released posteriors, learnt from a recovery table.
 
-A restorer follows one protocol, :class:`Restorer`: ``fit(table)`` on a
-:class:`~ppoison_ext.attacks.recovery.RecoveryTable`, then ``restore(y_tilde) -> y_hat``
-([M, K] → [M, K]). :func:`transform_transferset` applies such a map to a transfer set's
-posteriors and writes a **new** transfer-set folder (the raw one is kept), so any attack's
-transfer set can be restored and/or turned into hard labels (:func:`hard_labels`).
-
-* :class:`PartialBayes` — ModelGuard's nearest-neighbour posterior mean: for ỹ with top-1 l,
-  the mean of the table's true samples (with true top-1 l) whose perturbed sample lies within
-  max(tolerance, nearest distance) of ỹ in L_p.
-* :class:`DDAE` — the D-DAE / D-DAE+ restorer MLP (perturbed → true), with the reference's
-  widths, loss (mean L1 × K) and schedule. The reference never switches it to eval mode and
-  restores the whole transfer set as one batch in train mode (BatchNorm on batch statistics);
-  ``train_mode_bn=True`` reproduces that, the default restores in eval mode (running
-  statistics, output independent of the batch).
+A :class:`Restorer` is ``fit(table)`` on a :class:`~ppoison_ext.attacks.recovery.RecoveryTable`,
+then ``restore(y_tilde) -> y_hat`` ([M, K] → [M, K]): :class:`PartialBayes` (a nearest-neighbour
+posterior mean) or :class:`DDAE` (an MLP; differences.md: D-DAE). :func:`transform_transferset`
+applies such a map to a transfer set into a **new** folder (the raw one is kept).
 """
 
 from __future__ import annotations
@@ -27,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..devices import as_device
+from ..training import Steps, fit
 from .recovery import RecoveryTable
 from .transferset import TransferSet, TransferSetWriter, load_transferset
 
@@ -35,7 +27,7 @@ __all__ = ["Restorer", "PartialBayes", "DDAE", "RestorerMLP", "DDAE_WIDTHS", "ha
 
 logger = logging.getLogger(__name__)
 
-#: hidden widths (h1, h2) of the D-DAE MLP by K, as the reference's table (other K: pass hidden=)
+#: hidden widths (h1, h2) of the D-DAE MLP by K (other K: pass hidden=)
 DDAE_WIDTHS: Dict[int, Tuple[int, int]] = {10: (128, 64), 43: (512, 256), 100: (1024, 512), 200: (2048, 1024),
                                            256: (2048, 1024)}
 
@@ -62,17 +54,10 @@ def _check_table(table: RecoveryTable) -> None:
 
 
 class PartialBayes:
-    """Nearest-neighbour posterior mean over a recovery table (ModelGuard's Partial Bayes).
-
-    Args:
-        norm: p of the L_p distance between ỹ and the perturbed entries (the recipes use 1).
-        tolerance: entries within max(tolerance, nearest distance) are averaged (0.01).
-        top1_recover: restrict the candidates to entries whose true top-1 is ỹ's top-1
-            (for defenses that keep the top-1 class); when no entry has that top-1, all
-            entries are candidates (the reference fails there).
-        mean: the mean of the qualifying true samples (default), else the nearest entry's.
-        chunk: queries per distance block.
-    """
+    """Nearest-neighbour posterior mean over a recovery table (ModelGuard's Partial Bayes): the
+    mean (``mean=False``: the nearest) of the true samples whose perturbed entry is within
+    max(``tolerance``, nearest distance) of ỹ in L_``norm``, among the entries whose true top-1
+    is ỹ's (``top1_recover``; all entries when none is). ``chunk``: queries per distance block."""
 
     def __init__(self, *, norm: float = 1.0, tolerance: float = 0.01, top1_recover: bool = True,
                  mean: bool = True, chunk: int = 1024):
@@ -85,8 +70,8 @@ class PartialBayes:
         self.table: Optional[RecoveryTable] = None
 
     def __repr__(self) -> str:
-        return (f"PartialBayes(norm={self.norm}, tolerance={self.tolerance}, top1_recover={self.top1_recover}, "
-                f"mean={self.mean})")
+        return (f"PartialBayes(norm={self.norm}, tolerance={self.tolerance}, "
+                f"top1_recover={self.top1_recover}, mean={self.mean})")
 
     def fit(self, table: RecoveryTable) -> "PartialBayes":
         _check_table(table)
@@ -130,7 +115,7 @@ class PartialBayes:
 
 class RestorerMLP(nn.Module):
     """Linear(K→h1) → BN → LeakyReLU(0.2) → Linear(h1→h2) → BN → LeakyReLU(0.2) →
-    Linear(h2→K) → BN(K) → LeakyReLU(0.2) → softmax (the reference's ``Recover_NN``)."""
+    Linear(h2→K) → BN(K) → LeakyReLU(0.2) → softmax."""
 
     def __init__(self, num_classes: int, hidden: Tuple[int, int]):
         super().__init__()
@@ -149,21 +134,48 @@ def ddae_loss(out: Tensor, target: Tensor) -> Tensor:
     return (out - target).abs().mean() * out.shape[1]
 
 
+class _ShuffledRows:
+    """Batches of rows of (x, y), shuffled with ``generator`` anew on every pass; a batch of one
+    row is skipped (BatchNorm cannot train on it)."""
+
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator):
+        self.x, self.y, self.batch_size, self.generator = x, y, batch_size, generator
+
+    def __iter__(self):
+        perm = torch.randperm(len(self.x), generator=self.generator).to(self.x.device)
+        for lo in range(0, len(perm), self.batch_size):
+            rows = perm[lo:lo + self.batch_size]
+            if len(rows) >= 2:
+                yield self.x[rows], self.y[rows]
+
+
+class _RestorerSteps(Steps):
+    """The D-DAE loss; appends each epoch's mean loss per row to ``history``."""
+
+    def __init__(self, history: list):
+        super().__init__(ddae_loss)
+        self.history = history
+
+    def start_epoch(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    def loss(self, net, inputs, targets):
+        loss, outputs = super().loss(net, inputs, targets)
+        self.total, self.count = self.total + loss.item() * len(inputs), self.count + len(inputs)
+        return loss, outputs
+
+    def epoch_record(self, run_id: str, epoch: int) -> dict:
+        self.history.append(self.total / max(self.count, 1))
+        return {}
+
+
 class DDAE:
-    """The D-DAE / D-DAE+ restorer (an MLP trained perturbed → true on a recovery table).
+    """The D-DAE / D-DAE+ restorer, an MLP trained perturbed → true on a recovery table (a
+    shadow-model table for D-DAE, a Dirichlet one for D-DAE+) with SGD and StepLR.
 
-    D-DAE uses a shadow-model table, D-DAE+ a Dirichlet one; the restorer is the same.
-
-    Args:
-        hidden: (h1, h2); default :data:`DDAE_WIDTHS` [K] (ValueError for another K).
-        epochs, batch_size, lr, momentum, weight_decay, lr_step, lr_gamma: the reference's
-            200, 1024, SGD 1e-2 / 0.9 / 1e-4, StepLR(100, 0.5).
-        train_mode_bn: restore in train mode, all rows as one batch (the reference's quirk:
-            BatchNorm uses the batch's statistics, and updates its running ones); default
-            False: eval mode, in ``restore_batch_size`` blocks.
-        seed: seeds the initialisation and the shuffling.
-        device: training device.
-        progress: tqdm bar over epochs.
+    ``hidden`` = (h1, h2) defaults to :data:`DDAE_WIDTHS` [K]. ``train_mode_bn`` restores in
+    train mode, all rows as one batch (BatchNorm then uses the batch's statistics and updates
+    its running ones); by default eval mode, in ``restore_batch_size`` blocks.
     """
 
     def __init__(self, *, hidden: Optional[Tuple[int, int]] = None, epochs: int = 200, batch_size: int = 1024,
@@ -178,24 +190,22 @@ class DDAE:
         self.epochs, self.batch_size, self.lr, self.momentum = epochs, batch_size, float(lr), float(momentum)
         self.weight_decay, self.lr_step, self.lr_gamma = float(weight_decay), lr_step, float(lr_gamma)
         self.train_mode_bn, self.restore_batch_size = bool(train_mode_bn), restore_batch_size
-        self.seed, self.device, self.progress = int(seed), torch.device(device), progress
+        self.seed, self.device, self.progress = int(seed), as_device(device), progress
         self.net: Optional[RestorerMLP] = None
         self.history: list = []
 
     def __repr__(self) -> str:
-        return (f"DDAE(hidden={self.hidden}, epochs={self.epochs}, batch_size={self.batch_size}, lr={self.lr}, "
-                f"train_mode_bn={self.train_mode_bn})")
+        return (f"DDAE(hidden={self.hidden}, epochs={self.epochs}, batch_size={self.batch_size}, "
+                f"lr={self.lr}, train_mode_bn={self.train_mode_bn})")
 
     @staticmethod
     def widths(num_classes: int) -> Tuple[int, int]:
         if num_classes not in DDAE_WIDTHS:
-            raise ValueError(f"the D-DAE widths are defined for K in {sorted(DDAE_WIDTHS)}, got K={num_classes}; "
-                             "pass hidden=(h1, h2)")
+            raise ValueError(f"the D-DAE widths are defined for K in {sorted(DDAE_WIDTHS)}, "
+                             f"got K={num_classes}; pass hidden=(h1, h2)")
         return DDAE_WIDTHS[num_classes]
 
     def fit(self, table: RecoveryTable) -> "DDAE":
-        from tqdm.auto import tqdm
-
         _check_table(table)
         K = table.num_classes
         hidden = self.hidden or self.widths(K)
@@ -204,25 +214,11 @@ class DDAE:
         opt = torch.optim.SGD(self.net.parameters(), lr=self.lr, momentum=self.momentum,
                               weight_decay=self.weight_decay)
         sched = torch.optim.lr_scheduler.StepLR(opt, self.lr_step, self.lr_gamma)
-        x, y = table.perturbed.to(self.device), table.true.to(self.device)
-        g = torch.Generator().manual_seed(self.seed)
-        n = len(table)
+        batches = _ShuffledRows(table.perturbed.to(self.device), table.true.to(self.device), self.batch_size,
+                                torch.Generator().manual_seed(self.seed))
         self.history = []
-        for _ in tqdm(range(self.epochs), disable=not self.progress, desc="D-DAE restorer", unit="epoch"):
-            self.net.train()
-            perm = torch.randperm(n, generator=g).to(self.device)
-            tot, cnt = 0.0, 0
-            for lo in range(0, n, self.batch_size):
-                b = perm[lo:lo + self.batch_size]
-                if len(b) < 2:  # BatchNorm cannot train on one row
-                    continue
-                loss = ddae_loss(self.net(x[b]), y[b])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                tot, cnt = tot + loss.item() * len(b), cnt + len(b)
-            sched.step()
-            self.history.append(tot / max(cnt, 1))
+        fit(self.net, batches, _RestorerSteps(self.history), optimizer=opt, scheduler=sched,
+            device=self.device, epochs=self.epochs, progress=self.progress, desc="D-DAE restorer")
         return self
 
     def restore(self, y_tilde: Tensor) -> Tensor:
@@ -242,9 +238,8 @@ class DDAE:
 def transform_transferset(src: Union[TransferSet, str, Path], out_dir: Union[str, Path],
                           fn: Callable[[Tensor], Tensor], *, meta: Optional[Dict[str, Any]] = None,
                           chunk: int = 10000) -> TransferSet:
-    """Writes a new transfer set in ``out_dir``: the queries of ``src`` with posteriors
-    ``fn(src.y)`` (``fn`` sees all rows at once, as the reference restores the whole set).
-    ``src``'s description is kept and ``meta`` added. ``out_dir`` must differ from ``src``."""
+    """Writes a new transfer set in ``out_dir`` (not ``src``'s folder): the queries of ``src``
+    with posteriors ``fn(src.y)`` (all rows at once), ``src``'s description plus ``meta``."""
     ts = src if isinstance(src, TransferSet) else load_transferset(src)
     out = Path(out_dir)
     if out.resolve() == ts.folder.resolve():

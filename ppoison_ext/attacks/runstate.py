@@ -1,14 +1,9 @@
 """A transfer-set run's state besides the transfer set: per-batch seeds, call times, snapshots.
 
-Before batch t, torch's and numpy's global RNGs are seeded with a seed derived from
-``(seed, t)``, and every defense in the black box is reseeded through
-:meth:`~ppoison_ext.defenses.Defense.reseed`, so stochastic defenses (``rand_noise``, MAD's
-``oracle:random``, dropout in a train-mode proxy) give the same answers for a batch whether
-or not the run was interrupted, and on whichever shard the batch runs. Objects whose state
-evolves with the queries (the adaptive policy; white-box defenses exposing
-``resume_state()``/``load_resume_state()``) are snapshotted after every batch into two
-alternating files, ``resume_state.{0,1}.pt``, before the batch is committed, so the snapshot
-matching the committed transfer set always exists. Per-call wall times are appended to
+Before batch t, the global RNGs and every defense in the black box are reseeded from
+``(seed, t)``, so a batch's answers do not depend on interruptions or sharding. Query-dependent
+state (the adaptive policy, stateful defenses) is snapshotted after every batch, before it is
+committed, into two alternating files ``resume_state.{0,1}.pt``. Per-call wall times go to
 ``run_times.f64`` (float64).
 """
 
@@ -40,9 +35,8 @@ def batch_seed(seed: int, batch_index: int) -> int:
 
 
 def reseed_blackbox(blackbox: Any, seed: int) -> None:
-    """Seeds torch's and numpy's global RNGs with ``seed``, and every defense inside
-    ``blackbox`` that has its own ``seed`` (with a seed derived from both): via its
-    ``reseed(seed)`` method when it has one, else by resetting its generators."""
+    """Seeds torch's and numpy's global RNGs with ``seed`` and calls ``reseed(seed)`` on every
+    :class:`~ppoison_ext.defenses.Defense` inside ``blackbox``."""
     torch.manual_seed(seed)
     np.random.seed(seed)
     if not isinstance(blackbox, nn.Module):

@@ -1,19 +1,10 @@
 """S4L: substitute training with a rotation self-supervision loss on the unlabelled query set
-(Zhai et al., "S4L: Self-Supervised Semi-Supervised Learning", ICCV 2019, as ModelGuard's
-attacker uses it).
+(Zhai et al., "S4L: Self-Supervised Semi-Supervised Learning", ICCV 2019, as ModelGuard's attacker).
 
-Each training step adds, to the soft cross-entropy on a labelled transfer-set batch,
-``weight`` × the cross-entropy of a rotation head on an unlabelled batch of the same size
-from the query set: the batch rotated by 0°, 90°, 180° and 270° (``rot90`` over H, W),
-concatenated in that order with labels 0…3, the loss the mean over all 4B rows. The rotation
-head is a ``Linear(D, 4)`` on the shared backbone: it reads the features entering the model's
-classifier head (the last ``nn.Linear``; for ResNets the pooled features, for LeNet fc1's
-output).
-
-:class:`S4LCriterion` is a training criterion ``(logits, targets) -> loss`` (what
-:func:`ppoison_ext.training.train_model` calls once per batch) that draws its own unlabelled
-batch and runs the rotation forward itself; its head's parameters go into the optimizer
-beside the model's (:meth:`S4LCriterion.parameters`).
+:class:`S4LCriterion` adds to the soft cross-entropy of a labelled batch ``weight`` × the
+cross-entropy of a rotation head (on the features entering the model's last ``nn.Linear``) on
+an unlabelled batch rotated by 0°, 90°, 180° and 270°. The head's parameters go into the
+optimizer beside the model's (:meth:`S4LCriterion.parameters`).
 """
 
 from __future__ import annotations
@@ -27,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..losses import soft_cross_entropy
 from ..models.heads import classifier_head
+from ..training import cycle_batches
 
 __all__ = ["rotation_batch", "RotationHead", "rotation_loss", "S4LCriterion"]
 
@@ -49,7 +41,8 @@ class RotationHead(nn.Module):
         super().__init__()
         name, head = classifier_head(model)
         if not isinstance(head, nn.Linear):
-            raise ValueError(f"{type(model).__name__}: S4L needs a model whose classifier head is an nn.Linear")
+            raise ValueError(f"{type(model).__name__}: S4L needs a model whose classifier head is an "
+                             "nn.Linear")
         self._head = [head]  # not a submodule: the head stays the model's
         p = next(model.parameters())
         self.rot = nn.Linear(head.in_features, 4).to(device=p.device, dtype=p.dtype)
@@ -74,16 +67,9 @@ def rotation_loss(model: nn.Module, head: RotationHead, x: Tensor) -> Tensor:
 
 
 class S4LCriterion:
-    """``softCE(logits, targets) + weight · rotation_loss(model, head, unlabelled batch)``.
-
-    Args:
-        model: the substitute being trained (the rotation forward goes through it).
-        unlabelled: the query set (items (image, anything)), read shuffled, cycling.
-        weight: the rotation loss weight (1.0 in the reference's runs).
-        batch_size: size of the unlabelled batches (the labelled batch size).
-        seed: seeds the unlabelled shuffling.
-        num_workers: DataLoader workers.
-    """
+    """``softCE(logits, targets) + weight · rotation_loss(model, head, unlabelled batch)``, the
+    unlabelled batches (of ``batch_size`` items (image, anything)) read from ``unlabelled``
+    shuffled with ``seed``, cycling."""
 
     def __init__(self, model: nn.Module, unlabelled: Dataset, *, weight: float = 1.0, batch_size: int = 64,
                  seed: int = 42, num_workers: int = 0):
@@ -102,12 +88,8 @@ class S4LCriterion:
 
     def _next(self) -> Tensor:
         if self._it is None:
-            self._it = iter(self._loader)
-        try:
-            return next(self._it)[0]
-        except StopIteration:
-            self._it = iter(self._loader)
-            return next(self._it)[0]
+            self._it = cycle_batches(self._loader, "the unlabelled set")
+        return next(self._it)[0]
 
     def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
         loss = soft_cross_entropy(logits, targets) if targets.dim() == 2 else F.cross_entropy(logits, targets)

@@ -1,21 +1,11 @@
 """Shadow models for D-DAE: classifiers the attacker trains itself, whose outputs on its query
-inputs serve as "true" posteriors of the recovery table (:mod:`ppoison_ext.attacks.recovery`).
+inputs serve as "true" posteriors of the recovery table (differences.md: Shadow models).
 
-The reference trains 20 ImageNet-pretrained AlexNets on random K-class subsets of ImageNet
-(5 epochs, SGD lr 0.01, momentum 0.5, weight decay 5e-4, StepLR(3, 0.5), batch 64,
-cross-entropy). With no ImageNet here, :func:`train_shadow_models` trains the attacker's
-architecture on a shadow dataset split in one of two ways:
-
-* ``split="samples"`` (default): **sample-disjoint** — the pool of images (``pool_range`` of
-  the dataset's train split) is shuffled with ``seed`` and cut into ``num_shadows`` disjoint
-  shards of ``per_shadow`` images, labels unchanged.
-* ``split="classes"``: the reference's recipe — each shadow gets a random subset of K of the
-  dataset's classes, relabelled 0…K−1 in random order (seeded, unlike the reference). With a
-  K-class dataset (MNIST) this is a random relabelling of all classes.
-
-Each shadow is a model folder ``<out_dir>/shadow-<i>/`` (``params.json`` + checkpoint),
-loadable by :func:`~ppoison_ext.modeldir.load_model_dir`; a folder already holding a
-finished shadow is reused.
+:func:`train_shadow_models` trains the attacker's architecture from scratch on a shadow
+dataset's train split (``pool_range`` of it), cut ``split="samples"`` (default) into
+``num_shadows`` disjoint shuffled shards of ``per_shadow`` images, or ``split="classes"``
+giving each shadow a random subset of K classes relabelled 0…K−1 (both seeded). Each shadow is
+a model folder ``<out_dir>/shadow-<i>/``; a folder already holding a finished shadow is reused.
 """
 
 from __future__ import annotations
@@ -30,6 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..datasets import dataset_to_modelfamily, get_dataset, get_transform
+from ..devices import as_device
 from ..modeldir import load_model_dir, write_params
 from ..models import get_net
 from ..training import seed_everything, train_model, training_state
@@ -60,8 +51,8 @@ def shadow_folders(out_dir: Union[str, Path]) -> List[Path]:
     out = Path(out_dir)
     if not out.is_dir():
         return []
-    return sorted((p for p in out.iterdir() if p.is_dir() and "shadow" in p.name and (p / "params.json").is_file()),
-                  key=lambda p: (len(p.name), p.name))
+    found = [p for p in out.iterdir() if p.is_dir() and "shadow" in p.name and (p / "params.json").is_file()]
+    return sorted(found, key=lambda p: (len(p.name), p.name))
 
 
 def _splits(base: Dataset, K: int, num_shadows: int, per_shadow: Optional[int], split: str,
@@ -73,11 +64,13 @@ def _splits(base: Dataset, K: int, num_shadows: int, per_shadow: Optional[int], 
         pool = rng.permutation(pool)
         size = per_shadow if per_shadow is not None else len(pool) // num_shadows
         if size < 1 or size * num_shadows > len(pool):
-            raise ValueError(f"cannot cut {num_shadows} disjoint shards of {size} images from a pool of {len(pool)}")
+            raise ValueError(f"cannot cut {num_shadows} disjoint shards of {size} images from a pool of "
+                             f"{len(pool)}")
         return [(np.sort(pool[i * size:(i + 1) * size]), None) for i in range(num_shadows)]
     classes = np.unique(targets[pool])
     if len(classes) < K:
-        raise ValueError(f"split 'classes' needs a dataset with at least K={K} classes, this one has {len(classes)}")
+        raise ValueError(f"split 'classes' needs a dataset with at least K={K} classes, this one has "
+                         f"{len(classes)}")
     out = []
     for _ in range(num_shadows):
         chosen = rng.choice(classes, K, replace=False)
@@ -96,16 +89,15 @@ def train_shadow_models(out_dir: Union[str, Path], *, dataset: str, arch: str, n
                         lr_gamma: float = 0.5, batch_size: int = 64, seed: int = 42,
                         device: Union[str, torch.device] = "cpu", data_root=None,
                         progress: bool = False) -> List[Path]:
-    """Trains ``num_shadows`` shadow models into ``out_dir/shadow-<i>`` (see the module docs;
-    the defaults are the reference's recipe) and returns their folders. Finished shadows are
-    skipped, an unfinished one resumes."""
+    """Trains ``num_shadows`` shadow models into ``out_dir/shadow-<i>`` (module docs) and returns
+    their folders. Finished shadows are skipped, an unfinished one resumes."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     if isinstance(num_shadows, bool) or not isinstance(num_shadows, int) or num_shadows < 1:
         raise ValueError(f"num_shadows must be a positive int, got {num_shadows!r}")
     if dataset not in dataset_to_modelfamily:
         raise ValueError(f"dataset: unknown {dataset!r}")
-    family = dataset_to_modelfamily[dataset]
+    family, device = dataset_to_modelfamily[dataset], as_device(device)
     base = get_dataset(dataset, train=True, transform=get_transform(family, "train"), root=data_root)
     rng = np.random.default_rng(seed)
     pr = tuple(int(v) for v in pool_range) if pool_range is not None else None
@@ -120,8 +112,8 @@ def train_shadow_models(out_dir: Union[str, Path], *, dataset: str, arch: str, n
             continue
         seed_everything(seed + i)
         model = get_net(arch, family, num_classes=num_classes).to(device)
-        train_model(model, _Relabelled(base, idx, mapping), folder, batch_size=batch_size, epochs=epochs, lr=lr,
-                    momentum=momentum, weight_decay=weight_decay, lr_step=lr_step, lr_gamma=lr_gamma,
+        train_model(model, _Relabelled(base, idx, mapping), folder, batch_size=batch_size, epochs=epochs,
+                    lr=lr, momentum=momentum, weight_decay=weight_decay, lr_step=lr_step, lr_gamma=lr_gamma,
                     device=device, seed=seed + i, arch=arch, progress=progress, resume="auto",
                     num_classes=num_classes)
         params: Dict[str, Any] = {"dataset": dataset, "model_arch": arch, "num_classes": num_classes,

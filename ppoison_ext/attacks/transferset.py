@@ -4,17 +4,15 @@ Stored in a folder as append-only files, so that building one can be killed at a
 moment and resumed with no query lost or repeated, and nothing is ever unpickled:
 
 * ``transferset.json``      — description: ``num_classes``, ``kind`` (``images``: raw uint8
-  pixels are stored; ``paths``: image file paths), ``image_shape``, plus whatever the
-  builder records (victim, defense, query set, seeds).
+  pixels; ``paths``: image file paths), ``image_shape``, plus what the builder records.
 * ``transferset.y.f32``     — little-endian float32 rows [N, K]: the released posteriors.
 * ``transferset.index.i64`` — int64 [N]: the query-set index of each query.
 * ``transferset.x.u8``      — uint8 [N, *image_shape] (``images``), or
   ``transferset.paths.txt`` — one path per line (``paths``).
 
-A batch is committed when its ``y`` rows are written (``x``/``index``/``paths`` first): the
-number of complete ``y`` rows is the number of stored queries, and anything beyond it in
-the other files (a batch cut off by a crash) is dropped on load and truncated on resume.
-:func:`export_pickle` writes the reference code's ``transferset.pickle`` on request.
+A batch is committed when its ``y`` rows are written (the other files first); anything beyond
+the complete ``y`` rows (a batch cut off by a crash) is dropped on load and truncated on resume.
+:func:`export_pickle` also writes ``transferset.pickle`` on request.
 """
 
 from __future__ import annotations
@@ -31,12 +29,13 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write, atomic_write_json, truncate_file
 
 __all__ = ["TransferSetWriter", "TransferSet", "load_transferset", "export_pickle", "TransferSetError"]
 
 META = "transferset.json"
-Y_FILE, INDEX_FILE, X_FILE, PATHS_FILE = "transferset.y.f32", "transferset.index.i64", "transferset.x.u8", "transferset.paths.txt"
+Y_FILE, INDEX_FILE = "transferset.y.f32", "transferset.index.i64"
+X_FILE, PATHS_FILE = "transferset.x.u8", "transferset.paths.txt"
 
 
 class TransferSetError(ValueError):
@@ -54,7 +53,8 @@ def _read_meta(folder: Path) -> Dict[str, Any]:
     except (ValueError, KeyError, TypeError) as err:
         raise TransferSetError(f"{path}: malformed transfer-set description ({err})") from err
     if K < 2 or kind not in ("images", "paths"):
-        raise TransferSetError(f"{path}: num_classes must be >= 2 and kind 'images' or 'paths', got {K}, {kind!r}")
+        raise TransferSetError(f"{path}: num_classes must be >= 2 and kind 'images' or 'paths', "
+                               f"got {K}, {kind!r}")
     if kind == "images" and not isinstance(meta.get("image_shape"), list):
         raise TransferSetError(f"{path}: kind 'images' needs image_shape")
     return meta
@@ -67,28 +67,21 @@ def _count_rows(path: Path, row_bytes: int) -> int:
 def _read_paths(path: Path, n: int) -> List[str]:
     if not path.exists():
         return []
-    lines = path.read_text().split("\n")
-    complete = lines[:-1]  # the last element follows the last newline (empty when complete)
-    return complete[:n]
+    return path.read_text().split("\n")[:-1][:n]  # the last element follows the last newline
+
+
+def _committed(folder: Path, K: int, kind: str, x_bytes: int) -> int:
+    """The number of queries every file of the folder holds completely."""
+    n = min(_count_rows(folder / Y_FILE, 4 * K), _count_rows(folder / INDEX_FILE, 8))
+    if kind == "images":
+        return min(n, _count_rows(folder / X_FILE, x_bytes))
+    return min(n, len(_read_paths(folder / PATHS_FILE, n)))
 
 
 class TransferSetWriter:
-    """Appends queries to a transfer-set folder; resumes one that exists.
-
-    Args:
-        folder: the output folder (created).
-        num_classes: K.
-        kind: ``images`` (store raw uint8 pixels) or ``paths``.
-        image_shape: shape of one raw image, for ``images``.
-        meta: extra description to record (JSON-serializable).
-        resume: continue an existing transfer set (its description must agree); False
-            starts over.
-
-    Example:
-        >>> w = TransferSetWriter(out, num_classes=10, kind="images", image_shape=[28, 28])
-        >>> w.append(indices, raw_images, y_prime)   # per batch
-        >>> w.close()
-    """
+    """Appends queries to a transfer-set folder (created); with ``resume``, continues the one
+    there (its ``num_classes``, ``kind`` and ``image_shape`` must agree), else starts over.
+    ``append`` one batch at a time, then ``close`` (or use it as a context manager)."""
 
     def __init__(self, folder, *, num_classes: int, kind: str = "images",
                  image_shape: Optional[Sequence[int]] = None, meta: Optional[Dict[str, Any]] = None,
@@ -104,7 +97,7 @@ class TransferSetWriter:
         self.image_shape = [int(s) for s in image_shape] if image_shape is not None else None
         self._x_bytes = int(np.prod(self.image_shape)) if self.image_shape else 0
         desc = dict(meta or {})
-        desc.update({"num_classes": self.K, "kind": kind, "image_shape": self.image_shape, "format_version": 1})
+        desc.update(num_classes=self.K, kind=kind, image_shape=self.image_shape, format_version=1)
         existing = (self.folder / META).exists()
         if existing and resume:
             old = _read_meta(self.folder)
@@ -121,29 +114,22 @@ class TransferSetWriter:
         self._files = {}
 
     def _truncate_to_committed(self) -> int:
-        n = _count_rows(self.folder / Y_FILE, 4 * self.K)
-        n = min(n, _count_rows(self.folder / INDEX_FILE, 8))
-        if self.kind == "images":
-            n = min(n, _count_rows(self.folder / X_FILE, self._x_bytes))
-        else:
-            n = min(n, len(_read_paths(self.folder / PATHS_FILE, 1 << 62)))
-        sizes = {Y_FILE: n * 4 * self.K, INDEX_FILE: n * 8, X_FILE: n * self._x_bytes}
-        for name, size in sizes.items():
-            p = self.folder / name
-            if p.exists():
-                with open(p, "r+b") as f:
-                    f.truncate(size)
+        n = _committed(self.folder, self.K, self.kind, self._x_bytes)
+        for name, row_bytes in ((Y_FILE, 4 * self.K), (INDEX_FILE, 8), (X_FILE, self._x_bytes)):
+            truncate_file(self.folder / name, n * row_bytes)
         if self.kind == "paths":
             paths = _read_paths(self.folder / PATHS_FILE, n)
             (self.folder / PATHS_FILE).write_text("".join(s + "\n" for s in paths))
         return n
 
-    def _file(self, name: str):
+    def _write(self, name: str, data: bytes) -> None:
         if name not in self._files:
             self._files[name] = open(self.folder / name, "ab")
-        return self._files[name]
+        self._files[name].write(data)
+        self._files[name].flush()
 
-    def append(self, indices: Union[Tensor, Sequence[int]], x: Union[np.ndarray, Sequence[str]], y: Tensor) -> None:
+    def append(self, indices: Union[Tensor, Sequence[int]], x: Union[np.ndarray, Sequence[str]],
+               y: Tensor) -> None:
         """Stores one batch: query-set indices [B], raw uint8 images [B, *shape] or paths, y′ [B, K]."""
         idx = np.asarray(torch.as_tensor(indices).cpu(), dtype="<i8").reshape(-1)
         yv = y.detach().float().cpu().numpy().astype("<f4", copy=False)
@@ -153,19 +139,16 @@ class TransferSetWriter:
         if self.kind == "images":
             xv = np.ascontiguousarray(np.asarray(x, dtype=np.uint8))
             if list(xv.shape) != [B] + self.image_shape:
-                raise ValueError(f"x must be uint8 [{B}, {', '.join(map(str, self.image_shape))}], got {list(xv.shape)}")
-            self._file(X_FILE).write(xv.tobytes())
-            self._file(X_FILE).flush()
+                shape = ", ".join(map(str, self.image_shape))
+                raise ValueError(f"x must be uint8 [{B}, {shape}], got {list(xv.shape)}")
+            self._write(X_FILE, xv.tobytes())
         else:
             paths = [str(p) for p in x]
             if len(paths) != B or any("\n" in p for p in paths):
                 raise ValueError(f"x must be {B} paths without newlines")
-            self._file(PATHS_FILE).write("".join(p + "\n" for p in paths).encode())
-            self._file(PATHS_FILE).flush()
-        self._file(INDEX_FILE).write(idx.tobytes())
-        self._file(INDEX_FILE).flush()
-        self._file(Y_FILE).write(yv.tobytes())  # committed once y is written
-        self._file(Y_FILE).flush()
+            self._write(PATHS_FILE, "".join(p + "\n" for p in paths).encode())
+        self._write(INDEX_FILE, idx.tobytes())
+        self._write(Y_FILE, yv.tobytes())  # committed once y is written
         self.done += B
 
     def close(self) -> None:
@@ -218,21 +201,18 @@ class TransferSet:
         y_path = self.folder / Y_FILE
         if not y_path.exists():
             raise TransferSetError(f"{y_path}: missing (the transfer set holds no queries)")
-        n = _count_rows(y_path, 4 * K)
-        n = min(n, _count_rows(self.folder / INDEX_FILE, 8))
+        shape = [int(s) for s in self.meta["image_shape"]] if self.kind == "images" else []
+        n = _committed(self.folder, K, self.kind, int(np.prod(shape)))
         self.images = None
         self.paths = None
         if self.kind == "images":
-            shape = [int(s) for s in self.meta["image_shape"]]
-            row = int(np.prod(shape))
-            n = min(n, _count_rows(self.folder / X_FILE, row))
             if n:
-                self.images = np.memmap(self.folder / X_FILE, dtype=np.uint8, mode="r", shape=tuple([n] + shape))
+                self.images = np.memmap(self.folder / X_FILE, dtype=np.uint8, mode="r",
+                                        shape=tuple([n] + shape))
             else:
                 self.images = np.zeros([0] + shape, dtype=np.uint8)
         else:
             self.paths = _read_paths(self.folder / PATHS_FILE, n)
-            n = min(n, len(self.paths))
         self.n = n
         ys = np.fromfile(y_path, dtype="<f4", count=n * K).reshape(n, K)
         self.y = torch.from_numpy(ys.copy())
@@ -260,8 +240,8 @@ class TransferSet:
 
     def check_classes(self, num_classes: int, what: str = "the test set") -> None:
         if num_classes != self.num_classes:
-            raise TransferSetError(f"{self.folder / META}: the transfer set has K={self.num_classes} classes but "
-                                   f"{what} has {num_classes}; it was built for another victim")
+            raise TransferSetError(f"{self.folder / META}: the transfer set has K={self.num_classes} classes "
+                                   f"but {what} has {num_classes}; it was built for another victim")
 
 
 def load_transferset(folder) -> TransferSet:
@@ -270,12 +250,9 @@ def load_transferset(folder) -> TransferSet:
 
 
 def export_pickle(folder, path=None) -> Path:
-    """Writes the reference code's ``transferset.pickle``: a list of (raw image or path, FloatTensor y)."""
+    """Writes ``transferset.pickle``: a list of (raw image or path, FloatTensor y)."""
     ts = load_transferset(folder)
     path = Path(path) if path is not None else ts.folder / "transferset.pickle"
-    items = [((ts.paths[i] if ts.kind == "paths" else np.array(ts.images[i])), ts.y[i].clone()) for i in range(len(ts))]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(items, f)
-    os.replace(tmp, path)
-    return path
+    items = [(ts.paths[i] if ts.kind == "paths" else np.array(ts.images[i]), ts.y[i].clone())
+             for i in range(len(ts))]
+    return atomic_write(path, lambda f: pickle.dump(items, f))
