@@ -400,15 +400,15 @@ def test_cli_partial_bayes_on_a_shadow_table(tmp_path, victim_dir):
 
 
 def test_grid_accepts_the_aware_keys(tmp_path):
-    from ppoison_ext.pipeline.grid import _step_settings, load_config
+    from ppoison_ext.pipeline.grid import load_config
 
     cfg = tmp_path / "g.toml"
     cfg.write_text('[[victim]]\ndataset = "MNIST"\n[[defense]]\nlabel = "none"\nname = "none"\n'
                    '[[attack]]\nbudget = 100\nbudgets = [100]\nrecover = "pbayes"\ndirichlet_prior = "oracle"\n'
                    'hardlabel = true\ntransferset_subdir = "aware"\nsemitrainweight = 1.0\n')
     a = load_config(cfg).attacks[0]
-    t = _step_settings(a, 0, victim_model_dir="v", defense="none", defense_args="", out_dir="o")
-    s = _step_settings(a, 1, model_dir="o", testdataset="MNIST", budgets="100")
+    t = a.step_settings(0, victim_model_dir="v", defense="none", defense_args="", out_dir="o")
+    s = a.step_settings(1, model_dir="o", testdataset="MNIST", budgets="100")
     assert (t.recover, t.dirichlet_prior, t.hardlabel) == ("pbayes", "oracle", True)
     assert (s.transferset_subdir, s.semitrainweight) == ("aware", 1.0)
     cfg.write_text(cfg.read_text().replace('"pbayes"', '"bogus"'))

@@ -1,2 +1,2 @@
-"""The steps of the reference's pipeline, each with `build_parser()` and `main(argv) -> int`, the
-grid and demo that run them, and the tables they report (`metrics`, `plots`)."""
+"""The pipeline's steps, each with ``build_parser()`` and ``main(argv) -> int``, the grid and demo
+that run them, and the tables they report (``metrics``, ``plots``)."""

@@ -1,34 +1,10 @@
 """Attacker (knockoff) training: ``ppoison train-attacker MODEL_DIR MODEL_ARCH TESTDATASET
---budgets b1,b2,...`` (the reference's ``knockoff/adversary/train.py``).
+--budgets b1,b2,...``.
 
-Reads the transfer set in ``MODEL_DIR`` (:func:`~ppoison_ext.attacks.load_transferset`;
-K must equal the test set's class count) and trains, as the reference does:
-
-* **one** model ``get_net(MODEL_ARCH, family(TESTDATASET), pretrained, num_classes=K)``,
-  created once before the budget loop and trained through the budgets **in the given
-  order**: the model at budget b has also been trained on every earlier budget, continuing
-  from the *last* (not the best) state;
-* per budget b: reseed numpy/torch/CUDA to ``--seed`` (42), take the **first b** transfer
-  samples loaded with the **test** transform of the test set's family (no augmentation),
-  build a **fresh optimizer** (``--optimizer_choice``: ``sgdm`` = SGD(lr, momentum) with no
-  weight decay; ``adam``/``adagrad`` ignore ``--lr``), ``StepLR(--lr-step 60, 0.1)`` and
-  train with soft cross-entropy (targets not renormalised; ``--argmaxed`` makes them one-hot);
-* per budget it writes ``checkpoint.<b>.pth.tar`` (best test accuracy),
-  ``train.<b>.log.tsv`` and ``last.<b>.pth.tar`` (the final state); ``params_train.json``
-  at the end.
-
-Resuming: by default (``--resume auto``) a budget whose
-``last.<b>.pth.tar`` shows all epochs done is skipped on a rerun, and the model continues
-from that saved final state; a budget cut off mid-way continues from its last finished
-epoch. ``--resume none`` retrains everything; ``--resume PATH`` loads the weights of a
-checkpoint into the model before the first budget.
-
-A budget larger than the transfer set is an error (a model trained on fewer samples would
-carry the larger budget's name); ``--weighted-loss`` weights by the argmax class counts of
-the transfer set. Deliberate differences from the reference: ``docs/differences.md``. Example::
-
-    ppoison train-attacker models/final_bb_dist/MNIST-lenet-mad... lenet MNIST \\
-        --budgets 50,100,500,1000,10000,60000 --log-interval 500 --epochs 50 -d 0
+One model is trained through the budgets in the given order, each continuing from the last state
+of the one before; per budget b, after reseeding, on the first b transfer samples with a fresh
+optimizer, writing ``checkpoint.<b>.pth.tar`` (best test accuracy), ``train.<b>.log.tsv`` and
+``last.<b>.pth.tar``. With ``--resume auto`` (default) a rerun skips finished budgets.
 """
 
 from __future__ import annotations
@@ -57,18 +33,12 @@ __all__ = ["train_attacker", "parse_budgets", "AttackerSettings", "build_parser"
 
 
 def train_attacker(*args: Any, **kwargs: Any) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Trains a knockoff through the budgets: ``AttackerSettings.of(*args, **kwargs).run()``, e.g.
-    ``train_attacker(model_dir, "lenet", "MNIST", "50,100", device=-1)`` (``budgets`` may be a
-    list of ints; DataLoader workers default to 0 here)."""
+    """Trains a knockoff through the budgets: ``AttackerSettings.of(*args, **kwargs).run()``."""
     return AttackerSettings.of(*args, **kwargs).run()
 
 
 def parse_budgets(budgets: Union[str, Sequence[int], int]) -> List[int]:
-    """``"50,100,500"`` (or a list of ints) → ``[50, 100, 500]``; empty entries are skipped.
-
-    Raises:
-        ValueError: an entry is not a positive integer, or nothing is left.
-    """
+    """``"50,100,500"`` (or a list of ints) → ``[50, 100, 500]``; empty entries are skipped."""
     if isinstance(budgets, int) and not isinstance(budgets, bool):
         items: List[Any] = [budgets]
     elif isinstance(budgets, str):
@@ -93,8 +63,7 @@ def parse_budgets(budgets: Union[str, Sequence[int], int]) -> List[int]:
 
 
 def _check_victim_dataset(model_dir: Path, meta: Dict[str, Any], testdataset: str) -> None:
-    """A transfer set built from a victim of another dataset is refused (when its victim is still
-    on disk to tell): the attacker would be measured on the wrong task."""
+    """Refuses a transfer set built from a victim of another dataset (when the victim is on disk)."""
     vdir = meta.get("victim_model_dir")
     if not vdir or not (Path(vdir) / "params.json").is_file():
         return
@@ -121,15 +90,14 @@ def _s4l_criterion(model, ts, semidataset, transform, weight, batch_size, seed, 
 
 @dataclass(kw_only=True)
 class AttackerSettings(CommonSettings):
-    """Train a knockoff on a transfer set, through a list of budgets (knockoff/adversary/train.py)."""
+    """Train a knockoff on a transfer set, through a list of budgets."""
 
     call_defaults = {"num_workers": 0}
 
     model_dir: str = setting(metavar="DIR", help="folder containing the transfer set")
     model_arch: str = setting(metavar="MODEL_ARCH", help="model name")
     testdataset: str = setting(metavar="DS_NAME", help="name of the test dataset")
-    budgets: str = setting("--budgets", metavar="B",
-                           help="comma-separated budgets, trained in this order on one model")
+    budgets: str = setting("--budgets", metavar="B", help="comma-separated budgets, trained in order")
     device_id: int = device_setting()
     batch_size: int = setting("-b", "--batch-size", default=64, metavar="N",
                               help="input batch size for training (default: 64)")
@@ -147,8 +115,7 @@ class AttackerSettings(CommonSettings):
                                help="DataLoader worker processes (default: 10)")
     pretrained: Optional[str] = setting("--pretrained", default=None, help="'imagenet' or a checkpoint path")
     weighted_loss: bool = setting("--weighted-loss", default=False, help="class-weighted loss")
-    argmaxed: bool = setting("--argmaxed", default=False,
-                             help="train on argmax (one-hot) labels instead of posteriors")
+    argmaxed: bool = setting("--argmaxed", default=False, help="train on one-hot argmax labels")
     optimizer_choice: str = setting("--optimizer_choice", default="sgdm", choices=OPTIMIZERS,
                                     help="optimizer (default: sgdm; adam/adagrad ignore --lr)")
     test_subset: Optional[int] = setting("--test_subset", default=None, metavar="N",
@@ -165,11 +132,8 @@ class AttackerSettings(CommonSettings):
             self.budgets = ",".join(map(str, parse_budgets(self.budgets)))
 
     def run(self) -> Tuple[nn.Module, Dict[str, Any]]:
-        """Trains the knockoff through the budgets on the transfer set in ``model_dir`` (outputs
-        go there; see the module docs). ``resume``: ``"auto"`` (skip finished budgets, continue
-        an unfinished one), None/``"none"`` (start over), or a checkpoint whose weights
-        initialise the model. Returns ``(model, {"budgets": [...], "results": {b: train_model
-        summary}, "num_classes": K})``, ``results`` in training order."""
+        """Trains the knockoff on the transfer set in ``model_dir``; returns ``(model, {"budgets",
+        "results": {b: train_model summary}, "num_classes"})``."""
         model_dir = Path(self.model_dir)
         budget_list = parse_budgets(self.budgets)
         if self.optimizer_choice not in OPTIMIZERS:
@@ -195,7 +159,7 @@ class AttackerSettings(CommonSettings):
         # the test transform is deterministic: decode and transform every image once, not every epoch
         testset = in_memory(first_n(testset, self.test_subset))
 
-        seed_everything(self.seed)  # seeded before building the model, as the reference (torch.manual_seed(42))
+        seed_everything(self.seed)
         model = get_net(self.model_arch, family, self.pretrained, num_classes=K).to(dev)
         auto = resume is not None and str(resume) in ("auto", "True")
         if resume is not None and not auto:

@@ -1,17 +1,9 @@
-"""The defense-aware step after ``ppoison transfer``: restore and/or hard-label a transfer set.
-
-Runs when ``--recover`` is not ``none`` or ``--hardlabel`` is given
-(:class:`~ppoison_ext.pipeline.transfer.TransferSettings`, the group "defense-aware attack"):
-the raw transfer set in ``out_dir`` is kept and the set to train on is written to
-``--aware-out`` (default ``out_dir/aware``), with the recovery table ``recover_table.pt`` and
-``params_aware.json``. Train on it with ``ppoison train-attacker OUT_DIR ... --transferset-subdir aware``.
-
-The recovery table is built with a fresh copy of the defense (the attacker's white-box copy,
-:func:`~ppoison_ext.defenses.build_defense` with no query logger: these calls are no queries
-to the victim) on the attacker's query inputs. D-DAE's shadow models are trained on demand
-into ``--shadow-dir`` (default ``out_dir/shadows``): ``--num-shadows`` models of the victim's
-architecture, on sample-disjoint shards of ``--shadow-dataset``'s train split
-(:mod:`ppoison_ext.attacks.shadow`).
+"""The defense-aware step after ``ppoison transfer`` (``--recover`` / ``--hardlabel``): restores
+and/or hard-labels the raw transfer set in ``out_dir`` into ``--aware-out`` (default
+``out_dir/aware``), with ``recover_table.pt`` and ``params_aware.json``; train on it with
+``ppoison train-attacker OUT_DIR ... --transferset-subdir aware``. The recovery table comes from a
+fresh white-box copy of the defense (its calls are no victim queries); D-DAE's shadow models are
+trained on demand into ``--shadow-dir`` (:mod:`ppoison_ext.attacks.shadow`).
 """
 
 from __future__ import annotations
@@ -41,6 +33,7 @@ AWARE_GROUP = "defense-aware attack"
 
 
 def aware_requested(s: Any) -> bool:
+    """Whether the settings ``s`` ask for the defense-aware step."""
     return bool(s.hardlabel) or s.recover != "none"
 
 
@@ -54,8 +47,7 @@ def _restorer(s: Any, device) -> Optional[Any]:
 
 
 def postprocess_transfer(s: Any, folder: Path) -> Path:
-    """Restores / hard-labels the transfer set in ``folder`` with the settings ``s`` (a
-    ``TransferSettings``); returns the folder written."""
+    """Restores / hard-labels the transfer set in ``folder`` (``s``: ``TransferSettings``)."""
     if s.recover not in RESTORERS:
         raise ValueError(f"recover must be one of {list(RESTORERS)}, got {s.recover!r}")
     if s.recover != "none" and s.defense in WB_DEFENSES:

@@ -1,5 +1,4 @@
-"""Pieces shared by the pipeline steps, and ``resolve_device`` (:func:`ppoison_ext.devices.as_device`,
-the name :mod:`ppoison_ext.serve.main` imports)."""
+"""Pieces shared by the pipeline steps."""
 
 from __future__ import annotations
 
@@ -10,9 +9,8 @@ from torch.utils.data import Dataset, Subset
 from ..client import RemoteBlackbox, read_api_key
 from ..datasets import dataset_to_modelfamily
 from ..defenses import WB_DEFENSES, Defense, DefenseSpec, QueryLogger, build_defense
-from ..devices import as_device as resolve_device
 
-__all__ = ["resolve_device", "check_dataset", "first_n", "remote_blackbox", "local_blackbox"]
+__all__ = ["check_dataset", "first_n", "remote_blackbox", "local_blackbox"]
 
 
 def check_dataset(name: Any, what: str) -> str:
@@ -33,9 +31,7 @@ def first_n(dataset: Dataset, n: Optional[int], what: str = "test_subset") -> Da
 
 def remote_blackbox(url: str, defense: Optional[str], defense_args: Any, api_key_file: Optional[str]
                     ) -> Tuple[RemoteBlackbox, str, Dict[str, Any]]:
-    """The served victim at ``url`` (its defense, query log and seed are the server's): the black
-    box, its defense's name and the victim's ``model_arch``, ``num_classes`` and ``dataset``.
-    A ``defense`` given must be the server's."""
+    """The served victim at ``url``: the black box, its defense's name and the victim's params."""
     if defense_args:
         raise ValueError("defense_args: the served victim's defense runs on the server; give none with a URL")
     bb = RemoteBlackbox(str(url), api_key=read_api_key(api_key_file) if api_key_file else None)
@@ -46,7 +42,6 @@ def remote_blackbox(url: str, defense: Optional[str], defense_args: Any, api_key
 
 
 def local_blackbox(spec: DefenseSpec, victim_dir, qlog: QueryLogger, device, out_dir, data_root) -> Defense:
-    """The defended victim in ``victim_dir``, logging its queries to ``qlog`` (the white-box
-    variants' files go to ``out_dir``)."""
+    """The defended victim in ``victim_dir``, logging its queries to ``qlog``."""
     return build_defense(spec, victim_dir=victim_dir, logger=qlog, device=device, out_dir=out_dir,
                          whitebox={"data_root": data_root} if spec.name in WB_DEFENSES else None)

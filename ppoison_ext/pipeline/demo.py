@@ -2,18 +2,9 @@
 
     ppoison demo [--out runs/demo] [--jobs 2] [--fast] [--attackers default|all]
 
-Runs the grid in ``configs/mnist_demo.toml`` (shipped with the package) on the embedded real
-data: a LeNet victim trained on MNIST, the MAD proxy, Knockoff transfer sets of notMNIST
-queries under none / top-1 / rounding / reverse sigmoid / random noise / MAD / MAD-argmax /
-GRAD² (all-ones, min-IP) / Adaptive Misinformation (with its own Outlier-Exposure defender) /
-ModelGuard-W / ModelGuard-S at several strengths, the attackers trained through the budgets,
-the defended victim's utility, and two defense-aware thieves (Top-1, D-DAE+) at each
-defense's setting of least defender loss that hurts the naive thief. Writes ``results.csv``,
-``results.json``, ``attacker_vs_budget.png``, ``tradeoff.png`` and ``summary.md`` (the tables:
-per setting with the robust column, amplification, the ranking against the strongest thief,
-GRAD²'s metric) into ``--out``. Finished steps are reused when rerun. ``--fast`` runs the small
-configuration CI uses (``configs/mnist_fast.toml``); ``--attackers all`` adds the thieves of
-``configs/mnist_demo_thieves.toml`` (Smoothing, S4L, Partial Bayes, D-DAE, oracle-prior D-DAE+).
+Runs the grid of ``configs/mnist_demo.toml`` (``--fast``: ``mnist_fast.toml``) on the embedded data
+and writes ``results.csv``, ``results.json``, the plots and ``summary.md`` into ``--out``; reruns
+reuse finished steps. ``--attackers all`` adds the thieves of ``configs/mnist_demo_thieves.toml``.
 """
 
 from __future__ import annotations
@@ -36,6 +27,7 @@ __all__ = ["run_demo", "config_path", "summary_markdown", "robust_markdown", "bu
 
 
 def config_path(fast: bool = False) -> Path:
+    """The built-in demo config (``fast``: the small CI one)."""
     return Path(__file__).resolve().parents[1] / "configs" / ("mnist_fast.toml" if fast else "mnist_demo.toml")
 
 
@@ -56,6 +48,7 @@ def _fmt(v: Any, nd: int = 2) -> str:
 
 
 def summary_markdown(results: Dict[str, Any], meta: Dict[str, Any]) -> str:
+    """The ``summary.md`` of a demo run: the results per setting, amplification, ranking, GRAD²."""
     all_rows = results["rows"]
     rows = [r for r in all_rows if not r.get("thief_of")]
     if not rows:
@@ -106,8 +99,7 @@ def summary_markdown(results: Dict[str, Any], meta: Dict[str, Any]) -> str:
 
 
 def robust_markdown(entries: List[Dict[str, Any]]) -> str:
-    """The defenses at the settings the thieves ran at, ranked by the strongest thief's accuracy
-    (lowest first: the most robust defense on top)."""
+    """The defenses ranked by the strongest thief's accuracy (the most robust on top)."""
     ran = [e for e in entries if e["thieves"]]
     if not ran:
         return ""
@@ -127,8 +119,7 @@ def robust_markdown(entries: List[Dict[str, Any]]) -> str:
 
 def run_demo(out_dir="runs/demo", *, fast: bool = False, config=None, jobs: Optional[int] = None,
              device: Any = None, progress: bool = True, attackers: str = "default") -> Dict[str, Any]:
-    """Runs (or resumes) the demo grid, draws the plots, writes summary.md; returns the results.
-    ``attackers="all"`` adds the thieves of :data:`THIEVES_PATH` to the config's."""
+    """Runs (or resumes) the demo grid, draws the plots, writes summary.md; returns the results."""
     if attackers not in ("default", "all"):
         raise ValueError(f"attackers must be 'default' or 'all', got {attackers!r}")
     t0 = time.time()

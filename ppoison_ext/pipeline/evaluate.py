@@ -1,27 +1,9 @@
-"""Utility of a defended victim: ``ppoison eval-bbox VIC_DIR DEFENSE DEFENSE_ARGS --out_dir D``
-(the reference's ``defenses/adversary/eval_bbox.py``).
+"""Utility of a defended victim: ``ppoison eval-bbox VIC_DIR DEFENSE DEFENSE_ARGS --out_dir D``.
 
-Builds the defended black box (:func:`~ppoison_ext.defenses.build_defense`, query log prefix
-``test``), queries it with the victim's test split (``params.json`` dataset, family test
-transform, no shuffling; ``--test_subset N``: the first N images) and writes into ``--out_dir``:
-
-* ``bboxeval.<N>.log.tsv`` — header ``run_id epoch split loss accuracy best_accuracy``, one
-  row ``[run_id, victim epochs, test, loss, acc, acc]``; N is the number of test images;
-  ``accuracy`` is the top-1 accuracy (%) of argmax y′, ``loss`` the mean negative
-  log-likelihood of the true label under y′ + 1e-7 renormalised,
-  ``mean_i −log((y′_i,c + 1e-7) / Σ_k (y′_i,k + 1e-7))``, a proper loss of the released
-  probabilities;
-* ``distancetest.log.tsv`` (+ the query log) — written by the defense's
-  :class:`~ppoison_ext.defenses.QueryLogger`: mean/std of ‖y−y′‖₁, ‖y−y′‖₂, KL(y‖y′) over
-  all test queries, every 1000 queries and once at the end;
-* ``params_evalbbox.json`` — the settings, the parsed defense arguments (including
-  ``log_prefix='test'``, overriding same-named settings) and ``created_on``.
-
-``--batch_size`` queries go in one call (batching does not change the answers of the
-batch-independent defenses); a white-box defense is queried one image at a time. Deliberate
-differences from the reference: ``docs/differences.md``. Example::
-
-    ppoison eval-bbox models/victim/MNIST-lenet-train-nodefense mad "epsilon:0.5,objmax:True" --out_dir D
+Queries the defended black box (query log prefix ``test``) with the victim's test split and writes
+into ``--out_dir``: ``bboxeval.<N>.log.tsv`` (one ``test`` row: the mean NLL of the true label under
+y′ + 1e-7 renormalised, and the top-1 accuracy in %), the defense's ``distancetest.log.tsv`` and
+query log, and ``params_evalbbox.json``. A white-box defense is queried one image at a time.
 """
 
 from __future__ import annotations
@@ -52,28 +34,23 @@ __all__ = ["eval_bbox", "EvalSettings", "build_parser", "main"]
 
 
 def eval_bbox(*args: Any, **kwargs: Any) -> Dict[str, Any]:
-    """Evaluates a defended victim on its test set: ``EvalSettings.of(*args, **kwargs).run()``,
-    e.g. ``eval_bbox(victim_dir, "mad", "epsilon:0.5", out_dir, device=-1)`` (``defense_args``
-    may be None or a mapping; DataLoader workers default to 0 here)."""
+    """Evaluates a defended victim on its test set: ``EvalSettings.of(*args, **kwargs).run()``."""
     return EvalSettings.of(*args, **kwargs).run()
 
 
 @dataclass(kw_only=True)
 class EvalSettings(CommonSettings):
-    """Accuracy and perturbation size of a defended victim on its test set
-    (defenses/adversary/eval_bbox.py)."""
+    """Accuracy and perturbation size of a defended victim on its test set."""
 
     call_defaults = {"nworkers": 0}
 
-    victim_model_dir: str = setting(metavar="VIC_DIR",
-                                    help="victim folder (params.json + checkpoint.pth.tar)")
+    victim_model_dir: str = setting(metavar="VIC_DIR", help="victim folder")
     defense: str = setting(metavar="DEFENSE", choices=DEFENSE_NAMES, help="defense: %(choices)s")
     defense_args: str = setting(metavar="DEFENSE_ARGS",
                                 help="defense arguments 'key:value,...' (e.g. 'epsilon:0.5,objmax:True'; "
                                      "'' for none)")
     out_dir: str = setting("--out_dir", metavar="PATH", help="output folder")
-    batch_size: int = setting("--batch_size", default=256, metavar="N",
-                              help="queries per call (default: 256; the reference used 1)")
+    batch_size: int = setting("--batch_size", default=256, metavar="N", help="queries per call (256)")
     device_id: int = device_setting()
     nworkers: int = setting("-w", "--nworkers", default=10, metavar="N",
                             help="DataLoader worker processes (default: 10)")
@@ -81,9 +58,7 @@ class EvalSettings(CommonSettings):
                                          help="evaluate the first N test images only")
 
     def run(self) -> Dict[str, Any]:
-        """Evaluates the defended victim (see the module docs); ``seed`` None leaves the RNGs alone.
-        Returns ``{"accuracy", "loss", "n", "l1_mean", "l1_std", "l2_mean", "l2_std", "kl_mean",
-        "kl_std", "log"}`` (accuracy in %, distances over all queries)."""
+        """Returns ``{"accuracy", "loss", "n", "log"}`` and the l1/l2/KL ``*_mean`` / ``*_std``."""
         batch_size = self.batch_size
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")

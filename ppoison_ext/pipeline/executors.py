@@ -1,23 +1,12 @@
-"""Where the grid's cells run: :func:`run_jobs` runs them in this process, in worker processes on
-this machine (the default), or on a Ray cluster (:class:`RayExecutor`).
+"""Where the grid's cells run: :func:`run_jobs` runs them in this process, in spawned worker
+processes (one torch thread each, exiting when the grid is gone), or on a Ray cluster
+(:class:`RayExecutor`). Each step keeps its own books on disk, so an executor only has to run
+every job to its end, however often a run of it is cut short.
 
-A cell is a job dict run by a step function of :mod:`.grid` (``_grid_job``, ``_transfer_step``, ...).
-The step keeps its own books on disk (``started.json`` / ``done.json`` markers, resuming inside
-each step), so an executor only has to run every job to its end, however often a run of it is
-cut short, and hand the result back to the driver, which rewrites the results files.
-
-Local workers are spawned processes with one torch thread each; each watches its parent and exits
-when the grid is gone (a SIGKILLed grid cannot stop them, and they would race the rerun).
-
-Ray (``pip install ppoison_ext[ray]``): every cell is a task asking for one CPU, and one GPU when
-the grid's device is a GPU and the cluster has any; a task whose worker dies is retried
-(``max_retries``) and the retry resumes from the files. Without an address a local cluster is
-started for the run, listening on the loopback address only; with one (``ray.init(address=...)``,
-``"auto"`` for the cluster ``ray start`` runs on this machine) the cells go to that cluster, whose
-workers must import this package and see the grid's output folder at the same path. A grid
-that is killed takes its running cells with it (Ray ends the tasks of a driver that is gone, and a
-local cluster dies with it), so a rerun never races them: the local workers' orphan watchdog is
-not needed here.
+Ray (``pip install ppoison_ext[ray]``): a cell is a task asking for one CPU (and one GPU for a GPU
+grid on a cluster that has one), retried when its worker dies. Without an address a local cluster
+listening on the loopback address only is started; with one, the cluster's workers must import
+this package and see the grid's output folder at the same path.
 """
 
 from __future__ import annotations
@@ -38,9 +27,8 @@ __all__ = ["EXECUTORS", "RAY_LOCAL_ENV", "RayExecutor", "is_gpu", "open_executor
 
 EXECUTORS = ("local", "ray")
 
-#: the environment a local Ray cluster starts with: no usage reports, and the loopback address as
-#: the node's address, so that every Ray server listens on 127.0.0.1 only (by default Ray takes
-#: the address that routes outwards and listens on all interfaces)
+#: the environment a local Ray cluster starts with: no usage reports, and its servers listening on
+#: 127.0.0.1 only
 RAY_LOCAL_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 #: the Ray task's name, also the title of a worker process while it runs a cell (``ray::<name>``)
@@ -74,8 +62,7 @@ def _token_available() -> bool:
 
 
 def _target(fn: Callable) -> str:
-    """``module:name`` of a step function, to import it in the worker (a ``python -m`` run has
-    it in ``__main__``)."""
+    """``module:name`` of a step function, to import it in the worker."""
     module = fn.__module__
     if module == "__main__":
         spec = getattr(sys.modules["__main__"], "__spec__", None)
@@ -86,14 +73,11 @@ def _target(fn: Callable) -> str:
 
 
 def _on_assigned_gpu(job: Dict[str, Any]) -> Dict[str, Any]:
-    """The job with its steps on GPU 0: Ray shows a task only the GPU it assigned
-    (``CUDA_VISIBLE_DEVICES``), whatever index the grid was given."""
-    out = {}
+    """The job with its steps on GPU 0, the only one Ray shows a task."""
+    out = dict(job)
     for k, v in job.items():
-        if dataclasses.is_dataclass(v) and not isinstance(v, type) and \
-                any(f.name == "device_id" for f in dataclasses.fields(v)):
-            v = dataclasses.replace(v, device_id=0)
-        out[k] = v
+        if dataclasses.is_dataclass(v) and any(f.name == "device_id" for f in dataclasses.fields(v)):
+            out[k] = dataclasses.replace(v, device_id=0)
     return out
 
 
@@ -109,9 +93,8 @@ def _run_cell(target: str, job: Dict[str, Any], gpu: bool) -> Any:
 
 
 class RayExecutor:
-    """Runs cells as Ray tasks (see the module docs). A context manager: entering connects to
-    ``address`` or starts a local cluster of ``num_cpus`` CPUs (or uses the connection this
-    process already has); leaving shuts down what it started."""
+    """Runs cells as Ray tasks. A context manager: entering connects to ``address`` or starts a
+    local cluster of ``num_cpus`` CPUs; leaving shuts down what it started."""
 
     def __init__(self, address: Optional[str] = None, num_cpus: Optional[int] = None, max_retries: int = 3):
         self.address = address
@@ -157,8 +140,7 @@ class RayExecutor:
             self._started = False
 
     def run(self, fn: Callable, jobs: List[Dict[str, Any]], gpu: bool = False) -> Iterator[Tuple[int, Any]]:
-        """Submits every job; yields ``(index, result)`` as cells finish, in any order. A cell that
-        failed raises when it comes up, after the cells still running have finished."""
+        """Yields ``(index, result)`` as cells finish; a failure raises once the others are done."""
         import ray
 
         if gpu and not ray.cluster_resources().get("GPU"):
@@ -189,8 +171,7 @@ class RayExecutor:
 
 
 def open_executor(name: str, *, address: Optional[str] = None, workers: int = 1):
-    """The executor a grid runs its cells with: None for the local process pool, else a
-    context manager that yields it."""
+    """A context manager giving the executor: None for the local process pool, or Ray's."""
     if name == "local":
         if address is not None:
             raise ValueError("--address needs --executor ray")
@@ -217,9 +198,8 @@ def _worker_init(parent: int) -> None:
 def run_jobs(fn: Callable, jobs: List[Dict[str, Any]], workers: int, desc: str, progress: bool,
              after: Optional[Callable[[], Any]] = None, executor: Optional[RayExecutor] = None,
              gpu: bool = False) -> List[Any]:
-    """Runs ``fn(job)`` for every job, on ``executor`` if given, else in ``workers`` spawned
-    processes (here when one is enough); calls ``after()`` as each finishes. Returns the results
-    in the order of ``jobs``."""
+    """Runs ``fn(job)`` for every job (on ``executor``, or in ``workers`` processes), calling
+    ``after()`` as each finishes; returns the results in the order of ``jobs``."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 

@@ -2,56 +2,18 @@
 
     ppoison grid CONFIG.toml --out runs/NAME [--jobs 2] [--device -1] [--executor ray [--address ADDR]]
 
-Steps per grid, each skipped when its ``done.json`` marker exists with the same settings
-(a rerun resumes; the steps themselves resume mid-way, see each one):
+Trains each victim and its MAD proxy, evaluates the defended victim at every defense setting, and
+per victim × attack × defense setting (a "cell") builds the transfer set and trains the attacker
+through the budgets. Each step is skipped when its ``done.json`` holds the same settings, so a
+rerun resumes. ``results.csv`` / ``results.json`` are rebuilt from the files after every cell.
 
-1. per victim: ``train-victim`` into ``<out>/victims/<DS>-<arch>``, and the MAD proxy
-   (the reference's recipe: 1 epoch, 10 images, lr 0) into ``.../<DS>-<arch>-proxy``;
-2. per victim × defense setting: ``eval-bbox`` (defender accuracy, perturbation size) into
-   ``<out>/eval/<victim>/<defense>/<value>``;
-3. per victim × attack × defense setting ("cell"): the transfer set under the defense and
-   the attacker trained through the budgets, into ``<out>/attack/<victim>/<attack>/<defense>/<value>``.
-
-Cells run in ``jobs`` worker processes (one torch thread each), or as tasks of a Ray cluster
-with ``--executor ray`` (:mod:`.executors`; victims train in this process either way). After
-every finished cell ``results.csv`` / ``results.json`` are rewritten from the files on disk, so
-the tables are always rebuilt from the runs, never from memory.
-
-Config (TOML; unknown keys are errors):
-
-* ``[experiment]``: ``name``, ``seed`` (42), ``device`` (-1 CPU / GPU index), ``jobs``,
-  ``data_root``.
-* ``[[victim]]``: ``dataset``, ``arch``, and train-victim settings (``epochs``, ``lr``,
-  ``momentum``, ``batch_size``, ``lr_step``, ``lr_gamma``, ``train_subset``, ``test_subset``, ...).
-* ``[[attack]]``: ``label``, ``policy`` (random/adaptive), ``queryset``, ``budget`` (queries),
-  ``batch_size``, ``arch``, ``budgets`` (attacker training sizes), ``epochs``, ``lr``,
-  ``momentum``, ``lr_step``, ``batch_size_train``, ``argmaxed``, ``test_subset``, ...
-  Thieves beside it: ``transferset_from = LABEL`` reuses that attack's transfer set (the same
-  queries and answers: no query is sent) through the defense-aware step, set by that step's
-  keys (``hardlabel``, ``recover``, ``recover_table``, ``dirichlet_prior``, ``table_size``, ...;
-  :mod:`.aware`); ``at = "least_loss"`` runs an attack only at each defense's setting of least
-  defender loss that lowers the ``judged_by`` (default: ``transferset_from``) thief's accuracy
-  by ``hurts_by`` (1.0) points (:func:`least_loss_settings`), after the attacks run at all
-  settings. A thief whose transfer set and training settings equal an earlier cell's gets
-  that cell's attacker instead of training the same model again (``done.json`` says
-  ``trained_in``). ``results.json``'s ``robust`` lists the best thief per setting.
-* ``[eval]``: ``batch_size``, ``test_subset``, ...
-* ``[[defense]]``: ``label``, ``name`` (the reference's names), ``args`` (a defense_args
-  template: ``{value}`` is replaced by each entry of ``values``, ``{proxy}`` by the proxy
-  folder, ``{victim}`` by the folder of the model the defense serves), optional ``param`` and
-  ``values``, and ``victim_options``: train-victim settings of a model trained for this
-  defense alone (e.g. ``{outlier_exposure = "FashionMNIST"}`` for Adaptive Misinformation's
-  defender, into ``victims/<DS>-<arch>-<label>``); its defender loss is against the plain victim.
-
-The victim, attack and eval tables are partial settings of their steps: any setting of the step
-is accepted (e.g. ``weighted_loss = true`` in ``[[victim]]``, ``optimizer_choice = "adam"`` or
-``reward = "div"`` in ``[[attack]]``), checked by the step's settings dataclass, except those the
-grid sets itself (folders, device, seed, data root, workers, resuming). Extra keys are
-fingerprinted with their table, so setting one reruns what it affects.
-
-This module runs the grid (the ``done.json`` markers, the steps, :func:`run_grid`, the command);
-:mod:`.grid_config` reads the config, :mod:`.grid_results` rebuilds the results from the files,
-:mod:`.executors` runs the cells.
+TOML sections (unknown keys are errors): ``[experiment]`` (``name``, ``seed``, ``device``, ``jobs``,
+``data_root``); ``[[victim]]`` (``dataset``, ``arch`` and train-victim settings); ``[[attack]]``
+(``label``, ``policy``, ``queryset``, ``budget``, ``arch``, ``budgets``, ``batch_size_train`` and
+other transfer / train-attacker settings; thieves: ``transferset_from``, ``at = "least_loss"``,
+``judged_by``, ``hurts_by``); ``[eval]`` (eval-bbox settings); ``[[defense]]`` (``label``,
+``name``, ``args`` with ``{value}`` / ``{proxy}`` / ``{victim}``, ``param``, ``values``, and
+``victim_options``: train-victim settings of a model trained for this defense alone).
 """
 
 from __future__ import annotations
@@ -81,11 +43,6 @@ __all__ = ["GridConfig", "STEP_TABLES", "TABLE_KEYS", "load_config", "run_grid",
            "defense_victim"]
 
 
-def _step_settings(spec: Table, step: int, **grid_values: Any):
-    """Step ``step``'s settings dataclass from the table ``spec`` and the values the grid sets."""
-    return spec.step_settings(step, **grid_values)
-
-
 def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -106,8 +63,7 @@ def _mark_done(folder: Path, settings: Dict[str, Any], extra: Optional[Dict[str,
 
 
 # What each step writes into its folder: deleted when the folder holds the outputs of other
-# settings, because every step resumes from what it finds (a victim or attacker checkpoint of
-# another recipe, a transfer set of another defense) and would otherwise mix the two.
+# settings, which the step would otherwise resume from.
 VICTIM_FILES = ("checkpoint.pth.tar", "last.pth.tar", "model_best.pth.tar", "train.log.tsv", "params.json",
                 "done.json")
 EVAL_FILES = ("bboxeval.*.log.tsv", "distancetest.log.tsv", "queriestest.*", "params_evalbbox.json", "done.json")
@@ -119,9 +75,8 @@ _TRANSFER_KEYS = ("victim", "victim_recipe", "defense", "args", "seed")
 
 
 def _start(folder: Path, settings: Dict[str, Any], patterns: Sequence[str], marker: Optional[Path] = None) -> None:
-    """Claims ``folder`` for ``settings`` before a step runs there. When ``marker`` (default
-    ``folder/started.json``) says an earlier run used other settings, the files of ``patterns``
-    are deleted first: a changed config reruns the step instead of resuming foreign files."""
+    """Claims ``folder`` for ``settings``, first deleting the files of ``patterns`` when ``marker``
+    (default ``folder/started.json``) says an earlier run used other settings."""
     marker = marker or folder / "started.json"
     fingerprint = _fingerprint(settings)
     previous = None
@@ -140,10 +95,6 @@ def _start(folder: Path, settings: Dict[str, Any], patterns: Sequence[str], mark
                     f.unlink()
     marker.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(marker, {"fingerprint": fingerprint, "settings": settings})
-
-
-# ---------------------------------------------------------------------------------------------
-# Steps
 
 
 def _train_victim(folder: Path, exp: ExperimentSpec, v: Table, progress: bool) -> None:
@@ -174,15 +125,13 @@ def _eval_step(job: Dict[str, Any]) -> Dict[str, Any]:
     if _done(folder, job["settings"]):
         return json.loads((folder / "done.json").read_text())["result"]
     _start(folder, job["settings"], EVAL_FILES)
-    res = job["eval"].run()
-    res = {k: v for k, v in res.items() if k != "log"}
+    res = {k: v for k, v in job["eval"].run().items() if k != "log"}
     _mark_done(folder, job["settings"], {"result": res})
     return res
 
 
 def _transfer_step(job: Dict[str, Any]) -> Dict[str, Any]:
-    """A cell's transfer set: queried (``transfer``), or made from another cell's by the
-    defense-aware step (``aware``: the settings, ``source``: that cell's folder)."""
+    """A cell's transfer set: queried, or made from another cell's by the defense-aware step."""
     folder = Path(job["folder"])
     tsettings = job["transfer_settings"]
     if not _done(folder / "transfer", tsettings):
@@ -198,8 +147,7 @@ def _transfer_step(job: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _train_step(job: Dict[str, Any]) -> Dict[str, Any]:
-    """Trains the cell's attacker; ``job["content"]`` is its :func:`_content_key` (from
-    :func:`_transfer_step`), recorded in ``done.json``."""
+    """Trains the cell's attacker, recording its :func:`_content_key` in ``done.json``."""
     folder = Path(job["folder"])
     if not _done(folder, job["settings"]):
         _start(folder, job["settings"], ATTACKER_FILES)
@@ -208,13 +156,9 @@ def _train_step(job: Dict[str, Any]) -> Dict[str, Any]:
     return {"folder": str(folder)}
 
 
-def _attack_step(job: Dict[str, Any]) -> Dict[str, Any]:
-    return _train_step({**job, "content": _transfer_step(job)["content"]})
-
-
 def _content_key(folder: Path, train_key: Dict[str, Any]) -> Optional[str]:
-    """What an attacker trained in ``folder`` depends on: the bytes of its transfer set, and
-    the attack's training settings and victim task; equal keys train the same model."""
+    """A hash of what the attacker trained in ``folder`` depends on: its transfer set's bytes and
+    ``train_key``; equal keys train the same model."""
     from ..attacks.transferset import INDEX_FILE, PATHS_FILE, X_FILE, Y_FILE
 
     if not (folder / "transferset.json").is_file():
@@ -247,15 +191,15 @@ def _grid_job(job: Dict[str, Any]) -> Dict[str, Any]:
     if job["kind"] == "victim":
         _train_victim(Path(job["folder"]), job["experiment"], job["spec"], progress=False)
         return {"folder": job["folder"]}
-    return (_eval_step if job["kind"] == "eval" else _attack_step)(job)
+    if job["kind"] == "eval":
+        return _eval_step(job)
+    return _train_step({**job, "content": _transfer_step(job)["content"]})
 
 
 def run_grid(config, out_dir, *, jobs: Optional[int] = None, device: Any = None, progress: bool = True,
              only_defenses: Optional[Sequence[str]] = None, executor: str = "local",
              address: Optional[str] = None) -> Dict[str, Any]:
-    """Runs (or resumes) every step of the grid; returns :func:`collect_results`. ``executor``:
-    ``"local"`` (worker processes) or ``"ray"`` (Ray tasks on the cluster at ``address``, or on a
-    local one), see :mod:`.executors`."""
+    """Runs (or resumes) every step of the grid; returns :func:`collect_results`."""
     cfg = config if isinstance(config, GridConfig) else load_config(config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -300,7 +244,6 @@ def run_grid(config, out_dir, *, jobs: Optional[int] = None, device: Any = None,
                     aware_dirs = {"aware_out": str(folder), "shadow_dir": str(folder / "shadows")} if source else {}
                     transfer = a.step_settings(0, victim_model_dir=str(ddir), defense=d.name, defense_args=args,
                                                out_dir=str(source or folder), nworkers=0, **aware_dirs, **own)
-                    # the transfer set depends on the victim, defense, seed and transfer settings only
                     tsettings = {**{k: base[k] for k in _TRANSFER_KEYS}, "attack": a.step_values(0)}
                     if source is not None:
                         tsettings["from"] = a.transferset_from
@@ -342,10 +285,8 @@ def run_grid(config, out_dir, *, jobs: Optional[int] = None, device: Any = None,
 
 def _run_thieves(jobs: List[Dict[str, Any]], finished: List[Dict[str, Any]], workers: int, progress: bool,
                  refresh, ex, gpu: bool) -> None:
-    """Runs the cells that come after the first attacks: their transfer sets first (queried, or
-    made from another cell's), then one training per distinct content (transfer set bytes and
-    training settings); a cell whose content an earlier cell already trained on gets that
-    cell's attacker (the same model, see :func:`_content_key`)."""
+    """Runs the thieves' cells: their transfer sets, then one training per distinct
+    :func:`_content_key`; a cell whose content was already trained on gets a copy of that attacker."""
     trained: Dict[str, Path] = {}
     for c in finished:
         marker = Path(c["folder"]) / "done.json"
@@ -375,24 +316,17 @@ def _run_thieves(jobs: List[Dict[str, Any]], finished: List[Dict[str, Any]], wor
         refresh()
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog or "ppoison grid", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="grid TOML file")
     p.add_argument("--out", required=True, help="output folder (reruns resume here)")
     p.add_argument("--jobs", type=int, default=None, help="parallel worker processes (default: the config's)")
-    p.add_argument("-d", "--device", type=device_arg, default=None,
-                   help="GPU index, -1 for the CPU (default: the config's)")
+    p.add_argument("-d", "--device", type=device_arg, default=None, help="GPU, -1: CPU (default: config's)")
     p.add_argument("--only", default=None, help="comma-separated defense labels to run")
-    p.add_argument("--executor", choices=("local", "ray"), default="local",
-                   help="where cells run: local worker processes (default) or Ray tasks")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster to run on (ray.init address, 'auto' for this machine's; default: "
-                        "$RAY_ADDRESS, else a local cluster of --jobs CPUs on 127.0.0.1)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local", help="local processes or Ray")
+    p.add_argument("--address", default=None, help="Ray cluster address ('auto': this machine's; default: "
+                   "$RAY_ADDRESS, else a local cluster of --jobs CPUs)")
     p.add_argument("--plots", action="store_true", help="also draw the plots (ppoison_ext.pipeline.plots)")
     p.add_argument("--no-progress", action="store_true")
     return p

@@ -1,11 +1,6 @@
-"""The grid's TOML config (see :mod:`.grid` for its keys): reading and checking it, and the step
-settings its tables give.
-
-The ``[[victim]]``, ``[[attack]]`` and ``[eval]`` tables are partial settings of the steps they
-configure (:data:`STEP_TABLES`), each key checked by its step's settings dataclass under the
-step's name for it, but for the few the table spells its own way (``arch``, ``batch_size_train``).
-A table's grid keys (:data:`TABLE_KEYS`) are what the fingerprints of its outputs hold; its other
-keys are kept in its ``options``.
+"""The grid's TOML config (keys: :mod:`.grid`): reading and checking it, and the step settings its
+tables give. ``[[victim]]``, ``[[attack]]`` and ``[eval]`` are partial settings of their steps
+(:data:`STEP_TABLES`), each key checked by the step's settings dataclass.
 """
 
 from __future__ import annotations
@@ -48,9 +43,7 @@ class DefenseSpec:
     args: str = ""
     param: Optional[str] = None
     values: List[Any] = field(default_factory=list)
-    #: train-victim settings of a model trained for this defense alone (e.g. Adaptive
-    #: Misinformation's Outlier-Exposure defender): the defense serves that model instead of
-    #: the plain victim; ``{victim}`` in ``args`` names its folder
+    #: train-victim settings of a model the defense serves instead of the plain victim
     victim_options: Dict[str, Any] = field(default_factory=dict)
 
     def settings(self, proxy_dir: str, victim_dir: str = "") -> List[Tuple[Optional[Any], str]]:
@@ -60,8 +53,7 @@ class DefenseSpec:
 
 
 class StepTable(NamedTuple):
-    """How a grid table configures one step: the step's settings dataclass, the table keys
-    spelled otherwise there, and the settings the grid sets."""
+    """A step a grid table configures: its settings class, renamed keys, and grid-set settings."""
 
     cls: type
     renamed: Dict[str, str]
@@ -83,12 +75,8 @@ STEP_TABLES: Dict[str, Tuple[StepTable, ...]] = {
                                                    "nworkers")),),
 }
 
-_STEP_DEFAULT = ...
-#: grid table -> its grid keys and their defaults (``...``: the step setting's default). Besides
-#: step settings: ``label``; ``budgets`` (the attacker's training sizes); a thief's
-#: ``transferset_from`` (reuse the transfer set of the attack with this label, changing only what
-#: is learnt from it: the defense-aware step), ``at`` ("all" settings of every defense, or
-#: "least_loss", see :func:`~.grid_results.least_loss_settings`), ``judged_by``, ``hurts_by``.
+#: grid table -> its grid keys (those the fingerprints hold) and their defaults (``...``: the step
+#: setting's default)
 TABLE_KEYS: Dict[str, Dict[str, Any]] = {
     "victim": {"dataset": "MNIST", "arch": "lenet", "epochs": ..., "lr": ..., "momentum": ..., "batch_size": ...,
                "lr_step": ..., "lr_gamma": ..., "train_subset": ..., "test_subset": ...},
@@ -103,9 +91,8 @@ _RECIPE_DEFAULTS = {"transferset_from": None, "at": "all", "judged_by": None, "h
 
 
 class Table:
-    """A ``[[victim]]``, ``[[attack]]`` or ``[eval]`` table: ``values``, its grid keys
-    (:data:`TABLE_KEYS`, defaults filled in; read as attributes, ``v.epochs``), and ``options``,
-    the other step settings it sets."""
+    """A ``[[victim]]``, ``[[attack]]`` or ``[eval]`` table: ``values``, its grid keys (read as
+    attributes, ``v.epochs``), and ``options``, the other step settings it sets."""
 
     def __init__(self, kind: str, values: Dict[str, Any], options: Optional[Dict[str, Any]] = None):
         self.kind = kind
@@ -137,8 +124,7 @@ class Table:
         return d
 
     def step_values(self, step: int) -> Dict[str, Any]:
-        """The keys of the table (values and options) that set step ``step``'s settings, under the
-        table's names."""
+        """The table's keys (values and options) that set step ``step``, under the table's names."""
         out = {}
         for key in TABLE_KEYS[self.kind]:
             route = _route(self.kind, key, True)
@@ -180,16 +166,15 @@ class GridConfig:
 
 def _default(kind: str, key: str) -> Any:
     default = TABLE_KEYS[kind][key]
-    if default is not _STEP_DEFAULT:
+    if default is not ...:
         return default
     step, name = _route(kind, key, True)
     return next(f.default for f in fields(STEP_TABLES[kind][step].cls) if f.name == name)
 
 
 def _route(table: str, key: str, grid_key: bool) -> Optional[Tuple[int, str]]:
-    """(step index, setting name) a key of ``table`` sets, or None for a grid key that is no
-    step setting (``label``, ``budgets``); raises ValueError for a key the grid sets itself or
-    that the table spells otherwise, KeyError for an unknown key."""
+    """(step index, setting name) a key of ``table`` sets, or None for a grid-only key; ValueError
+    for a key the grid sets or the table spells otherwise, KeyError for an unknown one."""
     for i, step in enumerate(STEP_TABLES[table]):
         names = {f.name for f in fields(step.cls)}
         if grid_key:
@@ -268,18 +253,11 @@ def load_config(path) -> GridConfig:
     )
     if not cfg.victims or not cfg.defenses:
         raise ValueError(f"{path}: needs at least one [[victim]] and one [[defense]]")
-    labels = [d.label for d in cfg.defenses]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"{path}: defense labels must be unique, got {labels}")
+    _unique_slugs(path, "defense labels", [d.label for d in cfg.defenses], distinct=True)
     for i, d in enumerate(cfg.defenses):
         for v in cfg.victims:
             defense_victim(v, d, f"{path} [[defense]] #{i + 1}")
-    labels = [a.label for a in cfg.attacks]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"{path}: attack labels must be unique, got {labels}")
-    # labels and values name folders: two that give the same folder name would share its files
-    _unique_slugs(path, "attack labels", labels)
-    _unique_slugs(path, "defense labels", [d.label for d in cfg.defenses])
+    _unique_slugs(path, "attack labels", [a.label for a in cfg.attacks], distinct=True)
     for d in cfg.defenses:
         _unique_slugs(path, f"values of defense {d.label!r}", d.values)
     for i, a in enumerate(cfg.attacks):
@@ -291,7 +269,10 @@ def load_config(path) -> GridConfig:
     return cfg
 
 
-def _unique_slugs(path: Path, what: str, names: Sequence[Any]) -> None:
+def _unique_slugs(path: Path, what: str, names: Sequence[Any], distinct: bool = False) -> None:
+    """Refuses ``names`` that give the same folder name (and, with ``distinct``, equal names)."""
+    if distinct and len(set(names)) != len(names):
+        raise ValueError(f"{path}: {what} must be unique, got {list(names)}")
     folders: Dict[str, Any] = {}
     for name in names:
         other = folders.setdefault(slug(name), name)
@@ -305,8 +286,7 @@ def _aware_keys() -> List[str]:
 
 
 def _check_thief(cfg: GridConfig, a: Table, raw: Dict[str, Any], where: str) -> None:
-    """Checks ``transferset_from`` / ``at`` / ``judged_by`` of ``a``; a thief reusing another
-    attack's transfer set takes that attack's query settings (it sends no queries)."""
+    """Checks ``a``'s thief keys; a thief reusing a transfer set takes its attack's query settings."""
     by_label = {b.label: b for b in cfg.attacks}
     if a.at not in ("all", "least_loss"):
         raise ValueError(f"{where}: at must be 'all' or 'least_loss', got {a.at!r}")

@@ -19,7 +19,7 @@ def _read_log(path: Path) -> Optional[Dict[str, float]]:
     """Final and best test accuracy from a train.<b>.log.tsv (None while unfinished)."""
     if not path.exists():
         return None
-    rows = [r for r in csv.reader(path.read_text().splitlines(), delimiter="\t")]
+    rows = list(csv.reader(path.read_text().splitlines(), delimiter="\t"))
     tests = [r for r in rows[1:] if len(r) >= 6 and r[2] == "test"]
     if not tests:
         return None
@@ -48,11 +48,8 @@ def _transfer_l1(folder: Path) -> Optional[float]:
 
 
 def collect_results(out_dir, cfg: Optional[GridConfig] = None, *, write: bool = True) -> Dict[str, Any]:
-    """Rebuilds the result table from the files of a grid run (see :data:`ROW_KEYS`).
-
-    ``attacker_acc`` is the attacker's best test accuracy over its epochs at that budget (what
-    the reference's checkpoint keeps), ``attacker_acc_final`` the last epoch's; accuracies in %.
-    """
+    """Rebuilds the result rows (:data:`ROW_KEYS`) from the files of a grid run. ``attacker_acc`` is
+    the best test accuracy (%) over the epochs at that budget, ``attacker_acc_final`` the last one's."""
     out = Path(out_dir)
     if cfg is None:
         cfg = GridConfig.from_json(json.loads((out / "grid.json").read_text()))
@@ -124,13 +121,9 @@ def _best_within(rs: List[Dict[str, Any]], label: str, drop: float) -> Optional[
 
 
 def amplification(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Attacker error amplification at equal defender accuracy loss.
-
-    For each victim × attack × defense and each allowed drop of defender accuracy
-    (``AMPLIFICATION_DROPS`` percentage points), the largest
-    (100 − attacker acc) / (100 − attacker acc undefended) over the defense's settings whose
-    defender accuracy dropped by at most that much; at the largest budget.
-    """
+    """Attacker error amplification at equal defender accuracy loss: per victim × attack × defense
+    and allowed drop (:data:`AMPLIFICATION_DROPS` points), the largest (100 − attacker acc) /
+    (100 − undefended attacker acc) over the settings within the drop, at the largest budget."""
     out = []
     groups = _at_largest_budget(rows)
     for victim, attack in sorted(groups):
@@ -151,10 +144,8 @@ def amplification(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def robust(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """The best attacker over all thieves, per victim × first attack × defense setting, at the
-    first attack's largest budget: the first attack (``naive``) and every thief run beside it
-    (rows whose ``thief_of`` names it) at that setting and budget. ``thief`` names the best
-    (the naive one on a tie)."""
+    """The best attacker per victim × attack × defense setting at the largest budget: the attack
+    (``naive``) or a thief run beside it (``thief_of``); ``thief`` names it (the naive one on a tie)."""
     out = []
     for (victim, attack), rs in _at_largest_budget([r for r in rows if not r.get("thief_of")]).items():
         bmax = rs[0]["budget"]
@@ -185,12 +176,10 @@ def _write_results(out: Path, summary: Dict[str, Any]) -> None:
 
 def least_loss_settings(rows: List[Dict[str, Any]], attack: str, hurts_by: float = 1.0
                         ) -> Dict[Tuple[str, str], str]:
-    """Per (victim, defense label), the setting (its folder slug) of least defender loss that
-    hurts the thief ``attack``: the setting the amplification table reports at the smallest
-    allowed drop of defender accuracy (:data:`AMPLIFICATION_DROPS`) at which some setting lowers
-    that thief's accuracy at its largest budget by at least ``hurts_by`` points below the
-    undefended one (ties: the setting that lowers it most). The undefended ``none`` rows are
-    always chosen (the thieves' own baseline); a defense that hurts at no allowed drop is left out."""
+    """Per (victim, defense label), the slug of the setting of least defender loss that lowers the
+    thief ``attack``'s accuracy by ``hurts_by`` points: the amplification table's setting at the
+    smallest allowed drop where one does. ``none`` is always chosen; a defense that never hurts is
+    left out."""
     out: Dict[Tuple[str, str], str] = {}
     for (victim, name), vr in _at_largest_budget(rows).items():
         if name != attack:

@@ -1,31 +1,12 @@
 """Jacobian-based attacks: ``ppoison jacobian POLICY VIC_DIR DEFENSE DEFENSE_ARGS --model_adv ARCH
---out_dir D --testset T --queryset Q`` (the reference's ``defenses/adversary/jacobian.py``).
+--out_dir D --testset T --queryset Q``.
 
-POLICY is ``jbda``, ``jbself`` or ``jbtop<k>`` (e.g. ``jbtop3``); the algorithm and the
-reference bugs that ``--orig_aliasing``, ``--orig_jbself_store``, ``--orig_clamp``,
-``--orig_topk_cap`` and ``--orig_pgd_sign`` restore (all fixed by default) are described in
-:mod:`ppoison_ext.attacks.jbda`.
-
-Setup: seed numpy/torch/CUDA with ``--seed`` (42); the seed set is
-``np.random.choice(len(queryset), --seedsize, replace=False)`` of the query set's training
-split (its family's test transform, or train transform with ``--train_transform``); the
-substitute's family comes from ``--testset``, whose test split is evaluated after every
-substitute epoch; the black box is the defended victim (query log prefix ``transfer``).
-The defaults are the reference's; λ = 0.1, PGD 8 × 0.01.
-
-Writes into ``--out_dir``: ``checkpoint.<queries>.pth.tar`` / ``train.<queries>.log.tsv`` for
-every substitute training (the last one, ``.<budget>``, is the reported attacker),
-``params_transfer.json``, the defense's ``distancetransfer.log.tsv`` and query log, and
-the final set D as a transfer set plus ``jbda_images.pt`` (see
-:func:`~ppoison_ext.attacks.jbda.save_augmented_set`), so ``train-attacker`` can train on it.
-
-Queries are batched (``--query_batch_size``; 1 for a white-box defense); ``--model_adv`` defaults
-to the victim's architecture. Deliberate differences from the reference: ``docs/differences.md``.
-
-Over HTTP: with a URL for VIC_DIR (``ppoison jacobian jbda http://127.0.0.1:8000 --api-key-file F
-...``) the black box is a :class:`~ppoison_ext.client.RemoteBlackbox`; DEFENSE / DEFENSE_ARGS
-are left out (the server's defense is used), K and the default ``--model_adv`` come from
-``/v1/info``, and the query log is the server's.
+POLICY is ``jbda``, ``jbself`` or ``jbtop<k>`` (:mod:`ppoison_ext.attacks.jbda`). The seed set is
+``--seedsize`` images of the query set drawn after seeding with ``--seed``; the substitute is tested
+on ``--testset`` after every epoch. Writes ``checkpoint.<queries>.pth.tar`` /
+``train.<queries>.log.tsv`` per substitute training (the last, ``.<budget>``, is the reported
+attacker), ``params_transfer.json``, the defense's logs, and the final set D as a transfer set plus
+``jbda_images.pt``. VIC_DIR may be a ``ppoison serve`` URL.
 """
 
 from __future__ import annotations
@@ -60,8 +41,7 @@ FAMILY_NORMALIZATION = {"mnist": (MNIST_MEAN, MNIST_STD), "cifar": (CIFAR_MEAN, 
 
 
 def run_jacobian(*args: Any, **kwargs: Any) -> Dict[str, Any]:
-    """Runs a Jacobian-based attack against a defended victim:
-    ``JacobianSettings.of(*args, **kwargs).run()`` (DataLoader workers default to 0 here)."""
+    """Runs a Jacobian-based attack: ``JacobianSettings.of(*args, **kwargs).run()``."""
     return JacobianSettings.of(*args, **kwargs).run()
 
 
@@ -69,13 +49,12 @@ def _opt_int(v: str) -> Optional[int]:
     return None if v.lower() in ("none", "") else int(v)
 
 
-_ORIG = "restore reference bugs (fixed by default)"
+_ORIG = "restore original bugs (fixed by default)"
 
 
 @dataclass(kw_only=True)
 class JacobianSettings(CommonSettings):
-    """Jacobian-based attacks (JBDA, JB-self, JB-top-k) against a defended victim
-    (defenses/adversary/jacobian.py)."""
+    """Jacobian-based attacks (JBDA, JB-self, JB-top-k) against a defended victim."""
 
     call_defaults = {"nworkers": 0}
 
@@ -94,26 +73,21 @@ class JacobianSettings(CommonSettings):
     out_dir: str = setting("--out_dir", metavar="PATH", help="output folder")
     testset: str = setting("--testset", metavar="DSET", help="dataset of the victim")
     queryset: str = setting("--queryset", metavar="DSET", help="dataset of the seed images")
-    batch_size: int = setting("--batch_size", default=64, metavar="N",
-                              help="substitute training batch (default: 64)")
-    train_transform: bool = setting("--train_transform", default=False,
-                                    help="seed images with the train transform")
+    batch_size: int = setting("--batch_size", default=64, metavar="N", help="substitute batch (64)")
+    train_transform: bool = setting("--train_transform", default=False, help="augment the seed images")
     budget: int = setting("--budget", default=10000, metavar="N", help="query limit (default: 10000)")
-    seedsize: int = setting("--seedsize", default=100, metavar="N",
-                            help="size of the seed set (default: 100)")
+    seedsize: int = setting("--seedsize", default=100, metavar="N", help="seed set size (100)")
     rho: Optional[int] = setting("--rho", default=None, metavar="N", parse=_opt_int,
                                  help="number of augmentation rounds")
     sigma: int = setting("--sigma", default=3, metavar="N", help="sample --kappa rows from this round on")
-    kappa: Optional[int] = setting("--kappa", default=None, metavar="N", parse=_opt_int,
-                                   help="rows sampled per round")
+    kappa: Optional[int] = setting("--kappa", default=None, parse=_opt_int, help="rows sampled per round")
     tau: Optional[int] = setting("--tau", default=5, metavar="N", parse=_opt_int,
                                  help="period of the step-size sign flip")
-    train_epochs: int = setting("--train_epochs", default=20, metavar="N",
-                                help="epochs per round (default: 20)")
+    train_epochs: int = setting("--train_epochs", default=20, metavar="N", help="epochs per round (20)")
     final_train_epochs: int = setting("--final_train_epochs", default=100, metavar="N",
                                       help="epochs of the final substitute (default: 100)")
     query_batch_size: int = setting("--query_batch_size", default=64, metavar="N",
-                                    help="images per black-box call (default: 64; the reference used 1)")
+                                    help="images per black-box call (default: 64)")
     test_subset: Optional[int] = setting("--test_subset", default=None, metavar="N",
                                          help="test on the first N test images only")
     device_id: int = device_setting()
@@ -131,9 +105,7 @@ class JacobianSettings(CommonSettings):
                                   help="jbtop: clamp(-lambda, lambda) even for lambda < 0")
 
     def run(self) -> Dict[str, Any]:
-        """Runs the attack (see the module docs). Returns the attack summary
-        (:meth:`JacobianAdversary.run`) plus ``out_dir``, ``policy`` and ``final_checkpoint`` (the
-        reported attacker's checkpoint path)."""
+        """The attack's summary plus ``out_dir``, ``policy`` and ``final_checkpoint``."""
         parse_policy(self.policy)
         if distributed.launched_with_torchrun():
             raise ValueError("the jacobian attack runs in one process; start it with python, not torchrun")
@@ -146,13 +118,12 @@ class JacobianSettings(CommonSettings):
         out_dir = Path(self.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         victim_dir, defense = self.victim_model_dir, self.defense
+        seed_everything(self.seed)
         if is_url(str(victim_dir)):
             blackbox, defense, vparams = remote_blackbox(victim_dir, defense, self.defense_args, self.api_key_file)
-            seed_everything(self.seed)
             qlog, kwargs = None, {"log_prefix": "transfer"}
         else:
             vparams = read_params(victim_dir)
-            seed_everything(self.seed)
             spec = DefenseSpec.parse(defense, self.defense_args)
             qlog = QueryLogger(out_dir, prefix="transfer")
             blackbox = local_blackbox(spec, victim_dir, qlog, dev, out_dir, self.data_root)

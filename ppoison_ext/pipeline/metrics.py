@@ -1,28 +1,11 @@
 """The GRAD² table metric: attacker error at a fixed defender-error cost and at a fixed budget.
 
-The metric comes from the GRAD² paper's results tables. For each victim × attack × defense label,
-at the largest query budget of that victim × attack, and over the defense's grid points in grid
-order:
-
-* ``a_err`` = 100 − ``attacker_acc`` (the attacker's error, in %);
-* ``d_err`` = 100 − ``defender_acc`` (the defender's error, in %);
-* ``e_eps`` = ``l1_transfer``, the mean L1 distance between the defended and the undefended
-  posteriors over the transfer queries (a distance in [0, 2], not a percentage).
-
-The baseline is the ``none`` defense's value of the metric: its ``d_err`` (the victim's test
-error) for ``d_err``, and 0 for ``e_eps``. The targets are absolute offsets from it:
-baseline + :data:`GRAD2_DERR_OFFSETS` percentage points of defender error, and
-0 + :data:`GRAD2_EPS_TARGETS` of L1 distance. Each table cell is :func:`interpolate_at` of the
-defense's (metric, ``a_err``) sequence at the target: the linear interpolation on the first grid
-segment whose keys bracket it, or None when no segment does.
-
-The ``none`` defense's point is prepended to every other defense's sequence as grid point 0, so
-that a target between the undefended point and a defense's first grid setting still brackets;
-our grids do not start at the undefended setting (ε = 0), so this gives every defense the
-undefended start that the metric's own grids have. A grid point whose metric or attacker
-accuracy is missing (None) is a gap: no segment that ends at it can bracket a target. The
-``none`` label's own cells all hold its attacker error, the reference the other rows compare
-against.
+For each victim × attack × defense label, at the largest budget, over the defense's grid points:
+``a_err`` = 100 − ``attacker_acc``, ``d_err`` = 100 − ``defender_acc`` and ``e_eps`` =
+``l1_transfer`` (mean L1 distance between defended and undefended posteriors). The targets are
+the ``none`` defense's ``d_err`` + :data:`GRAD2_DERR_OFFSETS` points, and :data:`GRAD2_EPS_TARGETS`
+of L1 distance; a cell is :func:`interpolate_at` of the (metric, ``a_err``) sequence at its target,
+with the ``none`` point prepended as grid point 0. A missing value is a gap in the sequence.
 """
 
 import math
@@ -56,30 +39,18 @@ def _check_dicts(items: Any, name: str, keys: Sequence[str]) -> None:
 
 
 def _finite(x: Any, name: str) -> float:
-    if isinstance(x, bool):
-        raise ValueError(f"{name} must be a finite number, got {x!r}")
     try:
         f = float(x)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a finite number, got {x!r}") from None
-    if not math.isfinite(f):
+        f = math.nan
+    if isinstance(x, bool) or not math.isfinite(f):
         raise ValueError(f"{name} must be a finite number, got {x!r}")
     return f
 
 
 def interpolate_at(keys: Sequence[float], values: Sequence[float], target: float) -> Optional[float]:
-    """The value at ``target`` on the first segment of the (keys, values) polyline that brackets it.
-
-    Finds the first ``j`` with ``keys[j] <= target <= keys[j + 1]`` and returns the linear
-    interpolation between points ``j`` and ``j + 1``; None when no segment brackets the target
-    (fewer than two points, or a target outside every segment). A segment whose keys decrease
-    never brackets. When the bracketing segment has two equal keys (both equal to the target),
-    the result is ``values[j + 1]``: the metric's own definition divides by zero there.
-
-    Raises:
-        ValueError: ``keys`` and ``values`` differ in length, or an element of ``keys``,
-            ``values`` or ``target`` is not a finite number.
-    """
+    """The linear interpolation at ``target`` on the first segment ``keys[j] <= target <= keys[j + 1]``
+    of the (keys, values) polyline, or None; on a segment of two equal keys, ``values[j + 1]``."""
     ks = [_finite(k, f"keys[{i}]") for i, k in enumerate(keys)]
     vs = [_finite(v, f"values[{i}]") for i, v in enumerate(values)]
     if len(ks) != len(vs):
@@ -97,18 +68,11 @@ def interpolate_at(keys: Sequence[float], values: Sequence[float], target: float
 def _interpolate_with_gaps(points: List[Tuple[Optional[float], Optional[float]]],
                            target: float) -> Optional[float]:
     """:func:`interpolate_at` over (key, value) points where a None key or value is a gap."""
-    run: List[Tuple[float, float]] = []
-    runs = [run]
-    for k, v in points:
-        if k is None or v is None:
-            run = []
-            runs.append(run)
-        else:
-            run.append((k, v))
-    for r in runs:
-        y = interpolate_at([k for k, _ in r], [v for _, v in r], target)
-        if y is not None:
-            return y
+    for (k0, v0), (k1, v1) in zip(points, points[1:]):
+        if None not in (k0, v0, k1, v1):
+            y = interpolate_at([k0, k1], [v0, v1], target)
+            if y is not None:
+                return y
     return None
 
 
@@ -117,25 +81,10 @@ def _err(acc: Any, name: str) -> Optional[float]:
 
 
 def grad2_table(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """The GRAD² table from result rows, one entry per victim × attack × defense label.
-
-    Args:
-        rows: result rows as :func:`ppoison_ext.pipeline.grid.collect_results` returns them under
-            ``"rows"``. Used keys: ``victim``, ``attack``, ``defense`` (``"none"`` for the
-            undefended), ``label``, ``value``, ``budget``, ``attacker_acc`` (%), ``defender_acc``
-            (%, or None) and ``l1_transfer`` (or None; a missing key counts as None). The rows of
-            one label are in grid order. Only each victim × attack's largest budget is used.
-
-    Returns:
-        Entries ``{"victim", "attack", "label", "budget"}`` plus :data:`GRAD2_COLUMNS`, the
-        attacker error in % at each target, or None where no grid segment brackets the target.
-        Entries keep the order in which victims × attacks and labels first appear in ``rows``.
-        Without a ``none`` row for a victim × attack there is no baseline and every cell is None.
-
-    Raises:
-        ValueError: ``rows`` is not a sequence of dicts holding the used keys, or a number in it
-            is not finite.
-    """
+    """The GRAD² table of result rows (:func:`~.grid_results.collect_results`, each label's rows in
+    grid order): one entry ``{"victim", "attack", "label", "budget"}`` plus :data:`GRAD2_COLUMNS`
+    per victim × attack × label, None where no segment brackets the target (all None without a
+    ``none`` row)."""
     _check_dicts(rows, "rows", _ROW_KEYS)
     for i, r in enumerate(rows):
         _finite(r["budget"], f"rows[{i}]['budget']")
@@ -178,11 +127,7 @@ def grad2_table(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def grad2_markdown(table: Sequence[Dict[str, Any]]) -> str:
-    """A markdown table of :func:`grad2_table`'s entries, one row per entry, '–' for None.
-
-    Raises:
-        ValueError: ``table`` is not a sequence of dicts holding :func:`grad2_table`'s keys.
-    """
+    """A markdown table of :func:`grad2_table`'s entries, '–' for None."""
     _check_dicts(table, "table", _ENTRY_KEYS)
     caption = ("Attacker error (%, linear interpolation over each defense's grid) where the defender "
                "error reaches the undefended one + " + "/".join(f"{o:g}" for o in GRAD2_DERR_OFFSETS)

@@ -1,14 +1,6 @@
-"""Plots of a grid run, rebuilt from its results.json.
-
-* ``attacker_vs_budget.png`` — attacker test accuracy vs query budget, one panel per defense,
-  one line per setting (the undefended attacker dashed in every panel);
-* ``tradeoff.png`` — the paper's main figure: attacker test accuracy (largest budget) vs the
-  defended victim's test accuracy, one curve per defense across its settings; where
-  defense-aware thieves ran (``results.json``'s ``robust``), a hollow marker at the best
-  thief's accuracy, joined to the naive one by a dotted line.
-
-Thieves run beside an attack (rows with ``thief_of``) get no figures of their own.
-"""
+"""Plots of a grid run, rebuilt from its ``results.json``: ``attacker_vs_budget.png`` (attacker
+accuracy vs budget, one panel per defense) and ``tradeoff.png`` (attacker vs defended victim
+accuracy at the largest budget, with the best defense-aware thief as a hollow marker)."""
 
 from __future__ import annotations
 
@@ -18,13 +10,6 @@ from pathlib import Path
 from typing import Dict, List
 
 __all__ = ["plot_results"]
-
-
-def _groups(rows: List[Dict], key) -> Dict:
-    out: Dict = {}
-    for r in rows:
-        out.setdefault(key(r), []).append(r)
-    return out
 
 
 def plot_results(out_dir) -> List[Path]:
@@ -38,16 +23,20 @@ def plot_results(out_dir) -> List[Path]:
     results = json.loads((out / "results.json").read_text())
     rows = [r for r in results["rows"] if not r.get("thief_of")]
     robust = results.get("robust", [])
+    groups: Dict = {}
+    for r in rows:
+        groups.setdefault((r["victim"], r["attack"]), []).append(r)
     written = []
-    for (victim, attack), rs in _groups(rows, lambda r: (r["victim"], r["attack"])).items():
-        suffix = "" if len({(r["victim"], r["attack"]) for r in rows}) == 1 else f"-{victim}-{attack}"
+    for (victim, attack), rs in groups.items():
+        suffix = "" if len(groups) == 1 else f"-{victim}-{attack}"
         labels = list(dict.fromkeys(r["label"] for r in rs))
         base = sorted([r for r in rs if r["defense"] == "none"], key=lambda r: r["budget"])
         # (a) attacker accuracy vs budget
         n = len(labels)
         cols = min(4, n)
         nrows = math.ceil(n / cols)
-        fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.0 * nrows), squeeze=False, sharey=True)
+        budget_fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.0 * nrows), squeeze=False,
+                                        sharey=True)
         for ax, label in zip(axes.flat, labels):
             lr = [r for r in rs if r["label"] == label]
             values = list(dict.fromkeys(r["value"] for r in lr))
@@ -68,13 +57,8 @@ def plot_results(out_dir) -> List[Path]:
             ax.set_ylabel("attacker test acc. (%)")
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
-        fig.suptitle(f"Attacker accuracy vs budget — victim {victim}, {attack} ({rs[0]['queryset']} queries)",
-                     fontsize=11)
-        fig.tight_layout()
-        path = out / f"attacker_vs_budget{suffix}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        budget_fig.suptitle(f"Attacker accuracy vs budget — victim {victim}, {attack} "
+                            f"({rs[0]['queryset']} queries)", fontsize=11)
         # (b) trade-off at the largest budget
         bmax = max(r["budget"] for r in rs)
         top = [r for r in rs if r["budget"] == bmax and r["defender_acc"] is not None]
@@ -118,9 +102,10 @@ def plot_results(out_dir) -> List[Path]:
         ax.set_title(f"Defense trade-off — victim {victim}, {attack}", fontsize=11)
         zoom.set_title("the same, defender loss ≤ 10 points", fontsize=11)
         ax.legend(fontsize=7, loc="best", ncol=2)
-        fig.tight_layout()
-        path = out / f"tradeoff{suffix}.png"
-        fig.savefig(path, dpi=130)
-        plt.close(fig)
-        written.append(path)
+        for figure, name, dpi in ((budget_fig, "attacker_vs_budget", 120), (fig, "tradeoff", 130)):
+            figure.tight_layout()
+            path = out / f"{name}{suffix}.png"
+            figure.savefig(path, dpi=dpi)
+            plt.close(figure)
+            written.append(path)
     return written

@@ -1,17 +1,8 @@
 """Typed settings of the pipeline steps: one dataclass per step, shared by the command line, the
-grid's TOML tables and Python calls. The dataclass *is* the step: :meth:`CommonSettings.run` is
-its body, and the step function (``train_victim``, ``transfer``, ...) is
-``Settings.of(*args, **kwargs).run()``.
-
-Each field is declared with :func:`setting`, which records the command-line flag beside the
-default and the type (``batch_size: int = setting("-b", "--batch-size", default=64, help=...)``;
-no flags: a positional). The class then gives :func:`build_parser` (argparse: types from the
-annotations, ``required`` for flags without a default), :func:`from_args`, :func:`from_dict` /
-:func:`check_values` (a mapping such as a TOML table: unknown keys, wrong types and values outside
-``choices`` are ValueErrors naming the key), :meth:`CommonSettings.of` (a Python call) and
-:func:`entry_points` (the ``build_parser`` / ``main(argv)`` of a step module). Field names are the
-flags' ``dest``, so :meth:`CommonSettings.params`, the ``params*.json`` record, keeps the
-reference's keys.
+grid's TOML tables and Python calls. The dataclass is the step: :meth:`CommonSettings.run` is its
+body and ``train_victim(...)`` etc. are ``Settings.of(...).run()``. Each field is declared with
+:func:`setting` (flags, default, help); field names are the flags' ``dest`` and the keys of the
+``params*.json`` record.
 """
 
 from __future__ import annotations
@@ -56,25 +47,16 @@ class Flag:
 def setting(*flags: str, default: Any = MISSING, help: str = "", metavar: Optional[str] = None,
             choices: Union[Sequence[Any], Callable[[], Sequence[Any]], None] = None,
             parse: Optional[Callable[[str], Any]] = None, group: Optional[str] = None) -> Any:
-    """A dataclass field that is also a command-line argument.
-
-    Args:
-        flags: the option strings (``"-b", "--batch-size"``); none makes a positional argument.
-            The field's name is the ``dest``.
-        default: the default; a flag without one is required.
-        help, metavar: as argparse (``%(default)s`` and ``%(choices)s`` work in ``help``).
-        choices: the allowed values, or a function returning them (looked up when a parser is
-            built or a value checked, so the step module need not import them at load time).
-        parse: converts the command-line string (default: the annotated type, ``int`` for
-            ``Optional[int]``); ``bool`` fields are switches instead: ``store_true`` when the
-            default is False, ``--x/--no-x`` when it is True.
-        group: the title of the ``--help`` section the flag is listed in.
+    """A dataclass field that is also a command-line argument: no ``flags`` makes a positional,
+    a flag without ``default`` is required. ``choices`` may be a function (looked up lazily);
+    ``parse`` converts the string (default: the annotated type); ``bool`` fields are switches
+    (``store_true``, or ``--x/--no-x`` when the default is True); ``group`` is a ``--help`` section.
     """
     return field(default=default, metadata={_FLAG: Flag(tuple(flags), help, metavar, choices, parse, group)})
 
 
 def device_setting(help: str = "GPU index, -1 for CPU (default: 0; the CPU when there is no GPU)") -> Any:
-    """The reference's ``-d/--device_id`` flag (default 0) of every step."""
+    """The ``-d/--device_id`` flag of every step (default 0)."""
     return setting("-d", "--device_id", default=0, metavar="D", help=help)
 
 
@@ -84,9 +66,8 @@ CALL_ALIASES = {"device": "device_id", "arch": "model_arch", "victim_dir": "vict
 
 
 def device_arg(text: str) -> Union[int, str]:
-    """A ``-d`` value of the grid and the demo as the steps' ``device_id`` takes it: a GPU index
-    (-1 for the CPU) as an int, else the device string (parsed by :func:`ppoison_ext.devices.as_device`
-    where the step runs)."""
+    """A ``-d`` value of the grid and the demo: a GPU index (-1: the CPU) as an int, else the device
+    string (parsed by :func:`ppoison_ext.devices.as_device` where the step runs)."""
     return int(text) if text.strip().lstrip("-").isdigit() else text
 
 
@@ -101,23 +82,19 @@ class CommonSettings:
     data_root: Optional[str] = setting("--data-root", default=None, metavar="DIR",
                                        help="dataset root (default: $PPOISON_DATA, then the embedded "
                                             "MNIST/notMNIST data)")
-    seed: int = setting("--seed", default=42, metavar="N", help="random seed (default: 42, the reference's "
-                                                                "DEFAULT_SEED)")
+    seed: int = setting("--seed", default=42, metavar="N", help="random seed (default: 42)")
     no_progress: bool = setting("--no-progress", default=False, help="hide the progress bars")
 
     @classmethod
     def of(cls: Type[S], *args: Any, **kwargs: Any) -> S:
-        """The settings of a Python call of the step: a settings object as it is, else positional
-        arguments fill the fields in declaration order and keywords name fields, or one of
-        :data:`CALL_ALIASES` (``device=`` for ``device_id``), or ``progress`` (the inverse of
-        ``no_progress``); :attr:`call_defaults` replace the command line's defaults."""
+        """The settings of a Python call of the step: positionals fill the fields in order, keywords
+        name fields, :data:`CALL_ALIASES` or ``progress``; :attr:`call_defaults` apply."""
         if len(args) == 1 and not kwargs and isinstance(args[0], cls):
             return args[0]
         names = [f.name for f in fields(cls)]
         own = [f.name for f in fields(cls) if f.name not in _COMMON]
         if len(args) > len(own):
             raise TypeError(f"{cls.__name__}.of() takes at most {len(own)} positional arguments, got {len(args)}")
-        values = {k: v for k, v in cls.call_defaults.items()}
         given = dict(zip(own, args))
         for key, value in kwargs.items():
             if key == "progress":
@@ -130,24 +107,20 @@ class CommonSettings:
         unknown = sorted(set(given) - set(names))
         if unknown:
             raise TypeError(f"{cls.__name__}.of() got unexpected keywords {unknown}")
-        return cls(**{**values, **given})
+        return cls(**{**cls.call_defaults, **given})
 
     def run(self) -> Any:
         """Runs the step with these settings; returns what the step returns."""
         raise NotImplementedError(f"{type(self).__name__} does not define run()")
 
     def params(self) -> Dict[str, Any]:
-        """The settings as the ``params*.json`` record of a run (every flag but ``--no-progress``),
-        in command-line order, as JSON values."""
+        """The ``params*.json`` record: every setting but ``no_progress``, in command-line order."""
         return {f.name: jsonable(getattr(self, f.name)) for f in _ordered(type(self)) if f.name != "no_progress"}
 
 
 def jsonable(value: Any) -> Any:
-    """``value`` as a JSON value of a params record (paths and devices as strings, and
-    non-finite floats, which JSON lacks)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, (Path, torch.device)):
+    """``value`` as a JSON value of a params record (paths, devices and non-finite floats as strings)."""
+    if isinstance(value, (Path, torch.device)) or (isinstance(value, float) and not math.isfinite(value)):
         return str(value)
     return value
 
@@ -170,23 +143,16 @@ def _strip_optional(tp: Any) -> Tuple[Any, bool]:
     return tp, False
 
 
-def _flag(f: dataclasses.Field) -> Flag:
-    flag = f.metadata.get(_FLAG)
-    if flag is None:
-        raise TypeError(f"settings field {f.name!r} is not declared with setting()")
-    return flag
-
-
-def build_parser(cls: type, *, prog: Optional[str] = None, description: Optional[str] = None,
-                 parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    """An argparse parser with one argument per field of the settings dataclass ``cls``
-    (the common flags last). ``description`` defaults to the class docstring."""
-    if parser is None:
-        parser = argparse.ArgumentParser(prog=prog, description=description or _doc(cls))
+def build_parser(cls: type, *, prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """An argparse parser with one argument per field of ``cls`` (the common flags last), described
+    by the class docstring."""
+    parser = argparse.ArgumentParser(prog=prog, description=_doc(cls))
     hints = typing.get_type_hints(cls)
     groups: Dict[str, Any] = {}
     for f in _ordered(cls):
-        flag = _flag(f)
+        flag = f.metadata.get(_FLAG)
+        if flag is None:
+            raise TypeError(f"settings field {f.name!r} is not declared with setting()")
         target = parser
         if flag.group:
             if flag.group not in groups:
@@ -273,13 +239,11 @@ def check_value(cls: type, name: str, value: Any, where: str, *, key: Optional[s
     return value
 
 
-def check_values(cls: type, mapping: Mapping[str, Any], where: str, *,
-                 exclude: Sequence[str] = ()) -> Dict[str, Any]:
-    """Checks every entry of ``mapping`` with :func:`check_value`; keys that are no field of
-    ``cls`` (or are in ``exclude``) are an error naming them and the accepted keys."""
+def check_values(cls: type, mapping: Mapping[str, Any], where: str) -> Dict[str, Any]:
+    """Checks every entry of ``mapping`` with :func:`check_value`; unknown keys are an error."""
     if not isinstance(mapping, Mapping):
         raise ValueError(f"{where}: expected a table, got {type(mapping).__name__}")
-    names = [f.name for f in _ordered(cls) if f.name not in exclude]
+    names = [f.name for f in _ordered(cls)]
     unknown = sorted(set(mapping) - set(names))
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}; accepted: {sorted(names)}")
@@ -299,12 +263,8 @@ def from_dict(cls: Type[S], mapping: Mapping[str, Any], where: str) -> S:
 
 def run_step(cls: Type[CommonSettings], argv: Optional[List[str]] = None, *,
              prog: Optional[str] = None) -> int:
-    """The ``main(argv)`` of a step: parses ``argv`` into ``cls``, sets up logging
-    (:func:`ppoison_ext.distributed.setup_logging`), runs ``settings.run()`` and cleans the
-    process group up. A ValueError, TypeError, FileNotFoundError or TimeoutError (bad input, a
-    missing file, shards that never finished) is logged under the step's module and gives exit
-    status 2; bad flags exit with argparse's status 2 before anything runs. Returns 0 otherwise.
-    """
+    """The ``main(argv)`` of a step: parses ``argv`` into ``cls`` and runs it. Bad input (ValueError,
+    TypeError, FileNotFoundError, TimeoutError) is logged and gives exit status 2."""
     settings = from_args(cls, build_parser(cls, prog=prog).parse_args(argv))
     distributed.setup_logging()
     try:

@@ -1,39 +1,17 @@
-"""``ppoison transfer``: build a transfer set by querying a defended victim (the reference's
-``defenses/adversary/transfer.py``).
+"""``ppoison transfer``: build a transfer set by querying a defended victim.
 
     ppoison transfer POLICY VIC_DIR DEFENSE DEFENSE_ARGS --out_dir D --queryset Q [--budget N] ...
 
-Writes into ``out_dir``: the transfer set (:mod:`ppoison_ext.attacks.transferset` format;
-``--export-pickle`` adds the reference's ``transferset.pickle``), ``run_times.f64`` (seconds
-per black-box call) and ``run_times_summary.json`` (``{"batch_size", "mean", "std"}``),
-``params_transfer.json`` (the arguments, the parsed defense arguments, ``created_on``);
-the defense writes ``distancetransfer.log.tsv`` and ``queriestransfer.{f32,json}``
-(white-box defenses also ``online.log.tsv``).
-
-``-w`` loads query images in that many DataLoader workers; with ``--train_transform`` images are
-loaded in the main process so that random augmentations are reproducible. ``--recover`` /
+Writes into ``out_dir`` the transfer set (:mod:`ppoison_ext.attacks.transferset`), ``run_times.f64``
+(seconds per black-box call) with ``run_times_summary.json``, and ``params_transfer.json``; the
+defense writes ``distancetransfer.log.tsv`` and ``queriestransfer.{f32,json}``. ``--recover`` /
 ``--hardlabel`` add the defense-aware step (:mod:`.aware`).
 
-Resuming: a run killed at any moment (even SIGKILL) is continued by rerunning the same
-command: the committed queries are kept, the query log, run times and any white-box or
-adaptive state are cut back to them, and querying resumes at the next batch. The result
-equals an uninterrupted run's, stochastic defenses included, because the RNGs are seeded
-per batch from ``(--seed, batch index)`` (see :mod:`ppoison_ext.attacks.knockoff`).
-Deliberate differences from the reference: ``docs/differences.md``.
-
-Over HTTP: when VIC_DIR is a URL (``ppoison transfer random http://127.0.0.1:8000 --api-key-file F
---out_dir D --queryset Q``), the black box is a :class:`~ppoison_ext.client.RemoteBlackbox`
-(a ``ppoison serve`` process): DEFENSE / DEFENSE_ARGS are left out (the server's defense is
-used; a DEFENSE given must be the server's), K and the victim's architecture come from
-``/v1/info``, and the query log is the server's (per API key); no defense is reseeded per
-batch — the server seeds its own once.
-
-Sharding (random policy, black-box defenses): ``--num-shards S --shard-id I`` queries only
-the batches t with t % S == I, into ``out_dir/shard-I/``; ``--merge-shards S`` (or
-:func:`merge_shards`) assembles the shards into ``out_dir`` in the unsharded order, with the
-distance log and run times recomputed as one run would have written them. Under
-``torchrun`` (``RANK``/``WORLD_SIZE`` set) each rank is a shard by default, rank 0 waits for
-the others and merges.
+Rerunning a killed run continues it with the same result as an uninterrupted one (the RNGs are
+seeded per batch). VIC_DIR may be a ``ppoison serve`` URL: the server's defense answers and logs.
+Sharding (random policy, black-box defenses): ``--num-shards S --shard-id I`` queries the batches
+t with t % S == I into ``out_dir/shard-I``; ``--merge-shards S`` assembles them as one run would
+have written them. Under ``torchrun`` each rank is a shard and rank 0 merges.
 """
 
 from __future__ import annotations
@@ -61,7 +39,7 @@ from ..devices import as_device
 from ..fileio import atomic_save_bytes, atomic_write_json
 from ..modeldir import dataset_name, modelfamily_for_dataset, read_params, write_params
 from . import aware
-from .common import local_blackbox, remote_blackbox
+from .common import check_dataset, local_blackbox, remote_blackbox
 from .settings import CommonSettings, device_setting, entry_points, group_fields, setting
 
 __all__ = ["build_parser", "main", "transfer", "merge_shards", "shard_dir", "TransferSettings", "LOG_PREFIX"]
@@ -113,24 +91,9 @@ def _shard_env(num_shards: Optional[int], shard_id: Optional[int]):
     return num_shards, shard_id, False
 
 
-def _query_set(name: str, train_transform: bool, data_root):
-    if name not in dataset_to_modelfamily:
-        raise ValueError(f"queryset: unknown dataset {name!r}; known: {sorted(dataset_to_modelfamily)}")
-    family = dataset_to_modelfamily[name]
-    transform = get_transform(family, "train" if train_transform else "test")
-    return get_dataset(name, train=True, transform=transform, root=data_root)
-
-
 def transfer(*args: Any, **kwargs: Any) -> Path:
-    """Builds the transfer set: ``TransferSettings.of(*args, **kwargs).run()``, e.g.
-    ``transfer("random", victim_dir, "mad", "epsilon:0.5", out_dir=D, queryset="notMNIST")``;
-    returns the folder written (``out_dir``, or ``out_dir/shard-I`` for a shard that does not merge)."""
+    """Builds a transfer set: ``TransferSettings.of(*args, **kwargs).run()``."""
     return TransferSettings.of(*args, **kwargs).run()
-
-
-# ---------------------------------------------------------------------------------------------
-# Shards
-# ---------------------------------------------------------------------------------------------
 
 
 def _shard_run(folder: Path) -> Dict[str, Any]:
@@ -169,11 +132,7 @@ def _wait_for_shards(out_dir: Path, S: int, timeout: Optional[float]) -> None:
 
 def merge_shards(out_dir, num_shards: int, *, export_pickle_file: bool = False,
                  progress: bool = True) -> Path:
-    """Assembles ``out_dir/shard-0 .. shard-{S-1}`` into the transfer set of one unsharded
-    run in ``out_dir``: queries in the unsharded order, ``distancetransfer.log.tsv`` and
-    ``queriestransfer.*`` replayed in that order, run times concatenated, params and
-    summary written. Raises ValueError if a shard is missing, incomplete, or from another run.
-    """
+    """Assembles ``out_dir/shard-0 .. shard-{S-1}`` into ``out_dir`` as one unsharded run."""
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
@@ -203,22 +162,17 @@ def merge_shards(out_dir, num_shards: int, *, export_pickle_file: bool = False,
     B, nq, qpi = base["batch_size"], base["nqueries"], base["qpi"]
     n_batches = -(-nq // B)
     ts0 = shards[0]
-    merged_run = dict(base, num_shards=1, shard_id=0)
     own = ("num_classes", "kind", "image_shape", "format_version")
     desc = {k: v for k, v in metas[0].items() if k not in own}
-    desc.update(knockoff=merged_run, merged_from_shards=S)
+    desc.update(knockoff=dict(base, num_shards=1, shard_id=0), merged_from_shards=S)
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".merge-"))
     try:
         writer = TransferSetWriter(tmp, num_classes=ts0.num_classes, kind=ts0.kind,
                                    image_shape=ts0.meta.get("image_shape"), meta=desc, resume=False)
-        logs = []
-        for i in range(S):
-            folder = shard_dir(out_dir, i)
-            logs.append(read_queries(folder, LOG_PREFIX, with_k=True)
-                        if (folder / f"queries{LOG_PREFIX}.json").exists() else None)
-        qlog = None
-        if all(lg is not None for lg in logs):
-            qlog = QueryLogger(tmp, prefix=LOG_PREFIX, every=LOG_EVERY)
+        logs = [read_queries(shard_dir(out_dir, i), LOG_PREFIX, with_k=True)
+                if (shard_dir(out_dir, i) / f"queries{LOG_PREFIX}.json").exists() else None for i in range(S)]
+        qlog = (QueryLogger(tmp, prefix=LOG_PREFIX, every=LOG_EVERY)
+                if all(lg is not None for lg in logs) else None)
         times_in = [np.fromfile(shard_dir(out_dir, i) / RUN_TIMES_FILE, dtype="<f8")
                     if (shard_dir(out_dir, i) / RUN_TIMES_FILE).exists() else np.zeros(0) for i in range(S)]
         times: List[float] = []
@@ -263,22 +217,16 @@ def merge_shards(out_dir, num_shards: int, *, export_pickle_file: bool = False,
     return out_dir
 
 
-# ---------------------------------------------------------------------------------------------
-# The step
-# ---------------------------------------------------------------------------------------------
-
-
 _ADAPTIVE = "adaptive policy"
-AWARE_GROUP = _AWARE = aware.AWARE_GROUP
+_AWARE = aware.AWARE_GROUP
+
 
 @dataclass(kw_only=True)
 class TransferSettings(CommonSettings):
     """Construct a transfer set by querying a (defended) victim (Knockoff Nets, random or adaptive policy)."""
 
-    policy: str = setting(metavar="PI", choices=["random", "adaptive"],
-                          help="query policy: random | adaptive")
-    victim_model_dir: str = setting(metavar="PATH", help="victim folder (params.json + model_best.pth.tar "
-                                                         "or checkpoint.pth.tar), or a served victim's URL")
+    policy: str = setting(metavar="PI", choices=["random", "adaptive"], help="query policy: %(choices)s")
+    victim_model_dir: str = setting(metavar="PATH", help="victim folder, or a served victim's URL")
     defense: Optional[str] = setting(default=None, metavar="TYPE", choices=list(DEFENSE_NAMES),
                                      help="defense: %(choices)s (left out when VIC_DIR is a URL)")
     defense_args: Optional[str] = setting(default=None, metavar="STR",
@@ -286,8 +234,7 @@ class TransferSettings(CommonSettings):
     api_key_file: Optional[str] = setting("--api-key-file", default=None, metavar="FILE",
                                           help="API key of a served victim (VIC_DIR a URL)")
     out_dir: str = setting("--out_dir", metavar="PATH", help="folder of the transfer set")
-    budget: Optional[int] = setting("--budget", default=None, metavar="N",
-                                    help="# distinct images (default: all)")
+    budget: Optional[int] = setting("--budget", default=None, metavar="N", help="# distinct images (all)")
     nqueries: Optional[int] = setting("--nqueries", default=None, metavar="N",
                                       help="# queries (default: budget)")
     qpi: int = setting("--qpi", default=1, metavar="N", help="# queries per image (posteriors averaged)")
@@ -295,12 +242,9 @@ class TransferSettings(CommonSettings):
     batch_size: int = setting("--batch_size", default=256, metavar="B", help="queries per black-box call")
     device_id: int = device_setting("GPU id, -1 for the CPU")
     nworkers: int = setting("-w", "--nworkers", default=10, metavar="N", help="image-loading workers")
-    train_transform: bool = setting("--train_transform", default=False,
-                                    help="augment query images (train transform)")
-    export_pickle_file: bool = setting("--export-pickle", default=False,
-                                       help="also write the reference's transferset.pickle")
-    resume: bool = setting("--resume", default=True,
-                           help="continue a run interrupted in out_dir (default); --no-resume starts over")
+    train_transform: bool = setting("--train_transform", default=False, help="augment the query images")
+    export_pickle_file: bool = setting("--export-pickle", default=False, help="also write transferset.pickle")
+    resume: bool = setting("--resume", default=True, help="continue a run interrupted in out_dir (default)")
     num_shards: Optional[int] = setting("--num-shards", default=None, help="split the batches into S shards")
     shard_id: Optional[int] = setting("--shard-id", default=None, help="the shard this process builds")
     merge_shards: Optional[int] = setting("--merge-shards", default=None, metavar="S",
@@ -311,18 +255,16 @@ class TransferSettings(CommonSettings):
     alpha: float = setting("--alpha", default=0.1, help="bandit step size", group=_ADAPTIVE)
     delta: int = setting("--delta", default=25, help="window of the diversity reward", group=_ADAPTIVE)
     online_lr: float = setting("--online-lr", default=0.01, help="online knockoff SGD lr", group=_ADAPTIVE)
-    hierarchy: Optional[str] = setting("--hierarchy", default=None, metavar="JSON",
-                                       help='{"coarse": [fine labels]} file', group=_ADAPTIVE)
-    # defense-aware attacks (ppoison_ext/pipeline/aware.py): raw set kept in out_dir, result in aware_out
-    hardlabel: bool = setting("--hardlabel", default=False, group=_AWARE,
-                              help="Top-1: one-hot(argmax) labels, after any recovery")
+    hierarchy: Optional[str] = setting("--hierarchy", default=None, metavar="JSON", group=_ADAPTIVE,
+                                       help='{"coarse": [fine labels]} file')
+    hardlabel: bool = setting("--hardlabel", default=False, group=_AWARE, help="Top-1: one-hot labels")
     recover: str = setting("--recover", default="none", choices=aware.RESTORERS, group=_AWARE,
                            help="restorer: none | pbayes (Partial Bayes) | ddae (D-DAE / D-DAE+ MLP)")
     recover_table: str = setting("--recover-table", default="dirichlet", choices=["dirichlet", "shadow"],
                                  group=_AWARE, help="true samples: dirichlet (D-DAE+, Partial Bayes) | shadow (D-DAE)")
     dirichlet_prior: str = setting("--dirichlet-prior", default="sparse", choices=["sparse", "released", "oracle"],
                                    group=_AWARE, help="sparse Dirichlet(1/K) (default) | centred on the released "
-                                   "outputs | oracle: centred on the clean outputs (leaks, the reference's)")
+                                   "outputs | oracle: centred on the clean outputs (leaks them)")
     table_size: int = setting("--table-size", default=1_000_000, metavar="N", group=_AWARE,
                               help="recovery table size (default: 1e6)")
     concentration: float = setting("--concentration", default=8.0, group=_AWARE,
@@ -330,13 +272,12 @@ class TransferSettings(CommonSettings):
     recover_norm: float = setting("--recover-norm", default=1.0, group=_AWARE, help="Partial Bayes L_p (default 1)")
     tolerance: float = setting("--tolerance", default=0.01, group=_AWARE, help="Partial Bayes tolerance (0.01)")
     top1_recover: bool = setting("--top1-recover", default=True, group=_AWARE,
-                                 help="Partial Bayes: candidates with the same top-1 (default; "
-                                      "--no-top1-recover for defenses that move it)")
+                                 help="Partial Bayes: only candidates with the same top-1 (default)")
     recover_epochs: int = setting("--recover-epochs", default=200, group=_AWARE, help="D-DAE epochs (200)")
     recover_batch_size: int = setting("--recover-batch-size", default=1024, group=_AWARE,
                                       help="D-DAE batch (1024)")
     recover_bn_train: bool = setting("--recover-bn-train", default=False, group=_AWARE,
-                                     help="D-DAE: restore in train-mode BatchNorm, one batch (the reference's quirk)")
+                                     help="D-DAE: restore in train-mode BatchNorm, one batch")
     epsilon_filter: Optional[float] = setting("--epsilon-filter", default=None, group=_AWARE,
                                               help="keep table pairs within this L1 distance (quantizers)")
     shadow_dir: Optional[str] = setting("--shadow-dir", default=None, metavar="DIR", group=_AWARE,
@@ -346,14 +287,13 @@ class TransferSettings(CommonSettings):
     shadow_images: Optional[int] = setting("--shadow-images", default=None, metavar="N", group=_AWARE,
                                            help="images per shadow (default: the pool split evenly)")
     shadow_dataset: Optional[str] = setting("--shadow-dataset", default=None, group=_AWARE,
-                                            help="shadow training data (default: the victim's dataset)")
+                                            help="shadow training data (default: the victim's)")
     aware_out: Optional[str] = setting("--aware-out", default=None, metavar="DIR", group=_AWARE,
                                        help="folder of the defense-aware transfer set (default: out_dir/aware)")
 
     def run(self) -> Path:
-        """Builds the transfer set (see the module docs), then runs the defense-aware step when it is
-        asked for (:mod:`.aware`); with ``merge_shards``, only merges the shards. Returns the
-        folder written (``out_dir``, or ``out_dir/shard-I`` for a shard that does not merge)."""
+        """Builds the transfer set (or only merges the shards), then the defense-aware one if asked;
+        returns the folder written (``out_dir``, or ``out_dir/shard-I`` for a lone shard)."""
         if self.merge_shards is not None:
             return merge_shards(self.out_dir, self.merge_shards, export_pickle_file=self.export_pickle_file,
                                 progress=not self.no_progress)
@@ -384,8 +324,10 @@ class TransferSettings(CommonSettings):
         device = as_device(self.device_id)
         if under_torchrun and device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.manual_seed(seed)  # seed torch (default 42) before building anything, as the reference
-        qs = _query_set(self.queryset, self.train_transform, self.data_root)
+        torch.manual_seed(seed)
+        transform = get_transform(dataset_to_modelfamily[check_dataset(self.queryset, "queryset")],
+                                  "train" if self.train_transform else "test")
+        qs = get_dataset(self.queryset, train=True, transform=transform, root=self.data_root)
         budget = len(qs) if self.budget is None else self.budget
 
         workers = 0 if self.train_transform else min(int(self.nworkers), os.cpu_count() or 1)
@@ -427,12 +369,12 @@ class TransferSettings(CommonSettings):
         if qlog is not None:
             qlog.close()  # only on success: the tail row after the last multiple of 1000
         _summary(folder, self.batch_size, attack.run_times)
-        unrecorded = set(_UNRECORDED) | set(group_fields(TransferSettings, AWARE_GROUP))
+        unrecorded = set(_UNRECORDED) | set(group_fields(TransferSettings, _AWARE))
         if policy != "adaptive":
             unrecorded |= set(group_fields(TransferSettings, _ADAPTIVE))
         params = {k: v for k, v in self.params().items() if k not in unrecorded}
         params.update(defense=defense, budget=budget, num_shards=S, shard_id=I)
-        for k, v in kwargs.items():  # defense kwargs are recorded too, without overwriting CLI keys
+        for k, v in kwargs.items():
             params.setdefault(k, v)
         params["defense_kwargs"] = kwargs
         write_params(folder / "params_transfer.json", params)
@@ -447,8 +389,7 @@ class TransferSettings(CommonSettings):
         return folder
 
 
-#: the settings ``params_transfer.json`` leaves out (besides the defense-aware ones, and the adaptive
-#: policy's for the random policy)
+#: settings ``params_transfer.json`` leaves out (besides the defense-aware and unused adaptive ones)
 _UNRECORDED = ("api_key_file", "export_pickle_file", "resume", "merge_shards", "merge_timeout")
 
 

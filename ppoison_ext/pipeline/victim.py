@@ -1,32 +1,8 @@
-"""Victim training: ``ppoison train-victim DS_NAME MODEL_ARCH`` (the reference's
-``knockoff/victim/train.py``), and the MAD surrogate ("advproxy").
-
-Trains ``get_net(MODEL_ARCH, family(DS_NAME), pretrained, num_classes=K)`` on the dataset's
-training split (family train transform), tested on its test split (family test transform) after
-every epoch: SGD with weight decay 5e-4, StepLR, cross-entropy (class-weighted with
-``--weighted-loss``). Writes into ``--out_path``: ``params.json`` (the settings, ``num_classes``
-and ``created_on``), ``checkpoint.pth.tar`` (best test accuracy so far), ``train.log.tsv`` (two
-rows per epoch, see :mod:`ppoison_ext.training`) and ``last.pth.tar`` (for ``--resume auto``,
-which continues a killed run). ``--train_subset`` draws its subset with
-``numpy.random.RandomState(--seed)``; the model is initialised after ``seed_everything(--seed)``.
-
-**Surrogate (MAD proxy)**: ``--epochs 1 --train_subset 10 --lr 0.0`` (:func:`make_proxy`): at lr
-0 the weights stay at their initialisation (weight decay is scaled by lr too), only BatchNorm
-running statistics take one update from the 10-image batch.
-
-**Adaptive Misinformation's defender**: ``--outlier-exposure DATASET`` (``--oe-lambda``, default
-1): Outlier Exposure on DATASET's training split (its test split, when it has one, enters the
-test loss), and, jointly, the misinformation model, written to ``--misinformation-out`` (default
-``OUT_PATH/misinformation``, a model folder for ``am``'s ``model_misinfo``); see
-:func:`ppoison_ext.training.train_model_oe`. On MNIST use the embedded FashionMNIST images as the
-outliers, never the attacker's query set (notMNIST)::
-
-    ppoison train-victim MNIST lenet -o models/victim/MNIST-lenet-admis --outlier-exposure FashionMNIST \
-        --epochs 20 --lr 0.1 --lr-step 10 --batch-size 128 --momentum 0.9
-
-Deliberate differences from the reference: ``docs/differences.md``. Example::
-
-    ppoison train-victim MNIST lenet -o models/victim/MNIST-lenet-train-nodefense -d 0
+"""Victim training: ``ppoison train-victim DS_NAME MODEL_ARCH -o OUT_PATH``, and the MAD surrogate
+(:func:`make_proxy`). Writes ``params.json``, ``checkpoint.pth.tar`` (best test accuracy),
+``train.log.tsv`` and ``last.pth.tar`` (for ``--resume auto``). ``--outlier-exposure DATASET`` trains
+Adaptive Misinformation's defender and its misinformation model
+(:func:`ppoison_ext.training.train_model_oe`); on MNIST use FashionMNIST as the outliers.
 """
 
 from __future__ import annotations
@@ -53,22 +29,19 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["train_victim", "make_proxy", "VictimSettings", "build_parser", "main"]
 
-#: Default output root, relative to the working directory (the reference: ``<knockoffnets>/models``).
+#: the default output folder, relative to the working directory
 DEFAULT_OUT = "models"
 _AM = "Adaptive Misinformation"
 
 
 def train_victim(*args: Any, **kwargs: Any) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Trains a victim model: ``VictimSettings.of(*args, **kwargs).run()``, e.g.
-    ``train_victim("MNIST", "lenet", out_path, device=-1, epochs=1, progress=False)`` (see
-    :class:`VictimSettings`; DataLoader workers default to 0 here)."""
+    """Trains a victim model: ``VictimSettings.of(*args, **kwargs).run()``."""
     return VictimSettings.of(*args, **kwargs).run()
 
 
 def make_proxy(dataset: str, arch: str, out_path, **kwargs: Any) -> Tuple[nn.Module, Dict[str, Any]]:
-    """The reference's MAD surrogate recipe: :func:`train_victim` with ``epochs=1``,
-    ``train_subset=10``, ``lr=0.0`` (weights stay at their seeded initialisation; BatchNorm
-    statistics see one 10-image batch). Other keywords go to :func:`train_victim`."""
+    """MAD's surrogate: :func:`train_victim` with ``epochs=1``, ``train_subset=10``, ``lr=0.0`` (the
+    weights stay at their seeded initialisation; BatchNorm statistics see one 10-image batch)."""
     for key in ("epochs", "train_subset", "lr"):
         if key in kwargs:
             raise TypeError(f"make_proxy fixes {key}; call train_victim to choose it")
@@ -77,8 +50,7 @@ def make_proxy(dataset: str, arch: str, out_path, **kwargs: Any) -> Tuple[nn.Mod
 
 @dataclass(kw_only=True)
 class VictimSettings(CommonSettings):
-    """Train a victim model (knockoff/victim/train.py). A MAD surrogate is
-    '--epochs 1 --train_subset 10 --lr 0.0'."""
+    """Train a victim model. A MAD surrogate is '--epochs 1 --train_subset 10 --lr 0.0'."""
 
     call_defaults = {"num_workers": 0}
 
@@ -112,7 +84,7 @@ class VictimSettings(CommonSettings):
         help="train the victim as AM's defender with Outlier Exposure on DATASET's training split "
              "(same model family; e.g. FashionMNIST for MNIST) and, jointly, the misinformation model")
     oe_lambda: float = setting("--oe-lambda", default=1.0, metavar="L", group=_AM,
-                               help="weight of the Outlier Exposure loss (default: 1.0, the original's README)")
+                               help="weight of the Outlier Exposure loss (default: 1.0)")
     misinformation_out: Optional[str] = setting(
         "--misinformation-out", default=None, metavar="DIR", group=_AM,
         help="folder of the misinformation model (default: OUT_PATH/misinformation); given without "
@@ -125,10 +97,8 @@ class VictimSettings(CommonSettings):
         help="train the misinformation model on the in-distribution images only (ModelGuard's recipe)")
 
     def run(self) -> Tuple[nn.Module, Dict[str, Any]]:
-        """Trains the victim and writes ``params.json``, ``checkpoint.pth.tar`` and
-        ``train.log.tsv`` into ``out_path`` (see the module docs). ``seed`` None leaves the RNGs
-        unseeded (as the reference). Returns ``(model, summary)`` from
-        :func:`~ppoison_ext.training.train_model`, with ``params`` (the ``params.json`` record) added."""
+        """Trains the victim into ``out_path`` (``seed`` None leaves the RNGs unseeded); returns
+        ``(model, summary)`` of :func:`~ppoison_ext.training.train_model` plus ``params``."""
         check_dataset(self.dataset, "dataset")
         if not isinstance(self.model_arch, str) or not self.model_arch:
             raise ValueError(f"arch must be an architecture name, got {self.model_arch!r}")
