@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from ppoison_ext.pipeline.metrics import (GRAD2_COLUMNS, GRAD2_DERR_OFFSETS, GRAD2_EPS_TARGETS, grad2_markdown,
@@ -54,6 +54,8 @@ def test_equal_keys_bracketing_give_the_later_value():
        st.data())
 def test_matches_numpy_interp_on_increasing_keys(raw, data):
     keys = sorted(raw)
+    # keys a subnormal apart make np.interp's slope overflow (inf/nan): no reference to compare with
+    assume(float(np.diff(keys).min()) > 1e-6)
     values = data.draw(st.lists(st.floats(-100, 100, allow_nan=False), min_size=len(keys), max_size=len(keys)))
     target = data.draw(st.floats(keys[0], keys[-1], allow_nan=False))
     got = interpolate_at(keys, values, target)
