@@ -20,14 +20,10 @@ from .proxy import ProxyView
 from .querylog import QueryLogger, read_queries
 
 __all__ = [
-    # base
     "Defense", "DefenseOutput",
-    # defenses
     "Blackbox", "MAD", "ReverseSigmoid", "RandomNoise", "WhiteboxDefense",
     "GRAD2", "MADGR", "ReverseSigmoidGR", "RandomGR", "flatten_params", "watermark_target",
     "AdaptiveMisinformation", "AMComponents", "AM_VARIANTS", "ModelGuardW", "ModelGuardS",
-    # building
     "build_defense", "DefenseSpec", "parse_defense_args", "DEFENSE_NAMES", "DEFENSE_KEYS", "WB_DEFENSES",
-    # logging and proxies
     "QueryLogger", "read_queries", "ProxyView",
 ]

@@ -12,26 +12,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoint import CHECKPOINT_NAMES
-from .base import (Defense, DefenseOutput, boolean, check_bools, load_model_arg, optional_str, real_arg,
-                   register)
+from .base import (Defense, DefenseOutput, boolean, check_bools, check_choices, load_model_arg, optional_str,
+                   real_arg, register)
 
 __all__ = ["AdaptiveMisinformation", "AMComponents", "AM_VARIANTS", "am_mixing_weight"]
 
 #: variant -> (ν, whether a separate OOD-score model may be given)
 AM_VARIANTS: Mapping[str, Dict[str, object]] = {
-    "admis": {"nu": 10000.0, "score_model": False},       # the original (AM:admis/utils/defense.py)
-    "grad2": {"nu": 1000.0, "score_model": True},         # GRAD²'s baseline (method_adaptive_misinformation)
-    "modelguard": {"nu": 1000.0, "score_model": False},   # ModelGuard's baseline (MG:am.py)
+    "admis": {"nu": 10000.0, "score_model": False},
+    "grad2": {"nu": 1000.0, "score_model": True},
+    "modelguard": {"nu": 1000.0, "score_model": False},
 }
 
 
 class AMComponents(NamedTuple):
-    """Everything Adaptive Misinformation computes for a batch.
-
-    y: the victim's posteriors [B, K]; y_hat: the misinformation model's softmax [B, K];
-    score: the OOD score s (a max softmax probability) [B]; alpha: the weight of the
-    misinformation [B]; y_prime: the released (1 − α)·y + α·ŷ [B, K].
-    """
+    """Everything Adaptive Misinformation computes for a batch: y, ŷ (``y_hat``) and the
+    released y_prime [B, K]; the OOD score s (a max softmax probability) and α [B]."""
 
     y: Tensor
     y_hat: Tensor
@@ -43,8 +39,8 @@ class AMComponents(NamedTuple):
 def am_mixing_weight(score: Tensor, tau: float, nu: float) -> Tensor:
     """α = 1 / (1 + exp(ν (s − τ))) = σ(ν (τ − s)), element-wise in ``score``'s dtype.
 
-    Written with ``exp`` as the originals do, so that in float32 ``exp`` overflows to inf once
-    ν (s − τ) > 88.72 and α is exactly 0 (never NaN); far below τ, α is exactly 1.
+    In float32 ``exp`` overflows to inf once ν (s − τ) > 88.72, so α is exactly 0 (never NaN);
+    far below τ, α is exactly 1.
     """
     return 1.0 / (1.0 + torch.exp((score - tau) * nu))
 
@@ -55,39 +51,27 @@ class AdaptiveMisinformation(Defense):
     """Adaptive Misinformation: answer in-distribution queries with the victim's posteriors and
     out-of-distribution ones with a misinformation model's.
 
-    Per batch: y = softmax(victim(x) / T); the OOD score s = max_k of the score posteriors (the
-    victim's y, or variant ``grad2``'s ``score_model``); ŷ = softmax(misinformation_model(x));
-    α = 1 / (1 + exp(ν (s − τ))) (``adaptive=False``: α = τ); released ỹ = (1 − α)·y + α·ŷ,
-    on the simplex. Variants: ``admis`` (the original, ν = 10000), ``grad2`` (GRAD²'s
-    baseline, ν = 1000, an optional separate score model) and ``modelguard`` (ModelGuard's
-    baseline, ν = 1000). The victim should be trained with Outlier Exposure and the
-    misinformation model with the loss −log(1 − p_y + 1e-7)
+    Per batch: y = softmax(victim(x) / T) (scored and released at that temperature); the OOD
+    score s = max_k of the victim's y, or of the ``score_model``'s softmax (variant ``grad2``
+    only); ŷ = softmax(misinformation_model(x)) (same classes, eval mode); α =
+    :func:`am_mixing_weight` (``adaptive=False``: α = τ, in [0, 1]); released ỹ = (1 − α)·y +
+    α·ŷ, on the simplex. ``nu`` defaults to the variant's: ``admis`` (the paper's code) 10000,
+    ``grad2`` and ``modelguard`` (those papers' baselines) 1000. The victim should be trained
+    with Outlier Exposure and the misinformation model with the loss −log(1 − p_y + 1e-7)
     (``ppoison train-victim --outlier-exposure DATASET``).
-
-    Args:
-        model: the victim (the defender).
-        misinformation_model: the model whose softmax ŷ is mixed in; same number of classes.
-            Put in eval mode (the original served it in train mode: see docs/differences.md).
-        tau: the threshold τ on the score (the original's ``defense_levels``; README 0.99).
-            With ``adaptive=False`` the constant weight, in [0, 1].
-        nu: the sigmoid's steepness ν ≥ 0; default the variant's (10000 or 1000).
-        variant: ``admis``, ``grad2`` or ``modelguard``.
-        score_model: ``grad2`` only: the model whose max softmax is the score (eval mode).
-        adaptive: False is the original's ``--no_adaptive`` (α = τ).
-        temperature: T > 0 of the victim's softmax (the original's ``-T``, default 1); y is
-            both scored and released at this temperature.
 
     Example:
         >>> am = AdaptiveMisinformation(victim, misinformation_model=misinfo, tau=0.99)
         >>> by_tau = am.release_levels(x, [0.5, 0.9, 0.99])   # {τ: [B, K]}, one forward each
     """
 
+    batch_independent = True
+
     def __init__(self, model: nn.Module, *, misinformation_model: nn.Module, tau: float,
                  nu: Optional[float] = None, variant: str = "admis", score_model: Optional[nn.Module] = None,
                  adaptive: bool = True, temperature: float = 1.0, logger=None):
         super().__init__(model, logger=logger)
-        if not isinstance(variant, str) or variant not in AM_VARIANTS:
-            raise ValueError(f"variant must be one of {list(AM_VARIANTS)}, got {variant!r}")
+        check_choices(variant=(variant, AM_VARIANTS))
         if not isinstance(misinformation_model, nn.Module):
             raise TypeError(f"misinformation_model must be a torch.nn.Module, got "
                             f"{type(misinformation_model).__name__}")
@@ -102,9 +86,7 @@ class AdaptiveMisinformation(Defense):
         if not adaptive and not 0.0 <= self.tau <= 1.0:
             raise ValueError(f"tau is the constant mixing weight when adaptive=False and must be in [0, 1], "
                              f"got {self.tau}")
-        self.nu = float(AM_VARIANTS[variant]["nu"]) if nu is None else real_arg(nu, "nu", low=None)
-        if self.nu < 0:
-            raise ValueError(f"nu must be >= 0, got {self.nu}")
+        self.nu = float(AM_VARIANTS[variant]["nu"]) if nu is None else real_arg(nu, "nu")
         self.temperature = real_arg(temperature, "temperature", low=None)
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
@@ -125,8 +107,6 @@ class AdaptiveMisinformation(Defense):
             raise ValueError("defense am needs model_misinfo:DIR, the misinformation model's folder")
         return cls(model, misinformation_model=folders["model_misinfo"],
                    score_model=folders.get("model_score"), logger=logger, **args)
-
-    batch_independent = True
 
     def hparams(self) -> dict:
         return {"tau": self.tau, "nu": self.nu, "variant": self.variant, "adaptive": self.adaptive,
@@ -160,7 +140,7 @@ class AdaptiveMisinformation(Defense):
 
     @staticmethod
     def _mix(y: Tensor, y_hat: Tensor, alpha: Tensor) -> Tensor:
-        # (1 − α)·y + α·ŷ in one op; lerp is exact at both ends (α = 0 gives y, α = 1 gives ŷ)
+        # lerp is exact at both ends: α = 0 gives y, α = 1 gives ŷ
         return torch.lerp(y, y_hat, alpha.unsqueeze(1))
 
     def components(self, x: Tensor) -> AMComponents:
@@ -174,8 +154,8 @@ class AdaptiveMisinformation(Defense):
             return AMComponents(y, y_hat, score, alpha, self._mix(y, y_hat, alpha))
 
     def release_levels(self, x: Tensor, taus: Sequence[float]) -> Dict[float, Tensor]:
-        """{τ: released [B, K]} for several thresholds from one forward of each model (the
-        original's ``--defense_levels`` output). The batch is counted once and not logged."""
+        """{τ: released [B, K]} for several thresholds from one forward of each model. The
+        batch is counted once and not logged."""
         if isinstance(taus, (int, float)) or not all(isinstance(t, (int, float)) for t in taus):
             raise TypeError("taus must be a sequence of real numbers")
         comps = self.components(x)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,6 @@ __all__ = ["Defense", "DefenseOutput", "DefenseEntry", "REGISTRY", "register", "
            "optional_str", "real_arg"]
 
 
-# -- the registry ------------------------------------------------------------------------------------
 def boolean(v: str) -> bool:
     """A ``defense_args`` boolean: True/False/true/false/1/0."""
     low = v.lower()
@@ -35,7 +34,7 @@ def optional_str(v: str) -> Optional[str]:
     return None if v in ("None", "none", "") else v
 
 
-#: keys every defense accepts (the reference's CLI passes them) and ignores
+#: keys every defense accepts and ignores (command lines pass them to every defense)
 COMMON_KEYS: Dict[str, Callable[[str], Any]] = {"out_path": str, "log_prefix": str}
 
 
@@ -74,7 +73,6 @@ def build_registered(name: str, model: nn.Module, args: Dict[str, Any], **contex
     return entry.cls.from_args(name, model, dict(args), **context)
 
 
-# -- argument checks ---------------------------------------------------------------------------------
 def real_arg(v, name: str, *, low: Optional[float] = 0.0, high: Optional[float] = None) -> float:
     """``v`` as a finite float in [low, high] (None: unbounded); TypeError/ValueError naming ``name``."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -89,6 +87,16 @@ def real_arg(v, name: str, *, low: Optional[float] = 0.0, high: Optional[float] 
     return v
 
 
+def check_choices(**values: Any) -> None:
+    """Each keyword is ``(value, allowed)``: TypeError unless the value is a str, ValueError
+    naming the keyword unless it is one of ``allowed``."""
+    for name, (v, allowed) in values.items():
+        if not isinstance(v, str):
+            raise TypeError(f"{name} must be a str, got {type(v).__name__}")
+        if v not in allowed:
+            raise ValueError(f"{name} must be one of {list(allowed)}, got {v!r}")
+
+
 def check_bools(**values: Any) -> None:
     """TypeError naming the first of ``values`` that is not a bool."""
     for name, v in values.items():
@@ -98,8 +106,7 @@ def check_bools(**values: Any) -> None:
 
 def load_model_arg(path, key: str, device, checkpoint_names: Sequence[str] = ("checkpoint.pth.tar",
                                                                              "model_best.pth.tar")) -> nn.Module:
-    """The model folder given as the defense argument ``key``, on ``device``, in eval mode
-    (by default ``checkpoint.pth.tar`` first, as the reference loads a proxy)."""
+    """The model folder given as the defense argument ``key``, on ``device``, in eval mode."""
     if not Path(path).is_dir():
         raise ValueError(f"{key} must be a model directory (params.json + checkpoint), got {path}")
     return load_model_dir(path, device=device, checkpoint_names=checkpoint_names)[0]
@@ -118,11 +125,8 @@ def proxy_arg(args: Dict[str, Any], proxy: Optional[nn.Module], model: nn.Module
 
 
 class DefenseOutput(NamedTuple):
-    """What a defense computed for one batch.
-
-    y_prime: released posteriors [B, K]; y: the undefended posteriors [B, K];
-    obj, sobj: MAD's angular objective and surrogate of y_prime [B] (None for other defenses).
-    """
+    """What a defense computed for one batch: the released y_prime and undefended y [B, K],
+    and an objective per query [B] (MAD's angular objective and its surrogate; else None)."""
 
     y_prime: Tensor
     y: Tensor
@@ -131,17 +135,14 @@ class DefenseOutput(NamedTuple):
 
 
 class Defense(nn.Module):
-    """Base class: wraps a victim ``model``; ``defense(x)`` returns the released posteriors.
+    """Base class: wraps a victim ``model``; ``defense(x)`` returns the released posteriors
+    [B, K] for a batch x of whatever the victim takes.
 
     Subclasses implement :meth:`defend`. The victim is put in eval mode and queried under
     ``no_grad``; ``defense.train()``/``eval()`` never switch the wrapped models.
     :meth:`perturb` also returns the undefended y (and objective values), counts queries and
     feeds the optional :class:`QueryLogger`; without a logger a defense does no I/O.
     Subclasses that draw random numbers call :meth:`_init_seed` and draw from :meth:`_generator`.
-
-    Shape:
-        x: whatever the victim takes, batch first ([B, C, H, W] for images); returns [B, K]
-        on the victim's device.
     """
 
     def __init__(self, model: nn.Module, *, logger: Optional[QueryLogger] = None):
@@ -170,7 +171,6 @@ class Defense(nn.Module):
         with torch.no_grad():
             return F.softmax(self.model(x), dim=1)
 
-    # -- random streams -------------------------------------------------------------------------
     def _init_seed(self, seed: Optional[int]) -> None:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
@@ -193,7 +193,7 @@ class Defense(nn.Module):
             self.seed = seed
             self._generators = {}
 
-    # -- capabilities: what the factory, server, grid and thieves read (subclasses override) --
+    # capabilities, read by the factory, server, grid and thieves (subclasses override them)
     @property
     def batch_independent(self) -> bool:
         """Whether each row's answer depends on that row alone (and the defense's seed and
@@ -224,7 +224,14 @@ class Defense(nn.Module):
         if state:
             raise ValueError(f"{type(self).__name__} keeps no state, got keys {sorted(state)}")
 
-    # -- answering ------------------------------------------------------------------------------
+    def resume_state(self) -> dict:
+        """:meth:`get_state`, under the name of the resume API."""
+        return self.get_state()
+
+    def load_resume_state(self, state: Optional[dict]) -> None:
+        """:meth:`set_state`; None restores the state before any query."""
+        self.set_state(state or {})
+
     def defend(self, x: Tensor, y: Tensor) -> DefenseOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -257,5 +264,9 @@ class Defense(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
 
+    #: the attributes :meth:`hparams` reports, in order
+    hparam_names: Tuple[str, ...] = ()
+
     def hparams(self) -> dict:
-        return {}
+        """The defense's settings, as ``repr`` shows them."""
+        return {name: getattr(self, name) for name in self.hparam_names}

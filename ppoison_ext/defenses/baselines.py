@@ -1,4 +1,4 @@
-"""Baseline output-perturbation defenses of the reference system, batched."""
+"""The output-perturbation baselines of Prediction Poisoning: reverse sigmoid and logit noise."""
 
 from __future__ import annotations
 
@@ -8,39 +8,33 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from .base import Defense, DefenseOutput, real_arg, register
+from .base import Defense, DefenseOutput, check_choices, real_arg, register
 
 __all__ = ["ReverseSigmoid", "RandomNoise"]
 
 
 def _logit(y: Tensor) -> Tensor:
-    """The reference's inverse sigmoid log(y / (1 − y)), element-wise (±inf at 0 and 1)."""
+    """The inverse sigmoid log(y / (1 − y)), element-wise (±inf at 0 and 1)."""
     return torch.log(y) - torch.log1p(-y)
 
 
 @register("reverse_sigmoid", beta=float, gamma=float)
 class ReverseSigmoid(Defense):
     """Reverse sigmoid (Lee et al., "Defending against NN model stealing attacks using
-    deceptive perturbations", S&P Workshops 2019), as the reference implements it.
+    deceptive perturbations", S&P Workshops 2019).
 
     ``r(y) = β (σ(γ·logit(y)) − ½)``, ``ŷ = y − r(y)``, released ``y′ = ŷ / Σŷ``, where
-    σ(γ·logit(y)) = y^γ / (y^γ + (1 − y)^γ). No clipping: for β > 1 or γ > 1 entries can turn
-    negative (as in the reference). β = 1, γ = 1 releases the uniform distribution.
-
-    Args:
-        model: the victim.
-        beta, gamma: ≥ 0 (defaults 1.0, as the reference).
+    σ(γ·logit(y)) = y^γ / (y^γ + (1 − y)^γ), β, γ ≥ 0. No clipping: for β > 1 or γ > 1 entries
+    can turn negative. β = 1, γ = 1 releases the uniform distribution.
     """
+
+    batch_independent = True
+    hparam_names = ("beta", "gamma")
 
     def __init__(self, model: nn.Module, *, beta: float = 1.0, gamma: float = 1.0, logger=None):
         super().__init__(model, logger=logger)
         self.beta = real_arg(beta, "beta")
         self.gamma = real_arg(gamma, "gamma")
-
-    batch_independent = True
-
-    def hparams(self) -> dict:
-        return {"beta": self.beta, "gamma": self.gamma}
 
     def defend(self, x: Tensor, y: Tensor) -> DefenseOutput:
         yd = y.double()
@@ -53,45 +47,31 @@ class ReverseSigmoid(Defense):
 @register("rand_noise", needs="epsilon_z", example="epsilon_z:0.5,dist_z:l1", epsilon_z=float, dist_z=str,
           strat=str, seed=int)
 class RandomNoise(Defense):
-    """Random noise in logit space (the reference's ``rand_noise`` baseline).
+    """Random noise in logit space (``rand_noise``).
 
-    ``z = logit(y)``; δ ~ U[0, 1)^K · 2ε_z / K^{1/p} (``uniform``, so that ‖E δ‖_p = ε_z) or
-    N(0, I) (``gaussian``); each δ row projected onto the ε_z-ball of ``dist_z`` (l1: Euclidean
-    projection onto the L1 ball; l2: δ·ε_z / max(‖δ‖₂, ε_z)); ``y′ = σ(z + δ) / Σ σ(z + δ)``.
-    ε_z = 0 releases y unchanged. Batched: all rows are projected at once.
-
-    Args:
-        model: the victim.
-        epsilon_z: noise budget ε_z ≥ 0.
-        dist_z: ``l1`` or ``l2``.
-        strat: ``uniform`` or ``gaussian``.
-        seed: seeds this defense's own generator (on the victim's device); None draws from
-            torch's global RNG, like the reference.
+    ``z = logit(y)``; δ ~ U[0, 1)^K · 2ε_z / K^{1/p} (``strat="uniform"``, so that
+    ‖E δ‖_p = ε_z) or N(0, I) (``"gaussian"``); each δ row projected onto the ε_z-ball of
+    ``dist_z`` (l1: Euclidean projection onto the L1 ball; l2: δ·ε_z / max(‖δ‖₂, ε_z));
+    ``y′ = σ(z + δ) / Σ σ(z + δ)``. ε_z = 0 releases y unchanged. ``seed`` seeds this
+    defense's generator on the victim's device (None: torch's global RNG).
     """
+
+    reseedable = True
+    hparam_names = ("epsilon_z", "dist_z", "strat", "seed")
 
     def __init__(self, model: nn.Module, *, epsilon_z: float, dist_z: str = "l1", strat: str = "uniform",
                  seed: Optional[int] = None, logger=None):
         super().__init__(model, logger=logger)
         self.epsilon_z = real_arg(epsilon_z, "epsilon_z")
-        if dist_z not in ("l1", "l2"):
-            raise ValueError(f"dist_z must be 'l1' or 'l2', got {dist_z!r}")
-        if strat not in ("uniform", "gaussian"):
-            raise ValueError(f"strat must be 'uniform' or 'gaussian', got {strat!r}")
+        check_choices(dist_z=(dist_z, ("l1", "l2")), strat=(strat, ("uniform", "gaussian")))
         self.dist_z, self.strat = dist_z, strat
         self._init_seed(seed)
-
-    reseedable = True
-
-    def hparams(self) -> dict:
-        return {"epsilon_z": self.epsilon_z, "dist_z": self.dist_z, "strat": self.strat, "seed": self.seed}
 
     @property
     def batch_independent(self) -> bool:
         return self.epsilon_z <= 0.0  # else each row's noise is the next draw of one stream
 
-    @property
-    def keeps_top1(self) -> bool:
-        return self.epsilon_z <= 0.0
+    keeps_top1 = batch_independent  # both hold exactly when no noise is added
 
     def noise(self, shape, dtype, device) -> Tensor:
         g = self._generator(device)

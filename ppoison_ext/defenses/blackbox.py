@@ -14,20 +14,16 @@ __all__ = ["Blackbox"]
 
 @register("none", "topk", "rounding", topk=int, rounding=int)
 class Blackbox(Defense):
-    """Softmax posteriors, optionally truncated (the reference's ``Blackbox``).
+    """Softmax posteriors, optionally truncated.
 
-    Args:
-        model: the victim.
-        topk: keep the k largest posteriors, zero the rest; not renormalized (Σ < 1).
-        rounding: round to this many decimals (half to even, like ``np.round``), not
-            renormalized. With ``topk``, ``rounding=0`` gives k ones instead of the k values
-            (``topk=1, rounding=0``: one-hot top-1 labels). ``rounding=0`` alone does
-            nothing, as in the reference. Works on CUDA and CPU alike.
-
-    Example:
-        >>> labels_only = Blackbox(model, topk=1, rounding=0)
-        >>> y = labels_only(x)  # [B, K] one-hot
+    ``topk`` keeps the k largest posteriors and zeroes the rest; ``rounding`` rounds to that
+    many decimals (half to even); neither renormalises. With ``topk``, ``rounding=0`` gives k
+    ones instead of the k values (``topk=1, rounding=0``: one-hot labels); ``rounding=0``
+    alone does nothing.
     """
+
+    batch_independent = True
+    hparam_names = ("topk", "rounding")
 
     def __init__(self, model: nn.Module, *, topk: Optional[int] = None, rounding: Optional[int] = None, logger=None):
         super().__init__(model, logger=logger)
@@ -40,11 +36,6 @@ class Blackbox(Defense):
             raise ValueError(f"rounding must be >= 0, got {rounding}")
         self.topk = topk
         self.rounding = rounding
-
-    batch_independent = True
-
-    def hparams(self) -> dict:
-        return {"topk": self.topk, "rounding": self.rounding}
 
     @property
     def keeps_top1(self) -> bool:

@@ -1,12 +1,7 @@
 """The one way to build a defense: :func:`build_defense` takes a registered name
 (:data:`DEFENSE_NAMES`; each defense class registers its names and ``defense_args`` keys with
-:func:`~ppoison_ext.defenses.base.register`) and its arguments as a ``"key:value,key:value"``
-string (the reference's ``defense_args`` syntax), a mapping or keywords, or a
-:class:`DefenseSpec` parsed before.
-
-Parsing: booleans are ``True/False/true/false/1/0``, a value may contain ``:`` (split on the
-first one), whitespace around keys and values is stripped; an unknown key or a value of the
-wrong type raises a ``ValueError`` naming the key and the accepted ones.
+:func:`~ppoison_ext.defenses.base.register`) and its arguments as a ``"key:value,..."`` string,
+a mapping or keywords, or a :class:`DefenseSpec` parsed before.
 """
 
 from __future__ import annotations
@@ -42,7 +37,10 @@ def _coerce(key: str, raw: str, kind) -> Any:
 def parse_defense_args(args: Union[str, Mapping[str, Any], None], defense: Optional[str] = None) -> Dict[str, Any]:
     """Parses ``"epsilon:0.5,objmax:True,ydist:l1,model_adv_proxy:DIR"`` (or validates a
     mapping the same way) into a dict, for the keys of ``defense`` (None: of any defense).
-    ValueError for an empty, repeated or unknown key, or a value of the wrong type."""
+
+    Booleans are ``True/False/true/false/1/0``; a value may contain ``:`` (split on the first
+    one); whitespace around keys and values is stripped. ValueError for an empty, repeated or
+    unknown key (naming the accepted ones), or a value of the wrong type."""
     if defense is not None and defense not in REGISTRY:
         raise ValueError(f"unknown defense {defense!r}; known: {list(REGISTRY)}")
     allowed = DEFENSE_KEYS[defense] if defense else {k: v for d in DEFENSE_KEYS.values() for k, v in d.items()}
@@ -78,13 +76,8 @@ def parse_defense_args(args: Union[str, Mapping[str, Any], None], defense: Optio
 
 @dataclass(frozen=True)
 class DefenseSpec:
-    """A defense name with its validated arguments (parse once, build as often as needed).
-
-    Example:
-        >>> spec = DefenseSpec.parse("mad", "epsilon:0.5,objmax:True", ydist="l1")
-        >>> spec.args
-        {'epsilon': 0.5, 'objmax': True, 'ydist': 'l1'}
-    """
+    """A defense name with its validated arguments (parse once, build as often as needed),
+    e.g. ``DefenseSpec.parse("mad", "epsilon:0.5,objmax:True", ydist="l1")``."""
 
     name: str
     args: Dict[str, Any] = field(default_factory=dict)
@@ -117,12 +110,10 @@ def build_defense(defense: Union[str, DefenseSpec], args: Union[str, Mapping[str
     """Builds a defense from its name and arguments.
 
     Args:
-        defense: a name of :data:`DEFENSE_NAMES`, or a :class:`DefenseSpec`.
         args: a ``"key:value,..."`` string or a mapping; ``kwargs`` are merged in (a key given
             twice is an error). ``out_path`` and ``log_prefix`` are accepted and ignored.
         model: the victim; or ``victim_dir``, a model folder to load it from (onto ``device``).
-        proxy: MAD's proxy or GR's surrogate (else ``model_adv_proxy:DIR`` in the arguments).
-        logger: the defense's :class:`QueryLogger` (the defense writes its files only there).
+        proxy: MAD's proxy or GRAD²'s surrogate (else ``model_adv_proxy:DIR`` in the arguments).
         device: where the defense runs (default: the victim's device).
         out_dir, whitebox: the ``*_wb`` variants' folder for ``online.log.tsv`` and settings
             (see :meth:`~ppoison_ext.defenses.WhiteboxDefense.from_args`).
@@ -153,8 +144,8 @@ def build_defense(defense: Union[str, DefenseSpec], args: Union[str, Mapping[str
 
 def make_wb_defense(name: str, args, *, model: nn.Module, logger: Optional[QueryLogger], device,
                     victim_params: Mapping[str, Any], out_dir, **options: Any) -> Defense:
-    """Deprecated, kept for :mod:`ppoison_ext.attacks.whitebox`: ``build_defense(name, args,
-    model=..., logger=..., device=..., out_dir=..., whitebox={"victim_params": ..., **options})``."""
+    """Deprecated (:mod:`ppoison_ext.attacks.whitebox` re-exports it): use :func:`build_defense`
+    with ``whitebox={"victim_params": ..., **options}``."""
     warnings.warn("make_wb_defense is deprecated; use ppoison_ext.defenses.build_defense", DeprecationWarning,
                   stacklevel=2)
     if name not in WB_DEFENSES:

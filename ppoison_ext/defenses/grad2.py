@@ -2,15 +2,13 @@
 and Efficient Model Stealing Defenses with Gradient Redirection", ICML 2022, arXiv:2206.14157).
 
 The defender holds a surrogate of the attacker's model and releases, per query, the posterior
-ỹ within L1 distance ε of the victim's y that moves the surrogate's training gradient
-Gᵀỹ furthest along a target direction a (maximise ⟨Gᵀỹ, a⟩; GR's code minimises ⟨Gᵀỹ, t⟩
-with t = −a). The objective is linear in ỹ, with coefficients
+ỹ within L1 distance ε of the victim's y that moves the surrogate's training gradient Gᵀỹ
+furthest along a target direction a (maximise ⟨Gᵀỹ, a⟩, i.e. minimise ⟨Gᵀỹ, t⟩ with t = −a).
+The objective is linear in ỹ, with coefficients
 
     c_nj = (1/B) [v_nj − q_nᵀ v_n],   v_n = J_n t,  J_n = ∂z_n/∂θ,
 
-z_n the surrogate's logits, q_n = softmax(z_n). ``v`` is one forward-mode JVP of the
-surrogate over the batch (``torch.func.jvp``), not GR's double backward; the allocation is the
-native op :func:`ppoison_ext.ops.grad2_allocate`.
+z_n the surrogate's logits, q_n = softmax(z_n); ``v`` is one forward-mode JVP over the batch.
 """
 
 from __future__ import annotations
@@ -23,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from .base import Defense, DefenseOutput, boolean, check_bools, optional_str, proxy_arg, real_arg, register
+from .base import (Defense, DefenseOutput, boolean, check_bools, check_choices, optional_str, proxy_arg,
+                   real_arg, register)
 from .proxy import ProxyView
 
 __all__ = ["GRAD2", "TARGETS", "watermark_target", "flatten_params"]
@@ -34,17 +33,14 @@ _JVP_CHUNK = 1 << 25  # elements of per-sample parameter-sized tensors per vmap 
 
 def flatten_params(module: nn.Module) -> Tensor:
     """The module's parameters flattened and concatenated in ``named_parameters()`` order [P]:
-    the layout of a user target (e.g. ``-flatten_params(surrogate)`` is GR's MAX-NORM t)."""
+    the layout of a user target."""
     return torch.cat([p.detach().reshape(-1) for _, p in module.named_parameters()])
 
 
 def watermark_target(surrogate: nn.Module, x_w: Tensor, y_w: Tensor) -> Tensor:
-    """GR's WATERMARK target a [P]: the surrogate's log-likelihood gradient
-    ∇_θ mean_n Σ_k y_w,nk log softmax(surrogate(x_w))_nk, in ``named_parameters()`` order.
-
-    Args:
-        x_w: watermark inputs [N, ...]; y_w: their (one-hot) labels [N, K].
-    """
+    """The WATERMARK target a [P] for watermark inputs x_w [N, ...] with (one-hot) labels
+    y_w [N, K]: ∇_θ mean_n Σ_k y_w,nk log softmax(surrogate(x_w))_nk, in ``named_parameters()``
+    order."""
     params = [p for _, p in surrogate.named_parameters()]
     with torch.enable_grad():
         logits = surrogate(x_w)
@@ -53,52 +49,36 @@ def watermark_target(surrogate: nn.Module, x_w: Tensor, y_w: Tensor) -> Tensor:
     return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
 
 
-def surrogate_arg(name: str, model: nn.Module, args: dict, proxy, device) -> nn.Module:
-    """GR's surrogate: ``proxy=`` or the model folder ``model_adv_proxy``."""
+def from_surrogate_args(cls, name, model, args, *, proxy=None, logger=None, device=None, **_):
+    """``from_args`` of the defenses built on a surrogate: ``proxy=`` or ``model_adv_proxy:DIR``."""
     proxy = proxy_arg(args, proxy, model, device, "surrogate")
     if proxy is None:
         raise ValueError(f"defense {name} needs a surrogate: model_adv_proxy:DIR in defense_args, or proxy=")
-    return proxy
+    return cls(model, surrogate=proxy, logger=logger, **args)
 
 
 @register("grad2", needs="epsilon", example="epsilon:0.5,target:all_ones", epsilon=float, target=str,
           jacobian=str, seed=int, batch_independent=boolean, model_adv_proxy=optional_str)
 class GRAD2(Defense):
-    """GRAD² as GR's ``method_gradient_redirection`` computes it, batched.
+    """GRAD², batched.
 
-    Per batch: one victim forward (y), the surrogate's coefficients c [B, K] by one
-    forward-mode JVP along the target (``min_ip``: one backward pass for the target first),
-    then :func:`ppoison_ext.ops.grad2_allocate`: up to ε/2 of mass moved onto argmin c, taken
-    from the largest-c classes first, and GR's clamp(·, 1e-15, 1)-and-renormalise. Every
-    output is on the simplex, within L1 ε of y (up to the 1e-15 floors).
+    Per batch: one victim forward (y), the surrogate's coefficients c [B, K] by one JVP along
+    the target (``min_ip``: one backward pass for the target first), then
+    :func:`ppoison_ext.ops.grad2_allocate`: up to ε/2 of mass moved onto argmin c from the
+    largest-c classes first, clamped to [1e-15, 1] and renormalised. ε = 0 releases y (zeros
+    floored at 1e-15) and runs no surrogate; :meth:`perturb_budgets` takes several budgets.
 
-    Args:
-        model: the victim.
-        epsilon: the L1 budget ε ≥ 0 (:meth:`perturb_budgets` takes several). ε = 0 releases
-            y with exact zeros floored at 1e-15 and runs no surrogate.
-        surrogate: the defender's model of the attacker (same classes), or a sequence of them:
-            one is then drawn uniformly per batch (GR's ``sample_surrogates``) from this
-            defense's generator. Each is put in eval mode; its parameters are never changed.
-        target: the direction a (maximise ⟨Gᵀỹ, a⟩), named as in GR's experiments:
-
-            * ``all_ones``: a = 1 over every parameter (``ALL-ONES``);
-            * ``max_norm``: a = θ, the surrogate's own parameters (``MAX-NORM``);
-            * ``min_ip``: minimise the inner product with the clean gradient, t = the
-              batch-mean log-likelihood gradient at y (``MIN-IP``). **This couples the samples
-              of a batch** unless ``batch_independent=True``;
-            * a tensor a [P] in :func:`flatten_params`'s layout, e.g. :func:`watermark_target`;
-              with ``jacobian="fc"`` it may hold the last Linear layer's parameters only
-              (weight row-major, then bias).
-        jacobian: ``full`` (J over every parameter, one JVP) or ``fc``: the closed forms on the
-            surrogate's last Linear layer (v_n = T_W h_n + t_b with (T_W, t_b) the target's
-            slice of that layer; ``min_ip``: v_n = (1/B) Σ_i (h_iᵀh_n + 1)(y_i − q_i)), no
-            autograd; refused for ``all_ones``, whose last-layer coefficients are zero.
-        seed: seeds the draw among several surrogates (None: torch's global RNG).
-        batch_independent: ``min_ip`` per sample (t_n = that sample's own log-likelihood
-            gradient, c_n = v_n − q_nᵀv_n) and, with several surrogates, one draw per sample.
-
-    Example:
-        >>> y_prime = GRAD2(victim, epsilon=0.5, surrogate=surrogate, target="all_ones")(x)  # [B, K]
+    ``surrogate``: the defender's model of the attacker (put in eval mode, never changed), or
+    several, one drawn per batch from this defense's ``seed``. ``target``, the direction a:
+    ``all_ones`` (a = 1), ``max_norm`` (a = θ, the surrogate's parameters), ``min_ip`` (t =
+    the batch-mean log-likelihood gradient at y: **couples the batch** unless
+    ``batch_independent``), or a tensor a [P] in :func:`flatten_params`'s layout (e.g.
+    :func:`watermark_target`; with ``jacobian="fc"`` it may hold the last Linear layer's
+    parameters only, weight row-major then bias). ``jacobian="fc"`` uses the closed forms on
+    the last Linear layer (v_n = T_W h_n + t_b; ``min_ip``: v_n = (1/B) Σ_i (h_iᵀh_n + 1)(y_i −
+    q_i)); it is refused for ``all_ones``, whose last-layer coefficients are zero.
+    ``batch_independent``: ``min_ip`` with each sample's own gradient, and one surrogate draw
+    per sample.
     """
 
     def __init__(self, model: nn.Module, *, epsilon: float, surrogate: Union[nn.Module, Sequence[nn.Module]],
@@ -113,8 +93,7 @@ class GRAD2(Defense):
         for i, s in enumerate(surrogates):
             if not isinstance(s, nn.Module):
                 raise TypeError(f"surrogate[{i}] must be a torch.nn.Module, got {type(s).__name__}")
-        if jacobian not in ("full", "fc"):
-            raise ValueError(f"jacobian must be one of ['full', 'fc'], got {jacobian!r}")
+        check_choices(jacobian=(jacobian, ("full", "fc")))
         check_bools(batch_independent=batch_independent)
         if isinstance(target, str):
             if target not in TARGETS:
@@ -145,9 +124,7 @@ class GRAD2(Defense):
                 self._check_target_size(s, i)
         self._func_lock = threading.Lock()
 
-    @classmethod
-    def from_args(cls, name, model, args, *, proxy=None, logger=None, device=None, **_):
-        return cls(model, surrogate=surrogate_arg(name, model, args, proxy, device), logger=logger, **args)
+    from_args = classmethod(from_surrogate_args)
 
     @property
     def batch_independent(self) -> bool:
@@ -163,31 +140,22 @@ class GRAD2(Defense):
         return {"epsilon": self.epsilon, "target": self.target_name, "jacobian": self.jacobian,
                 "batch_independent": self.per_sample, "surrogates": len(self.surrogates), "seed": self.seed}
 
-    # -- targets ------------------------------------------------------------------------------
     def _check_target_size(self, s: nn.Module, i: int) -> None:
         P = sum(p.numel() for _, p in s.named_parameters())
         sizes = [P]
         if self.jacobian == "fc":
-            sizes.append(self._fc_size(s))
+            linears = [m for m in s.modules() if isinstance(m, nn.Linear)]
+            if not linears:
+                raise ValueError(f"jacobian='fc' needs a surrogate with an nn.Linear last layer; "
+                                 f"{type(s).__name__} has none")
+            sizes.append(sum(p.numel() for p in linears[-1].parameters()))
         if self._target.numel() not in sizes:
             raise ValueError(f"target tensor has {self._target.numel()} entries but surrogate[{i}] has {P} "
                              "parameters (named_parameters() order)"
                              + (f" and its last Linear layer {sizes[1]}" if len(sizes) > 1 else ""))
 
-    @staticmethod
-    def _last_linear(s: nn.Module) -> nn.Linear:
-        lins = [m for m in s.modules() if isinstance(m, nn.Linear)]
-        if not lins:
-            raise ValueError(f"jacobian='fc' needs a surrogate with an nn.Linear last layer; "
-                             f"{type(s).__name__} has none")
-        return lins[-1]
-
-    def _fc_size(self, s: nn.Module) -> int:
-        lin = self._last_linear(s)
-        return lin.weight.numel() + (lin.bias.numel() if lin.bias is not None else 0)
-
     def _tangent(self, s: nn.Module, params: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        """GR's t = −a over every parameter, for the fixed targets."""
+        """t = −a over every parameter, for the fixed targets."""
         if self.target_name == "all_ones":
             return {n: -torch.ones_like(p) for n, p in params.items()}
         if self.target_name == "max_norm":
@@ -199,13 +167,12 @@ class GRAD2(Defense):
             off += p.numel()
         return out
 
-    # -- coefficients -------------------------------------------------------------------------
     def _draw(self, n: int) -> Tensor:
         return torch.randint(len(self.surrogates), (n,), generator=self._generator())
 
     def coefficients(self, x: Tensor, y: Tensor, surrogate: int = 0) -> Tensor:
-        """GR's coefficients c = ∂Φ/∂ỹ [B, K] of one surrogate for the batch (x, y), with
-        GR's 1/B (per sample: 1 with ``batch_independent`` ``min_ip``)."""
+        """The coefficients c = ∂Φ/∂ỹ [B, K] of one surrogate for the batch (x, y), scaled by
+        1/B (by 1 with ``batch_independent`` ``min_ip``)."""
         s = self.surrogates[surrogate]
         if self.jacobian == "fc":
             return self._coefficients_fc(s, surrogate, x, y)
@@ -298,7 +265,6 @@ class GRAD2(Defense):
             c[idx] = self.coefficients(x[idx], y[idx], i).to(device=y.device, dtype=y.dtype)
         return c
 
-    # -- the defense ------------------------------------------------------------------------
     def defend(self, x: Tensor, y: Tensor) -> DefenseOutput:
         if self.epsilon <= 0.0:
             return DefenseOutput(ops.grad2_allocate(y, torch.zeros_like(y), 0.0)[:, 0], y)
@@ -306,8 +272,8 @@ class GRAD2(Defense):
         return DefenseOutput(ops.grad2_allocate(y, c, self.epsilon)[:, 0], y)
 
     def perturb_budgets(self, x: Tensor, epsilons: Sequence[float]) -> Tensor:
-        """GR's return layout: the released posteriors for several budgets [B, E, K] from one
-        set of coefficients. Counts the queries; writes nothing to the logger."""
+        """The released posteriors for several budgets [B, E, K] from one set of coefficients.
+        Counts the queries; writes nothing to the logger."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         with torch.no_grad():

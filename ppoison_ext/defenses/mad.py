@@ -11,12 +11,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from .base import Defense, DefenseOutput, boolean, check_bools, optional_str, proxy_arg, real_arg, register
+from .base import (Defense, DefenseOutput, boolean, check_bools, check_choices, optional_str, proxy_arg,
+                   real_arg, register)
 from .proxy import ProxyView, reference_jacobian_param
 
 __all__ = ["MAD"]
 
-_PROJECTION_TOL = 1e-4  # the reference's convergence tolerance for optim="projections"
+_PROJECTION_TOL = 1e-4  # optim="projections" stops when within this of the ball and the simplex
 _PROJECTION_ITERS = 100
 _BN_DROPOUT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
@@ -30,42 +31,26 @@ MAD_KEYS = {
 
 @register("mad", needs="epsilon", **MAD_KEYS)
 class MAD(Defense):
-    """The MAD defense: release ỹ = argmax angular deviation of the attacker's gradient,
-    within ``epsilon`` of the true posterior y.
+    """MAD: release the ỹ within ``epsilon`` of y (in ``ydist``) that deviates the proxy's
+    training gradient furthest in angle.
 
-    Per batch: one victim forward (y), one proxy forward (p and the features h entering its
-    last Linear layer), then the native ops: the oracle picks a target vertex y* per query
-    (:func:`ppoison_ext.ops.mad_oracle`) and the line search steps toward it
-    (:func:`ppoison_ext.ops.mad_step`). G is the Jacobian of the proxy's per-class NLL w.r.t.
-    its second-to-last parameter (the last layer's weight); when the proxy's output is its last
-    Linear layer's output up to a per-row constant, G enters only through its closed-form Gram
-    matrix ‖h‖²(I − 1pᵀ − p1ᵀ + ‖p‖²11ᵀ).
+    Per batch: one victim forward (y) and one proxy forward; :func:`ppoison_ext.ops.mad_oracle`
+    picks a target vertex y* per query and :func:`ppoison_ext.ops.mad_step` steps toward it
+    (``optim="projections"``: alternating projections onto the ε-ball and the simplex, then a
+    step back toward y into the ball). G is the Jacobian of the proxy's per-class NLL w.r.t.
+    its second-to-last parameter; when the proxy's output is its last Linear layer's output up
+    to a per-row constant, G enters through its closed-form Gram matrix
+    ‖h‖²(I − 1pᵀ − p1ᵀ + ‖p‖²11ᵀ), h the features entering that layer, p = softmax.
 
-    Args:
-        model: the victim.
-        epsilon: perturbation budget ε ≥ 0 in ``ydist`` (0 releases y exactly).
-        proxy: the defender's stand-in for the attacker's model; None uses the victim (then
-            p = y and the angular objective degenerates). Used as given: in train mode with
-            the reference's per-query forward (per-query BatchNorm statistics, dropout on; see
-            :mod:`ppoison_ext.defenses.proxy`), in eval mode plainly. Never changed.
-        ydist: ``l1``, ``l2`` or ``kl``.
-        oracle: ``extreme`` (one-hot targets), ``argmax`` (targets that keep the top-1 class),
-            ``argmin`` or ``random`` (these two use G = I).
-        optim: ``linesearch`` or ``projections`` (alternating projections onto the ε-ball and
-            the simplex; l1/l2 only; a final step back toward y keeps it inside the ball).
-        objmax: score candidates with the angular objective instead of ‖Gᵀ(ỹ − y)‖².
-        disable_jacobian: use G = I.
-        jacobian: ``auto``: per batch, the closed form when it applies (checked by value), else
-            explicit per-sample Jacobians w.r.t. the second-to-last parameter; ``fc``: the
-            closed form (ValueError when it does not apply); ``full``: explicit per-sample
-            Jacobians w.r.t. ``jacobian_params`` (:func:`ppoison_ext.ops.jacobian_gram`).
-        jacobian_params: for ``full``: ``"all"`` or parameter names / name prefixes.
-        exact_max_k: largest K whose argmax-preserving vertices are all enumerated (above it,
-            the reference's greedy search).
-        seed: seeds the ``random`` oracle's generator (None: torch's global RNG).
-
-    Example:
-        >>> y_prime = MAD(victim, epsilon=0.5, proxy=proxy, objmax=True)(x)  # [B, K]
+    ``proxy=None`` uses the victim (p = y). A proxy in train mode is run per query
+    (:class:`~ppoison_ext.defenses.proxy.ProxyView`); it is never changed. ``oracle``:
+    ``extreme`` (one-hot targets), ``argmax`` (targets keeping the top-1), ``argmin`` and
+    ``random`` (G = I, as with ``disable_jacobian``). ``objmax`` scores candidates with the
+    angular objective instead of ‖Gᵀ(ỹ − y)‖². ``jacobian``: ``auto`` (the closed form when it
+    applies on the batch, else explicit per-sample Jacobians), ``fc`` (the closed form or a
+    ValueError), ``full`` (explicit Jacobians w.r.t. ``jacobian_params``: ``"all"`` or names /
+    name prefixes). ``exact_max_k``: the largest K whose argmax-preserving vertices are all
+    enumerated (greedy above). ``seed`` seeds the ``random`` oracle.
     """
 
     def __init__(self, model: nn.Module, *, epsilon: float, proxy: Optional[nn.Module] = None,
@@ -75,14 +60,11 @@ class MAD(Defense):
                  seed: Optional[int] = None, logger=None):
         super().__init__(model, logger=logger)
         epsilon = real_arg(epsilon, "epsilon")
-        choices = {"ydist": (ydist, ops.YDISTS), "oracle": (oracle, ops.ORACLES),
-                   "optim": (optim, ("linesearch", "projections")), "jacobian": (jacobian, ("auto", "fc", "full"))}
-        for name, (v, allowed) in choices.items():
-            if v not in allowed:
-                raise ValueError(f"{name} must be one of {list(allowed)}, got {v!r}")
+        check_choices(ydist=(ydist, ops.YDISTS), oracle=(oracle, ops.ORACLES),
+                      optim=(optim, ("linesearch", "projections")),
+                      jacobian=(jacobian, ("auto", "fc", "full")))
         if optim == "projections" and ydist == "kl":
-            raise ValueError("optim='projections' supports ydist 'l1' and 'l2' (the reference raises for "
-                             "'kl')")
+            raise ValueError("optim='projections' supports ydist 'l1' and 'l2', not 'kl'")
         check_bools(objmax=objmax, disable_jacobian=disable_jacobian)
         if proxy is not None and not isinstance(proxy, nn.Module):
             raise TypeError(f"proxy must be a torch.nn.Module or None, got {type(proxy).__name__}")
@@ -99,9 +81,8 @@ class MAD(Defense):
 
     @classmethod
     def from_args(cls, name, model, args, *, proxy=None, logger=None, device=None, **_):
-        """``model_adv_proxy:DIR`` loads the proxy in train mode (the reference never puts it in
-        eval mode) unless ``proxy_mode:eval``; ``jacobian_params`` is ``+``-separated;
-        ``max_grad_layer`` is accepted and ignored, as in the reference."""
+        """``model_adv_proxy:DIR`` loads the proxy in train mode unless ``proxy_mode:eval``;
+        ``jacobian_params`` is ``+``-separated; ``max_grad_layer`` is accepted and ignored."""
         args.pop("max_grad_layer", None)
         mode = args.pop("proxy_mode", None)
         if mode not in (None, "train", "eval"):
@@ -141,7 +122,6 @@ class MAD(Defense):
     def reseedable(self) -> bool:
         return self.oracle == "random"
 
-    # -- Gram of the proxy's NLL Jacobian -------------------------------------------------
     @staticmethod
     def _closed_form(logits: Tensor, h: Tensor) -> dict:
         p = F.softmax(logits, dim=1)
@@ -200,7 +180,6 @@ class MAD(Defense):
             g = self._auto_gram(x, K)
         return {k: v.to(device=y.device, dtype=y.dtype) for k, v in g.items()}
 
-    # -- the defense ------------------------------------------------------------------------
     def _answer(self, x: Tensor) -> DefenseOutput:
         if not self._victim_is_proxy or self.jacobian == "full" or self.uses_identity or self.epsilon <= 0:
             return super()._answer(x)
@@ -234,7 +213,7 @@ class MAD(Defense):
         return d.abs().sum(1) if self.ydist == "l1" else d.norm(dim=1)
 
     def _projections(self, y: Tensor, y_star: Tensor) -> Tensor:
-        """Alternating projections (the reference's algorithm, per-row stopping), batched."""
+        """Alternating projections onto the ε-ball and the simplex, each row stopping on its own."""
         yt = y_star.clone()
         active = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
         for _ in range(_PROJECTION_ITERS):

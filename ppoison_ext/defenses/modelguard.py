@@ -13,21 +13,21 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from .base import Defense, DefenseOutput, boolean, check_bools, real_arg, register
+from .base import Defense, DefenseOutput, boolean, check_bools, check_choices, real_arg, register
 
 __all__ = ["ModelGuardW", "ModelGuardS"]
 
 logger = logging.getLogger(__name__)
 
-MARGIN = 1e-4  # the reference's top-1 margin y′_m − y′_j ≥ 1e-4
-LOG_OFFSET = 1e-6  # the reference's c = log(y + 1e-6)
+MARGIN = 1e-4  # ModelGuard-W keeps the top-1 by y′_m − y′_j ≥ MARGIN
+LOG_OFFSET = 1e-6  # its LP's cost c = log(y + LOG_OFFSET)
 YDISTS = ("l1", "l2", "kl")
 
 
 @register("modelguard_w", needs="epsilon", example="epsilon:1.0", epsilon=float, ydist=str,
           batch_constraint=int)
 class ModelGuardW(Defense):
-    """ModelGuard-W: the reference's ``MLD`` defense, with an exact batched solver.
+    """ModelGuard-W (``MLD``), with an exact batched solver (differences.md: ModelGuard).
 
     Per query, with c = log(y + 1e-6) and m = argmax y (first max), the released y′ solves::
 
@@ -37,23 +37,18 @@ class ModelGuardW(Defense):
     (:func:`ppoison_ext.ops.modelguard_w_solve`, a 1-D convex search per row). The top-1 class
     is kept; ``perturb(x).obj`` is the LP objective Σ c·y′. A query whose margin cannot be
     opened within ε (an infeasible LP) is released unchanged and counted in
-    :attr:`infeasible_count`.
-
-    Args:
-        model: the victim.
-        epsilon: the L1 budget ε ≥ 0 (the reference's scripts: 1.0).
-        ydist: ``l1``, ``l2`` or ``kl``, accepted and unused: the budget is L1, as in the reference.
-        batch_constraint: 0 (a budget per query); the shared-budget variant 1 is not supported.
+    :attr:`infeasible_count`. ``ydist`` is accepted and unused (the budget is L1);
+    ``batch_constraint`` must be 0 (a budget per query).
     """
+
+    hparam_names = ("epsilon", "ydist", "batch_constraint")
+    batch_independent = keeps_top1 = True
 
     def __init__(self, model: nn.Module, *, epsilon: float, ydist: str = "l1", batch_constraint: int = 0,
                  logger=None):
         super().__init__(model, logger=logger)
         self.epsilon = real_arg(epsilon, "epsilon")
-        if not isinstance(ydist, str):
-            raise TypeError(f"ydist must be a str, got {type(ydist).__name__}")
-        if ydist not in YDISTS:
-            raise ValueError(f"ydist must be one of {list(YDISTS)}, got {ydist!r}")
+        check_choices(ydist=(ydist, YDISTS))
         if isinstance(batch_constraint, bool) or not isinstance(batch_constraint, int):
             raise TypeError(f"batch_constraint must be an int, got {type(batch_constraint).__name__}")
         if batch_constraint != 0:
@@ -62,11 +57,6 @@ class ModelGuardW(Defense):
         self.ydist = ydist
         self.batch_constraint = batch_constraint
         self.infeasible_count = 0
-
-    def hparams(self) -> dict:
-        return {"epsilon": self.epsilon, "ydist": self.ydist, "batch_constraint": self.batch_constraint}
-
-    batch_independent = keeps_top1 = True
 
     def get_yprime(self, y: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """The defense applied to given posteriors y [B, K]: (y′, objective, feasible)."""
@@ -84,33 +74,26 @@ class ModelGuardW(Defense):
 
 @register("modelguard_s", epsilon=float, ydist=str, frozen=boolean, optim=int, ordered_quantization=boolean)
 class ModelGuardS(Defense):
-    """ModelGuard-S: the reference's incremental quantisation (``incremental_kmeans`` with
-    ``ordered_quantization`` 1, ``optim`` 0).
+    """ModelGuard-S: ordered incremental quantisation (differences.md: ModelGuard).
 
     **Stateful**: one centroid bank per top-1 class, empty at construction; queries are
     answered in order (row order inside a batch). With l = argmax y, the release is the
-    earliest-created centroid of class l within distance ε of y (L1 or L2); if there is none,
-    y becomes a new centroid and is released as is. The same input keeps getting the same
-    answer, and the top-1 class is kept. Queries that match an existing centroid are resolved
-    at once; only the rest go through a short sequential pass. ``frozen=True`` adds no
-    centroids: the first centroid within ε, else the nearest (first on ties), else y.
-    The banks are :meth:`get_state`; :meth:`reset` empties them.
-
-    Args:
-        model: the victim.
-        epsilon: the quantisation radius ε ≥ 0 (the reference's scripts: 1.0).
-        ydist: ``l1`` or ``l2``.
-        frozen: look up only, never add centroids.
+    earliest-created centroid of class l within distance ε of y (``ydist`` L1 or L2); if there
+    is none, y becomes a new centroid and is released as is. The top-1 class is kept.
+    Queries that match an existing centroid are resolved at once; only the rest go through a
+    short sequential pass. ``frozen=True`` adds no centroids: the first centroid within ε,
+    else the nearest (first on ties), else y. The banks are :meth:`get_state`; :meth:`reset`
+    empties them.
     """
+
+    hparam_names = ("epsilon", "ydist", "frozen")
+    keeps_top1 = stateful = True
 
     def __init__(self, model: nn.Module, *, epsilon: float = 1.0, ydist: str = "l1", frozen: bool = False,
                  logger=None):
         super().__init__(model, logger=logger)
         self.epsilon = real_arg(epsilon, "epsilon")
-        if not isinstance(ydist, str):
-            raise TypeError(f"ydist must be a str, got {type(ydist).__name__}")
-        if ydist not in ("l1", "l2"):
-            raise ValueError(f"ydist must be 'l1' or 'l2', got {ydist!r}")
+        check_choices(ydist=(ydist, ("l1", "l2")))
         check_bools(frozen=frozen)
         self.ydist, self.frozen = ydist, frozen
         self.reset()
@@ -124,16 +107,10 @@ class ModelGuardS(Defense):
             raise ValueError("defense_args: modelguard_s supports ordered_quantization:1 only")
         return cls(model, logger=logger, **args)
 
-    def hparams(self) -> dict:
-        return {"epsilon": self.epsilon, "ydist": self.ydist, "frozen": self.frozen}
-
     @property
     def batch_independent(self) -> bool:
         return self.frozen  # else a row may become the centroid of the rows after it
 
-    keeps_top1 = stateful = True
-
-    # -- state ----------------------------------------------------------------------------------
     def reset(self) -> None:
         """Empties every centroid bank."""
         self._bank: Optional[Tensor] = None  # [N, K], creation order, all classes
@@ -168,13 +145,6 @@ class ModelGuardS(Defense):
                                  "do not match")
             self._bank, self._labels = bank.clone(), labels.to(torch.int64).clone()
 
-    # the names attacks/knockoff.py looks for
-    resume_state = get_state
-
-    def load_resume_state(self, state: Optional[Mapping[str, Any]]) -> None:
-        self.set_state(state or {})
-
-    # -- lookup ---------------------------------------------------------------------------------
     def _dist(self, a: Tensor, b: Tensor) -> Tensor:
         p = 1.0 if self.ydist == "l1" else 2.0
         return torch.cdist(a.double(), b.double(), p=p, compute_mode="donot_use_mm_for_euclid_dist")

@@ -1,19 +1,11 @@
-"""Batched proxy forwards with the reference's per-query semantics.
+"""Batched proxy forwards with per-query semantics (differences.md: Defenses, "Batched").
 
-The reference's MAD code forwards each query alone through the proxy (batch 1), and never
-puts the proxy in eval mode. A BatchNorm layer in train mode then normalizes each query
-by its own statistics: over the spatial positions of that one image, per channel, which
-is instance normalization with the BN layer's affine parameters. Dropout is active.
-
-:class:`ProxyView` reproduces that in one batched forward. It is a structural copy of the
-proxy that shares every parameter and buffer with it (nothing is copied or changed), in
-which each BatchNorm layer normalizes per sample whenever the proxy's layer would use
-batch statistics, and each ``nn.Linear`` can report the features entering it. Train/eval
-flags are read from the proxy's modules at every call: in train mode, per-sample BN
-statistics (running statistics are not updated) and active dropout; in eval mode, the plain
-forward.
-
-Captured features live in thread-local storage, so one view can serve several threads.
+A proxy in train mode answering one query at a time normalises it by its own BatchNorm
+statistics (instance normalisation with the BN layer's affine parameters). :class:`ProxyView`
+does that in one batched forward: a structural copy of the proxy sharing its parameters and
+buffers, whose BatchNorm layers normalise per sample whenever the proxy's would use batch
+statistics, and whose ``nn.Linear`` layers report their inputs (thread-locally). Train/eval
+flags are read from the proxy at every call.
 """
 
 from __future__ import annotations
@@ -39,14 +31,14 @@ def _differ_by_row_constant(a: Tensor, b: Tensor) -> bool:
 
 
 def reference_jacobian_param(model: nn.Module) -> str:
-    """The name of the parameter the reference differentiates MAD's NLL by: the model's
-    second-to-last parameter (``list(model.parameters())[-2]``, the last layer's weight
-    when it has a bias)."""
+    """The name of the parameter MAD's default Jacobian differentiates the NLL by: the model's
+    second-to-last parameter (the last layer's weight when it has a bias)."""
     names = [n for n, _ in model.named_parameters()]
     if len(names) < 2:
-        raise ValueError(f"{type(model).__name__} has {len(names)} parameter(s); the reference's Jacobian "
+        raise ValueError(f"{type(model).__name__} has {len(names)} parameter(s); MAD's default Jacobian "
                          "takes the second-to-last one, so pass jacobian='full' with jacobian_params")
     return names[-2]
+
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -70,8 +62,8 @@ class _PerSampleBatchNorm(nn.Module):
             return F.batch_norm(x, rm, rv, weight, bias, False, 0.0, bn.eps)
         if x.dim() == 2:
             raise ValueError(
-                f"{type(bn).__name__} in train mode on [N, C] inputs has one value per channel per query; "
-                "the reference's per-query forward fails on it too. Put the proxy in eval mode."
+                f"{type(bn).__name__} in train mode on [N, C] inputs has one value per channel per query, "
+                "so per-query statistics do not exist. Put the proxy in eval mode."
             )
         return F.instance_norm(x, None, None, weight, bias, True, 0.0, bn.eps)
 
@@ -94,15 +86,8 @@ class _CaptureLinear(nn.Module):
 
 
 class ProxyView(nn.Module):
-    """A per-sample-semantics view of ``proxy`` that can report its last Linear's input.
-
-    Args:
-        proxy: the user's model; never modified.
-
-    Example:
-        >>> view = ProxyView(proxy)
-        >>> logits, h = view.forward_with_features(x)   # h: input of the final nn.Linear
-    """
+    """A per-sample-semantics view of ``proxy`` (never modified) that can report its last
+    Linear layer's input: ``logits, h = ProxyView(proxy).forward_with_features(x)``."""
 
     def __init__(self, proxy: nn.Module):
         super().__init__()

@@ -1,21 +1,13 @@
-"""Per-query logs of a defended black box.
+"""Per-query logs of a defended black box, two files per ``prefix`` (e.g. ``transfer``):
 
-Two files per ``prefix`` (``transfer`` while building a transfer set, ``test`` during
-utility evaluation), in ``out_dir``:
-
-* ``distance<prefix>.log.tsv`` — the reference's file: header
-  ``call_count l1_mean l1_std l2_mean l2_std kl_mean kl_std``; one row each time the query
-  count crosses a multiple of ``every`` (default 1000), with the mean and population std of
-  ‖y − y′‖₁, ‖y − y′‖₂ and KL(y‖y′) over *all* queries so far, and a last row for the tail
-  after the last multiple, written by :meth:`QueryLogger.close`. The sums behind each row
-  are exact sums (``math.fsum``) over blocks of ``every`` queries aligned at query 0, so a
-  row depends only on the queries before it, never on how they were batched: a run resumed
-  from the per-query file writes the same bytes as one that never stopped.
-* ``queries<prefix>.f32`` + ``queries<prefix>.json`` — every query, appended as it comes:
-  little-endian float32 rows ``[y (K), y′ (K), obj, sobj]`` (NaN where a defense has no
-  objective), described by the JSON sidecar. No pickle: read it with
-  :func:`read_queries` (``numpy.fromfile``), even while it is being written. A row cut
-  short by a crash is ignored.
+* ``distance<prefix>.log.tsv`` (columns :data:`DISTANCE_COLUMNS`): a row each time the query
+  count crosses a multiple of ``every``, with the mean and population std of ‖y − y′‖₁,
+  ‖y − y′‖₂ and KL(y‖y′) over *all* queries so far, and a last row for the tail at
+  :meth:`QueryLogger.close`. The sums are exact per block of ``every`` queries aligned at
+  query 0, so a row never depends on how the queries were batched or resumed.
+* ``queries<prefix>.f32`` + ``.json``: every query appended as little-endian float32 rows
+  ``[y (K), y′ (K), obj, sobj]`` (NaN without an objective), read by :func:`read_queries`
+  even while written; a row cut short by a crash is ignored.
 """
 
 from __future__ import annotations
@@ -76,20 +68,11 @@ class _ExactSum:
         return (self.num + n * (_SCALE // d)) / _SCALE
 
 
-def _fmt(v: float) -> str:
-    return repr(float(v)) if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
-
-
 class QueryLogger:
-    """Streams a defense's queries to disk (see module docs).
+    """Streams a defense's queries to the files in ``out_dir`` (see the module docs).
 
-    Args:
-        out_dir: folder for the files (created).
-        prefix: file-name infix, e.g. ``"transfer"`` → ``distancetransfer.log.tsv``.
-        every: write a distance row each time the query count crosses a multiple of this.
-        save_queries: also append every (y, y′, obj, sobj) row.
-        resume: continue existing files (the counts and running sums are rebuilt from the
-            query file); otherwise existing files are replaced.
+    ``save_queries=False`` writes the distance file only. ``resume`` continues existing files
+    (the counts and sums are rebuilt from the query file); otherwise they are replaced.
 
     Example:
         >>> with QueryLogger("out", prefix="transfer") as log:
@@ -128,7 +111,6 @@ class QueryLogger:
         self._last_row_at = 0
         self._K: Optional[int] = None
 
-    # -- restoring ----------------------------------------------------------------------
     def _restore(self, keep: Optional[int] = None) -> None:
         """Rebuilds the counts and sums from the query file (its first ``keep`` rows when
         given), drops a row cut short by a crash and the distance rows past the kept queries."""
@@ -179,7 +161,6 @@ class QueryLogger:
                 self._sums[j][1].add(math.fsum(block[:, j] * block[:, j]))
         self._pending = rows[full:].copy()
 
-    # -- logging --------------------------------------------------------------------------
     def log(self, y: Tensor, y_prime: Tensor, obj: Optional[Tensor] = None, sobj: Optional[Tensor] = None) -> None:
         """Records a batch of queries: y, y′ [B, K]; obj, sobj [B] or None."""
         if y.shape != y_prime.shape or y.dim() != 2:
@@ -224,7 +205,7 @@ class QueryLogger:
         return tuple(out)
 
     def _write_row(self) -> None:
-        row = [str(self.count)] + [_fmt(v) for v in self.stats()]
+        row = [str(self.count)] + [repr(float(v)) for v in self.stats()]
         append_text(self.tsv_path, "\t".join(row) + "\n")
         self._last_row_at = self.count
 

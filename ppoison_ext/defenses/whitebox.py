@@ -1,32 +1,12 @@
-"""White-box (online-attacker) defenses ``mad_wb``, ``reverse_sigmoid_wb``, ``rand_noise_wb``
-(the reference's ``MAD_WB``, ``ReverseSigmoid_WB``, ``RandomNoise_WB``).
+"""White-box (online-attacker) defenses ``mad_wb``, ``reverse_sigmoid_wb``, ``rand_noise_wb``.
 
-The defender simulates the attacker: each answered batch also trains an attacker model
-online, so MAD's Jacobian can target the attacker as it learns. Per batch:
-
-1. the inner defense answers (y and y′ go to the query log);
-2. with ``attacker_argmax`` y′ becomes the one-hot top-1 label, which the caller receives;
-3. the attacker takes one optimizer step on the batch's soft cross-entropy to the released
-   y′, **summed** over the batch (``step_reduction="sum"``: a batch of B moves it as B
-   batch-1 steps at the same weights; ``"mean"``: the mean), and so does the gray-box proxy
-   unless ``model_adv_proxy_notrain``;
-4. the observer, :class:`OnlineEvaluation`, appends two rows to ``online.log.tsv`` each time
-   the query count passes a multiple of ``log_every`` (header :data:`ONLINE_COLUMNS`):
-   ``test`` (the attacker on the victim's test set: CE loss as Σ_batches mean-loss / N at
-   batch 128, accuracy %, best accuracy so far, distance statistics over all queries so
-   far) and ``test_vic`` (the defended victim on the first 1000 test images: y′ + 1e-7
-   renormalized, mean NLL, accuracy %, −1, distance statistics of those). ``epoch`` is the
-   query count over the victim's training-set size; the file is appended to across runs,
-   ``run_id`` tells them apart.
-
-The attacker is put back in train mode after each evaluation, and the gray-box proxy's
-optimizer holds the proxy's parameters. ``original_bugs=True`` (Python API only) restores
-two reference bugs instead: the attacker left in eval mode after the first log, and the
-proxy's optimizer bound to the attacker's parameters (the proxy never trains; sgdm/adam give
-the attacker extra zero-gradient momentum steps). :meth:`WhiteboxDefense.get_state` /
-:meth:`~WhiteboxDefense.set_state` snapshot and restore the attacker, proxy, optimizers,
-counters, ``run_id`` and the log position (the resumed run's rows written after the
-snapshot are dropped; other runs' rows are kept).
+The defender simulates the attacker. After the inner defense answers a batch (y and y′ go to
+the query log), the attacker, and the gray-box proxy unless ``model_adv_proxy_notrain``, take
+one optimizer step on the soft cross-entropy to the released y′ (its one-hot top-1 with
+``attacker_argmax``), summed over the batch (``step_reduction="mean"``: averaged), so MAD's
+Jacobian can target the attacker as it learns. :class:`OnlineEvaluation` appends two rows to
+``online.log.tsv`` each time the query count passes a multiple of ``log_every``.
+``original_bugs=True`` restores two bugs of the white-box defenses (differences.md: Defenses).
 """
 
 from __future__ import annotations
@@ -49,8 +29,8 @@ from ..modeldir import dataset_name, modelfamily_for_dataset
 from ..models import get_net
 from ..training import get_optimizer, optimizer_step
 from . import baselines, mad  # noqa: F401  (registers the inner defenses first)
-from .base import (REGISTRY, Defense, DefenseOutput, boolean, build_registered, check_bools, optional_str,
-                   proxy_arg, register)
+from .base import (REGISTRY, Defense, DefenseOutput, boolean, build_registered, check_bools, check_choices,
+                   optional_str, proxy_arg, register)
 from .querylog import distances
 
 __all__ = ["WhiteboxDefense", "OnlineEvaluation", "make_adv_optimizer", "WB_DEFENSES", "ONLINE_LOG",
@@ -67,10 +47,9 @@ WB_KEYS = {"model_adv": optional_str, "model_adv_proxy_notrain": boolean, "attac
 
 
 def make_adv_optimizer(name: str, params, *, proxy: bool = False) -> torch.optim.Optimizer:
-    """The reference's online optimizers: ``sgd`` lr 0.1/64; ``sgdm`` lr 0.1/64, momentum 0.5;
+    """The simulated attacker's optimizer: ``sgd`` lr 0.1/64; ``sgdm`` lr 0.1/64, momentum 0.5;
     ``adam`` lr 0.001/64 (for the gray-box proxy: Adam's default lr 0.001)."""
-    if name not in ADV_OPTIMIZERS:
-        raise ValueError(f"adv_optimizer must be one of {list(ADV_OPTIMIZERS)}, got {name!r}")
+    check_choices(adv_optimizer=(name, ADV_OPTIMIZERS))
     if name == "adam":  # get_optimizer's Adam keeps the library's lr
         return torch.optim.Adam(params, lr=0.001 if proxy else 0.001 / 64)
     return get_optimizer(params, name, lr=0.1 / 64, momentum=0.5)
@@ -81,15 +60,14 @@ def _fmt(v) -> str:
 
 
 class OnlineEvaluation:
-    """The observer writing ``online.log.tsv`` (see the module docs); called after each answer.
+    """The observer appending to ``out_dir/online.log.tsv`` (header :data:`ONLINE_COLUMNS`).
 
-    Args:
-        out_dir: folder of ``online.log.tsv`` (appended to; the header is written when new).
-        testset: the victim's test set.
-        train_size: the victim training-set size for the ``epoch`` column.
-        log_every: log each time the query count passes a multiple of this.
-        minitest_size: test images of the ``test_vic`` row.
-        eval_batch_size: batch size of both evaluations.
+    Each time the query count passes a multiple of ``log_every`` it writes a ``test`` row (the
+    attacker on ``testset``: loss as Σ of batch-mean CE / N, accuracy %, best accuracy so far,
+    distance statistics over all queries so far) and a ``test_vic`` row (the defended victim
+    on the first ``minitest_size`` test images: mean NLL of y′ + 1e-7 renormalised, accuracy %,
+    −1, distance statistics of those). ``epoch`` is the query count over ``train_size``;
+    ``run_id`` tells apart the runs appending to one file.
     """
 
     def __init__(self, out_dir, *, testset: Optional[torch.utils.data.Dataset], train_size: Optional[int],
@@ -190,8 +168,8 @@ class OnlineEvaluation:
                 "last_log_at": int(self._last_log_at), "log_events": int(self._log_events)}
 
     def set_state(self, st: Mapping[str, Any]) -> None:
-        """Restores :meth:`get_state` (``{}``: keeps the state) and cuts this run's rows of
-        ``online.log.tsv`` back to those written up to that point."""
+        """Restores :meth:`get_state` (``{}``: keeps the state) and drops this run's rows written
+        after that point (other runs' rows are kept)."""
         if st:
             self.run_id, self.best_test_acc = str(st["run_id"]), float(st["best_test_acc"])
             self._sums = st["sums"].numpy().copy()
@@ -228,19 +206,12 @@ def _load_attacker(model_adv: Optional[str], arch: str, family: str, K: int, dev
 class WhiteboxDefense(Defense):
     """A defense whose released answers also train a simulated attacker online.
 
-    Args:
-        defense: the inner defense (its ``model`` is the victim, its ``logger`` the query
-            log). For MAD, its proxy should be ``attacker`` (white box) or ``proxy``.
-        attacker: the attacker's model, trained online.
-        proxy: a gray-box proxy of the attacker (None: the attacker itself).
-        proxy_train: also train the proxy online (``not model_adv_proxy_notrain``).
-        attacker_argmax: release (and train on) the one-hot top-1 of y′.
-        adv_optimizer: ``sgd``, ``sgdm`` or ``adam`` (:func:`make_adv_optimizer`).
-        step_reduction: ``sum`` or ``mean`` of the batch's soft CE.
-        original_bugs: reproduce the reference's proxy-optimizer and eval-mode bugs.
-        observer: ``observer.after_answer(self, out)`` is called after each answer (``out``:
-            the inner defense's, before the argmax), e.g. an :class:`OnlineEvaluation`; its
-            ``get_state``/``set_state`` join this defense's.
+    ``defense`` is the inner defense (its ``model`` is the victim, its ``logger`` the query
+    log; for MAD its proxy should be ``attacker`` or the gray-box ``proxy``). ``observer``
+    (e.g. an :class:`OnlineEvaluation`) gets ``after_answer(self, out)`` with the inner
+    defense's answer before the argmax; its ``get_state``/``set_state`` join this defense's.
+    ``original_bugs``: the attacker stays in eval mode after the first evaluation and the
+    proxy's optimizer holds the attacker's parameters.
     """
 
     stateful = True
@@ -255,8 +226,7 @@ class WhiteboxDefense(Defense):
         if proxy is not None and not isinstance(proxy, nn.Module):
             raise TypeError(f"proxy must be an nn.Module or None, got {type(proxy).__name__}")
         check_bools(proxy_train=proxy_train, attacker_argmax=attacker_argmax, original_bugs=original_bugs)
-        if step_reduction not in ("sum", "mean"):
-            raise ValueError(f"step_reduction must be 'sum' or 'mean', got {step_reduction!r}")
+        check_choices(step_reduction=(step_reduction, ("sum", "mean")))
         super().__init__(defense.model, logger=defense.logger)
         self.defense, self.attacker, self.proxy, self.observer = defense, attacker.train(), proxy, observer
         self.proxy_train = proxy_train and proxy is not None
@@ -265,30 +235,24 @@ class WhiteboxDefense(Defense):
         self.optimizer = make_adv_optimizer(adv_optimizer, attacker.parameters())
         self.proxy_optimizer = None
         if proxy is not None:
-            # original_bugs: bind the proxy's optimizer to the attacker's parameters (the reference's bug).
             params = attacker.parameters() if original_bugs else proxy.parameters()
             self.proxy_optimizer = make_adv_optimizer(adv_optimizer, params, proxy=True)
 
     @classmethod
     def from_args(cls, name, model, args, *, logger=None, device=None, out_dir=None, whitebox=None, **_):
-        """``args``: the inner defense's keys and ``model_adv`` (None: a fresh init of the
-        victim's architecture; a folder: its ``checkpoint.pth.tar``, weights copied by name),
-        ``model_adv_proxy_notrain``, ``attacker_argmax``, ``adv_optimizer``; ``mad_wb``'s
-        ``model_adv_proxy`` is a gray-box proxy folder (MAD's proxy; else the attacker is).
-        ``whitebox``: ``victim_params`` (required), ``testset`` (default: the params'
-        dataset, test split, under ``data_root``, loaded here), ``train_size``,
-        ``log_every``, ``minitest_size``, ``eval_batch_size`` (:class:`OnlineEvaluation`),
-        ``step_reduction``, ``original_bugs``; ``out_dir``: the folder of ``online.log.tsv``
-        (None: no online evaluation)."""
+        """``args``: the inner defense's keys plus ``model_adv`` (see :func:`_load_attacker`),
+        ``model_adv_proxy`` (``mad_wb``: a gray-box proxy folder, else MAD targets the
+        attacker), ``model_adv_proxy_notrain``, ``attacker_argmax``, ``adv_optimizer``.
+        ``whitebox``: ``victim_params`` (required), ``testset`` (default: the params' dataset,
+        test split, under ``data_root``), ``train_size``, :class:`OnlineEvaluation`'s options,
+        ``step_reduction``, ``original_bugs``. ``out_dir=None``: no online evaluation."""
         options = dict(whitebox or {})
         params = options.pop("victim_params", None)
         if params is None:
             raise ValueError(f"{name} needs the victim's params.json "
                              "(victim_dir=, or whitebox={'victim_params': ...})")
         adv_optimizer = args.pop("adv_optimizer", "sgd")
-        if adv_optimizer not in ADV_OPTIMIZERS:
-            raise ValueError(f"defense_args: adv_optimizer must be one of {list(ADV_OPTIMIZERS)}, "
-                             f"got {adv_optimizer!r}")
+        check_choices(adv_optimizer=(adv_optimizer, ADV_OPTIMIZERS))
         device = device or next(model.parameters()).device
         dataset = dataset_name(params)
         family = modelfamily_for_dataset(dataset)
@@ -337,7 +301,6 @@ class WhiteboxDefense(Defense):
         """The ``run_id`` of this run's ``online.log.tsv`` rows (None without online evaluation)."""
         return None if self.observer is None else self.observer.run_id
 
-    # -- the defense --------------------------------------------------------------------------
     def _step(self, model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, target: Tensor,
               set_to_none: bool = True) -> None:
         with torch.enable_grad():
@@ -366,7 +329,6 @@ class WhiteboxDefense(Defense):
             self.observer.after_answer(self, out)
         return out._replace(y_prime=released)
 
-    # -- resuming --------------------------------------------------------------------------------
     def get_state(self) -> Dict[str, Any]:
         """Everything that evolves with the queries (tensors and numbers only)."""
         st = {"call_count": int(self.call_count), "attacker_training": bool(self.attacker.training),
@@ -390,11 +352,6 @@ class WhiteboxDefense(Defense):
                 self.proxy_optimizer.load_state_dict(st["proxy_optimizer"])
         if self.observer is not None:
             self.observer.set_state(st)
-
-    resume_state = get_state  # the names attacks/knockoff.py looks for
-
-    def load_resume_state(self, st: Optional[Mapping[str, Any]]) -> None:
-        self.set_state(st or {})
 
 
 WB_DEFENSES = ("mad_wb", "reverse_sigmoid_wb", "rand_noise_wb")
