@@ -68,26 +68,20 @@ def _classifier_weight(sd: Mapping[str, Any]) -> Optional[str]:
     return None
 
 
-def _num_classes(sd: Mapping[str, Any]) -> Optional[int]:
-    key = _classifier_weight(sd)
-    return int(sd[key].shape[0]) if key is not None else None
-
-
 def save_checkpoint(path: PathLike, model: nn.Module, *, arch: str, epoch: int, best_acc: float,
                     optimizer: Optional[torch.optim.Optimizer] = None,
                     extra: Optional[Mapping[str, Any]] = None, num_classes: Optional[int] = None) -> Path:
     """Atomically write a checkpoint (see the module docs) plus the ``extra`` keys;
-    ``num_classes`` defaults to the output size of the model's classifier weight.
-
-    Raises:
-        TypeError: ``arch`` is not a str, or an ``extra`` value is not a tensor / primitive.
-        ValueError: an ``extra`` key collides with a standard key.
-    """
+    ``num_classes`` defaults to the output size of the model's classifier weight. The ``extra``
+    values must be tensors or primitives, under keys other than the standard ones."""
     if not isinstance(arch, str):
         raise TypeError(
             f"arch must be the architecture name (a str such as 'vgg16'), got {type(arch).__name__}; "
             "pickling the class would make the checkpoint unreadable with weights_only=True")
     state_dict = model.state_dict()
+    if num_classes is None:
+        head = _classifier_weight(state_dict)
+        num_classes = state_dict[head].shape[0] if head is not None else None
     ckpt: Dict[str, Any] = {
         "epoch": operator.index(epoch),
         "arch": arch,
@@ -95,7 +89,7 @@ def save_checkpoint(path: PathLike, model: nn.Module, *, arch: str, epoch: int, 
         "best_acc": float(best_acc),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "created_on": str(_dt.datetime.now()),
-        "num_classes": operator.index(num_classes) if num_classes is not None else _num_classes(state_dict),
+        "num_classes": operator.index(num_classes) if num_classes is not None else None,
     }
     _check_safe(ckpt["optimizer"], "optimizer state_dict")
     for key, value in (extra or {}).items():
@@ -131,11 +125,9 @@ def _torch_load(path: Path, map_location: Any) -> Any:
                 "ppoison_ext.checkpoint.convert_reference_checkpoint(src, dst) and load the converted file."
             ) from e
         raise _corrupt(path, size, e) from e
-    except RuntimeError as e:
-        if "deserialize object on" in str(e):  # a CUDA checkpoint on a machine without CUDA
+    except (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        if isinstance(e, RuntimeError) and "deserialize object on" in str(e):  # a CUDA file, no CUDA here
             raise
-        raise _corrupt(path, size, e) from e
-    except (EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
         raise _corrupt(path, size, e) from e
 
 
@@ -255,43 +247,28 @@ class _LenientUnpickler(pickle.Unpickler):
             return _STUBS[key]
 
 
-def _lenient_pickle_module() -> types.ModuleType:
-    mod = types.ModuleType("_ppoison_lenient_pickle")
-    mod.Unpickler = _LenientUnpickler  # type: ignore[attr-defined]
-    mod.load = lambda f, **kw: _LenientUnpickler(f, **kw).load()  # type: ignore[attr-defined]
-    return mod
+_LENIENT_PICKLE = types.ModuleType("_ppoison_lenient_pickle")
+_LENIENT_PICKLE.Unpickler = _LenientUnpickler  # type: ignore[attr-defined]
+_LENIENT_PICKLE.load = lambda f, **kw: _LenientUnpickler(f, **kw).load()  # type: ignore[attr-defined]
 
 
-def _to_safe(value: Any, where: str) -> Tuple[bool, Any]:
-    """(ok, value) with classes turned into their qualified names and numpy into torch/python."""
+def _to_safe(value: Any) -> Any:
+    """``value`` with classes turned into their qualified names and numpy into torch/python
+    (TypeError if some part of it cannot be made ``weights_only``-safe)."""
     if isinstance(value, type):
-        return True, f"{value.__module__}.{value.__qualname__}"
+        return f"{value.__module__}.{value.__qualname__}"
     if isinstance(value, _MissingClass):
-        return False, None
+        raise TypeError(f"{type(value).__qualname__} cannot be imported")
     if type(value).__module__ == "numpy":
-        if getattr(value, "shape", None) == ():
-            return True, value.item()
-        try:
-            return True, torch.from_numpy(value)
-        except TypeError:
-            return False, None
-    if isinstance(value, (list, tuple, dict)):
-        items = value.items() if isinstance(value, dict) else enumerate(value)
-        converted = []
-        for k, v in items:
-            ok, v = _to_safe(v, f"{where}[{k!r}]")
-            if not ok:
-                return False, None
-            converted.append((k, v))
-        if isinstance(value, dict):
-            return True, (OrderedDict if isinstance(value, OrderedDict) else dict)(converted)
-        values = [v for _, v in converted]
-        return True, type(value)(values) if isinstance(value, list) else tuple(values)
-    try:
-        _check_safe(value, where)
-    except TypeError:
-        return False, None
-    return True, value
+        return value.item() if getattr(value, "shape", None) == () else torch.from_numpy(value)
+    if isinstance(value, dict):
+        converted = ((k, _to_safe(v)) for k, v in value.items())
+        return (OrderedDict if isinstance(value, OrderedDict) else dict)(converted)
+    if isinstance(value, (list, tuple)):
+        values = [_to_safe(v) for v in value]
+        return type(value)(values) if isinstance(value, list) else tuple(values)
+    _check_safe(value, "value")
+    return value
 
 
 def convert_reference_checkpoint(src: PathLike, dst: PathLike, *, arch: Optional[str] = None,
@@ -315,25 +292,22 @@ def convert_reference_checkpoint(src: PathLike, dst: PathLike, *, arch: Optional
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Couldn't retrieve source code for container ..."
-            obj = torch.load(
-                src, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle_module())
+            obj = torch.load(src, map_location="cpu", weights_only=False, pickle_module=_LENIENT_PICKLE)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name
         raise _corrupt(src, src.stat().st_size, e) from e
     ckpt = _as_checkpoint(obj, src)
     out: Dict[str, Any] = {}
     for key, value in ckpt.items():
         if key == "state_dict":
-            sd = OrderedDict((k, v) for k, v in value.items() if isinstance(v, Tensor))
+            out[key] = OrderedDict((k, v) for k, v in value.items() if isinstance(v, Tensor))
             dropped = [k for k, v in value.items() if not isinstance(v, Tensor)]
             if dropped:
                 logger.warning("convert_reference_checkpoint: dropped non-tensor state_dict entries %s",
                                dropped)
-            out[key] = sd
             continue
-        ok, safe = _to_safe(value, key)
-        if ok:
-            out[key] = safe
-        else:
+        try:
+            out[key] = _to_safe(value)
+        except TypeError:
             logger.warning("convert_reference_checkpoint: dropped %r (a %s)", key, type(value).__qualname__)
     original_arch = out.get("arch")
     if arch is not None:

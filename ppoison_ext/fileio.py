@@ -21,21 +21,16 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 def _umask() -> int:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
 def _fsync_dir(directory: Path) -> None:
-    if os.name != "posix":
-        return
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
         try:
@@ -47,11 +42,9 @@ def _fsync_dir(directory: Path) -> None:
 def atomic_write(path: PathLike, write_fn: Callable[[IO[bytes]], None]) -> Path:
     """Writes ``path`` atomically and returns it as a Path: ``write_fn(f)`` fills a temporary
     binary file in the same folder, which is fsync'ed and ``os.replace``'d over ``path``.
-
     Missing parent folders are created and a killed writer's leftover temporary files removed.
     The file keeps the mode of the file it replaces (new: ``0o666 & ~umask``). If ``write_fn``
-    raises, ``path`` is left as it was.
-    """
+    raises, ``path`` is left as it was."""
     path = Path(path)
     directory = path.parent
     directory.mkdir(parents=True, exist_ok=True)
@@ -162,9 +155,3 @@ class AppendFile:
             os.fsync(self._f.fileno())
             self._f.close()
             self._f = None
-
-    def __enter__(self) -> "AppendFile":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()

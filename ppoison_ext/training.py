@@ -53,19 +53,13 @@ OPTIMIZERS = ("sgd", "sgdm", "adam", "adagrad")
 def get_optimizer(params, name: str = "sgdm", lr: float = 0.01, momentum: float = 0.5,
                   weight_decay: float = 0.0, *, exact_lr: bool = False) -> torch.optim.Optimizer:
     """Optimizer by name: ``sgd`` → SGD(lr), ``sgdm`` → SGD(lr, momentum), ``adam`` → Adam(),
-    ``adagrad`` → Adagrad(); the last two use the library's default lr unless ``exact_lr``.
-
-    Raises:
-        ValueError: unknown ``name``, negative ``lr``/``momentum``/``weight_decay``.
-    """
+    ``adagrad`` → Adagrad(); the last two use the library's default lr unless ``exact_lr``."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer name must be one of {list(OPTIMIZERS)}, got {name!r}")
     for arg, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-            raise ValueError(f"{arg} must be a number >= 0, got {v!r}")
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    if name == "sgdm":
+        _check_nonneg(arg, v)
+    if name in ("sgd", "sgdm"):
+        momentum = momentum if name == "sgdm" else 0  # SGD's default
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     adaptive = torch.optim.Adam if name == "adam" else torch.optim.Adagrad
     if exact_lr:
@@ -115,11 +109,8 @@ def _dataset_targets(ds: Dataset) -> Optional[List[int]]:
 
 
 def class_weights(trainset: Dataset, num_classes: int) -> Tensor:
-    """Class weights ``w_c = min_c' count_c' / count_c`` (float32 [K]) from the dataset's labels.
-
-    Raises:
-        ValueError: the labels cannot be read, or a class has no sample.
-    """
+    """Class weights ``w_c = min_c' count_c' / count_c`` (float32 [K]) from the dataset's labels
+    (ValueError when they cannot be read or a class has no sample)."""
     labels = _dataset_targets(trainset)
     if labels is None:
         raise ValueError(f"weighted_loss needs the labels of the training set; {type(trainset).__name__} has "
@@ -132,12 +123,9 @@ def class_weights(trainset: Dataset, num_classes: int) -> Tensor:
 
 
 def _num_classes_of(model: nn.Module, dataset: Dataset) -> Optional[int]:
-    classes = getattr(dataset, "classes", None)
-    if classes is not None:
-        return len(classes)
-    inner = getattr(dataset, "dataset", None)
-    if inner is not None and hasattr(inner, "classes"):
-        return len(inner.classes)
+    for ds in (dataset, getattr(dataset, "dataset", None)):  # a Subset's classes are its dataset's
+        if getattr(ds, "classes", None) is not None:
+            return len(ds.classes)
     return num_classes_of(model)
 
 
@@ -157,18 +145,25 @@ def _check_nonneg(name: str, v: Any) -> float:
     return float(v)
 
 
-def _check_common(model, trainset, batch_size, epochs, lr, momentum, weight_decay, lr_step, lr_gamma,
-                  num_workers, log_interval) -> tuple:
-    """Checks the training loops' shared arguments; returns the settings converted."""
+def _check_common(model, trainset, arch, num_classes, batch_size, epochs, lr, momentum, weight_decay, lr_step,
+                  lr_gamma, num_workers, log_interval) -> tuple:
+    """Checks the training loops' shared arguments; returns them converted, ``arch`` and
+    ``num_classes`` defaulted (the model's class name; inferred)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _check_dataset("trainset", trainset, optional=False)
     if len(trainset) == 0:
         raise ValueError("trainset is empty")
-    return (_check_positive_int("batch_size", batch_size), _check_positive_int("epochs", epochs, 0),
-            _check_nonneg("lr", lr), _check_nonneg("momentum", momentum),
-            _check_nonneg("weight_decay", weight_decay), _check_positive_int("lr_step", lr_step),
-            _check_nonneg("lr_gamma", lr_gamma), _check_positive_int("num_workers", num_workers, 0),
+    arch = arch if arch is not None else type(model).__name__
+    if not isinstance(arch, str):
+        raise TypeError(f"arch must be a str (the architecture name), got {type(arch).__name__}")
+    if num_classes is None:
+        num_classes = _num_classes_of(model, trainset)
+    return (arch, num_classes, _check_positive_int("batch_size", batch_size),
+            _check_positive_int("epochs", epochs, 0), _check_nonneg("lr", lr),
+            _check_nonneg("momentum", momentum), _check_nonneg("weight_decay", weight_decay),
+            _check_positive_int("lr_step", lr_step), _check_nonneg("lr_gamma", lr_gamma),
+            _check_positive_int("num_workers", num_workers, 0),
             _check_positive_int("log_interval", log_interval))
 
 
@@ -272,32 +267,6 @@ def _set_rng_state(ckpt: Dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all([s.cpu() for s in states])
 
 
-def _drop_unfinished_rows(path: Path, run_id: str, done: int) -> None:
-    """Drops the rows run ``run_id`` logged for epochs after ``done`` (an unfinished epoch)."""
-
-    def unfinished(fields: List[str]) -> bool:
-        if len(fields) < 2 or fields[0] != run_id:
-            return False
-        try:
-            return int(fields[1]) > done
-        except ValueError:
-            return False
-
-    drop_tsv_rows(path, unfinished)
-
-
-def _resolve_resume(resume: Any, out_path: Path, suffix: str) -> Optional[Path]:
-    if resume is None or resume is False:
-        return None
-    if resume is True or (isinstance(resume, str) and resume == "auto"):
-        p = _last_path(out_path, suffix)
-        return p if p.is_file() else None
-    p = Path(resume)
-    if not p.is_file():
-        raise FileNotFoundError(f"resume={str(resume)!r}: no such checkpoint file")
-    return p
-
-
 class Steps:
     """What :func:`fit` asks of a kind of training; this one minimises ``criterion(logits, targets)``.
 
@@ -365,7 +334,14 @@ def fit(model: nn.Module, data, steps: Steps, *, optimizer: torch.optim.Optimize
         save_checkpoint(last_path, model, arch=arch, epoch=epoch, best_acc=test_acc, optimizer=optimizer,
                         num_classes=num_classes, extra=extra)
 
-    resume_file = _resolve_resume(resume, out_path, suffix) if files else None
+    resume_file = None
+    if files and resume is not None and resume is not False:
+        if resume is True or (isinstance(resume, str) and resume == "auto"):
+            resume_file = last_path if last_path.is_file() else None
+        else:
+            resume_file = Path(resume)
+            if not resume_file.is_file():
+                raise FileNotFoundError(f"resume={str(resume)!r}: no such checkpoint file")
     if resume_file is not None:
         ckpt = load_checkpoint(resume_file, model, map_location=device)
         for key, companion, companion_optimizer, companion_scheduler in steps.companions:
@@ -390,9 +366,10 @@ def fit(model: nn.Module, data, steps: Steps, *, optimizer: torch.optim.Optimize
         run_id = ckpt.get("run_id", run_id)
         _set_rng_state(ckpt)
         start_epoch, resumed_from = done + 1, done
-        if main:
+        if main:  # drops the rows the unfinished epoch logged
             for path in (log_path, *steps.logs):
-                _drop_unfinished_rows(path, run_id, done)
+                drop_tsv_rows(path, lambda row: len(row) >= 2 and row[0] == run_id and row[1].isdecimal()
+                              and int(row[1]) > done)
         logger.info("resuming %s from %s: %d epoch(s) done", log_path.name, resume_file.name, done)
     else:
         if seed is not None:
@@ -516,9 +493,9 @@ def train_model(model: nn.Module, trainset: Dataset, out_path: PathLike, *, test
     ``epochs_done``, ``history`` (one dict per epoch), ``checkpoint``, ``log``, ``last``,
     ``run_id``, ``resumed_from`` (epoch or None), ``skipped`` (a finished run reloaded).
     """
-    (batch_size, epochs, lr, momentum, weight_decay, lr_step, lr_gamma, num_workers,
-     log_interval) = _check_common(model, trainset, batch_size, epochs, lr, momentum, weight_decay, lr_step,
-                                   lr_gamma, num_workers, log_interval)
+    (arch, num_classes, batch_size, epochs, lr, momentum, weight_decay, lr_step, lr_gamma, num_workers,
+     log_interval) = _check_common(model, trainset, arch, num_classes, batch_size, epochs, lr, momentum,
+                                   weight_decay, lr_step, lr_gamma, num_workers, log_interval)
     _check_dataset("testset", testset)
     if not isinstance(checkpoint_suffix, str):
         raise TypeError(f"checkpoint_suffix must be a str, got {type(checkpoint_suffix).__name__}")
@@ -531,12 +508,6 @@ def train_model(model: nn.Module, trainset: Dataset, out_path: PathLike, *, test
     out_path = Path(out_path)
     if ctx.is_main:
         out_path.mkdir(parents=True, exist_ok=True)
-    arch = arch if arch is not None else type(model).__name__
-    if not isinstance(arch, str):
-        raise TypeError(f"arch must be a str (the architecture name), got {type(arch).__name__}")
-    if num_classes is None:
-        num_classes = _num_classes_of(model, trainset)
-
     model.to(device)
     weight = None
     if weighted_loss:
@@ -580,14 +551,13 @@ def cycle_batches(loader, what: str = "the outlier set"):
 
     def batches(it):
         while True:
-            try:
-                yield next(it)
-            except StopIteration:
-                it = iter(loader)
-                try:
-                    yield next(it)
-                except StopIteration:
-                    raise ValueError(f"{what} yielded no batch") from None
+            empty = True
+            for batch in it:
+                empty = False
+                yield batch
+            if empty:
+                raise ValueError(f"{what} yielded no batch")
+            it = iter(loader)
 
     return batches(it)
 
@@ -721,9 +691,9 @@ def train_model_oe(model: nn.Module, trainset: Dataset, out_path: PathLike, *, o
     process only. Returns ``(model, misinfo_model, summary)``, the summary as
     :func:`train_model`'s plus ``misinfo_checkpoint`` and per-epoch OE and misinformation stats.
     """
-    (batch_size, epochs, lr, momentum, weight_decay, lr_step, lr_gamma, num_workers,
-     log_interval) = _check_common(model, trainset, batch_size, epochs, lr, momentum, weight_decay, lr_step,
-                                   lr_gamma, num_workers, log_interval)
+    (arch, num_classes, batch_size, epochs, lr, momentum, weight_decay, lr_step, lr_gamma, num_workers,
+     log_interval) = _check_common(model, trainset, arch, num_classes, batch_size, epochs, lr, momentum,
+                                   weight_decay, lr_step, lr_gamma, num_workers, log_interval)
     for name, ds in (("outlier_set", outlier_set), ("testset", testset),
                      ("outlier_testset", outlier_testset)):
         _check_dataset(name, ds)
@@ -746,10 +716,6 @@ def train_model_oe(model: nn.Module, trainset: Dataset, out_path: PathLike, *, o
     out_path.mkdir(parents=True, exist_ok=True)
     if misinfo_model is not None:
         Path(misinfo_out).mkdir(parents=True, exist_ok=True)
-    arch = arch if arch is not None else type(model).__name__
-    if num_classes is None:
-        num_classes = _num_classes_of(model, trainset)
-
     model.to(device)
     optimizer_args = (lr, momentum, weight_decay, lr_step, lr_gamma)
     optimizer, scheduler = _sgd_and_step_lr(model, *optimizer_args)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..defenses.base import check_choices
 from ..losses import soft_cross_entropy
 from ..training import device_of, optimizer_step
 from .query_order import check_count
@@ -43,11 +44,9 @@ REWARDS = ("cert", "div", "loss", "all")
 
 def load_hierarchy(spec: Union[str, Path, Mapping[str, Sequence[Union[int, str]]]],
                    classes: Optional[Sequence[str]] = None) -> Dict[str, List[int]]:
-    """A coarse → fine label hierarchy as ``{coarse: [label index, ...]}``.
-
-    ``spec`` is a mapping or the path of a JSON file holding one; fine labels are indices or
-    names from ``classes`` (the query set's ``.classes``).
-    """
+    """A coarse → fine label hierarchy as ``{coarse: [label index, ...]}`` from ``spec``, a
+    mapping or the path of a JSON file holding one, whose fine labels are indices or names from
+    ``classes`` (the query set's ``.classes``)."""
     if isinstance(spec, (str, Path)):
         path = Path(spec)
         try:
@@ -89,8 +88,7 @@ class AdaptivePolicy:
                  delta: int = 25, hierarchy: Optional[Mapping[str, Sequence[int]]] = None,
                  online_model: Optional[nn.Module] = None, online_lr: float = 0.01,
                  online_momentum: float = 0.5):
-        if reward not in REWARDS:
-            raise ValueError(f"reward must be one of {list(REWARDS)}, got {reward!r}")
+        check_choices(reward=(reward, REWARDS))
         if reward in ("loss", "all") and online_model is None:
             raise ValueError(f"reward {reward!r} needs online_model (the knockoff trained while querying)")
         if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0):
@@ -107,9 +105,7 @@ class AdaptivePolicy:
         self.remaining = [pool[pool_labels == lab].copy() for lab in self.actions]
         self.counts = np.array([len(r) for r in self.remaining], dtype=np.int64)
         if hierarchy is None:
-            self.groups: List[np.ndarray] = [np.arange(len(self.actions))]
-            self.group_names = ["all"]
-            self.flat = True
+            self.groups, self.group_names, self.flat = [np.arange(len(self.actions))], ["all"], True
         else:
             covered: Dict[int, str] = {}
             groups, names = [], []
@@ -247,12 +243,11 @@ class AdaptivePolicy:
                 r = float(parts[self.reward][i])
             rewards[i] = r
             adv = r - self.baseline
-            if self.flat:
-                self._bandit(self.H_root, self._avail_root() | (np.arange(len(self.H_root)) == a), a, adv)
-            else:
-                avail_root = self._avail_root()
-                avail_root[g] = True
-                self._bandit(self.H_root, avail_root, g, adv)
+            top = a if self.flat else g  # the root's choice; the chosen one counts as available
+            avail_root = self._avail_root()
+            avail_root[top] = True
+            self._bandit(self.H_root, avail_root, top, adv)
+            if not self.flat:
                 members = self.groups[g]
                 avail = self.counts[members] > 0
                 pos = int(np.flatnonzero(members == a)[0])

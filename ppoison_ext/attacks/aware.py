@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ..defenses.base import check_choices
 from ..training import device_of
 from .base import Attack
 from .knockoff import KnockoffNets
@@ -23,16 +24,11 @@ from .recovery import PRIORS, TABLE_FILE, TABLE_SOURCES, RecoveryTable, build_re
 from .restorers import Restorer, hard_labels, transform_transferset
 from .transferset import TransferSet
 
-__all__ = ["Smoothing", "DefenseAware", "Top1", "AWARE_SUBDIR", "query_inputs"]
+__all__ = ["Smoothing", "DefenseAware", "Top1", "AWARE_SUBDIR"]
 
 logger = logging.getLogger(__name__)
 
 AWARE_SUBDIR = "aware"
-
-
-def query_inputs(ts: TransferSet, transform: Callable) -> Tensor:
-    """The stored queries of ``ts`` as model inputs [N, ...] (``transform`` of each image)."""
-    return torch.stack([transform(ts.image(i)) for i in range(len(ts))]) if len(ts) else torch.zeros(0)
 
 
 class Smoothing(KnockoffNets):
@@ -75,10 +71,7 @@ class DefenseAware(Attack):
             raise TypeError(f"inner must be an Attack, got {type(self.inner).__name__}")
         if restorer is not None and not isinstance(restorer, Restorer):
             raise TypeError(f"restorer must have fit(table) and restore(y), got {type(restorer).__name__}")
-        if table_source not in TABLE_SOURCES:
-            raise ValueError(f"table_source must be one of {list(TABLE_SOURCES)}, got {table_source!r}")
-        if prior not in PRIORS:
-            raise ValueError(f"prior must be one of {list(PRIORS)}, got {prior!r}")
+        check_choices(table_source=(table_source, TABLE_SOURCES), prior=(prior, PRIORS))
         if table_source == "shadow" and restorer is not None and not shadows:
             raise ValueError("table_source 'shadow' needs shadows=")
         self.restorer, self.table_source, self.prior = restorer, table_source, prior
@@ -97,14 +90,14 @@ class DefenseAware(Attack):
                     transform: Optional[Callable] = None) -> TransferSet:
         """Restores (when a restorer is set) and/or hard-labels ``raw`` into ``out_dir``; the
         recovery table is saved there as ``recover_table.pt``."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        out = self.output_folder(out_dir)
         fn: Callable[[Tensor], Tensor] = lambda y: y  # noqa: E731
         meta: dict = {"defense_aware": {"restorer": repr(self.restorer), "hard_label": self.hard_label}}
         if self.restorer is not None:
             if transform is None:
                 raise ValueError("transform: needed to turn the stored queries into inputs for the table")
-            x = query_inputs(raw, transform)
+            images = [transform(raw.image(i)) for i in range(len(raw))]
+            x = torch.stack(images) if images else torch.zeros(0)
             perturb = self.perturb if self.perturb is not None else blackbox
             clean = None
             if self.prior == "oracle":

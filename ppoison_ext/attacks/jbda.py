@@ -118,11 +118,8 @@ def pgd_linf_targeted(model: nn.Module, x: Tensor, targets: Tensor, epsilon: flo
 def rand_sample(n: int, kappa: int) -> Tensor:
     """Indices of ``min(kappa, n)`` rows of ``range(n)`` drawn uniformly without replacement
     with NumPy's global RNG, in increasing order."""
-    k = min(int(kappa), n)
-    chosen = np.random.choice(np.arange(n), size=k, replace=False)
-    mask = np.zeros(n, dtype=bool)
-    mask[chosen] = True
-    return torch.from_numpy(np.nonzero(mask)[0]).long()
+    chosen = np.random.choice(np.arange(n), size=min(int(kappa), n), replace=False)
+    return torch.from_numpy(np.sort(chosen)).long()
 
 
 @dataclass
@@ -247,9 +244,7 @@ class JacobianAdversary(Attack):
             if not self.useprobs:
                 y = F.one_hot(y.argmax(1), self.num_classes).float()
             out.append(y)
-        if not out:
-            return torch.zeros(0, self.num_classes)
-        return torch.cat(out)
+        return torch.cat(out) if out else torch.zeros(0, self.num_classes)
 
     def _clip(self, x: Tensor) -> Tensor:
         lo, hi = self.bounds
@@ -260,13 +255,12 @@ class JacobianAdversary(Attack):
         """A fresh substitute trained on D (files suffixed ``.<queries so far>``)."""
         model = get_net(self.model_adv_name, self.modelfamily, self.model_adv_pretrained,
                         num_classes=self.num_classes, **self.model_kwargs).to(self.device)
-        model, summary = train_model(
+        return train_model(
             model, self.D.dataset(), self.out_dir, testset=self.testset, batch_size=self.batch_size,
             epochs=epochs, lr=lr, momentum=momentum, lr_gamma=0.1, criterion=soft_cross_entropy,
             checkpoint_suffix=f".{self.call_count}", device=self.device, num_workers=self.num_workers,
             arch=self.model_adv_name, progress=self.progress, save_last=False, log_interval=500,
             num_classes=self.num_classes)
-        return model, summary
 
     def setup(self, x_seed: Tensor, seed_indices: Optional[Sequence[int]] = None) -> AugmentedSet:
         """Queries the seed images (normalised [N, C, H, W]) and trains the throw-away
@@ -297,18 +291,13 @@ class JacobianAdversary(Attack):
         """One JBDA / JB-self round (see the module docs)."""
         D = self.D
         sel, m = self._select(rho)
-        remaining = self.budget - self.call_count
         if m + self.call_count >= self.budget:
-            m = max(remaining, 0)
+            m = max(self.budget - self.call_count, 0)
             logger.info("reducing the augmentation set to %d rows to stay within the budget", m)
-        sampled = sel is not None
-        if sampled:
-            sel = sel[:m]
-            xs, ys, os_ = D.x[sel].clone(), D.y[sel].clone(), D.origin[sel].clone()
-        elif self.orig_aliasing:  # views of D: the writes below overwrite D itself
-            xs, ys, os_ = D.x[:m], D.y[:m], D.origin[:m]
-        else:
-            xs, ys, os_ = D.x[:m].clone(), D.y[:m].clone(), D.origin[:m].clone()
+        rows = sel[:m] if sel is not None else slice(0, m)
+        xs, ys, os_ = D.x[rows], D.y[rows], D.origin[rows]  # sampled rows are copies
+        if sel is None and not self.orig_aliasing:  # orig_aliasing: the writes below overwrite D itself
+            xs, ys, os_ = xs.clone(), ys.clone(), os_.clone()
         lam = step_size_for_round(rho, self.tau, self.step_size)
         logger.info("round %d: augmenting %d rows (|D| = %d, %d queries so far), step %+.3g", rho, m, len(D),
                     self.call_count, lam)
@@ -385,10 +374,8 @@ class JacobianAdversary(Attack):
         (image, label) whose images are all used), runs the augmentation rounds against
         ``blackbox`` and stores D in ``out_dir`` (:func:`save_augmented_set`; ``seed_indices``:
         the seed images' query-set indices, default −1)."""
-        if isinstance(queryset, Tensor):
-            x_seed = queryset
-        else:
-            x_seed = torch.stack([queryset[i][0] for i in range(len(queryset))])
+        is_tensor = isinstance(queryset, Tensor)
+        x_seed = queryset if is_tensor else torch.stack([queryset[i][0] for i in range(len(queryset))])
         out = self.output_folder(out_dir)
         self.blackbox = blackbox
         self.setup(x_seed, seed_indices)
@@ -420,17 +407,12 @@ class JacobianAdversary(Attack):
             raise ValueError("call setup(x_seed) before run()")
         if self.blackbox is None:
             raise ValueError("no black box: pass it to JacobianAdversary(...) or build_transferset(...)")
-        rho = 0
-        final = None
-        model = None
+        rho, model, final = 0, None, None
         while self.call_count < self.budget:
             logger.info("=> substitute round %d (|D| = %d)", rho, len(self.D))
             model, tsum = self.train_substitute(epochs=self.train_epochs, lr=0.1)
             before = self.call_count
-            if self.strategy in ("jbda", "jbself"):
-                self.D = self.augment_fgsm(model, rho)
-            else:
-                self.D = self.augment_topk(model, rho)
+            self.D = (self.augment_topk if self.strategy == "jbtop" else self.augment_fgsm)(model, rho)
             self.rounds.append({"round": rho, "queries": before, "size": len(self.D),
                                 "unique": self.D.num_unique(),
                                 "step_size": step_size_for_round(rho, self.tau, self.step_size),

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..defenses import Defense, QueryLogger
+from ..defenses.base import check_choices
 from ..devices import as_device
 from ..fileio import truncate_file
 from ..losses import soft_cross_entropy
@@ -53,19 +54,13 @@ def _stateful(blackbox) -> bool:
 
 
 class KnockoffNets(Attack):
-    """Knockoff Nets transfer-set construction, random or adaptive.
-
-    Args:
-        budget: number of distinct query images, the first ``budget`` of a seed-``seed``
-            shuffle of the query set (default: all); ``nqueries``: queries (default ``budget``).
-        qpi: queries per image; the stored posterior is the mean over ``qpi`` calls.
-        seed: fixes the query order and the per-batch seeds.
-        reward, alpha, delta, hierarchy, online_model, online_lr: :class:`AdaptivePolicy`'s.
-        num_workers: DataLoader workers loading the random policy's images (0: loaded after
-            the batch's reseed, so random transforms are reproducible).
-
-    Example:
-        >>> knockoff = KnockoffNets(budget=60000).extract(defense, queryset, "out/", surrogate=net)
+    """Knockoff Nets transfer-set construction, random or adaptive: ``budget`` distinct query
+    images, the first of a seed-``seed`` shuffle of the query set (default: all), ``nqueries``
+    queries (default ``budget``), ``qpi`` queries per image (the stored posterior is their mean).
+    ``seed`` also fixes the per-batch seeds; ``reward`` … ``online_lr`` are :class:`AdaptivePolicy`'s;
+    ``num_workers`` DataLoader workers load the random policy's images (0: loaded after the
+    batch's reseed, so random transforms are reproducible). E.g.
+    ``KnockoffNets(budget=60000).extract(defense, queryset, "out/", surrogate=net)``.
     """
 
     attack_params = ("strategy", "budget", "nqueries", "batch_size", "qpi", "seed", "reward", "alpha",
@@ -84,14 +79,7 @@ class KnockoffNets(Attack):
         self.hierarchy = hierarchy
         self.online_model, self.online_lr = online_model, online_lr
         self.num_workers, self.progress = num_workers, progress
-        self._check_params()
-        self.run_times: List[float] = []
-        self.policy: Optional[AdaptivePolicy] = None
-        self._order: Optional[Tuple[tuple, List[np.ndarray]]] = None
-
-    def _check_params(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
+        check_choices(strategy=(strategy, STRATEGIES), reward=(reward, REWARDS))
         for name in ("budget", "nqueries"):
             if getattr(self, name) is not None:
                 check_count(name, getattr(self, name))
@@ -100,10 +88,11 @@ class KnockoffNets(Attack):
         check_count("num_workers", self.num_workers, 0)
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
-        if self.reward not in REWARDS:
-            raise ValueError(f"reward must be one of {list(REWARDS)}, got {self.reward!r}")
         if self.online_model is not None and not isinstance(self.online_model, nn.Module):
             raise TypeError(f"online_model must be an nn.Module, got {type(self.online_model).__name__}")
+        self.run_times: List[float] = []
+        self.policy: Optional[AdaptivePolicy] = None
+        self._order: Optional[Tuple[tuple, List[np.ndarray]]] = None
 
     def run_params(self, n: int, num_shards: int = 1, shard_id: int = 0) -> Dict[str, Any]:
         """The settings that fix a run's queries (recorded in ``transferset.json``; resuming
@@ -120,22 +109,6 @@ class KnockoffNets(Attack):
             run.update(reward=self.reward, alpha=float(self.alpha), delta=self.delta,
                        online_lr=float(self.online_lr), hierarchy=bool(self.hierarchy))
         return run
-
-    def check_resume(self, out_dir, n: int, num_shards: int = 1, shard_id: int = 0) -> None:
-        """Raises ValueError if ``out_dir`` holds a transfer set built with other settings."""
-        out = Path(out_dir)
-        if not (out / META).exists():
-            return
-        run = self.run_params(n, num_shards, shard_id)
-        try:
-            old = json.loads((out / META).read_text()).get("knockoff")
-        except ValueError:
-            old = None
-        if old is not None and old != run:
-            diff = sorted(k for k in set(old) | set(run) if old.get(k) != run.get(k))
-            what = ", ".join(f"{k}: {old.get(k)!r} there, {run.get(k)!r} now" for k in diff)
-            raise ValueError(f"{out}: cannot resume, the transfer set there was built with other settings "
-                             f"({what}); pass resume=False (--no-resume) to start over")
 
     def query_order(self, n: int) -> List[np.ndarray]:
         """The random strategy's batches for a query set of ``n`` images (cached)."""
@@ -159,8 +132,19 @@ class KnockoffNets(Attack):
         transfer set was built with others), cuts it back to its last complete batch (a
         batch torn by a crash), and returns the number of committed queries (0 if none)."""
         out = Path(out_dir)
-        self.check_resume(out, n, num_shards, shard_id)
-        if not (out / META).exists() or not (out / Y_FILE).exists():
+        if not (out / META).exists():
+            return 0
+        run = self.run_params(n, num_shards, shard_id)
+        try:
+            old = json.loads((out / META).read_text()).get("knockoff")
+        except ValueError:
+            old = None
+        if old is not None and old != run:
+            diff = sorted(k for k in set(old) | set(run) if old.get(k) != run.get(k))
+            what = ", ".join(f"{k}: {old.get(k)!r} there, {run.get(k)!r} now" for k in diff)
+            raise ValueError(f"{out}: cannot resume, the transfer set there was built with other settings "
+                             f"({what}); pass resume=False (--no-resume) to start over")
+        if not (out / Y_FILE).exists():
             return 0
         try:
             ts = load_transferset(out)
@@ -170,7 +154,6 @@ class KnockoffNets(Attack):
         done = len(ts)
         if done == 0:
             return 0
-        run = self.run_params(n, num_shards, shard_id)
         ends = self._batch_ends(n, run)
         if done > int(ends[-1]):
             raise ValueError(f"{out}: holds {done} queries, more than this run makes ({int(ends[-1])})")
@@ -188,12 +171,10 @@ class KnockoffNets(Attack):
                           shard_id: int = 0) -> TransferSet:
         """Queries ``blackbox`` (x → y′ [B, K]) and writes the transfer set into ``out_dir``;
         returns it (this shard's part when sharded: batches t with t % num_shards == shard_id).
-
         ``queryset`` is a Dataset of (tensor, label) with ``.data`` (uint8 images, stored raw) or
         ``.samples`` (stored as paths), and ``.targets`` for the adaptive policy. ``resume``
         continues the queries committed there (same settings required). ``meta`` is stored in
-        ``transferset.json``.
-        """
+        ``transferset.json``."""
         out = self.output_folder(out_dir)
         if self.strategy == "adaptive" and self.reward in ("loss", "all") and self.online_model is None:
             raise ValueError(f"strategy 'adaptive' with reward {self.reward!r} needs online_model")
@@ -210,12 +191,11 @@ class KnockoffNets(Attack):
         if K is None:
             raise ValueError("num_classes: cannot infer K from the blackbox; pass num_classes=")
         device = as_device(device, default=device_of(blackbox))
-        desc = dict(meta or {})
-        desc["knockoff"] = run
+        desc = {**(meta or {}), "knockoff": run}
+        slots = StateSlots(out)
         if resume:
             self.prepare_resume(out, N, num_shards, shard_id)
-        slots = StateSlots(out)
-        if not resume:
+        else:
             slots.clear()
             (out / RUN_TIMES_FILE).unlink(missing_ok=True)
         writer = TransferSetWriter(out, num_classes=K, kind=kind, image_shape=image_shape, meta=desc,
@@ -260,10 +240,8 @@ class KnockoffNets(Attack):
         for q in range(self.qpi):
             xq = reload().to(x.device) if q > 0 and reload is not None and self.reload_per_query else x
             t0 = time.perf_counter()
-            y = blackbox(xq)
-            y = y.detach().float().cpu()
+            ys.append(blackbox(xq).detach().float().cpu())
             times.append(time.perf_counter() - t0)
-            ys.append(y)
         return torch.stack(ys).mean(dim=0) if len(ys) > 1 else ys[0]
 
     def _commit_batches(self, blackbox, queryset, writer, slots, kind, device, times: RunTimes, batches,
@@ -349,12 +327,9 @@ class KnockoffNets(Attack):
     def extract(self, blackbox, queryset, out_dir, surrogate: nn.Module, *, epochs: int = 10,
                 lr: float = 0.01, momentum: float = 0.5, train_batch_size: int = 64, transform=None,
                 device: Union[str, torch.device, None] = None, **build_kwargs) -> nn.Module:
-        """Builds (or resumes) the transfer set, then trains ``surrogate`` on it with soft
-        cross-entropy (SGD, the attacker-training defaults lr 0.01, momentum 0.5, batch 64).
-
-        ``transform`` turns the stored images into model inputs (default: the query set's
-        ``transform``). Returns the trained surrogate (in eval mode).
-        """
+        """Builds (or resumes) the transfer set, then trains ``surrogate`` (returned in eval mode)
+        on it with soft cross-entropy and SGD; ``transform`` turns the stored images into model
+        inputs (default: the query set's ``transform``)."""
         if not isinstance(surrogate, nn.Module):
             raise TypeError(f"surrogate must be an nn.Module, got {type(surrogate).__name__}")
         check_count("epochs", epochs)

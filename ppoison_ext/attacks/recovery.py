@@ -15,7 +15,6 @@ writes tensors and a JSON string (loaded with ``weights_only=True``).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..defenses.base import check_choices
 from ..devices import as_device
 from ..fileio import atomic_write
 from ..models.heads import num_classes_of
@@ -80,10 +80,9 @@ class RecoveryTable:
         return RecoveryTable(self.true[keep], self.perturbed[keep], self.index[keep], meta)
 
     def save(self, path: Union[str, Path]) -> Path:
-        buf = io.BytesIO()
-        torch.save({"true": self.true, "perturbed": self.perturbed, "index": self.index,
-                    "meta": json.dumps(self.meta, default=str)}, buf)
-        return atomic_write(path, lambda f: f.write(buf.getvalue()))
+        table = {"true": self.true, "perturbed": self.perturbed, "index": self.index,
+                 "meta": json.dumps(self.meta, default=str)}
+        return atomic_write(path, lambda f: torch.save(table, f))
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "RecoveryTable":
@@ -169,10 +168,7 @@ def build_recovery_table(perturb: Union[nn.Module, Callable[[Tensor, Tensor], Te
     [N, K], ``"oracle"`` ``clean`` [N, K]. ``epsilon``: keep only pairs within this L1 distance.
     ``seed`` seeds the sampling, the pairing of unindexed samples with inputs, and the defense.
     """
-    if source not in TABLE_SOURCES:
-        raise ValueError(f"source must be one of {list(TABLE_SOURCES)}, got {source!r}")
-    if prior not in PRIORS:
-        raise ValueError(f"prior must be one of {list(PRIORS)}, got {prior!r}")
+    check_choices(source=(source, TABLE_SOURCES), prior=(prior, PRIORS))
     if isinstance(table_size, bool) or not isinstance(table_size, int) or table_size < 1:
         raise ValueError(f"table_size must be a positive int, got {table_size!r}")
     N = int(x.shape[0])

@@ -225,14 +225,10 @@ class DDAE:
         if self.net is None:
             raise RuntimeError("DDAE: call fit(table) first")
         y = y_tilde.detach().float().to(self.device)
-        if self.train_mode_bn:
-            self.net.train()
-            with torch.no_grad():
-                return self.net(y).cpu()
-        self.net.eval()
+        self.net.train(self.train_mode_bn)
+        step = max(len(y), 1) if self.train_mode_bn else self.restore_batch_size
         with torch.no_grad():
-            return torch.cat([self.net(y[lo:lo + self.restore_batch_size]).cpu()
-                              for lo in range(0, len(y), self.restore_batch_size)])
+            return torch.cat([self.net(y[lo:lo + step]).cpu() for lo in range(0, len(y), step)])
 
 
 def transform_transferset(src: Union[TransferSet, str, Path], out_dir: Union[str, Path],

@@ -9,7 +9,6 @@ committed, into two alternating files ``resume_state.{0,1}.pt``. Per-call wall t
 
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -53,15 +52,15 @@ class RunTimes:
     def __init__(self, path: Path, keep: int):
         self.path = path
         old = np.fromfile(path, dtype="<f8") if path.exists() else np.zeros(0)
-        if old.size < keep:
-            logger.warning("%s: holds %d call times, the committed queries made %d; the missing ones are NaN",
-                           path, old.size, keep)
         truncate_file(path, min(old.size, keep) * 8)
         self._f = AppendFile(path)
         self._f.append(b"")  # the file exists from the start, even before the first call
         if old.size < keep:
-            self._f.append(np.full(keep - old.size, np.nan, dtype="<f8").tobytes())
-            old = np.concatenate([old, np.full(keep - old.size, np.nan)])
+            logger.warning("%s: holds %d call times, the committed queries made %d; the missing ones are NaN",
+                           path, old.size, keep)
+            missing = np.full(keep - old.size, np.nan, dtype="<f8")
+            self._f.append(missing.tobytes())
+            old = np.concatenate([old, missing])
         self.times = old[:keep].tolist()
 
     def append(self, dt: float) -> None:
@@ -79,10 +78,8 @@ class StateSlots:
         self.paths = [folder / name for name in STATE_FILES]
 
     def save(self, batch_index: int, done: int, states: Dict[str, Any]) -> None:
-        buf = io.BytesIO()
-        torch.save({"batch_index": int(batch_index), "done": int(done), "states": states}, buf)
-        data = buf.getvalue()
-        atomic_write(self.paths[batch_index % 2], lambda f: f.write(data))
+        snapshot = {"batch_index": int(batch_index), "done": int(done), "states": states}
+        atomic_write(self.paths[batch_index % 2], lambda f: torch.save(snapshot, f))
 
     def load(self, done: int) -> Optional[Dict[str, Any]]:
         for p in self.paths:

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..datasets import dataset_to_modelfamily, get_dataset, get_transform
+from ..defenses.base import check_choices
 from ..devices import as_device
 from ..modeldir import load_model_dir, write_params
 from ..models import get_net
@@ -91,8 +92,7 @@ def train_shadow_models(out_dir: Union[str, Path], *, dataset: str, arch: str, n
                         progress: bool = False) -> List[Path]:
     """Trains ``num_shadows`` shadow models into ``out_dir/shadow-<i>`` (module docs) and returns
     their folders. Finished shadows are skipped, an unfinished one resumes."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    check_choices(split=(split, SPLITS))
     if isinstance(num_shadows, bool) or not isinstance(num_shadows, int) or num_shadows < 1:
         raise ValueError(f"num_shadows must be a positive int, got {num_shadows!r}")
     if dataset not in dataset_to_modelfamily:

@@ -18,7 +18,6 @@ the complete ``y`` rows (a batch cut off by a crash) is dropped on load and trun
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -29,7 +28,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..fileio import atomic_write, atomic_write_json, truncate_file
+from ..fileio import AppendFile, atomic_write, atomic_write_json, truncate_file
 
 __all__ = ["TransferSetWriter", "TransferSet", "load_transferset", "export_pickle", "TransferSetError"]
 
@@ -92,20 +91,23 @@ class TransferSetWriter:
             raise ValueError(f"kind must be 'images' or 'paths', got {kind!r}")
         if kind == "images" and image_shape is None:
             raise ValueError("kind 'images' needs image_shape")
-        self.K = int(num_classes)
-        self.kind = kind
+        self.K, self.kind = int(num_classes), kind
         self.image_shape = [int(s) for s in image_shape] if image_shape is not None else None
         self._x_bytes = int(np.prod(self.image_shape)) if self.image_shape else 0
         desc = dict(meta or {})
         desc.update(num_classes=self.K, kind=kind, image_shape=self.image_shape, format_version=1)
-        existing = (self.folder / META).exists()
-        if existing and resume:
+        if resume and (self.folder / META).exists():
             old = _read_meta(self.folder)
             for key in ("num_classes", "kind", "image_shape"):
                 if old.get(key) != desc.get(key):
                     raise TransferSetError(f"{self.folder / META}: cannot resume, {key} is {old.get(key)!r} "
                                            f"there but {desc.get(key)!r} here")
-            self.done = self._truncate_to_committed()
+            self.done = n = _committed(self.folder, self.K, kind, self._x_bytes)
+            for name, row_bytes in ((Y_FILE, 4 * self.K), (INDEX_FILE, 8), (X_FILE, self._x_bytes)):
+                truncate_file(self.folder / name, n * row_bytes)
+            if kind == "paths":
+                paths = _read_paths(self.folder / PATHS_FILE, n)
+                (self.folder / PATHS_FILE).write_text("".join(s + "\n" for s in paths))
         else:
             for name in (META, Y_FILE, INDEX_FILE, X_FILE, PATHS_FILE):
                 (self.folder / name).unlink(missing_ok=True)
@@ -113,20 +115,8 @@ class TransferSetWriter:
             self.done = 0
         self._files = {}
 
-    def _truncate_to_committed(self) -> int:
-        n = _committed(self.folder, self.K, self.kind, self._x_bytes)
-        for name, row_bytes in ((Y_FILE, 4 * self.K), (INDEX_FILE, 8), (X_FILE, self._x_bytes)):
-            truncate_file(self.folder / name, n * row_bytes)
-        if self.kind == "paths":
-            paths = _read_paths(self.folder / PATHS_FILE, n)
-            (self.folder / PATHS_FILE).write_text("".join(s + "\n" for s in paths))
-        return n
-
     def _write(self, name: str, data: bytes) -> None:
-        if name not in self._files:
-            self._files[name] = open(self.folder / name, "ab")
-        self._files[name].write(data)
-        self._files[name].flush()
+        self._files.setdefault(name, AppendFile(self.folder / name)).append(data)
 
     def append(self, indices: Union[Tensor, Sequence[int]], x: Union[np.ndarray, Sequence[str]],
                y: Tensor) -> None:
@@ -153,8 +143,6 @@ class TransferSetWriter:
 
     def close(self) -> None:
         for f in self._files.values():
-            f.flush()
-            os.fsync(f.fileno())
             f.close()
         self._files = {}
 
@@ -182,15 +170,10 @@ class _TransferDataset(Dataset):
 
 
 class TransferSet:
-    """A loaded transfer set (read-only; images are memory-mapped).
-
-    Attributes:
-        y: float32 [N, K] released posteriors, in query order.
-        indices: int64 [N] query-set indices.
-        images: uint8 [N, *shape] memory map (``kind == "images"``), else None.
-        paths: list of N paths (``kind == "paths"``), else None.
-        meta: the description dict.
-    """
+    """A loaded transfer set (read-only): ``y`` float32 [N, K] released posteriors in query order,
+    ``indices`` int64 [N] query-set indices, ``images`` a uint8 [N, *shape] memory map (``kind ==
+    "images"``) or ``paths`` a list of N paths (``kind == "paths"``), the other None, ``meta``
+    the description dict."""
 
     def __init__(self, folder):
         self.folder = Path(folder)
@@ -202,18 +185,14 @@ class TransferSet:
         if not y_path.exists():
             raise TransferSetError(f"{y_path}: missing (the transfer set holds no queries)")
         shape = [int(s) for s in self.meta["image_shape"]] if self.kind == "images" else []
-        n = _committed(self.folder, K, self.kind, int(np.prod(shape)))
-        self.images = None
-        self.paths = None
-        if self.kind == "images":
-            if n:
-                self.images = np.memmap(self.folder / X_FILE, dtype=np.uint8, mode="r",
-                                        shape=tuple([n] + shape))
-            else:
-                self.images = np.zeros([0] + shape, dtype=np.uint8)
-        else:
+        self.n = n = _committed(self.folder, K, self.kind, int(np.prod(shape)))
+        self.images = self.paths = None
+        if self.kind == "paths":
             self.paths = _read_paths(self.folder / PATHS_FILE, n)
-        self.n = n
+        elif n:
+            self.images = np.memmap(self.folder / X_FILE, dtype=np.uint8, mode="r", shape=tuple([n] + shape))
+        else:
+            self.images = np.zeros([0] + shape, dtype=np.uint8)
         ys = np.fromfile(y_path, dtype="<f4", count=n * K).reshape(n, K)
         self.y = torch.from_numpy(ys.copy())
         self.indices = torch.from_numpy(np.fromfile(self.folder / INDEX_FILE, dtype="<i8", count=n).copy())
