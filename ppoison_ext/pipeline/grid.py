@@ -47,14 +47,18 @@ def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _done(folder: Path, settings: Dict[str, Any]) -> bool:
-    marker = folder / "done.json"
+def _recorded(marker: Path) -> Optional[str]:
+    """The fingerprint a marker file records (None without one, "unreadable" for a broken one)."""
     if not marker.exists():
-        return False
+        return None
     try:
-        return json.loads(marker.read_text()).get("fingerprint") == _fingerprint(settings)
-    except ValueError:
-        return False
+        return json.loads(marker.read_text()).get("fingerprint")
+    except (ValueError, AttributeError):
+        return "unreadable"
+
+
+def _done(folder: Path, settings: Dict[str, Any]) -> bool:
+    return _recorded(folder / "done.json") == _fingerprint(settings)
 
 
 def _mark_done(folder: Path, settings: Dict[str, Any], extra: Optional[Dict[str, Any]] = None) -> None:
@@ -79,13 +83,8 @@ def _start(folder: Path, settings: Dict[str, Any], patterns: Sequence[str], mark
     (default ``folder/started.json``) says an earlier run used other settings."""
     marker = marker or folder / "started.json"
     fingerprint = _fingerprint(settings)
-    previous = None
-    if marker.exists():
-        try:
-            previous = json.loads(marker.read_text()).get("fingerprint")
-        except (ValueError, AttributeError):
-            previous = "unreadable"
-    elif folder.exists() and any(f.is_file() for p in patterns for f in folder.glob(p)):
+    previous = _recorded(marker)
+    if previous is None and folder.exists() and any(f.is_file() for p in patterns for f in folder.glob(p)):
         previous = "unknown"  # outputs from before markers existed: provenance unknown
     if previous is not None and previous != fingerprint:
         logger.warning("%s holds the outputs of other settings; starting over there", folder)
@@ -295,16 +294,16 @@ def _run_thieves(jobs: List[Dict[str, Any]], finished: List[Dict[str, Any]], wor
             if content:
                 trained.setdefault(content, Path(c["folder"]))
     keys = run_jobs(_transfer_step, jobs, workers, "thieves: transfer sets", progress, executor=ex, gpu=gpu)
-    to_train, copies = [], []
+    to_train, copies, planned = [], [], set()
     for job, key in zip(jobs, keys):
         if _done(Path(job["folder"]), job["settings"]):
             if key["content"] is not None:
                 trained.setdefault(key["content"], Path(job["folder"]))
-        elif key["content"] is not None and (key["content"] in trained
-                                             or any(k["content"] == key["content"] for _, k in to_train)):
+        elif key["content"] is not None and (key["content"] in trained or key["content"] in planned):
             copies.append((job, key))
         else:
             to_train.append((job, key))
+            planned.add(key["content"])
     run_jobs(_train_step, [{**j, "content": k["content"]} for j, k in to_train], workers, "thieves: training",
              progress, after=refresh, executor=ex, gpu=gpu)
     for job, key in to_train:

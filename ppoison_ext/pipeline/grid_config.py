@@ -262,8 +262,6 @@ def load_config(path) -> GridConfig:
         _unique_slugs(path, f"values of defense {d.label!r}", d.values)
     for i, a in enumerate(cfg.attacks):
         _check_thief(cfg, a, raw["attack"][i], f"{path} [[attack]] #{i + 1} ({a.label!r})")
-        if a.policy not in ("random", "adaptive"):
-            raise ValueError(f"{path}: attack {a.label!r}: policy must be 'random' or 'adaptive'")
         if sorted(a.budgets) != list(a.budgets) or max(a.budgets) > a.budget:
             raise ValueError(f"{path}: attack {a.label!r}: budgets must be increasing and <= budget {a.budget}")
     return cfg

@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -96,7 +96,8 @@ def transfer(*args: Any, **kwargs: Any) -> Path:
     return TransferSettings.of(*args, **kwargs).run()
 
 
-def _shard_run(folder: Path) -> Dict[str, Any]:
+def _shard_run(folder: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """The transfer-set description of a shard and its ``knockoff`` run settings."""
     try:
         meta = json.loads((folder / META).read_text())
         return meta, meta["knockoff"]
@@ -142,8 +143,6 @@ def merge_shards(out_dir, num_shards: int, *, export_pickle_file: bool = False,
     shards, runs, metas = [], [], []
     for i in range(S):
         folder = shard_dir(out_dir, i)
-        if not (folder / META).exists():
-            raise ValueError(f"merge: shard {i} has no transfer set ({folder})")
         meta, run = _shard_run(folder)
         if run.get("num_shards") != S or run.get("shard_id") != i:
             raise ValueError(f"merge: {folder} is shard {run.get('shard_id')} of {run.get('num_shards')}, "
