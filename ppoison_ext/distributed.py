@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .devices import as_device
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["DistContext", "env_world", "launched_with_torchrun", "init_distributed", "get_context",
@@ -94,7 +96,7 @@ def init_distributed(device: Union[str, torch.device, None] = None) -> DistConte
     anything else trains on the CPU with ``gloo``.
     """
     global _CONTEXT, _STARTED_HERE
-    want = torch.device(device) if device is not None else torch.device("cpu")
+    want = as_device(device, default=-1)
     if _CONTEXT is not None and _CONTEXT.distributed:
         return _CONTEXT
     if not launched_with_torchrun():
@@ -156,7 +158,7 @@ def all_reduce_sum(values: List[float], device: Union[str, torch.device, None] =
     """Sums a list of numbers over all ranks (returned unchanged when not distributed)."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return [float(v) for v in values]
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    dev = as_device(device, default=-1)
     if dist.get_backend() == "nccl" and dev.type != "cuda":
         dev = torch.device("cuda", torch.cuda.current_device())
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=dev)

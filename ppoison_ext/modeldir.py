@@ -63,12 +63,8 @@ def read_params(model_dir: PathLike, filename: str = "params.json") -> Dict[str,
 
     ``model_dir`` may also be the JSON file itself. Requires ``model_arch`` (non-empty str),
     ``num_classes`` (int ≥ 1) and a dataset name (a str) under one of :data:`DATASET_KEYS`
-    (null values are ignored); other keys are returned unchecked.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: naming the file and key: malformed JSON, not an object, a missing key
-            or a value of the wrong type.
+    (null values are ignored); other keys are returned unchecked. Raises FileNotFoundError for a
+    missing file, ValueError (naming the file and key) for anything malformed.
     """
     path = Path(model_dir)
     if path.is_dir():
@@ -103,16 +99,10 @@ def read_params(model_dir: PathLike, filename: str = "params.json") -> Dict[str,
     return params
 
 
-def load_model_dir(
-    model_dir: PathLike,
-    *,
-    device: DeviceLike = "cpu",
-    checkpoint_names: Sequence[str] = CHECKPOINT_NAMES,
-    modelfamily: Optional[str] = None,
-    strict: bool = True,
-    model_kwargs: Optional[Mapping[str, Any]] = None,
-    train: bool = False,
-) -> Tuple[nn.Module, Dict[str, Any]]:
+def load_model_dir(model_dir: PathLike, *, device: DeviceLike = "cpu",
+                   checkpoint_names: Sequence[str] = CHECKPOINT_NAMES, modelfamily: Optional[str] = None,
+                   strict: bool = True, model_kwargs: Optional[Mapping[str, Any]] = None,
+                   train: bool = False) -> Tuple[nn.Module, Dict[str, Any]]:
     """Build a model folder's architecture and load its weights (nothing is downloaded): the one
     way the package loads a model folder.
 
@@ -121,11 +111,7 @@ def load_model_dir(
     with the family of the params' dataset (or ``modelfamily``), and loads the first existing
     file of ``checkpoint_names`` with :func:`load_checkpoint` (``strict`` passed on).
     Returns ``(model, params)``; the model is on ``device`` (None: the CPU), in eval mode unless
-    ``train``.
-
-    Raises:
-        FileNotFoundError: no folder, params file or checkpoint.
-        ValueError: invalid params or checkpoint (see :func:`read_params`, :func:`load_checkpoint`).
+    ``train``. Raises FileNotFoundError (no folder, params file or checkpoint) or ValueError.
     """
     device = as_device(device, default="cpu")
     model_dir = Path(model_dir)
@@ -137,17 +123,14 @@ def load_model_dir(
     ckpt_path = next((model_dir / n for n in checkpoint_names if (model_dir / n).is_file()), None)
     if ckpt_path is None:
         raise FileNotFoundError(f"no checkpoint in {model_dir}: tried {list(checkpoint_names)}")
-    model = get_net(
-        params["model_arch"], modelfamily, num_classes=params["num_classes"], **dict(model_kwargs or {})
-    )
+    model = get_net(params["model_arch"], modelfamily, num_classes=params["num_classes"],
+                    **dict(model_kwargs or {}))
     remap = remap_cadene_state_dict if modelfamily == "imagenet" else None
     ckpt = load_checkpoint(ckpt_path, model, map_location=device, strict=strict, remap=remap)
     model.to(device).train(train)
-    logger.info(
-        "loaded %s (%s, %s family, K=%d) from %s: epoch %s, best_acc %s",
-        params["model_arch"], model_dir, modelfamily, params["num_classes"], ckpt_path.name,
-        ckpt.get("epoch"), ckpt.get("best_acc"),
-    )
+    logger.info("loaded %s (%s, %s family, K=%d) from %s: epoch %s, best_acc %s", params["model_arch"],
+                model_dir, modelfamily, params["num_classes"], ckpt_path.name, ckpt.get("epoch"),
+                ckpt.get("best_acc"))
     return model, params
 
 

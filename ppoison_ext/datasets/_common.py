@@ -156,11 +156,8 @@ def check_embedded(path: Path, name: str) -> None:
 
 def verify_embedded_data() -> Dict[str, bool]:
     """Check every file listed in the embedded MD5SUMS; returns ``{relative path: ok}``."""
-    out = {}
-    for rel, digest in embedded_sums().items():
-        p = EMBEDDED_ROOT / rel
-        out[rel] = p.is_file() and md5_file(p) == digest
-    return out
+    return {rel: (EMBEDDED_ROOT / rel).is_file() and md5_file(EMBEDDED_ROOT / rel) == digest
+            for rel, digest in embedded_sums().items()}
 
 
 def check_train(train: Any, name: str, strings: Sequence[str] = ()) -> Union[bool, str]:
@@ -173,15 +170,6 @@ def check_train(train: Any, name: str, strings: Sequence[str] = ()) -> Union[boo
         return train
     allowed = "a bool" + (f" or one of {list(strings)}" if strings else "")
     raise TypeError(f"{name}: train must be {allowed}, got {type(train).__name__} {train!r}")
-
-
-def unique(paths: Iterable[Path]) -> List[Path]:
-    seen, out = set(), []
-    for p in paths:
-        if p not in seen:
-            seen.add(p)
-            out.append(p)
-    return out
 
 
 class _ImageDataset(Dataset):
@@ -297,10 +285,7 @@ def in_memory(dataset: Dataset, *, max_bytes: int = 1 << 30) -> Dataset:
     x0, y0 = dataset[0]
     if not isinstance(x0, torch.Tensor) or x0.element_size() * x0.numel() * n > max_bytes:
         return dataset
-    xs, ys = [x0], [y0]
-    for i in range(1, n):
-        x, y = dataset[i]
-        xs.append(x)
-        ys.append(y)
+    pairs = [(x0, y0)] + [dataset[i] for i in range(1, n)]
+    xs, ys = zip(*pairs)
     targets = torch.stack(ys) if isinstance(y0, torch.Tensor) else torch.as_tensor(ys)
     return InMemory(torch.stack(xs), targets, getattr(dataset, "classes", None))

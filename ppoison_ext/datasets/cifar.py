@@ -13,7 +13,7 @@ files are checked against the official md5 values (the binary version has no pub
 from __future__ import annotations
 
 import codecs
-import io
+import functools
 import pickle
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -34,6 +34,7 @@ def _latin1_encode(obj: str, encoding: str = "utf-8", errors: str = "strict") ->
     return codecs.encode(obj, "latin1", errors)
 
 
+@functools.cache
 def _allowed_globals() -> Dict[Tuple[str, str], Any]:
     try:
         from numpy._core import multiarray, numeric
@@ -55,12 +56,8 @@ def _allowed_globals() -> Dict[Tuple[str, str], Any]:
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that only rebuilds plain containers and numpy arrays; any other global raises."""
 
-    _allowed: Optional[Dict[Tuple[str, str], Any]] = None
-
     def find_class(self, module: str, name: str) -> Any:
-        if RestrictedUnpickler._allowed is None:
-            RestrictedUnpickler._allowed = _allowed_globals()
-        obj = RestrictedUnpickler._allowed.get((module, name))
+        obj = _allowed_globals().get((module, name))
         if obj is None:
             raise pickle.UnpicklingError(
                 f"refusing to load global {module}.{name}: only numpy arrays are allowed in dataset pickles")
@@ -73,11 +70,10 @@ class RestrictedUnpickler(pickle.Unpickler):
 def safe_pickle_load(path: PathLike) -> Any:
     """Load a dataset pickle (latin1 strings, as CIFAR's Python-2 pickles need) without running code."""
     with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        return RestrictedUnpickler(io.BytesIO(raw), encoding="latin1").load()
-    except pickle.UnpicklingError as e:
-        raise pickle.UnpicklingError(f"{path}: {e}") from None
+        try:
+            return RestrictedUnpickler(f, encoding="latin1").load()
+        except pickle.UnpicklingError as e:
+            raise pickle.UnpicklingError(f"{path}: {e}") from None
 
 
 def _str_keys(d: Any, path: Path) -> Dict[str, Any]:
@@ -200,8 +196,6 @@ class CIFAR10(_CIFARBase):
     bin_train = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
     bin_test = ("test_batch.bin",)
     bin_meta = "batches.meta.txt"
-    bin_label_offset = 0
-    bin_header = 1
     default_classes = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                        "truck")
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -64,8 +64,7 @@ def per_class_split(targets: Sequence[int], ntest: int, seed: int = DS_SEED) -> 
         groups.setdefault(t, []).append(idx)
     for idxs in groups.values():
         rs.shuffle(idxs)
-    train: List[int] = []
-    test: List[int] = []
+    train, test = [], []
     for idxs in groups.values():
         test += idxs[:ntest]
         train += idxs[ntest:]
@@ -119,15 +118,7 @@ def _scan_nonempty(name: str, directory: Path) -> Tuple[List[str], List[Tuple[st
     return classes, samples
 
 
-class _Folder(FolderDataset):
-    name = "Folder"
-
-    def _init(self, samples: List[Tuple[str, int]], classes: Sequence[str], train: Any, folder: Path,
-              transform: Optional[Callable], target_transform: Optional[Callable]) -> None:
-        super().__init__(samples, classes, train, transform, target_transform, root=folder)
-
-
-class ImageFolder(_Folder):
+class ImageFolder(FolderDataset):
     """Any folder of class sub-folders (``--root`` query sets). ``root`` is that folder.
 
     There is no split: ``train`` is checked but both values return every image.
@@ -145,10 +136,10 @@ class ImageFolder(_Folder):
             raise FileNotFoundError(f"ImageFolder: folder {folder} does not exist. Put one sub-folder of "
                                     f"images per class into {folder}/.")
         classes, samples = _scan_nonempty(self.name, folder)
-        self._init(samples, classes, train, folder, transform, target_transform)
+        super().__init__(samples, classes, train, transform, target_transform, root=folder)
 
 
-class _SeededFolder(_Folder):
+class _SeededFolder(FolderDataset):
     """A single image folder split into train/test by seeded rules."""
 
     rels: Sequence[str] = ()   # folder scanned, relative to the data root (first = canonical)
@@ -164,8 +155,8 @@ class _SeededFolder(_Folder):
         classes, samples = self._cleanup(classes, samples)
         train_idxs, test_idxs = self._split(folder, samples)
         self.partition_to_idxs = {"train": train_idxs, "test": test_idxs}
-        pruned = train_idxs if train else test_idxs
-        self._init([samples[i] for i in pruned], classes, train, folder, transform, target_transform)
+        pruned = [samples[i] for i in (train_idxs if train else test_idxs)]
+        super().__init__(pruned, classes, train, transform, target_transform, root=folder)
 
     def _cleanup(self, classes: List[str], samples: List[Tuple[str, int]]
                  ) -> Tuple[List[str], List[Tuple[str, int]]]:
@@ -272,7 +263,7 @@ class CUBS200(_SeededFolder):
         return train, test
 
 
-class TinyImageNet200(_Folder):
+class TinyImageNet200(FolderDataset):
     """Tiny ImageNet (200 classes, 64×64): ``train/`` for train, ``val/`` for test.
 
     Both the official layout (``train/<wnid>/images/*.JPEG``; ``val/images/`` + ``val_annotations.txt``,
@@ -299,7 +290,7 @@ class TinyImageNet200(_Folder):
             wnids, samples = self._load_val(base, folder)
         self.wnids = list(wnids)
         classes = self._describe(base, self.wnids)
-        self._init(samples, classes, train, folder, transform, target_transform)
+        super().__init__(samples, classes, train, transform, target_transform, root=folder)
 
     def _load_val(self, base: Path, folder: Path) -> Tuple[List[str], List[Tuple[str, int]]]:
         ann, images = folder / "val_annotations.txt", folder / "images"
@@ -313,14 +304,13 @@ class TinyImageNet200(_Folder):
         else:
             wnids = sorted({w for _, w in pairs})
         index = {w: i for i, w in enumerate(wnids)}
-        exts = tuple(IMG_EXTENSIONS)
         samples = []
         for fname, wnid in pairs:
             if wnid not in index:
                 raise DatasetIntegrityError(f"{self.name}: {ann} names class {wnid}, which is not among the "
                                             f"{len(wnids)} training classes")
             path = images / fname
-            if fname.lower().endswith(exts) and path.is_file():
+            if fname.lower().endswith(IMG_EXTENSIONS) and path.is_file():
                 samples.append((str(path), index[wnid]))
         samples.sort(key=lambda s: (s[1], os.path.basename(s[0])))
         return wnids, samples

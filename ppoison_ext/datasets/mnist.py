@@ -22,21 +22,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ._common import (ArrayDataset, DatasetIntegrityError, PathLike, check_embedded, check_train, is_embedded,
-                      not_found, root_placeholder, search_roots, unique, verify_default)
+                      not_found, root_placeholder, search_roots, verify_default)
 
 IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned byte, 3 dimensions
 IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned byte, 1 dimension
 
 _PARTIAL_RE = re.compile(r"\.first\d+bytes$")
-
-
-def is_partial_file(path: PathLike) -> bool:
-    """Whether the file is a declared prefix of a larger file (``*.first<N>bytes``)."""
-    return bool(_PARTIAL_RE.search(Path(path).name))
-
-
-def _is_gzip(path: Path, head: bytes) -> bool:
-    return head[:2] == b"\x1f\x8b" or ".gz" in path.suffixes
 
 
 def _gunzip(raw: bytes, path: Path, allow_truncated: bool) -> Tuple[bytes, bool]:
@@ -56,16 +47,6 @@ def _gunzip(raw: bytes, path: Path, allow_truncated: bool) -> Tuple[bytes, bool]
     return b"".join(out), False
 
 
-def read_idx_bytes(path: PathLike) -> Tuple[bytes, bool]:
-    """The decompressed bytes of an IDX file and whether they are a truncated prefix."""
-    p = Path(path)
-    raw = p.read_bytes()
-    partial = is_partial_file(p)
-    if _is_gzip(p, raw[:2]):
-        return _gunzip(raw, p, allow_truncated=partial)
-    return raw, partial
-
-
 def read_idx(path: PathLike, magic: int) -> Tuple[np.ndarray, bool]:
     """Read a uint8 IDX file; returns ``(array, truncated)``.
 
@@ -74,7 +55,10 @@ def read_idx(path: PathLike, magic: int) -> Tuple[np.ndarray, bool]:
     truncated: the array then holds its complete leading records and ``truncated`` is True.
     """
     p = Path(path)
-    buf, truncated = read_idx_bytes(p)
+    buf = p.read_bytes()
+    truncated = bool(_PARTIAL_RE.search(p.name))  # a declared prefix of a larger file
+    if buf[:2] == b"\x1f\x8b" or ".gz" in p.suffixes:
+        buf, truncated = _gunzip(buf, p, allow_truncated=truncated)
     if len(buf) < 4:
         raise DatasetIntegrityError(f"{p}: too short for an IDX header")
     (got,) = struct.unpack(">I", buf[:4])
@@ -132,8 +116,6 @@ class _MNISTLike(ArrayDataset):
                 check_embedded(p, self.name)
         images, truncated = read_idx(images_path, IDX_IMAGES_MAGIC)
         labels, _ = read_idx(labels_path, IDX_LABELS_MAGIC)
-        if images.ndim != 3:
-            raise DatasetIntegrityError(f"{self.name}: {images_path} holds {images.shape}, expected N×H×W")
         if truncated:
             labels = labels[: len(images)]
         if len(labels) != len(images):
@@ -160,14 +142,11 @@ class _MNISTLike(ArrayDataset):
             dirs += [b / "raw", b / "raw" / "gzip"]
         for b in bases + ([root / self.ko_folder] if self.ko_folder else []):
             dirs += [b, b / "gzip"]
-        return unique(dirs)
+        return list(dict.fromkeys(dirs))
 
     @staticmethod
     def _find_file(d: Path, fname: str) -> Optional[Path]:
-        for cand in (d / fname, d / (fname + ".gz")):
-            if cand.is_file():
-                return cand
-        return None
+        return next((c for c in (d / fname, d / (fname + ".gz")) if c.is_file()), None)
 
     @staticmethod
     def _find_partial(d: Path, fname: str) -> Optional[Path]:

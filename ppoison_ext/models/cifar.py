@@ -66,9 +66,7 @@ class AlexNet(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
-def alexnet(num_classes: int = 10) -> AlexNet:
-    """CIFAR AlexNet."""
-    return AlexNet(num_classes)
+alexnet = AlexNet
 
 
 # Channels per 3×3 conv, "M" = 2×2 max pool. A/B/D/E = VGG-11/13/16/19.
@@ -122,7 +120,6 @@ vgg19, vgg19_bn = partial(_vgg, "E", False), partial(_vgg, "E", True)
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    """3×3 convolution, padding 1, no bias."""
     return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
@@ -137,7 +134,6 @@ class BasicBlock(nn.Module):
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
-        self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
         residual = x if self.downsample is None else self.downsample(x)
@@ -159,7 +155,6 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
-        self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
         residual = x if self.downsample is None else self.downsample(x)
@@ -192,7 +187,6 @@ class PreBasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv2 = conv3x3(planes, planes)
         self.downsample = downsample
-        self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
         residual = x if self.downsample is None else self.downsample(x)
@@ -214,7 +208,6 @@ class PreBottleneck(nn.Module):
         self.conv3 = nn.Conv2d(planes, planes * 4, kernel_size=1, bias=False)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
-        self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
         residual = x if self.downsample is None else self.downsample(x)
@@ -317,9 +310,8 @@ class ResNeXtBottleneck(nn.Module):
         d = cardinality * out_channels // widen_factor
         self.conv_reduce = nn.Conv2d(in_channels, d, kernel_size=1, stride=1, padding=0, bias=False)
         self.bn_reduce = nn.BatchNorm2d(d)
-        self.conv_conv = nn.Conv2d(
-            d, d, kernel_size=3, stride=stride, padding=1, groups=cardinality, bias=False
-        )
+        self.conv_conv = nn.Conv2d(d, d, kernel_size=3, stride=stride, padding=1, groups=cardinality,
+                                   bias=False)
         self.bn = nn.BatchNorm2d(d)
         self.conv_expand = nn.Conv2d(d, out_channels, kernel_size=1, stride=1, padding=0, bias=False)
         self.bn_expand = nn.BatchNorm2d(out_channels)
@@ -347,16 +339,14 @@ class CifarResNeXt(nn.Module):
     Kaiming-normal (fan-out); ``*bn*.weight`` 1; all biases 0.
     """
 
-    def __init__(
-        self, cardinality: int, depth: int, num_classes: int, widen_factor: int = 4, dropRate: float = 0
-    ):
+    def __init__(self, cardinality: int, depth: int, num_classes: int = 10, widen_factor: int = 4,
+                 dropRate: float = 0):
         super().__init__()
         self.cardinality = cardinality
         self.depth = depth
         self.block_depth = (depth - 2) // 9
         self.widen_factor = widen_factor
         self.num_classes = num_classes
-        self.output_size = 64
         self.stages = [64, 64 * widen_factor, 128 * widen_factor, 256 * widen_factor]
 
         self.conv_1_3x3 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
@@ -380,16 +370,9 @@ class CifarResNeXt(nn.Module):
         """``block_depth`` bottlenecks; the first one changes width and stride."""
         block = nn.Sequential()
         for i in range(self.block_depth):
-            block.add_module(
-                f"{name}_bottleneck_{i}",
-                ResNeXtBottleneck(
-                    in_channels if i == 0 else out_channels,
-                    out_channels,
-                    pool_stride if i == 0 else 1,
-                    self.cardinality,
-                    self.widen_factor,
-                ),
-            )
+            bottleneck = ResNeXtBottleneck(in_channels if i == 0 else out_channels, out_channels,
+                                           pool_stride if i == 0 else 1, self.cardinality, self.widen_factor)
+            block.add_module(f"{name}_bottleneck_{i}", bottleneck)
         return block
 
     def forward(self, x: Tensor) -> Tensor:
@@ -399,10 +382,8 @@ class CifarResNeXt(nn.Module):
         return self.classifier(x.flatten(1))
 
 
-def resnext(num_classes: int = 10, widen_factor: int = 4, dropRate: float = 0) -> CifarResNeXt:
-    """CIFAR ResNeXt-29 with cardinality 16 and widen factor 4 (fc 1024→K)."""
-    return CifarResNeXt(cardinality=16, depth=29, num_classes=num_classes, widen_factor=widen_factor,
-                        dropRate=dropRate)
+#: CIFAR ResNeXt-29 with cardinality 16 and widen factor 4 (fc 1024→K).
+resnext = partial(CifarResNeXt, 16, 29)
 
 
 class WideBasicBlock(nn.Module):
@@ -419,18 +400,13 @@ class WideBasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_planes, out_planes, kernel_size=3, stride=1, padding=1, bias=False)
         self.droprate = dropRate
         self.equalInOut = in_planes == out_planes
-        self.convShortcut = (
-            None
-            if self.equalInOut
-            else nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, padding=0, bias=False)
-        )
+        self.convShortcut = None if self.equalInOut else nn.Conv2d(in_planes, out_planes, kernel_size=1,
+                                                                    stride=stride, padding=0, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.equalInOut:
-            out = self.relu1(self.bn1(x))
-        else:
-            x = self.relu1(self.bn1(x))
-            out = x
+        out = self.relu1(self.bn1(x))
+        if not self.equalInOut:
+            x = out
         out = self.relu2(self.bn2(self.conv1(out)))
         if self.droprate > 0:
             out = F.dropout(out, p=self.droprate, training=self.training)
@@ -439,16 +415,11 @@ class WideBasicBlock(nn.Module):
 
 
 class NetworkBlock(nn.Module):
-    def __init__(
-        self, nb_layers: int, in_planes: int, out_planes: int, block: type, stride: int, dropRate: float = 0.0
-    ):
+    def __init__(self, nb_layers: int, in_planes: int, out_planes: int, block: type, stride: int,
+                 dropRate: float = 0.0):
         super().__init__()
-        self.layer = nn.Sequential(
-            *[
-                block(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, dropRate)
-                for i in range(int(nb_layers))
-            ]
-        )
+        self.layer = nn.Sequential(*[block(in_planes if i == 0 else out_planes, out_planes,
+                                           stride if i == 0 else 1, dropRate) for i in range(int(nb_layers))])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layer(x)
@@ -472,7 +443,6 @@ class WideResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(n_channels[3])
         self.relu = nn.ReLU(inplace=True)
         self.fc = nn.Linear(n_channels[3], num_classes)
-        self.nChannels = n_channels[3]
         he_conv_unit_bn_(self, zero_linear_bias=True)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -541,15 +511,8 @@ class DenseNet(nn.Module):
     BN → ReLU → 8×8 average pool → ``fc = Linear(C, K)``. Defaults: depth 22, growth 12,
     Bottleneck blocks ((depth−4)/6 per block), compression 2. Init as the CIFAR ResNet."""
 
-    def __init__(
-        self,
-        depth: int = 22,
-        block: type = DenseBottleneck,
-        dropRate: float = 0,
-        num_classes: int = 10,
-        growthRate: int = 12,
-        compressionRate: int = 2,
-    ) -> None:
+    def __init__(self, depth: int = 22, num_classes: int = 10, growthRate: int = 12, compressionRate: int = 2,
+                 dropRate: float = 0, block: type = DenseBottleneck) -> None:
         super().__init__()
         if (depth - 4) % 3 != 0:
             raise ValueError(f"DenseNet depth must be 3n+4, got {depth}")
@@ -590,17 +553,7 @@ class DenseNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
-def densenet(
-    depth: int = 22,
-    num_classes: int = 10,
-    growthRate: int = 12,
-    compressionRate: int = 2,
-    dropRate: float = 0,
-    block: type = DenseBottleneck,
-) -> DenseNet:
-    """CIFAR DenseNet, depth 22 and growth rate 12 by default."""
-    return DenseNet(depth=depth, block=block, dropRate=dropRate, num_classes=num_classes,
-                    growthRate=growthRate, compressionRate=compressionRate)
+densenet = DenseNet
 
 
 #: name -> constructor, in Knockoff Nets' export order.

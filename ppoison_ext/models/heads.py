@@ -7,6 +7,7 @@ proxy's last Linear layer W and relies on the logits being exactly ``W h + b``.
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -31,10 +32,8 @@ def example_input(model: nn.Module, batch_size: int = 1) -> Tensor:
         if isinstance(first, nn.Linear):
             size = (first.in_features,)
         else:
-            raise ValueError(
-                f"cannot guess an input size for {type(model).__name__}: it has no `input_size` attribute; "
-                "pass example_input explicitly"
-            )
+            raise ValueError(f"cannot guess an input size for {type(model).__name__}: it has no `input_size` "
+                             "attribute; pass example_input explicitly")
     return torch.randn(batch_size, *[int(s) for s in size], device=device, dtype=dtype)
 
 
@@ -42,20 +41,16 @@ def _find(model: nn.Module, x: Optional[Tensor]) -> Tuple[str, nn.Linear]:
     cls = type(model).__name__
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ValueError(
-            f"{cls} has no nn.Linear layer, so its output is not the output of a last Linear layer"
-        )
+        raise ValueError(f"{cls} has no nn.Linear layer, so its output is not the output of a last "
+                         "Linear layer")
     if x is None:
         x = example_input(model)
     calls: List[Tuple[str, nn.Linear, Tensor]] = []
 
-    def hook(name: str, module: nn.Linear):
-        def record(_m, _inp, out):
-            calls.append((name, module, out))
+    def record(name: str, module: nn.Linear, _inp, out: Tensor) -> None:
+        calls.append((name, module, out))
 
-        return record
-
-    handles = [m.register_forward_hook(hook(name, m)) for name, m in linears]
+    handles = [m.register_forward_hook(functools.partial(record, name)) for name, m in linears]
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
@@ -76,11 +71,9 @@ def _find(model: nn.Module, x: Optional[Tensor]) -> Tuple[str, nn.Linear]:
         for name, m, o in reversed(calls):
             if o.shape == out.shape and torch.equal(o, out):
                 return name, m
-    raise ValueError(
-        f"the output of {cls} is not the output of any of its nn.Linear layers "
-        f"(last Linear called: {calls[-1][0] if calls else 'none'}); its logits are not W·h + b of a last "
-        "Linear layer, which MAD's closed-form Jacobian needs"
-    )
+    raise ValueError(f"the output of {cls} is not the output of any of its nn.Linear layers "
+                     f"(last Linear called: {calls[-1][0] if calls else 'none'}); its logits are not "
+                     "W·h + b of a last Linear layer, which MAD's closed-form Jacobian needs")
 
 
 def last_linear(model: nn.Module, example_input: Optional[Tensor] = None) -> nn.Linear:

@@ -13,6 +13,7 @@ only from local files (:func:`find_imagenet_weights`).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -86,20 +87,14 @@ class _HeadAlias:
         if name == d.get("_head_alias"):
             if not isinstance(value, nn.Module):
                 raise TypeError(f"{name} must be an nn.Module, got {type(value).__name__}")
-            _set_submodule(self, d["_head_path"], value)  # type: ignore[arg-type]
+            self.set_submodule(d["_head_path"], value)  # type: ignore[attr-defined]
             return
         super().__setattr__(name, value)
 
 
-_ALIASED: Dict[type, type] = {}
-
-
+@functools.cache
 def _aliased_class(cls: type) -> type:
-    sub = _ALIASED.get(cls)
-    if sub is None:
-        sub = type(cls.__name__, (_HeadAlias, cls), {"__module__": __name__, "__qualname__": cls.__name__})
-        _ALIASED[cls] = sub
-    return sub
+    return type(cls.__name__, (_HeadAlias, cls), {"__module__": __name__, "__qualname__": cls.__name__})
 
 
 def __getattr__(name: str) -> type:
@@ -108,12 +103,6 @@ def __getattr__(name: str) -> type:
     if inspect.isclass(base) and issubclass(base, nn.Module):
         return _aliased_class(base)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, leaf = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, leaf, module)
 
 
 def _find_head(model: nn.Module, name: str) -> str:
@@ -177,7 +166,7 @@ def set_num_classes(model: nn.Module, num_classes: int) -> None:
         assert isinstance(old, nn.Linear)
         new = nn.Linear(old.in_features, num_classes)
     ref = next(old.parameters())
-    _set_submodule(model, path, new.to(device=ref.device, dtype=ref.dtype))
+    model.set_submodule(path, new.to(device=ref.device, dtype=ref.dtype))
     if isinstance(getattr(model, "num_classes", None), int):
         model.num_classes = num_classes
 
@@ -224,19 +213,15 @@ def find_imagenet_weights(name: str) -> Path:
         if p.is_file():
             return p
     cname = canonical(name)
-    hint = (
-        f"${PRETRAINED_DIR_ENV} is not set"
-        if _pretrained_dir() is None
-        else f"${PRETRAINED_DIR_ENV}={_pretrained_dir()}"
-    )
+    pdir = _pretrained_dir()
+    hint = f"${PRETRAINED_DIR_ENV} is not set" if pdir is None else f"${PRETRAINED_DIR_ENV}={pdir}"
+    tried = ", ".join(str(p) for p in cands)
     raise FileNotFoundError(
-        f"no local ImageNet weights for {name!r}; ppoison_ext never downloads. Tried: "
-        + ", ".join(str(p) for p in cands)
-        + f" ({hint}). Put torchvision's state_dict for {cname} at "
-        f"${PRETRAINED_DIR_ENV}/{cname}.pth or in {Path(torch.hub.get_dir()) / 'checkpoints'} under "
-        f"torchvision's file name (on a machine with network access, "
-        f"torchvision.models.get_model({cname!r}, weights='DEFAULT') leaves it in its hub cache)"
-    )
+        f"no local ImageNet weights for {name!r}; ppoison_ext never downloads. Tried: {tried} ({hint}). "
+        f"Put torchvision's state_dict for {cname} at ${PRETRAINED_DIR_ENV}/{cname}.pth or in "
+        f"{Path(torch.hub.get_dir()) / 'checkpoints'} under torchvision's file name (on a machine with "
+        f"network access, torchvision.models.get_model({cname!r}, weights='DEFAULT') leaves it in its hub "
+        "cache)")
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> Dict[str, Tensor]:
@@ -307,12 +292,8 @@ def remap_cadene_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module) 
     keys are dropped when the model has no aux head.
     """
     own = model.state_dict().keys()
-    rules: Tuple[Tuple[str, str], ...] = ()
-    for cls_name, r in _CADENE_RENAMES:
-        cls = getattr(torchvision.models, cls_name)
-        if isinstance(model, cls):
-            rules = r
-            break
+    rules = next((r for cls_name, r in _CADENE_RENAMES
+                  if isinstance(model, getattr(torchvision.models, cls_name))), ())
     out: Dict[str, Tensor] = {}
     for k, v in state_dict.items():
         if k not in own:

@@ -64,16 +64,13 @@ class CopyReport:
 
     def summary(self) -> str:
         n = len(self.copied) + len(self.not_in_model) + len(self.shape_mismatch)
-        return (
-            f"copied {len(self.copied)}/{n} source tensors; skipped {len(self.not_in_model)} not in the "
-            f"model, {len(self.shape_mismatch)} with mismatched shapes; {len(self.not_in_source)} model "
-            "tensors kept their init"
-        )
+        return (f"copied {len(self.copied)}/{n} source tensors; skipped {len(self.not_in_model)} not in the "
+                f"model, {len(self.shape_mismatch)} with mismatched shapes; {len(self.not_in_source)} model "
+                "tensors kept their init")
 
 
-def copy_weights_(
-    src_state_dict: Mapping[str, Tensor], dst: Union[nn.Module, Mapping[str, Tensor]]
-) -> CopyReport:
+def copy_weights_(src_state_dict: Mapping[str, Tensor],
+                  dst: Union[nn.Module, Mapping[str, Tensor]]) -> CopyReport:
     """Copy tensors by name where the shapes match, into ``dst`` (a model, or a state_dict
     written in place). Returns a :class:`CopyReport`; skipped names are also logged at INFO level.
     """
@@ -101,19 +98,11 @@ def copy_weights_(
     return report
 
 
-def _check_family(modelfamily: str) -> str:
-    if modelfamily not in MODEL_FAMILIES:
-        raise ValueError(f"unknown model family {modelfamily!r}; known families: {list(MODEL_FAMILIES)}")
-    return modelfamily
-
-
 def _unknown_name(name: str, family: str) -> ValueError:
     extra = ""
     if family == "imagenet" and name in imagenet.CADENE_ONLY:
-        extra = (
-            f" ({name!r} is a Cadene pretrainedmodels / bagnet architecture; "
-            "ppoison_ext provides only torchvision's architectures)"
-        )
+        extra = (f" ({name!r} is a Cadene pretrainedmodels / bagnet architecture; "
+                 "ppoison_ext provides only torchvision's architectures)")
     else:
         for fam, names in MODEL_NAMES.items():
             if fam != family and name in names:
@@ -139,13 +128,8 @@ def _build(name: str, family: str, num_classes: int, **kwargs: Any) -> nn.Module
     return model
 
 
-def get_net(
-    name: str,
-    modelfamily: str,
-    pretrained: Optional[Union[str, os.PathLike]] = None,
-    num_classes: Optional[int] = None,
-    **kwargs: Any,
-) -> nn.Module:
+def get_net(name: str, modelfamily: str, pretrained: Optional[Union[str, os.PathLike]] = None,
+            num_classes: Optional[int] = None, **kwargs: Any) -> nn.Module:
     """Build architecture ``name`` of ``modelfamily``, optionally with weights.
 
     Families (:data:`MODEL_NAMES`): ``mnist`` (``lenet``), ``cifar`` (bearpaw CIFAR models;
@@ -171,7 +155,9 @@ def get_net(
         FileNotFoundError: ``pretrained`` is a path that does not exist, or no local
             ImageNet weights were found (the message says where to put them).
     """
-    family = _check_family(modelfamily)
+    family = modelfamily
+    if family not in MODEL_FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known families: {list(MODEL_FAMILIES)}")
     if num_classes is None:
         num_classes = DEFAULT_NUM_CLASSES[family]
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -182,9 +168,8 @@ def get_net(
 
     if isinstance(pretrained, str) and pretrained == "imagenet":
         if family != "imagenet":
-            raise ValueError(
-                f"pretrained='imagenet' is only available for the imagenet family, not {family!r}"
-            )
+            raise ValueError(f"pretrained='imagenet' is only available for the imagenet family, "
+                         f"not {family!r}")
         if imagenet.canonical(name) not in imagenet.NAMES:
             raise _unknown_name(name, family)
         path = imagenet.find_imagenet_weights(name)
@@ -195,14 +180,11 @@ def get_net(
         return model
 
     if not isinstance(pretrained, (str, os.PathLike)):
-        raise ValueError(
-            f"pretrained must be None, 'imagenet' or a file path, got {type(pretrained).__name__}"
-        )
+        raise ValueError(f"pretrained must be None, 'imagenet' or a file path, "
+                         f"got {type(pretrained).__name__}")
     path = Path(pretrained)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"pretrained={str(pretrained)!r} is neither 'imagenet' nor an existing file"
-        )
+        raise FileNotFoundError(f"pretrained={str(pretrained)!r} is neither 'imagenet' nor an existing file")
     model = _build(name, family, num_classes, **kwargs)
     src = read_state_dict(path)
     if family == "imagenet":

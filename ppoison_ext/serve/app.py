@@ -41,10 +41,10 @@ _CLIENT_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _ENDPOINTS = ("/v1/predict", "/v1/info", "/v1/health", "/metrics")
 
 
-def _error(status: int, detail: str, **extra: Any):
+def _error(status: int, detail: str, headers: Optional[Dict[str, str]] = None, **extra: Any):
     from fastapi.responses import JSONResponse
 
-    return JSONResponse({"detail": detail, **extra}, status_code=status)
+    return JSONResponse({"detail": detail, **extra}, status_code=status, headers=headers)
 
 
 class _Metrics:
@@ -224,8 +224,7 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
     def unauthorized(request: Request):
         has = request.headers.get("authorization") or request.headers.get("x-api-key")
         why = "wrong API key" if has else "missing API key (send 'Authorization: Bearer <key>' or 'X-API-Key')"
-        return JSONResponse({"detail": f"authorization: {why}", "field": "authorization"}, status_code=401,
-                            headers={"WWW-Authenticate": "Bearer"})
+        return _error(401, f"authorization: {why}", {"WWW-Authenticate": "Bearer"}, field="authorization")
 
     @router.get("/v1/health")
     async def health():

@@ -157,11 +157,8 @@ class Ledger:
                         lg = self._logger(key_id)
                         lg.log(*_stack(group))
                         if self.durable:
-                            fd = os.open(lg.bin_path, os.O_RDONLY)
-                            try:
-                                os.fsync(fd)
-                            finally:
-                                os.close(fd)
+                            with open(lg.bin_path, "rb") as f:
+                                os.fsync(f.fileno())
                 self._db.execute("BEGIN IMMEDIATE")
                 with self._db:  # COMMIT, or ROLLBACK on an error
                     self._db.executemany(
