@@ -40,10 +40,9 @@ def _load() -> Optional[str]:
     except (ImportError, OSError, RuntimeError) as err:
         return f"ppoison_ext._C could not be loaded ({type(err).__name__}: {err})"
     info = _cuda_versions()
-    if info["cuda"] and info["torch_cuda"] is not None:
-        if info["cuda_version"].split(".")[0] != info["torch_cuda"].split(".")[0]:
-            return f"ppoison_ext._C was built with CUDA {info['cuda_version']} but torch uses CUDA " \
-                   f"{info['torch_cuda']}"
+    built, used = info["cuda_version"], info["torch_cuda"]
+    if built is not None and used is not None and built.split(".")[0] != used.split(".")[0]:
+        return f"ppoison_ext._C was built with CUDA {built} but torch uses CUDA {used}"
     return None
 
 
@@ -62,13 +61,8 @@ if not HAS_OPS:
 
 
 def native_info() -> dict:
-    """Which kernels run and what the native extension was built with.
-
-    Returns:
-        ``{"native": bool, "reason": str | None, "cuda": bool, "cuda_version": "13.0" | None,
-        "torch": str, "torch_cuda": str | None}``; without the native library ``reason`` says
-        why and ``cuda`` is False.
-    """
+    """Which kernels run and what the native extension was built with: ``{"native", "reason",
+    "cuda", "cuda_version" ("13.0"), "torch", "torch_cuda"}``; ``reason`` says why not native."""
     if HAS_OPS:
         return {"native": True, "reason": None, **_cuda_versions()}
     return {"native": False, "reason": REASON, "cuda": False, "cuda_version": None,

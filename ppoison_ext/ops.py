@@ -58,23 +58,20 @@ ORACLES = ("extreme", "argmax", "argmin", "random")
 YDISTS = ("l1", "l2", "kl")
 
 
-def _tensor(x, name: str) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    return x
-
-
-def _opt_tensor(x, name: str) -> Optional[Tensor]:
-    return None if x is None else _tensor(x, name)
-
-
-def _same_device(first: Tuple[str, Tensor], *others: Tuple[str, Optional[Tensor]]) -> None:
-    name0, t0 = first
-    for name, t in others:
-        if t is not None and t.device != t0.device:
-            raise ValueError(
-                f"{name} is on {t.device} but {name0} is on {t0.device}; all tensors must be on the same device"
-            )
+def _tensors(optional: Tuple[str, ...] = (), **tensors) -> None:
+    """TypeError unless each of ``tensors`` is a Tensor (or None, for the ``optional`` names);
+    ValueError unless they all lie on the device of the first."""
+    first = None
+    for name, t in tensors.items():
+        if t is None and name in optional:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if first is None:
+            first = name, t
+        elif t.device != first[1].device:
+            raise ValueError(f"{name} is on {t.device} but {first[0]} is on {first[1].device}; "
+                             "all tensors must be on the same device")
 
 
 def _number(x, name: str) -> float:
@@ -102,7 +99,7 @@ def jacobian_gram_fc(p: Tensor, h_sqnorm: Tensor) -> Tensor:
         p (proxy softmax outputs): [B, K]; h_sqnorm (‖h‖² of the features entering the last
         Linear layer): [B]; returns [B, K, K].
     """
-    _same_device(("p", _tensor(p, "p")), ("h_sqnorm", _tensor(h_sqnorm, "h_sqnorm")))
+    _tensors(p=p, h_sqnorm=h_sqnorm)
     return _kernel("jacobian_gram_fc")(p, h_sqnorm)
 
 
@@ -115,18 +112,19 @@ def jacobian_tvec_fc(p: Tensor, h: Tensor, y: Tensor) -> Tensor:
     Shape:
         p: [B, K]; h: [B, H]; y: [B, K]; returns [B, K·H].
     """
-    _same_device(("p", _tensor(p, "p")), ("h", _tensor(h, "h")), ("y", _tensor(y, "y")))
+    _tensors(p=p, h=h, y=y)
     return _kernel("jacobian_tvec_fc")(p, h, y)
 
 
 def jacobian_gram(G: Tensor) -> Tensor:
     """Gram matrices G·Gᵀ [B, K, K] of explicit per-sample Jacobians G [B, K, D]."""
-    return _kernel("jacobian_gram")(_tensor(G, "G"))
+    _tensors(G=G)
+    return _kernel("jacobian_gram")(G)
 
 
 def jacobian_tvec(G: Tensor, y: Tensor) -> Tensor:
     """Products Gᵀy of explicit per-sample Jacobians: ``out[b] = Σ_k y[b,k] G[b,k]`` [B, D]."""
-    _same_device(("G", _tensor(G, "G")), ("y", _tensor(y, "y")))
+    _tensors(G=G, y=y)
     return _kernel("jacobian_tvec")(G, y)
 
 
@@ -161,27 +159,17 @@ def mad_oracle(
     The first candidate wins ties (objective values within 1e-10 relative). Values are
     computed in float64.
 
-    Args:
-        y: posteriors (rows on the simplex).
-        p, h_sqnorm: FC-form Gram (see module docs); ``h_sqnorm`` defaults to 1.
-        gram: explicit Gram M = G·Gᵀ; exclusive with ``p``/``h_sqnorm``.
-        exact_max_k: largest K searched exactly by ``argmax`` (≤ 24).
-        max_candidates: greedy budget of scored vertices.
-        generator, index: RNG, or explicit int64 [B] classes, for ``random``.
-
-    Returns:
-        ``(y_star [B, K], value [B])``; value is the objective of y* (angular if ``objmax``
-        or for the greedy search, surrogate otherwise).
+    The Gram is ``p``/``h_sqnorm`` (``h_sqnorm`` defaults to 1) or ``gram``, not both (see the
+    module docs); ``exact_max_k`` ≤ 24. Returns ``(y_star [B, K], value [B])``, value the
+    objective of y* (angular if ``objmax`` or for the greedy search, else the surrogate).
     """
-    y = _tensor(y, "y")
+    _tensors(("p", "h_sqnorm", "gram", "index"), y=y, p=p, h_sqnorm=h_sqnorm, gram=gram, index=index)
     oracle = _choice(oracle, "oracle", ORACLES)
     if not isinstance(objmax, bool):
         raise TypeError(f"objmax must be a bool, got {type(objmax).__name__}")
     for name, v in (("exact_max_k", exact_max_k), ("max_candidates", max_candidates)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    _same_device(("y", y), ("p", _opt_tensor(p, "p")), ("h_sqnorm", _opt_tensor(h_sqnorm, "h_sqnorm")),
-                 ("gram", _opt_tensor(gram, "gram")), ("index", _opt_tensor(index, "index")))
     if oracle == "random" and index is None:
         if y.dim() != 2:
             raise ValueError(f"y must have shape [B, K], got {tuple(y.shape)}")
@@ -206,8 +194,7 @@ def mad_objective(
     Returns ``(obj, sobj)``: the angular objective ‖Gᵀỹ/‖Gᵀỹ‖ − Gᵀy/‖Gᵀy‖‖² and the
     surrogate ‖Gᵀ(ỹ − y)‖² (two [B] tensors), with the Gram given as in :func:`mad_oracle`.
     """
-    _same_device(("y", _tensor(y, "y")), ("y_tilde", _tensor(y_tilde, "y_tilde")), ("p", _opt_tensor(p, "p")),
-                 ("h_sqnorm", _opt_tensor(h_sqnorm, "h_sqnorm")), ("gram", _opt_tensor(gram, "gram")))
+    _tensors(("p", "h_sqnorm", "gram"), y=y, y_tilde=y_tilde, p=p, h_sqnorm=h_sqnorm, gram=gram)
     return _kernel("mad_objective")(y_tilde, y, p=p, h_sqnorm=h_sqnorm, gram=gram)
 
 
@@ -227,7 +214,7 @@ def mad_step(y: Tensor, y_star: Tensor, epsilon: float, ydist: str = "l1", kl_st
     eps = _number(epsilon, "epsilon")
     if isinstance(kl_steps, bool) or not isinstance(kl_steps, int):
         raise TypeError(f"kl_steps must be an int, got {type(kl_steps).__name__}")
-    _same_device(("y", _tensor(y, "y")), ("y_star", _tensor(y_star, "y_star")))
+    _tensors(y=y, y_star=y_star)
     return _kernel("mad_step")(y, y_star, eps, ydist, kl_steps)
 
 
@@ -237,7 +224,8 @@ def project_simplex(v: Tensor, radius: float = 1.0) -> Tensor:
     ``x = max(v − τ, 0)`` with τ found by Michelot's active-set method (the twin: the sort-based
     method of Duchi et al., 2008). Rows already on the simplex are returned unchanged.
     """
-    return _kernel("project_simplex")(_tensor(v, "v"), _number(radius, "radius"))
+    _tensors(v=v)
+    return _kernel("project_simplex")(v, _number(radius, "radius"))
 
 
 def project_l1_ball(v: Tensor, radius: float) -> Tensor:
@@ -245,7 +233,8 @@ def project_l1_ball(v: Tensor, radius: float) -> Tensor:
 
     ``x = v`` if ‖v‖₁ ≤ radius, else ``sign(v) ⊙ project_simplex(|v|, radius)``.
     """
-    return _kernel("project_l1_ball")(_tensor(v, "v"), _number(radius, "radius"))
+    _tensors(v=v)
+    return _kernel("project_l1_ball")(v, _number(radius, "radius"))
 
 
 def _budgets(epsilons) -> list:
@@ -276,7 +265,7 @@ def grad2_allocate(p: Tensor, c: Tensor, epsilons) -> Tensor:
     Shape:
         p, c: [B, K]; returns [B, E, K] (E = 1 for a single number).
     """
-    _same_device(("p", _tensor(p, "p")), ("c", _tensor(c, "c")))
+    _tensors(p=p, c=c)
     return _kernel("grad2_allocate")(p, c, _budgets(epsilons))
 
 
@@ -304,7 +293,8 @@ def modelguard_w_solve(y: Tensor, epsilon: float, margin: float = 1e-4,
     eps = _number(epsilon, "epsilon")
     delta = _number(margin, "margin")
     off = _number(log_offset, "log_offset")
-    return _kernel("modelguard_w_solve")(_tensor(y, "y"), eps, delta, off)
+    _tensors(y=y)
+    return _kernel("modelguard_w_solve")(y, eps, delta, off)
 
 
 # ---------------------------------------------------------------------------------------

@@ -388,8 +388,6 @@ def _simplex_tau(u: Tensor, radius: float) -> Tensor:
 
 
 def project_simplex(v: Tensor, radius: float = 1.0) -> Tensor:
-    if v.shape[0] == 0:
-        return v.clone()
     tau = _simplex_tau(v, radius)
     out = (v - tau).clamp(min=0)
     keep = (v >= 0).all(-1, keepdim=True) & (v.double().sum(-1, keepdim=True) == radius)
@@ -397,8 +395,6 @@ def project_simplex(v: Tensor, radius: float = 1.0) -> Tensor:
 
 
 def project_l1_ball(v: Tensor, radius: float) -> Tensor:
-    if v.shape[0] == 0:
-        return v.clone()
     u = v.abs()
     out = torch.sign(v) * (u - _simplex_tau(u, radius)).clamp(min=0)
     keep = u.double().sum(-1, keepdim=True) <= radius

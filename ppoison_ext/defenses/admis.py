@@ -115,8 +115,7 @@ class AdaptiveMisinformation(Defense):
 
     def victim_probs(self, x: Tensor) -> Tensor:
         with torch.no_grad():
-            logits = self.model(x)
-            return F.softmax(logits if self.temperature == 1.0 else logits / self.temperature, dim=1)
+            return F.softmax(self.model(x) / self.temperature, dim=1)
 
     def _forwards(self, x: Tensor, y: Tensor):
         y_hat = F.softmax(self.misinformation_model(x), dim=1).to(y.dtype)

@@ -53,9 +53,8 @@ REGISTRY: Dict[str, DefenseEntry] = {}
 
 def register(*names: str, needs: Optional[str] = None, example: Optional[str] = None,
              **keys: Callable[[str], Any]) -> Callable[[type], type]:
-    """Class decorator: registers the defense under ``names`` with its ``defense_args`` keys and
-    their parsers (``float``, ``int``, ``str``, :func:`boolean`, :func:`optional_str`).
-    ``needs``: the required key (``example`` shows it in the error, default ``needs:0.5``)."""
+    """Class decorator: registers the defense under ``names`` with its ``defense_args`` keys'
+    parsers; ``needs``: the required key (``example`` shows it in the error)."""
     def decorate(cls: type) -> type:
         for name in names:
             if name in REGISTRY:
@@ -88,8 +87,7 @@ def real_arg(v, name: str, *, low: Optional[float] = 0.0, high: Optional[float] 
 
 
 def check_choices(**values: Any) -> None:
-    """Each keyword is ``(value, allowed)``: TypeError unless the value is a str, ValueError
-    naming the keyword unless it is one of ``allowed``."""
+    """Each keyword is ``(value, allowed)``: the value must be a str in ``allowed``."""
     for name, (v, allowed) in values.items():
         if not isinstance(v, str):
             raise TypeError(f"{name} must be a str, got {type(v).__name__}")

@@ -27,13 +27,11 @@ class Blackbox(Defense):
 
     def __init__(self, model: nn.Module, *, topk: Optional[int] = None, rounding: Optional[int] = None, logger=None):
         super().__init__(model, logger=logger)
-        for name, v in (("topk", topk), ("rounding", rounding)):
+        for name, v, low in (("topk", topk, 1), ("rounding", rounding, 0)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
                 raise TypeError(f"{name} must be an int or None, got {type(v).__name__}")
-        if topk is not None and topk < 1:
-            raise ValueError(f"topk must be >= 1, got {topk}")
-        if rounding is not None and rounding < 0:
-            raise ValueError(f"rounding must be >= 0, got {rounding}")
+            if v is not None and v < low:
+                raise ValueError(f"{name} must be >= {low}, got {v}")
         self.topk = topk
         self.rounding = rounding
 

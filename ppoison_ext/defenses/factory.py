@@ -49,15 +49,11 @@ def parse_defense_args(args: Union[str, Mapping[str, Any], None], defense: Optio
     if isinstance(args, Mapping):
         items = [(str(k), v) for k, v in args.items()]
     elif isinstance(args, str):
-        items = []
-        for entry in args.split(","):
-            entry = entry.strip()
-            if not entry:
-                continue
+        entries = [entry.strip() for entry in args.split(",") if entry.strip()]
+        for entry in entries:
             if ":" not in entry:
                 raise ValueError(f"defense_args: entry {entry!r} is not of the form key:value")
-            key, value = entry.split(":", 1)
-            items.append((key.strip(), value.strip()))
+        items = [(key.strip(), value.strip()) for key, value in (entry.split(":", 1) for entry in entries)]
     else:
         raise TypeError(f"defense_args must be a str or a mapping, got {type(args).__name__}")
     out: Dict[str, Any] = {}

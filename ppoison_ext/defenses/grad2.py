@@ -64,9 +64,8 @@ class GRAD2(Defense):
 
     Per batch: one victim forward (y), the surrogate's coefficients c [B, K] by one JVP along
     the target (``min_ip``: one backward pass for the target first), then
-    :func:`ppoison_ext.ops.grad2_allocate`: up to ε/2 of mass moved onto argmin c from the
-    largest-c classes first, clamped to [1e-15, 1] and renormalised. ε = 0 releases y (zeros
-    floored at 1e-15) and runs no surrogate; :meth:`perturb_budgets` takes several budgets.
+    :func:`ppoison_ext.ops.grad2_allocate`. ε = 0 releases y (zeros floored at 1e-15) and runs
+    no surrogate; :meth:`perturb_budgets` takes several budgets.
 
     ``surrogate``: the defender's model of the attacker (put in eval mode, never changed), or
     several, one drawn per batch from this defense's ``seed``. ``target``, the direction a:
@@ -161,11 +160,8 @@ class GRAD2(Defense):
         if self.target_name == "max_norm":
             return {n: -p for n, p in params.items()}
         flat = -self._target.to(device=next(iter(params.values())).device)
-        out, off = {}, 0
-        for n, p in params.items():
-            out[n] = flat[off:off + p.numel()].reshape(p.shape).to(p.dtype)
-            off += p.numel()
-        return out
+        pieces = flat.split([p.numel() for p in params.values()])
+        return {n: piece.reshape(p.shape).to(p.dtype) for (n, p), piece in zip(params.items(), pieces)}
 
     def _draw(self, n: int) -> Tensor:
         return torch.randint(len(self.surrogates), (n,), generator=self._generator())
@@ -191,13 +187,7 @@ class GRAD2(Defense):
                     return z, v
 
                 P = sum(p.numel() for p in params.values())
-                chunk = max(1, _JVP_CHUNK // max(1, P))
-                zs, vs = [], []
-                for lo in range(0, B, chunk):
-                    z, v = vmap(one)(x[lo:lo + chunk], y[lo:lo + chunk])
-                    zs.append(z)
-                    vs.append(v)
-                z, v = torch.cat(zs), torch.cat(vs)
+                z, v = vmap(one, chunk_size=max(1, _JVP_CHUNK // max(1, P)))(x, y)
                 scale = 1.0
             else:
                 f = lambda prm: functional_call(s, prm, (x,))  # noqa: E731
@@ -266,9 +256,7 @@ class GRAD2(Defense):
         return c
 
     def defend(self, x: Tensor, y: Tensor) -> DefenseOutput:
-        if self.epsilon <= 0.0:
-            return DefenseOutput(ops.grad2_allocate(y, torch.zeros_like(y), 0.0)[:, 0], y)
-        c = self._all_coefficients(x, y)
+        c = torch.zeros_like(y) if self.epsilon <= 0.0 else self._all_coefficients(x, y)  # ε = 0: y
         return DefenseOutput(ops.grad2_allocate(y, c, self.epsilon)[:, 0], y)
 
     def perturb_budgets(self, x: Tensor, epsilons: Sequence[float]) -> Tensor:

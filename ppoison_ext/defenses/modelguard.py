@@ -21,7 +21,6 @@ logger = logging.getLogger(__name__)
 
 MARGIN = 1e-4  # ModelGuard-W keeps the top-1 by y′_m − y′_j ≥ MARGIN
 LOG_OFFSET = 1e-6  # its LP's cost c = log(y + LOG_OFFSET)
-YDISTS = ("l1", "l2", "kl")
 
 
 @register("modelguard_w", needs="epsilon", example="epsilon:1.0", epsilon=float, ydist=str,
@@ -48,7 +47,7 @@ class ModelGuardW(Defense):
                  logger=None):
         super().__init__(model, logger=logger)
         self.epsilon = real_arg(epsilon, "epsilon")
-        check_choices(ydist=(ydist, YDISTS))
+        check_choices(ydist=(ydist, ops.YDISTS))
         if isinstance(batch_constraint, bool) or not isinstance(batch_constraint, int):
             raise TypeError(f"batch_constraint must be an int, got {type(batch_constraint).__name__}")
         if batch_constraint != 0:
@@ -64,7 +63,7 @@ class ModelGuardW(Defense):
 
     def defend(self, x: Tensor, y: Tensor) -> DefenseOutput:
         y_prime, obj, feasible = self.get_yprime(y)
-        bad = int((~feasible).sum()) if feasible.numel() else 0
+        bad = int((~feasible).sum())
         if bad:
             self.infeasible_count += bad
             logger.warning("ModelGuard-W: %d queries of %d could not open the top-1 margin within epsilon=%g; "
@@ -119,12 +118,6 @@ class ModelGuardS(Defense):
     @property
     def num_centroids(self) -> int:
         return 0 if self._bank is None else int(self._bank.shape[0])
-
-    def centroids(self, label: int) -> Tensor:
-        """The bank of class ``label`` [n, K], in creation order."""
-        if self._bank is None:
-            return torch.zeros(0, 0)
-        return self._bank[self._labels == label].clone()
 
     def get_state(self) -> Dict[str, Any]:
         """The banks and the query count (tensors and numbers only)."""

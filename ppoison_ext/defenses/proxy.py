@@ -57,8 +57,7 @@ class _PerSampleBatchNorm(nn.Module):
         bn = self.bn
         weight, bias = self._parameters.get("weight"), self._parameters.get("bias")
         rm, rv = self._buffers.get("running_mean"), self._buffers.get("running_var")
-        use_batch_stats = bn.training or rm is None or rv is None
-        if not use_batch_stats:
+        if not (bn.training or rm is None or rv is None):  # running statistics
             return F.batch_norm(x, rm, rv, weight, bias, False, 0.0, bn.eps)
         if x.dim() == 2:
             raise ValueError(

@@ -41,31 +41,6 @@ def distances(y: Tensor, y_prime: Tensor) -> Tensor:
 
 
 _HEADER = "\t".join(DISTANCE_COLUMNS) + "\n"
-_SCALE = 2 ** 1074  # every finite float64 is an integer multiple of 2^-1074
-
-
-class _ExactSum:
-    """An exact running sum of float64 values (a scaled Python int); inf/NaN kept aside."""
-
-    __slots__ = ("num", "special")
-
-    def __init__(self) -> None:
-        self.num = 0
-        self.special = 0.0
-
-    def add(self, x: float) -> None:
-        if math.isfinite(x):
-            n, d = x.as_integer_ratio()
-            self.num += n * (_SCALE // d)
-        else:
-            self.special += x
-
-    def value(self, extra: float = 0.0) -> float:
-        """The sum plus ``extra``, rounded once to float64."""
-        if self.special != 0.0 or not math.isfinite(extra):
-            return self.special + extra
-        n, d = float(extra).as_integer_ratio()
-        return (self.num + n * (_SCALE // d)) / _SCALE
 
 
 class QueryLogger:
@@ -105,8 +80,8 @@ class QueryLogger:
 
     def _reset(self) -> None:
         self.count = 0
-        # per distance, the exact Σd and Σd² of the full blocks of `every` queries so far
-        self._sums = [(_ExactSum(), _ExactSum()) for _ in range(3)]
+        # per distance, the Σd and Σd² of each full block of `every` queries so far
+        self._sums = [([], []) for _ in range(3)]
         self._pending = np.zeros((0, 3), dtype=np.float64)  # distances of the block in progress
         self._last_row_at = 0
         self._K: Optional[int] = None
@@ -157,8 +132,8 @@ class QueryLogger:
         for lo in range(0, full, self.every):
             block = rows[lo:lo + self.every]
             for j in range(3):
-                self._sums[j][0].add(math.fsum(block[:, j]))
-                self._sums[j][1].add(math.fsum(block[:, j] * block[:, j]))
+                self._sums[j][0].append(math.fsum(block[:, j]))
+                self._sums[j][1].append(math.fsum(block[:, j] * block[:, j]))
         self._pending = rows[full:].copy()
 
     def log(self, y: Tensor, y_prime: Tensor, obj: Optional[Tensor] = None, sobj: Optional[Tensor] = None) -> None:
@@ -197,9 +172,9 @@ class QueryLogger:
         out = []
         for j, (s, s2) in enumerate(self._sums):
             col = self._pending[:, j]
-            mean = s.value(math.fsum(col)) / n
+            mean = math.fsum(s + [math.fsum(col)]) / n
             with np.errstate(invalid="ignore"):
-                var = s2.value(math.fsum(col * col)) / n - mean * mean
+                var = math.fsum(s2 + [math.fsum(col * col)]) / n - mean * mean
             std = math.sqrt(max(var, 0.0)) if math.isfinite(var) else float("nan")
             out += [mean, std]
         return tuple(out)
