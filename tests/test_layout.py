@@ -1,9 +1,6 @@
 """The package's one way to build a defense, the attack contract, the query log's own
-truncation, and the deprecated import paths."""
+truncation."""
 
-import importlib
-import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -218,18 +215,3 @@ def test_querylog_rows_are_the_exact_statistics(tmp_path):
         torch.testing.assert_close(float(row[2]), float(l1[:n].std(unbiased=False)), rtol=1e-9, atol=0)
     with pytest.raises(ValueError, match="n_queries"):
         lg.truncate(-1)
-
-
-# ---------------------------------------------------------------------------------------------
-# deprecated paths still work, and say so
-
-
-@pytest.mark.parametrize("module, name", [("ppoison_ext.attacks.whitebox", "WhiteboxDefense"),
-                                          ("ppoison_ext.attacks.jacobian", "JacobianAdversary")])
-def test_deprecated_modules_reexport_with_a_warning(module, name):
-    sys.modules.pop(module, None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        mod = importlib.import_module(module)
-    assert hasattr(mod, name)
-    assert any(issubclass(w.category, DeprecationWarning) for w in caught)

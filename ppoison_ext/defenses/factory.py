@@ -6,7 +6,6 @@ a mapping or keywords, or a :class:`DefenseSpec` parsed before.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
@@ -136,15 +135,3 @@ def build_defense(defense: Union[str, DefenseSpec], args: Union[str, Mapping[str
     bb = build_registered(spec.name, model, kw, proxy=proxy, logger=logger, device=device, out_dir=out_dir,
                           whitebox=options)
     return bb.to(device) if device is not None else bb
-
-
-def make_wb_defense(name: str, args, *, model: nn.Module, logger: Optional[QueryLogger], device,
-                    victim_params: Mapping[str, Any], out_dir, **options: Any) -> Defense:
-    """Deprecated (:mod:`ppoison_ext.attacks.whitebox` re-exports it): use :func:`build_defense`
-    with ``whitebox={"victim_params": ..., **options}``."""
-    warnings.warn("make_wb_defense is deprecated; use ppoison_ext.defenses.build_defense", DeprecationWarning,
-                  stacklevel=2)
-    if name not in WB_DEFENSES:
-        raise ValueError(f"unknown white-box defense {name!r}; known: {list(WB_DEFENSES)}")
-    return build_defense(name, args, model=model, logger=logger, device=device, out_dir=out_dir,
-                         whitebox={"victim_params": victim_params, **options})
