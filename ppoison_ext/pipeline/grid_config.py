@@ -14,7 +14,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 from .attacker import AttackerSettings
 from .aware import AWARE_GROUP
 from .evaluate import EvalSettings
-from .settings import check_value, group_fields
+from .settings import check_keys, check_value, group_fields
 from .transfer import TransferSettings
 from .victim import VictimSettings
 
@@ -224,12 +224,7 @@ def _table(kind: str, raw: Any, where: str) -> Table:
 
 
 def _plain(cls, raw: Any, where: str):
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where}: expected a table, got {type(raw).__name__}")
-    names = [f.name for f in fields(cls)]
-    unknown = sorted(set(raw) - set(names))
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; accepted: {sorted(names)}")
+    check_keys(raw, [f.name for f in fields(cls)], where)
     return cls(**raw)
 
 

@@ -239,14 +239,18 @@ def check_value(cls: type, name: str, value: Any, where: str, *, key: Optional[s
     return value
 
 
-def check_values(cls: type, mapping: Mapping[str, Any], where: str) -> Dict[str, Any]:
-    """Checks every entry of ``mapping`` with :func:`check_value`; unknown keys are an error."""
+def check_keys(mapping: Any, names: List[str], where: str) -> None:
+    """Refuses a ``mapping`` that is not a table or has keys outside ``names``."""
     if not isinstance(mapping, Mapping):
         raise ValueError(f"{where}: expected a table, got {type(mapping).__name__}")
-    names = [f.name for f in _ordered(cls)]
     unknown = sorted(set(mapping) - set(names))
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}; accepted: {sorted(names)}")
+
+
+def check_values(cls: type, mapping: Mapping[str, Any], where: str) -> Dict[str, Any]:
+    """Checks every entry of ``mapping`` with :func:`check_value`; unknown keys are an error."""
+    check_keys(mapping, [f.name for f in _ordered(cls)], where)
     return {k: check_value(cls, k, v, where) for k, v in mapping.items()}
 
 
