@@ -1,6 +1,9 @@
 """Builds the native extension ``ppoison_ext._C``.
 
-The C++ CPU kernels are always compiled (``-O3 -g0``, OpenMP for ``at::parallel_for``).
+The kernels use only PyTorch's stable ABI (``torch/csrc/stable``, targeting torch
+``TORCH_TARGET``) and Python's limited API, so one build, and one abi3 wheel
+(``pip wheel --no-build-isolation --no-deps .``), loads into every torch from that version on and
+every Python from 3.10. The C++ CPU kernels are always compiled (``-O3 -g0``).
 The CUDA kernels are compiled when nvcc and a CUDA build of torch are present and a GPU
 is visible, or when ``PPOISON_FORCE_CUDA=1`` (e.g. a compile check on a machine without a
 GPU). ``PPOISON_CPU_ONLY=1`` turns CUDA off. ``DEBUG=1`` builds with ``-O0 -g``.
@@ -23,6 +26,10 @@ import sys
 from setuptools import setup
 
 ROOT = osp.dirname(osp.abspath(__file__))
+# The oldest torch whose stable ABI has what the kernels use (parallel_for, the dispatcher
+# calls, DeviceGuard): 2.11. Keep in step with pyproject.toml's torch>=.
+TORCH_TARGET = (2, 11)
+PY_LIMITED = "cp310"  # Python's limited API from 3.10 (requires-python; torch defines Py_LIMITED_API)
 
 
 def _env_flag(name: str) -> bool:
@@ -85,45 +92,43 @@ def want_cuda() -> bool:
 
 
 def extensions():
+    """``ppoison_ext._C`` (schemas and CPU kernels) and, for a CUDA build, ``ppoison_ext._C_cuda``
+    (the CUDA kernels, apart so that ``_C`` loads into a CPU build of torch)."""
     debug = _env_flag("DEBUG")
     with_cuda = want_cuda()
-    sources = sorted(glob.glob(osp.join("csrc", "*.cpp")) + glob.glob(osp.join("csrc", "cpu", "*.cpp")))
     cxx = ["-O0", "-g"] if debug else ["-O3", "-g0"]
-    cxx += ["-fopenmp"]
-    extra = {"cxx": cxx}
-    define_macros = []
-    include_dirs = [osp.join(ROOT, "csrc")]
-    if with_cuda:
-        sources += sorted(glob.glob(osp.join("csrc", "cuda", "*.cu")))
-        define_macros.append(("WITH_CUDA", None))
-        nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "-Xcompiler=-g0"]
-        # --fmad=false: nvcc would contract a*b + c into FMAs (one rounding instead of two),
-        # which the host compiler does not do, so the host/device math of csrc/*.h would round
-        # differently on the two backends; without contraction a row gives the same bits on the
-        # CPU and the GPU (up to libm's log), and the CPU tests check the GPU's arithmetic.
-        nvcc += ["--expt-relaxed-constexpr", "--fmad=false"]
-        nvcc += os.environ.get("NVCC_FLAGS", "").split()
-        extra["nvcc"] = nvcc
-        include_dirs += nvidia_wheel_includes()
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
-        ext = CUDAExtension
-    else:
-        ext = CppExtension
+    # Hidden by default: the stable ABI's types are, and only PyInit_* is a module's interface.
+    cxx += ["-fvisibility=hidden"]
+    target = f"0x{TORCH_TARGET[0]:02x}{TORCH_TARGET[1]:02x}000000000000"
+    # TORCH_TARGET_VERSION also makes every non-stable torch header an #error; py_limited_api
+    # makes torch define Py_LIMITED_API (3.10).
+    common = dict(include_dirs=[osp.join(ROOT, "csrc")], py_limited_api=True)
+    cpu_sources = sorted(glob.glob(osp.join("csrc", "*.cpp")) + glob.glob(osp.join("csrc", "cpu", "*.cpp")))
+    exts = [CppExtension("ppoison_ext._C", cpu_sources, define_macros=[("TORCH_TARGET_VERSION", target)],
+                         extra_compile_args={"cxx": cxx}, **common)]
     print(f"ppoison_ext: building {'CPU + CUDA' if with_cuda else 'CPU'} kernels", file=sys.stderr)
-    return [
-        ext(
-            "ppoison_ext._C",
-            sources,
-            include_dirs=include_dirs,
-            define_macros=define_macros,
-            extra_compile_args=extra,
-            extra_link_args=["-fopenmp"],
-        )
-    ]
-
+    if not with_cuda:
+        return exts
+    nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "-Xcompiler=-g0"]
+    nvcc += ["-Xcompiler=-fvisibility=hidden"]
+    # --fmad=false: nvcc would contract a*b + c into FMAs (one rounding instead of two),
+    # which the host compiler does not do, so the host/device math of csrc/*.h would round
+    # differently on the two backends; without contraction a row gives the same bits on the
+    # CPU and the GPU (up to libm's log), and the CPU tests check the GPU's arithmetic.
+    nvcc += ["--expt-relaxed-constexpr", "--fmad=false"]
+    nvcc += os.environ.get("NVCC_FLAGS", "").split()
+    common["include_dirs"] += nvidia_wheel_includes()
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    cuda_sources = sorted(glob.glob(osp.join("csrc", "cuda", "*.c[up]*")))  # the kernels and module.cpp
+    # USE_CUDA also opens the stable headers' CUDA shims.
+    exts.append(CUDAExtension("ppoison_ext._C_cuda", cuda_sources,
+                              define_macros=[("TORCH_TARGET_VERSION", target), ("USE_CUDA", None)],
+                              extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **common))
+    return exts
 
 setup(
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": PY_LIMITED}},
 )

@@ -1,14 +1,12 @@
 // Argument checks of grad2_allocate, shared by the CPU and CUDA entry points.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <c10/util/ArrayRef.h>
 
 #include "utils.h"
 
 namespace ppoison {
 
-inline void check_grad2_args(const at::Tensor& p, const at::Tensor& c, c10::ArrayRef<double> epsilons) {
+inline void check_grad2_args(const Tensor& p, const Tensor& c, torch::headeronly::HeaderOnlyArrayRef<double> epsilons) {
   check_float(p, "p");
   check_dim(p, 2, "p", "[B, K]");
   check_classes(p.size(1), "p");
@@ -17,9 +15,9 @@ inline void check_grad2_args(const at::Tensor& p, const at::Tensor& c, c10::Arra
   check_like(c, "c", p, "p");
   check_size(c, 0, p.size(0), "c", "samples");
   check_size(c, 1, p.size(1), "c", "classes");
-  TORCH_CHECK_VALUE(!epsilons.empty(), "ppoison: epsilons must hold at least one budget");
+  PPOISON_CHECK(!epsilons.empty(), "ppoison: epsilons must hold at least one budget");
   for (double e : epsilons)
-    TORCH_CHECK_VALUE(std::isfinite(e) && e >= 0.0, "ppoison: every epsilon must be finite and >= 0, got ", e);
+    PPOISON_CHECK(std::isfinite(e) && e >= 0.0, "ppoison: every epsilon must be finite and >= 0, got ", e);
 }
 
 }  // namespace ppoison

@@ -1,5 +1,5 @@
 // The MAD perturbation-direction search of one sample row, shared by the CPU kernel
-// (at::parallel_for over rows) and the CUDA kernel (a thread per row); math in mad_math.h.
+// (torch::stable::parallel_for over rows) and the CUDA kernel (a thread per row); math in mad_math.h.
 //   extreme: argmax_k value(e_k)
 //   argmax:  K ≤ exact_max_k: all 2^(K−1) vertices ∋ k* (oracle_argmax_exact + mask_from_rank)
 //            otherwise the reference's greedy growth on the smoothed y (oracle_argmax_greedy)

@@ -1,4 +1,4 @@
-// Euclidean projections of one row v [K], shared by the CPU kernel (at::parallel_for over rows)
+// Euclidean projections of one row v [K], shared by the CPU kernel (torch::stable::parallel_for over rows)
 // and the CUDA kernel (a thread per row):
 //   simplex(s): argmin ‖x − v‖₂ s.t. x ≥ 0, Σx = s;  x = max(v − τ, 0)
 //   l1 ball(s): v if ‖v‖₁ ≤ s, else sign(v) ⊙ simplex_s(|v|)

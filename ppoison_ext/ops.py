@@ -59,14 +59,24 @@ YDISTS = ("l1", "l2", "kl")
 
 
 def _tensors(optional: Tuple[str, ...] = (), **tensors) -> None:
-    """TypeError unless each of ``tensors`` is a Tensor (or None, for the ``optional`` names);
-    ValueError unless they all lie on the device of the first."""
+    """TypeError unless each of ``tensors`` is a Tensor (or None, for the ``optional`` names) of
+    dtype float32 or float64, the first's (``index``: int64); ValueError unless they all lie on
+    the device of the first. (The kernels check the same, but an error crosses PyTorch's stable
+    ABI only as a ValueError.)"""
     first = None
     for name, t in tensors.items():
         if t is None and name in optional:
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if name == "index":
+            if t.dtype != torch.int64:
+                raise TypeError(f"ppoison: index must be an int64 tensor, got {t.dtype}")
+        elif t.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"ppoison: {name} must be a float32 or float64 tensor, got {t.dtype}")
+        elif first is not None and t.dtype != first[1].dtype:
+            raise TypeError(f"ppoison: {name} has dtype {t.dtype} but {first[0]} has dtype "
+                            f"{first[1].dtype}; dtypes must match")
         if first is None:
             first = name, t
         elif t.device != first[1].device:

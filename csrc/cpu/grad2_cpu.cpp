@@ -1,8 +1,5 @@
 // GRAD²'s allocation step: p, c [B, K], budgets ε [E] → ỹ [B, E, K] (formula in grad2_math.h).
 // One task per row: one sort of the donors, then an O(K) walk per budget.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <atomic>
 #include <vector>
@@ -13,20 +10,20 @@
 
 namespace ppoison {
 
-at::Tensor grad2_allocate_cpu(const at::Tensor& p_, const at::Tensor& c_, c10::ArrayRef<double> epsilons) {
+Tensor grad2_allocate_cpu(const Tensor& p_, const Tensor& c_, torch::headeronly::HeaderOnlyArrayRef<double> epsilons) {
   check_grad2_args(p_, c_, epsilons);
   const int64_t B = p_.size(0), K = p_.size(1), E = (int64_t)epsilons.size();
-  auto p = p_.contiguous();
-  auto c = c_.contiguous();
-  auto out = at::empty({B, E, K}, p.options());
+  auto p = as_contiguous(p_);
+  auto c = as_contiguous(c_);
+  auto out = new_tensor(p, {B, E, K});
   if (B == 0) return out;
   std::atomic<bool> bad_p{false}, bad_c{false};
   const std::vector<double> eps(epsilons.begin(), epsilons.end());
-  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "grad2_allocate_cpu", [&] {
-    const scalar_t* pp = p.data_ptr<scalar_t>();
-    const scalar_t* cp = c.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B, std::max<int64_t>(1, 65536 / (K * (E + 2))), [&](int64_t b0, int64_t b1) {
+  PPOISON_DISPATCH_FLOATING_TYPES(p.scalar_type(), "grad2_allocate_cpu", [&] {
+    const scalar_t* pp = p.const_data_ptr<scalar_t>();
+    const scalar_t* cp = c.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    torch::stable::parallel_for(0, B, std::max<int64_t>(1, 65536 / (K * (E + 2))), [&](int64_t b0, int64_t b1) {
       std::vector<int> order((size_t)K);
       for (int64_t b = b0; b < b1; ++b) {
         const scalar_t* pr = pp + b * K;
@@ -52,6 +49,6 @@ at::Tensor grad2_allocate_cpu(const at::Tensor& p_, const at::Tensor& c_, c10::A
   return out;
 }
 
-TORCH_LIBRARY_IMPL(ppoison, CPU, m) { m.impl("grad2_allocate", &grad2_allocate_cpu); }
+STABLE_TORCH_LIBRARY_IMPL(ppoison, CPU, m) { m.impl("grad2_allocate", TORCH_BOX(&grad2_allocate_cpu)); }
 
 }  // namespace ppoison

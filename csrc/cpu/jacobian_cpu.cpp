@@ -3,10 +3,7 @@
 //     G·Gᵀ = ‖h‖² (I − 1pᵀ − p1ᵀ + ‖p‖² 11ᵀ)        Gᵀy = vec((Σy·p − y) hᵀ)
 //   Explicit G: G·Gᵀ (lower triangle, mirrored) and Gᵀy by direct summation; G is checked for
 //   NaN/Inf only when the result shows one (every non-finite entry of G reaches it).
-// One task per sample row b (at::parallel_for over B).
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+// One task per sample row b (torch::stable::parallel_for over B).
 
 #include <atomic>
 #include <vector>
@@ -22,19 +19,19 @@ int64_t grain_for(int64_t work_per_row) { return std::max<int64_t>(1, 32768 / st
 
 }  // namespace
 
-at::Tensor jacobian_gram_fc_cpu(const at::Tensor& p_, const at::Tensor& hsq_) {
+Tensor jacobian_gram_fc_cpu(const Tensor& p_, const Tensor& hsq_) {
   check_gram_fc_args(p_, hsq_);
   const int64_t B = p_.size(0), K = p_.size(1);
-  auto p = p_.contiguous();
-  auto hsq = hsq_.contiguous();
-  auto out = at::empty({B, K, K}, p.options());
+  auto p = as_contiguous(p_);
+  auto hsq = as_contiguous(hsq_);
+  auto out = new_tensor(p, {B, K, K});
   if (B == 0) return out;
   std::atomic<bool> bad_p{false}, bad_h{false};
-  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "jacobian_gram_fc_cpu", [&] {
-    const scalar_t* pp = p.data_ptr<scalar_t>();
-    const scalar_t* hp = hsq.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B, grain_for(K * K), [&](int64_t b0, int64_t b1) {
+  PPOISON_DISPATCH_FLOATING_TYPES(p.scalar_type(), "jacobian_gram_fc_cpu", [&] {
+    const scalar_t* pp = p.const_data_ptr<scalar_t>();
+    const scalar_t* hp = hsq.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    torch::stable::parallel_for(0, B, grain_for(K * K), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const scalar_t* pr = pp + b * K;
         const double h = (double)hp[b];
@@ -52,25 +49,25 @@ at::Tensor jacobian_gram_fc_cpu(const at::Tensor& p_, const at::Tensor& hsq_) {
     });
   });
   report_nonfinite(bad_p, "p");
-  TORCH_CHECK_VALUE(!bad_h, "ppoison: h_sqnorm must be finite and >= 0");
+  PPOISON_CHECK(!bad_h, "ppoison: h_sqnorm must be finite and >= 0");
   return out;
 }
 
-at::Tensor jacobian_tvec_fc_cpu(const at::Tensor& p_, const at::Tensor& h_, const at::Tensor& y_) {
+Tensor jacobian_tvec_fc_cpu(const Tensor& p_, const Tensor& h_, const Tensor& y_) {
   check_tvec_fc_args(p_, h_, y_);
   const int64_t B = p_.size(0), K = p_.size(1), H = h_.size(1);
-  auto p = p_.contiguous();
-  auto h = h_.contiguous();
-  auto y = y_.contiguous();
-  auto out = at::empty({B, K * H}, p.options());
+  auto p = as_contiguous(p_);
+  auto h = as_contiguous(h_);
+  auto y = as_contiguous(y_);
+  auto out = new_tensor(p, {B, K * H});
   if (B == 0 || H == 0) return out;
   std::atomic<bool> bad_p{false}, bad_h{false}, bad_y{false};
-  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "jacobian_tvec_fc_cpu", [&] {
-    const scalar_t* pp = p.data_ptr<scalar_t>();
-    const scalar_t* hp = h.data_ptr<scalar_t>();
-    const scalar_t* yp = y.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B, grain_for(K * H), [&](int64_t b0, int64_t b1) {
+  PPOISON_DISPATCH_FLOATING_TYPES(p.scalar_type(), "jacobian_tvec_fc_cpu", [&] {
+    const scalar_t* pp = p.const_data_ptr<scalar_t>();
+    const scalar_t* hp = h.const_data_ptr<scalar_t>();
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    torch::stable::parallel_for(0, B, grain_for(K * H), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const scalar_t* pr = pp + b * K;
         const scalar_t* yr = yp + b * K;
@@ -95,17 +92,17 @@ at::Tensor jacobian_tvec_fc_cpu(const at::Tensor& p_, const at::Tensor& h_, cons
   return out;
 }
 
-at::Tensor jacobian_gram_cpu(const at::Tensor& G_) {
+Tensor jacobian_gram_cpu(const Tensor& G_) {
   check_jacobian_args(G_);
   const int64_t B = G_.size(0), K = G_.size(1), D = G_.size(2);
-  auto G = G_.contiguous();
-  auto out = at::empty({B, K, K}, G.options());
+  auto G = as_contiguous(G_);
+  auto out = new_tensor(G, {B, K, K});
   if (B == 0) return out;
   std::atomic<bool> bad{false};
-  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "jacobian_gram_cpu", [&] {
-    const scalar_t* gp = G.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B, grain_for(K * K * std::max<int64_t>(D, 1) / 2), [&](int64_t b0, int64_t b1) {
+  PPOISON_DISPATCH_FLOATING_TYPES(G.scalar_type(), "jacobian_gram_cpu", [&] {
+    const scalar_t* gp = G.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    torch::stable::parallel_for(0, B, grain_for(K * K * std::max<int64_t>(D, 1) / 2), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const scalar_t* g = gp + b * K * D;
         scalar_t* o = op + b * K * K;
@@ -131,19 +128,19 @@ at::Tensor jacobian_gram_cpu(const at::Tensor& G_) {
   return out;
 }
 
-at::Tensor jacobian_tvec_cpu(const at::Tensor& G_, const at::Tensor& y_) {
+Tensor jacobian_tvec_cpu(const Tensor& G_, const Tensor& y_) {
   check_tvec_args(G_, y_);
   const int64_t B = G_.size(0), K = G_.size(1), D = G_.size(2);
-  auto G = G_.contiguous();
-  auto y = y_.contiguous();
-  auto out = at::empty({B, D}, G.options());
+  auto G = as_contiguous(G_);
+  auto y = as_contiguous(y_);
+  auto out = new_tensor(G, {B, D});
   if (B == 0 || D == 0) return out;
   std::atomic<bool> bad_g{false}, bad_y{false};
-  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "jacobian_tvec_cpu", [&] {
-    const scalar_t* gp = G.data_ptr<scalar_t>();
-    const scalar_t* yp = y.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B, grain_for(K * D), [&](int64_t b0, int64_t b1) {
+  PPOISON_DISPATCH_FLOATING_TYPES(G.scalar_type(), "jacobian_tvec_cpu", [&] {
+    const scalar_t* gp = G.const_data_ptr<scalar_t>();
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    torch::stable::parallel_for(0, B, grain_for(K * D), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const scalar_t* g = gp + b * K * D;
         const scalar_t* yr = yp + b * K;
@@ -166,11 +163,11 @@ at::Tensor jacobian_tvec_cpu(const at::Tensor& G_, const at::Tensor& y_) {
   return out;
 }
 
-TORCH_LIBRARY_IMPL(ppoison, CPU, m) {
-  m.impl("jacobian_gram_fc", &jacobian_gram_fc_cpu);
-  m.impl("jacobian_tvec_fc", &jacobian_tvec_fc_cpu);
-  m.impl("jacobian_gram", &jacobian_gram_cpu);
-  m.impl("jacobian_tvec", &jacobian_tvec_cpu);
+STABLE_TORCH_LIBRARY_IMPL(ppoison, CPU, m) {
+  m.impl("jacobian_gram_fc", TORCH_BOX(&jacobian_gram_fc_cpu));
+  m.impl("jacobian_tvec_fc", TORCH_BOX(&jacobian_tvec_fc_cpu));
+  m.impl("jacobian_gram", TORCH_BOX(&jacobian_gram_cpu));
+  m.impl("jacobian_tvec", TORCH_BOX(&jacobian_tvec_cpu));
 }
 
 }  // namespace ppoison

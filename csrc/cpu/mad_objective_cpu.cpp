@@ -2,9 +2,6 @@
 //   obj = ‖Gᵀỹ/‖Gᵀỹ‖ − Gᵀy/‖Gᵀy‖‖²,  surrogate = ‖Gᵀ(ỹ − y)‖²
 // from the FC/identity Gram (p, ‖h‖²) or a dense Gram [B, K, K], by objective_fc /
 // objective_dense (mad_math.h, shared with CUDA). One task per row.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <atomic>
 
@@ -14,26 +11,26 @@
 
 namespace ppoison {
 
-std::tuple<at::Tensor, at::Tensor> mad_objective_cpu(const at::Tensor& yt_, const at::Tensor& y_,
-                                                     const c10::optional<at::Tensor>& p_,
-                                                     const c10::optional<at::Tensor>& hsq_,
-                                                     const c10::optional<at::Tensor>& gram_) {
+std::tuple<Tensor, Tensor> mad_objective_cpu(const Tensor& yt_, const Tensor& y_,
+                                                     const OptTensor& p_,
+                                                     const OptTensor& hsq_,
+                                                     const OptTensor& gram_) {
   const ObjectiveCall c = objective_call(yt_, y_, p_, hsq_, gram_);
   const GramArgs& ga = c.gram;
-  const at::Tensor &y = c.y, &yt = c.yt, &obj = c.obj, &sur = c.sur;
+  const Tensor &y = c.y, &yt = c.yt, &obj = c.obj, &sur = c.sur;
   const int64_t B = y.size(0), K = y.size(1);
   if (B == 0) return {obj, sur};
   std::atomic<bool> bad_y{false}, bad_t{false}, bad_p{false}, bad_h{false}, bad_m{false};
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "mad_objective_cpu", [&] {
-    const scalar_t* yp = y.data_ptr<scalar_t>();
-    const scalar_t* tp = yt.data_ptr<scalar_t>();
-    const scalar_t* pp = ga.p.defined() ? ga.p.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* hp = ga.hsq.defined() ? ga.hsq.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* mp = ga.dense ? ga.gram.data_ptr<scalar_t>() : nullptr;
-    scalar_t* op = obj.data_ptr<scalar_t>();
-    scalar_t* sp = sur.data_ptr<scalar_t>();
+  PPOISON_DISPATCH_FLOATING_TYPES(y.scalar_type(), "mad_objective_cpu", [&] {
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    const scalar_t* tp = yt.const_data_ptr<scalar_t>();
+    const scalar_t* pp = ga.p.defined() ? ga.p.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* hp = ga.hsq.defined() ? ga.hsq.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* mp = ga.dense ? ga.gram.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = obj.mutable_data_ptr<scalar_t>();
+    scalar_t* sp = sur.mutable_data_ptr<scalar_t>();
     const int64_t work = ga.dense ? K * K : K;
-    at::parallel_for(0, B, std::max<int64_t>(1, 16384 / work), [&](int64_t b0, int64_t b1) {
+    torch::stable::parallel_for(0, B, std::max<int64_t>(1, 16384 / work), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const scalar_t* yr = yp + b * K;
         const scalar_t* tr = tp + b * K;
@@ -60,10 +57,10 @@ std::tuple<at::Tensor, at::Tensor> mad_objective_cpu(const at::Tensor& yt_, cons
   report_nonfinite(bad_t, "y_tilde");
   report_nonfinite(bad_p, "p");
   report_nonfinite(bad_m, "gram");
-  TORCH_CHECK_VALUE(!bad_h, "ppoison: h_sqnorm must be finite and >= 0");
+  PPOISON_CHECK(!bad_h, "ppoison: h_sqnorm must be finite and >= 0");
   return {obj, sur};
 }
 
-TORCH_LIBRARY_IMPL(ppoison, CPU, m) { m.impl("mad_objective", &mad_objective_cpu); }
+STABLE_TORCH_LIBRARY_IMPL(ppoison, CPU, m) { m.impl("mad_objective", TORCH_BOX(&mad_objective_cpu)); }
 
 }  // namespace ppoison

@@ -5,9 +5,6 @@
 //            otherwise the reference's greedy growth    O(1)/candidate after O(K) per step
 //   argmin / random: e_k for k = argmin y / the given index
 // One task per sample row b; per-thread K-entry scratch.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <atomic>
 #include <vector>
@@ -18,17 +15,17 @@
 
 namespace ppoison {
 
-std::tuple<at::Tensor, at::Tensor> mad_oracle_cpu(const at::Tensor& y_, const c10::optional<at::Tensor>& p_,
-                                                  const c10::optional<at::Tensor>& hsq_,
-                                                  const c10::optional<at::Tensor>& gram_, c10::string_view oracle_s,
+std::tuple<Tensor, Tensor> mad_oracle_cpu(const Tensor& y_, const OptTensor& p_,
+                                                  const OptTensor& hsq_,
+                                                  const OptTensor& gram_, std::string_view oracle_s,
                                                   bool objmax, int64_t exact_max_k, int64_t max_candidates,
-                                                  const c10::optional<at::Tensor>& index_) {
+                                                  const OptTensor& index_) {
   const OracleInputs in = check_oracle_args(y_, p_, hsq_, gram_, oracle_s, exact_max_k, max_candidates, index_);
   const GramArgs& ga = in.gram;
-  const at::Tensor& y = in.y;
+  const Tensor& y = in.y;
   const int64_t B = y.size(0), K = y.size(1);
-  auto ystar = at::empty({B, K}, y.options());
-  auto value = at::empty({B}, y.options());
+  auto ystar = new_tensor(y, {B, K});
+  auto value = new_tensor(y, {B});
   if (B == 0) return {ystar, value};
 
   const bool argmax = in.oracle == Oracle::Argmax;
@@ -39,15 +36,15 @@ std::tuple<at::Tensor, at::Tensor> mad_oracle_cpu(const at::Tensor& y_, const c1
   if (ga.dense) cost *= K;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cost, 1));
 
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "mad_oracle_cpu", [&] {
-    const scalar_t* yp = y.data_ptr<scalar_t>();
-    const scalar_t* pp = ga.p.defined() ? ga.p.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* hp = ga.hsq.defined() ? ga.hsq.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* mp = ga.dense ? ga.gram.data_ptr<scalar_t>() : nullptr;
-    const int64_t* ip = in.index.defined() ? in.index.data_ptr<int64_t>() : nullptr;
-    scalar_t* sp = ystar.data_ptr<scalar_t>();
-    scalar_t* vp = value.data_ptr<scalar_t>();
-    at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+  PPOISON_DISPATCH_FLOATING_TYPES(y.scalar_type(), "mad_oracle_cpu", [&] {
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    const scalar_t* pp = ga.p.defined() ? ga.p.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* hp = ga.hsq.defined() ? ga.hsq.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* mp = ga.dense ? ga.gram.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t* ip = in.index.defined() ? in.index.const_data_ptr<int64_t>() : nullptr;
+    scalar_t* sp = ystar.mutable_data_ptr<scalar_t>();
+    scalar_t* vp = value.mutable_data_ptr<scalar_t>();
+    torch::stable::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
       std::vector<unsigned char> mask(K);
       std::vector<int> order(K);
       std::vector<scalar_t> ysmooth(K);
@@ -86,10 +83,10 @@ std::tuple<at::Tensor, at::Tensor> mad_oracle_cpu(const at::Tensor& y_, const c1
   report_nonfinite(bad_y, "y");
   report_nonfinite(bad_p, "p");
   report_nonfinite(bad_m, "gram");
-  TORCH_CHECK_VALUE(!bad_h, "ppoison: h_sqnorm must be finite and >= 0");
+  PPOISON_CHECK(!bad_h, "ppoison: h_sqnorm must be finite and >= 0");
   return {ystar, value};
 }
 
-TORCH_LIBRARY_IMPL(ppoison, CPU, m) { m.impl("mad_oracle", &mad_oracle_cpu); }
+STABLE_TORCH_LIBRARY_IMPL(ppoison, CPU, m) { m.impl("mad_oracle", TORCH_BOX(&mad_oracle_cpu)); }
 
 }  // namespace ppoison

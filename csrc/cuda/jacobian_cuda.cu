@@ -6,9 +6,6 @@
 // Threads: ‖p‖² and Σy by a warp per row b (double); FC outputs one thread per output element;
 // explicit G·Gᵀ one 16×16 (k, l) tile of one sample per block step, D in 16-wide shared-memory
 // chunks; explicit Gᵀy one thread per (b, d), summing over k.
-#include <ATen/AccumulateType.h>
-#include <ATen/Dispatch.h>
-#include <torch/library.h>
 
 #include "../ops.h"
 #include "../utils.h"
@@ -78,7 +75,7 @@ __device__ __forceinline__ void tri_tile(int64_t t, int64_t* tk, int64_t* tl) {
 template <typename scalar_t>
 __global__ void gram_kernel(const scalar_t* __restrict__ G, scalar_t* __restrict__ out, int64_t B, int64_t K,
                             int64_t D, int64_t ntri) {
-  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+  using acc_t = scalar_t;
   __shared__ scalar_t sk[TILE][TILE + 1];
   __shared__ scalar_t sl[TILE][TILE + 1];
   const int tx = threadIdx.x % TILE, ty = threadIdx.x / TILE;
@@ -111,7 +108,7 @@ __global__ void gram_kernel(const scalar_t* __restrict__ G, scalar_t* __restrict
 template <typename scalar_t>
 __global__ void tvec_kernel(const scalar_t* __restrict__ G, const scalar_t* __restrict__ y,
                             scalar_t* __restrict__ out, int64_t B, int64_t K, int64_t D) {
-  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+  using acc_t = scalar_t;
   const int64_t n = B * D;
   for (int64_t i = thread_id0(); i < n; i += thread_stride()) {
     const int64_t b = i / D, d = i - b * D;
@@ -125,97 +122,97 @@ __global__ void tvec_kernel(const scalar_t* __restrict__ G, const scalar_t* __re
 
 }  // namespace
 
-at::Tensor jacobian_gram_fc_cuda(const at::Tensor& p_, const at::Tensor& hsq_) {
+Tensor jacobian_gram_fc_cuda(const Tensor& p_, const Tensor& hsq_) {
   check_gram_fc_args(p_, hsq_);
   check_cuda_inputs({{p_, "p"}, {hsq_, "h_sqnorm"}});
-  const c10::cuda::CUDAGuard guard(p_.device());
+  const torch::stable::accelerator::DeviceGuard guard(p_.get_device_index());
   const int64_t B = p_.size(0), K = p_.size(1);
-  auto p = p_.contiguous();
-  auto hsq = hsq_.contiguous();
-  auto out = at::empty({B, K, K}, p.options());
+  auto p = as_contiguous(p_);
+  auto hsq = as_contiguous(hsq_);
+  auto out = new_tensor(p, {B, K, K});
   if (B == 0) return out;
   check_values({{p, "p", ValueCheck::Finite}, {hsq, "h_sqnorm", ValueCheck::FiniteNonneg}});
-  auto p2 = at::empty({B}, p.options().dtype(at::kDouble));
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "jacobian_gram_fc_cuda", [&] {
-    row_sum_kernel<scalar_t, true><<<WARP_BLOCKS(B), THREADS, 0, stream>>>(p.data_ptr<scalar_t>(),
-                                                                          p2.data_ptr<double>(), B, K);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto p2 = new_tensor(p, {B}, ScalarType::Double);
+  const cudaStream_t stream = current_stream(guard);
+  PPOISON_DISPATCH_FLOATING_TYPES(p.scalar_type(), "jacobian_gram_fc_cuda", [&] {
+    row_sum_kernel<scalar_t, true><<<WARP_BLOCKS(B), THREADS, 0, stream>>>(p.mutable_data_ptr<scalar_t>(),
+                                                                          p2.mutable_data_ptr<double>(), B, K);
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
     gram_fc_kernel<scalar_t><<<BLOCKS(B * K * K), THREADS, 0, stream>>>(
-        p.data_ptr<scalar_t>(), hsq.data_ptr<scalar_t>(), p2.data_ptr<double>(), out.data_ptr<scalar_t>(), B, K);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        p.mutable_data_ptr<scalar_t>(), hsq.mutable_data_ptr<scalar_t>(), p2.mutable_data_ptr<double>(), out.mutable_data_ptr<scalar_t>(), B, K);
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
-at::Tensor jacobian_tvec_fc_cuda(const at::Tensor& p_, const at::Tensor& h_, const at::Tensor& y_) {
+Tensor jacobian_tvec_fc_cuda(const Tensor& p_, const Tensor& h_, const Tensor& y_) {
   check_tvec_fc_args(p_, h_, y_);
   check_cuda_inputs({{p_, "p"}, {h_, "h"}, {y_, "y"}});
-  const c10::cuda::CUDAGuard guard(p_.device());
+  const torch::stable::accelerator::DeviceGuard guard(p_.get_device_index());
   const int64_t B = p_.size(0), K = p_.size(1), H = h_.size(1);
-  auto p = p_.contiguous();
-  auto h = h_.contiguous();
-  auto y = y_.contiguous();
-  auto out = at::empty({B, K * H}, p.options());
+  auto p = as_contiguous(p_);
+  auto h = as_contiguous(h_);
+  auto y = as_contiguous(y_);
+  auto out = new_tensor(p, {B, K * H});
   if (B == 0 || H == 0) return out;
   check_values({{p, "p", ValueCheck::Finite}, {h, "h", ValueCheck::Finite}, {y, "y", ValueCheck::Finite}});
-  auto sy = at::empty({B}, p.options().dtype(at::kDouble));
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "jacobian_tvec_fc_cuda", [&] {
-    row_sum_kernel<scalar_t, false><<<WARP_BLOCKS(B), THREADS, 0, stream>>>(y.data_ptr<scalar_t>(),
-                                                                           sy.data_ptr<double>(), B, K);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto sy = new_tensor(p, {B}, ScalarType::Double);
+  const cudaStream_t stream = current_stream(guard);
+  PPOISON_DISPATCH_FLOATING_TYPES(p.scalar_type(), "jacobian_tvec_fc_cuda", [&] {
+    row_sum_kernel<scalar_t, false><<<WARP_BLOCKS(B), THREADS, 0, stream>>>(y.mutable_data_ptr<scalar_t>(),
+                                                                           sy.mutable_data_ptr<double>(), B, K);
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
     tvec_fc_kernel<scalar_t><<<BLOCKS(B * K * H), THREADS, 0, stream>>>(
-        p.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), sy.data_ptr<double>(),
-        out.data_ptr<scalar_t>(), B, K, H);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        p.mutable_data_ptr<scalar_t>(), h.mutable_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), sy.mutable_data_ptr<double>(),
+        out.mutable_data_ptr<scalar_t>(), B, K, H);
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
-at::Tensor jacobian_gram_cuda(const at::Tensor& G_) {
+Tensor jacobian_gram_cuda(const Tensor& G_) {
   check_jacobian_args(G_);
   check_cuda_inputs({{G_, "G"}});
-  const c10::cuda::CUDAGuard guard(G_.device());
+  const torch::stable::accelerator::DeviceGuard guard(G_.get_device_index());
   const int64_t B = G_.size(0), K = G_.size(1), D = G_.size(2);
-  auto G = G_.contiguous();
-  auto out = at::empty({B, K, K}, G.options());
+  auto G = as_contiguous(G_);
+  auto out = new_tensor(G, {B, K, K});
   if (B == 0) return out;
   check_values({{G, "G", ValueCheck::Finite}});
   const int64_t nt = (K + TILE - 1) / TILE, ntri = nt * (nt + 1) / 2;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "jacobian_gram_cuda", [&] {
-    gram_kernel<scalar_t><<<BLOCKS(B * ntri, 1), TILE * TILE, 0, stream>>>(G.data_ptr<scalar_t>(),
-                                                                          out.data_ptr<scalar_t>(), B, K, D, ntri);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const cudaStream_t stream = current_stream(guard);
+  PPOISON_DISPATCH_FLOATING_TYPES(G.scalar_type(), "jacobian_gram_cuda", [&] {
+    gram_kernel<scalar_t><<<BLOCKS(B * ntri, 1), TILE * TILE, 0, stream>>>(G.mutable_data_ptr<scalar_t>(),
+                                                                          out.mutable_data_ptr<scalar_t>(), B, K, D, ntri);
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
-at::Tensor jacobian_tvec_cuda(const at::Tensor& G_, const at::Tensor& y_) {
+Tensor jacobian_tvec_cuda(const Tensor& G_, const Tensor& y_) {
   check_tvec_args(G_, y_);
   check_cuda_inputs({{G_, "G"}, {y_, "y"}});
-  const c10::cuda::CUDAGuard guard(G_.device());
+  const torch::stable::accelerator::DeviceGuard guard(G_.get_device_index());
   const int64_t B = G_.size(0), K = G_.size(1), D = G_.size(2);
-  auto G = G_.contiguous();
-  auto y = y_.contiguous();
-  auto out = at::empty({B, D}, G.options());
+  auto G = as_contiguous(G_);
+  auto y = as_contiguous(y_);
+  auto out = new_tensor(G, {B, D});
   if (B == 0 || D == 0) return out;
   check_values({{G, "G", ValueCheck::Finite}, {y, "y", ValueCheck::Finite}});
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "jacobian_tvec_cuda", [&] {
-    tvec_kernel<scalar_t><<<BLOCKS(B * D), THREADS, 0, stream>>>(G.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                                                 out.data_ptr<scalar_t>(), B, K, D);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const cudaStream_t stream = current_stream(guard);
+  PPOISON_DISPATCH_FLOATING_TYPES(G.scalar_type(), "jacobian_tvec_cuda", [&] {
+    tvec_kernel<scalar_t><<<BLOCKS(B * D), THREADS, 0, stream>>>(G.mutable_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+                                                                 out.mutable_data_ptr<scalar_t>(), B, K, D);
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
-TORCH_LIBRARY_IMPL(ppoison, CUDA, m) {
-  m.impl("jacobian_gram_fc", &jacobian_gram_fc_cuda);
-  m.impl("jacobian_tvec_fc", &jacobian_tvec_fc_cuda);
-  m.impl("jacobian_gram", &jacobian_gram_cuda);
-  m.impl("jacobian_tvec", &jacobian_tvec_cuda);
+STABLE_TORCH_LIBRARY_IMPL(ppoison, CUDA, m) {
+  m.impl("jacobian_gram_fc", TORCH_BOX(&jacobian_gram_fc_cuda));
+  m.impl("jacobian_tvec_fc", TORCH_BOX(&jacobian_tvec_fc_cuda));
+  m.impl("jacobian_gram", TORCH_BOX(&jacobian_gram_cuda));
+  m.impl("jacobian_tvec", TORCH_BOX(&jacobian_tvec_cuda));
 }
 
 }  // namespace ppoison

@@ -3,8 +3,6 @@
 //   obj [B] = ‖Gᵀỹ/‖Gᵀỹ‖ − Gᵀy/‖Gᵀy‖‖²,  surrogate [B] = ‖Gᵀ(ỹ − y)‖²
 // from the FC/identity Gram (p [B, K], ‖h‖² [B]) or a dense Gram M [B, K, K].
 // One thread per row b.
-#include <ATen/Dispatch.h>
-#include <torch/library.h>
 
 #include "../mad_math.h"
 #include "../ops.h"
@@ -41,15 +39,15 @@ __global__ void objective_dense_kernel(const scalar_t* __restrict__ yt, const sc
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> mad_objective_cuda(const at::Tensor& yt_, const at::Tensor& y_,
-                                                      const c10::optional<at::Tensor>& p_,
-                                                      const c10::optional<at::Tensor>& hsq_,
-                                                      const c10::optional<at::Tensor>& gram_) {
+std::tuple<Tensor, Tensor> mad_objective_cuda(const Tensor& yt_, const Tensor& y_,
+                                                      const OptTensor& p_,
+                                                      const OptTensor& hsq_,
+                                                      const OptTensor& gram_) {
   const ObjectiveCall c = objective_call(yt_, y_, p_, hsq_, gram_);
   const GramArgs& ga = c.gram;
   check_cuda_inputs({{c.y, "y"}, {c.yt, "y_tilde"}, {ga.p, "p"}, {ga.hsq, "h_sqnorm"}, {ga.gram, "gram"}});
-  const c10::cuda::CUDAGuard guard(c.y.device());
-  const at::Tensor &y = c.y, &yt = c.yt, &obj = c.obj, &sur = c.sur;
+  const torch::stable::accelerator::DeviceGuard guard(c.y.get_device_index());
+  const Tensor &y = c.y, &yt = c.yt, &obj = c.obj, &sur = c.sur;
   const int64_t B = y.size(0), K = y.size(1);
   if (B == 0) return {obj, sur};
   check_values({{y, "y", ValueCheck::Finite},
@@ -57,23 +55,23 @@ std::tuple<at::Tensor, at::Tensor> mad_objective_cuda(const at::Tensor& yt_, con
                 {ga.p, "p", ValueCheck::Finite},
                 {ga.gram, "gram", ValueCheck::Finite},
                 {ga.hsq, "h_sqnorm", ValueCheck::FiniteNonneg}});
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "mad_objective_cuda", [&] {
+  const cudaStream_t stream = current_stream(guard);
+  PPOISON_DISPATCH_FLOATING_TYPES(y.scalar_type(), "mad_objective_cuda", [&] {
     if (ga.dense) {
       objective_dense_kernel<scalar_t><<<BLOCKS(B), THREADS, 0, stream>>>(
-          yt.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), ga.gram.data_ptr<scalar_t>(), obj.data_ptr<scalar_t>(),
-          sur.data_ptr<scalar_t>(), B, (int)K);
+          yt.mutable_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), ga.gram.mutable_data_ptr<scalar_t>(), obj.mutable_data_ptr<scalar_t>(),
+          sur.mutable_data_ptr<scalar_t>(), B, (int)K);
     } else {
       objective_fc_kernel<scalar_t><<<BLOCKS(B), THREADS, 0, stream>>>(
-          yt.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), ga.p.defined() ? ga.p.data_ptr<scalar_t>() : nullptr,
-          ga.hsq.defined() ? ga.hsq.data_ptr<scalar_t>() : nullptr, obj.data_ptr<scalar_t>(),
-          sur.data_ptr<scalar_t>(), B, (int)K);
+          yt.mutable_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), ga.p.defined() ? ga.p.mutable_data_ptr<scalar_t>() : nullptr,
+          ga.hsq.defined() ? ga.hsq.mutable_data_ptr<scalar_t>() : nullptr, obj.mutable_data_ptr<scalar_t>(),
+          sur.mutable_data_ptr<scalar_t>(), B, (int)K);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {obj, sur};
 }
 
-TORCH_LIBRARY_IMPL(ppoison, CUDA, m) { m.impl("mad_objective", &mad_objective_cuda); }
+STABLE_TORCH_LIBRARY_IMPL(ppoison, CUDA, m) { m.impl("mad_objective", TORCH_BOX(&mad_objective_cuda)); }
 
 }  // namespace ppoison

@@ -4,8 +4,6 @@
 // is row b of [B, K] tensors allocated here: the vertex mask (uint8, argmax), the greedy's
 // added-class order (int32) and smoothed y (scalar_t), the dense Gram's M·y and, for the greedy
 // search, M·1_S (double). The exact search keeps its kLowBits tables in local memory.
-#include <ATen/Dispatch.h>
-#include <torch/library.h>
 
 #include "../oracle.h"
 #include "../ops.h"
@@ -59,25 +57,25 @@ __global__ void oracle_dense_kernel(const scalar_t* __restrict__ y, const scalar
 }
 
 template <typename T>
-T* data_or_null(const at::Tensor& t) {
+T* data_or_null(const Tensor& t) {
   return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> mad_oracle_cuda(const at::Tensor& y_, const c10::optional<at::Tensor>& p_,
-                                                   const c10::optional<at::Tensor>& hsq_,
-                                                   const c10::optional<at::Tensor>& gram_, c10::string_view oracle_s,
+std::tuple<Tensor, Tensor> mad_oracle_cuda(const Tensor& y_, const OptTensor& p_,
+                                                   const OptTensor& hsq_,
+                                                   const OptTensor& gram_, std::string_view oracle_s,
                                                    bool objmax, int64_t exact_max_k, int64_t max_candidates,
-                                                   const c10::optional<at::Tensor>& index_) {
+                                                   const OptTensor& index_) {
   const OracleInputs in = check_oracle_args(y_, p_, hsq_, gram_, oracle_s, exact_max_k, max_candidates, index_);
   const GramArgs& ga = in.gram;
-  const at::Tensor& y = in.y;
+  const Tensor& y = in.y;
   check_cuda_inputs({{y, "y"}, {ga.p, "p"}, {ga.hsq, "h_sqnorm"}, {ga.gram, "gram"}, {in.index, "index"}});
-  const c10::cuda::CUDAGuard guard(y.device());
+  const torch::stable::accelerator::DeviceGuard guard(y.get_device_index());
   const int64_t B = y.size(0), K = y.size(1);
-  auto ystar = at::empty({B, K}, y.options());
-  auto value = at::empty({B}, y.options());
+  auto ystar = new_tensor(y, {B, K});
+  auto value = new_tensor(y, {B});
   if (B == 0) return {ystar, value};
   // The CPU kernel skips and reports rows in this order: y, then p, gram, h_sqnorm.
   check_values({{y, "y", ValueCheck::Finite},
@@ -87,34 +85,33 @@ std::tuple<at::Tensor, at::Tensor> mad_oracle_cuda(const at::Tensor& y_, const c
 
   const bool argmax = in.oracle == Oracle::Argmax;
   const OracleArgs args{in.oracle, objmax, argmax && K > exact_max_k, max_candidates};
-  auto opt_f64 = y.options().dtype(at::kDouble);
-  at::Tensor mask = argmax ? at::empty({B, K}, y.options().dtype(at::kByte)) : at::Tensor();
-  at::Tensor order = args.greedy ? at::empty({B, K}, y.options().dtype(at::kInt)) : at::Tensor();
-  at::Tensor ysmooth = args.greedy ? at::empty({B, K}, y.options()) : at::Tensor();
-  at::Tensor my = ga.dense ? at::empty({B, K}, opt_f64) : at::Tensor();
-  at::Tensor r = ga.dense && args.greedy ? at::empty({B, K}, opt_f64) : at::Tensor();
+  Tensor mask = argmax ? new_tensor(y, {B, K}, ScalarType::Byte) : Tensor();
+  Tensor order = args.greedy ? new_tensor(y, {B, K}, ScalarType::Int) : Tensor();
+  Tensor ysmooth = args.greedy ? new_tensor(y, {B, K}) : Tensor();
+  Tensor my = ga.dense ? new_tensor(y, {B, K}, ScalarType::Double) : Tensor();
+  Tensor r = ga.dense && args.greedy ? new_tensor(y, {B, K}, ScalarType::Double) : Tensor();
   const int64_t* index_p = data_or_null<int64_t>(in.index);
 
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream(guard);
   const unsigned int blocks = BLOCKS(B, ORACLE_THREADS);
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "mad_oracle_cuda", [&] {
+  PPOISON_DISPATCH_FLOATING_TYPES(y.scalar_type(), "mad_oracle_cuda", [&] {
     const ScratchRows<scalar_t> s{data_or_null<unsigned char>(mask), data_or_null<int>(order),
                                   data_or_null<scalar_t>(ysmooth), data_or_null<double>(my),
                                   data_or_null<double>(r)};
     if (ga.dense) {
       oracle_dense_kernel<scalar_t><<<blocks, ORACLE_THREADS, 0, stream>>>(
-          y.data_ptr<scalar_t>(), ga.gram.data_ptr<scalar_t>(), index_p, args, B, (int)K, s,
-          ystar.data_ptr<scalar_t>(), value.data_ptr<scalar_t>());
+          y.mutable_data_ptr<scalar_t>(), ga.gram.mutable_data_ptr<scalar_t>(), index_p, args, B, (int)K, s,
+          ystar.mutable_data_ptr<scalar_t>(), value.mutable_data_ptr<scalar_t>());
     } else {
       oracle_fc_kernel<scalar_t><<<blocks, ORACLE_THREADS, 0, stream>>>(
-          y.data_ptr<scalar_t>(), data_or_null<scalar_t>(ga.p), data_or_null<scalar_t>(ga.hsq), index_p, args, B,
-          (int)K, s, ystar.data_ptr<scalar_t>(), value.data_ptr<scalar_t>());
+          y.mutable_data_ptr<scalar_t>(), data_or_null<scalar_t>(ga.p), data_or_null<scalar_t>(ga.hsq), index_p, args, B,
+          (int)K, s, ystar.mutable_data_ptr<scalar_t>(), value.mutable_data_ptr<scalar_t>());
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {ystar, value};
 }
 
-TORCH_LIBRARY_IMPL(ppoison, CUDA, m) { m.impl("mad_oracle", &mad_oracle_cuda); }
+STABLE_TORCH_LIBRARY_IMPL(ppoison, CUDA, m) { m.impl("mad_oracle", TORCH_BOX(&mad_oracle_cuda)); }
 
 }  // namespace ppoison

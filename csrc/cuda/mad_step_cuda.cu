@@ -5,8 +5,6 @@
 //   kl:    α = 1 if KL(y‖y*) ≤ ε, else the last feasible midpoint of a
 //          `kl_steps`-step bisection on KL(y‖ỹ(α)) ≤ ε over [0, 1] (0 if none).
 // One thread per row b.
-#include <ATen/Dispatch.h>
-#include <torch/library.h>
 
 #include "../mad_math.h"
 #include "../ops.h"
@@ -26,28 +24,28 @@ __global__ void step_kernel(const scalar_t* __restrict__ y, const scalar_t* __re
 
 }  // namespace
 
-at::Tensor mad_step_cuda(const at::Tensor& y_, const at::Tensor& ys_, double epsilon, c10::string_view ydist_s,
+Tensor mad_step_cuda(const Tensor& y_, const Tensor& ys_, double epsilon, std::string_view ydist_s,
                          int64_t kl_steps) {
   check_step_args(y_, ys_, epsilon, kl_steps);
   const YDist dist = parse_ydist(ydist_s);
   check_cuda_inputs({{y_, "y"}, {ys_, "y_star"}});
-  const c10::cuda::CUDAGuard guard(y_.device());
+  const torch::stable::accelerator::DeviceGuard guard(y_.get_device_index());
   const int64_t B = y_.size(0), K = y_.size(1);
-  auto y = y_.contiguous();
-  auto ys = ys_.contiguous();
-  auto out = at::empty({B, K}, y.options());
+  auto y = as_contiguous(y_);
+  auto ys = as_contiguous(ys_);
+  auto out = new_tensor(y, {B, K});
   if (B == 0) return out;
   check_values({{y, "y", ValueCheck::Finite}, {ys, "y_star", ValueCheck::Finite}});
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "mad_step_cuda", [&] {
-    step_kernel<scalar_t><<<BLOCKS(B), THREADS, 0, stream>>>(y.data_ptr<scalar_t>(), ys.data_ptr<scalar_t>(),
-                                                            out.data_ptr<scalar_t>(), B, (int)K, epsilon, dist,
+  const cudaStream_t stream = current_stream(guard);
+  PPOISON_DISPATCH_FLOATING_TYPES(y.scalar_type(), "mad_step_cuda", [&] {
+    step_kernel<scalar_t><<<BLOCKS(B), THREADS, 0, stream>>>(y.mutable_data_ptr<scalar_t>(), ys.mutable_data_ptr<scalar_t>(),
+                                                            out.mutable_data_ptr<scalar_t>(), B, (int)K, epsilon, dist,
                                                             (int)kl_steps);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
-TORCH_LIBRARY_IMPL(ppoison, CUDA, m) { m.impl("mad_step", &mad_step_cuda); }
+STABLE_TORCH_LIBRARY_IMPL(ppoison, CUDA, m) { m.impl("mad_step", TORCH_BOX(&mad_step_cuda)); }
 
 }  // namespace ppoison

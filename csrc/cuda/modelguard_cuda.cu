@@ -1,8 +1,6 @@
 // ModelGuard-W's exact batched solver (CUDA twin of modelguard_cpu.cpp), y [B, K] →
 // (x [B, K], Σ c·x [B], feasible [B]) with c = log(y + offset): per row the 1-D convex search
 // of modelguard_math.h (mg_solve_row). A thread per row b; the sort by c is ATen's.
-#include <ATen/Dispatch.h>
-#include <torch/library.h>
 
 #include "../modelguard_args.h"
 #include "../modelguard_math.h"
@@ -29,26 +27,26 @@ __global__ void modelguard_w_kernel(const scalar_t* __restrict__ y, const int64_
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> modelguard_w_solve_cuda(const at::Tensor& y_, double epsilon,
+std::tuple<Tensor, Tensor, Tensor> modelguard_w_solve_cuda(const Tensor& y_, double epsilon,
                                                                        double margin, double log_offset) {
   check_modelguard_w_args(y_, epsilon, margin, log_offset);
   check_cuda_inputs({{y_, "y"}});
-  const c10::cuda::CUDAGuard guard(y_.device());
+  const torch::stable::accelerator::DeviceGuard guard(y_.get_device_index());
   ModelguardWCall c = modelguard_w_prepare(y_, epsilon, margin, log_offset);
   const int64_t B = c.y.size(0), K = c.y.size(1);
   if (B == 0) return {c.out, c.obj, c.feas};
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream(guard);
   constexpr int threads = 128;  // a thread per row: small blocks keep more SMs busy at small B
-  AT_DISPATCH_FLOATING_TYPES(c.y.scalar_type(), "modelguard_w_solve_cuda", [&] {
+  PPOISON_DISPATCH_FLOATING_TYPES(c.y.scalar_type(), "modelguard_w_solve_cuda", [&] {
     modelguard_w_kernel<scalar_t><<<BLOCKS(B, threads), threads, 0, stream>>>(
-        c.y.data_ptr<scalar_t>(), c.order.data_ptr<int64_t>(), c.ys.data_ptr<double>(), c.cs.data_ptr<double>(),
-        c.out.data_ptr<scalar_t>(), c.obj.data_ptr<scalar_t>(), c.feas.data_ptr<bool>(), B, (int)K, epsilon,
+        c.y.mutable_data_ptr<scalar_t>(), c.order.mutable_data_ptr<int64_t>(), c.ys.mutable_data_ptr<double>(), c.cs.mutable_data_ptr<double>(),
+        c.out.mutable_data_ptr<scalar_t>(), c.obj.mutable_data_ptr<scalar_t>(), c.feas.mutable_data_ptr<bool>(), B, (int)K, epsilon,
         margin);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {c.out, c.obj, c.feas};
 }
 
-TORCH_LIBRARY_IMPL(ppoison, CUDA, m) { m.impl("modelguard_w_solve", &modelguard_w_solve_cuda); }
+STABLE_TORCH_LIBRARY_IMPL(ppoison, CUDA, m) { m.impl("modelguard_w_solve", TORCH_BOX(&modelguard_w_solve_cuda)); }
 
 }  // namespace ppoison

@@ -4,10 +4,9 @@
 // Only included from csrc/cuda/*.cu (nvcc).
 #pragma once
 
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -17,6 +16,15 @@
 #include "../utils.h"
 
 namespace ppoison {
+
+// The current CUDA stream of the guarded device (the stable ABI's C shim: torch 2.11 has no
+// Stream::nativeHandle).
+inline cudaStream_t current_stream(const torch::stable::accelerator::DeviceGuard&) {
+  void* stream = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(
+      aoti_torch_get_current_cuda_stream(torch::stable::accelerator::getCurrentDeviceIndex(), &stream));
+  return static_cast<cudaStream_t>(stream);
+}
 
 constexpr int THREADS = 256;
 constexpr int WARP_SIZE = 32;
@@ -63,49 +71,15 @@ __device__ __forceinline__ int64_t thread_stride() { return (int64_t)gridDim.x *
 // on one device. The dispatcher picked CUDA because some tensor argument is on a GPU; this
 // catches the rest (e.g. y on the CPU next to a CUDA `index`), with the CPU kernels' ValueError.
 struct NamedTensor {
-  const at::Tensor& t;
+  const Tensor& t;
   const char* name;
 };
 
 inline void check_cuda_inputs(std::initializer_list<NamedTensor> ts) {
   for (const NamedTensor& n : ts)
-    TORCH_CHECK_VALUE(!n.t.defined() || n.t.is_cuda(), "ppoison: ", n.name, " is on ", n.t.device(),
+    PPOISON_CHECK(!n.t.defined() || n.t.is_cuda(), "ppoison: ", n.name, " is on ", device_str(n.t),
                       " but the op runs on CUDA (another argument is on a GPU); all tensors must be on the same "
                       "device");
-}
-
-// Value checks of several inputs with a single device sync, raising the CPU kernels'
-// errors in the order given: Finite → report_nonfinite(name); FiniteNonneg → the
-// h_sqnorm message ("ppoison: <name> must be finite and >= 0"). Undefined tensors pass.
-enum class ValueCheck { Finite, FiniteNonneg };
-
-struct NamedCheck {
-  const at::Tensor& t;
-  const char* name;
-  ValueCheck kind;
-};
-
-inline void check_values(std::initializer_list<NamedCheck> checks) {
-  std::vector<at::Tensor> flags;
-  for (const NamedCheck& c : checks) {
-    if (!c.t.defined() || c.t.numel() == 0) continue;
-    at::Tensor ok = at::isfinite(c.t);
-    if (c.kind == ValueCheck::FiniteNonneg) ok = at::logical_and(ok, c.t.ge(0));
-    flags.push_back(ok.all());
-  }
-  if (flags.empty()) return;
-  const at::Tensor host = at::stack(flags).cpu();  // the one sync
-  const bool* ok = host.data_ptr<bool>();
-  size_t i = 0;
-  for (const NamedCheck& c : checks) {
-    if (!c.t.defined() || c.t.numel() == 0) continue;
-    const bool bad = !ok[i++];
-    if (c.kind == ValueCheck::Finite) {
-      report_nonfinite(bad, c.name);
-    } else {
-      TORCH_CHECK_VALUE(!bad, "ppoison: ", c.name, " must be finite and >= 0");
-    }
-  }
 }
 
 }  // namespace ppoison
