@@ -117,10 +117,11 @@ def extensions():
     # CPU and the GPU (up to libm's log), and the CPU tests check the GPU's arithmetic.
     nvcc += ["--expt-relaxed-constexpr", "--fmad=false"]
     nvcc += os.environ.get("NVCC_FLAGS", "").split()
+    cuda = osp.join("csrc", "cuda")
     common["include_dirs"] += nvidia_wheel_includes()
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
-    cuda_sources = sorted(glob.glob(osp.join("csrc", "cuda", "*.c[up]*")))  # the kernels and module.cpp
+    cuda_sources = sorted(glob.glob(osp.join(cuda, "*.cu")) + glob.glob(osp.join(cuda, "*.cpp")))
     # USE_CUDA also opens the stable headers' CUDA shims.
     exts.append(CUDAExtension("ppoison_ext._C_cuda", cuda_sources,
                               define_macros=[("TORCH_TARGET_VERSION", target), ("USE_CUDA", None)],
