@@ -93,6 +93,11 @@ CASES = [
     ("half y", lambda: ops.mad_step(y.half(), y.half(), 0.1), TypeError, r"y must be a float32 or float64"),
     ("mixed dtypes", lambda: ops.mad_oracle(y, p=p.double()), TypeError, r"p has dtype .* but y has dtype"),
     ("not a tensor", lambda: ops.mad_oracle(y.tolist()), TypeError, r"y must be a torch.Tensor"),
+    # a raw call: the kernel's own check, a ValueError (no TypeError crosses the stable ABI)
+    ("dtype raw", lambda: torch.ops.ppoison.mad_step(y.long(), y.long(), 0.1, "l1", 15), ValueError,
+     r"y must be a float32 or float64 tensor, got Long"),
+    ("dtype mix raw", lambda: torch.ops.ppoison.project_simplex(y.half(), 1.0), ValueError,
+     r"v must be a float32 or float64 tensor, got Half"),
     # devices
     ("devices oracle", lambda: ops.mad_oracle(y, p=meta), ValueError, r"p is on meta but y is on cpu"),
     ("devices step", lambda: ops.mad_step(y, meta, 0.1), ValueError, r"y_star is on meta but y is on cpu"),
