@@ -107,3 +107,40 @@ def test_no_native_env_switch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert abs(float(proc.stdout) - 1.0) < 1e-6
+
+
+@pytest.mark.parametrize("error", [
+    "/x/_C.abi3.so: undefined symbol: _ZN3c106detail14torchCheckFailEPKcS2_jRKSs",
+    "libc10_cuda.so: cannot open shared object file: No such file or directory",
+])
+def test_mismatch_warning_says_rebuild(error):
+    # A _C built for another torch (or a CUDA torch in a CPU one): the one warning names the loader's
+    # error and the rebuild command, and native_info() gives the same reason.
+    code = textwrap.dedent("""
+        import importlib.abc, sys, warnings
+
+        class Mismatch(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "ppoison_ext._C":
+                    raise ImportError(sys.argv[1])
+
+        sys.meta_path.insert(0, Mismatch())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import ppoison_ext as pp
+            assert pp.HAS_OPS is False
+            reason = pp.native_info()["reason"]
+        ours = [str(w.message) for w in caught if "ppoison_ext" in str(w.message)]
+        assert len(ours) == 1, ours
+        print(ours[0])
+        print(reason)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PPOISON_NO_NATIVE"}
+    proc = subprocess.run([sys.executable, "-c", code, error], capture_output=True, text=True, env=env,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    message, reason = proc.stdout.splitlines()
+    hint = "built for another torch or platform: rebuild with `pip install --no-build-isolation .`"
+    for text in (message, reason):
+        assert error in text and hint in text, text
+    assert "-e ." not in message

@@ -7,8 +7,12 @@
 # one more cap), always leaving the later steps their caps; all ends by GPU_CHECK_BUDGET_S (350 s):
 #   preflight  15  nvidia-smi; python, torch (CUDA build, sees the GPU, capability in the arch
 #                  list); pytest; ninja; nvcc major == torch.version.cuda major; compute-sanitizer
-#   build     120  pip install --no-build-isolation --no-deps -e . for TORCH_CUDA_ARCH_LIST=9.0;
-#                  native_info()['cuda'] must be True
+#   build     120  a prebuilt wheel when there is one (GPU_CHECK_WHEEL=path, else the newest
+#                  dist/ppoison_ext-*-abi3-*.whl: carry=["dist"] in the device tool's run), installed
+#                  with pip --no-deps --force-reinstall and used if it loads with its CUDA kernels;
+#                  else (or GPU_CHECK_WHEEL=none) pip install --no-build-isolation --no-deps -e . for
+#                  TORCH_CUDA_ARCH_LIST=9.0. native_info()['cuda'] must be True. The log and the
+#                  summary say which: "build: wheel <name>" or "build: rebuilt from source"
 #   smoke      25  tools/gpu_smoke.py: every op CUDA vs CPU with tolerances, B = 0, non-contiguous
 #                  input, a non-default stream
 #   tests      75  pytest -k cuda on tests/test_op_*.py, tests/test_defenses.py,
@@ -37,7 +41,8 @@
 #
 # Testing this script without a GPU: GPU_CHECK_DRY_RUN=1 replaces every step's command by a
 # simulation; GPU_CHECK_SIMULATE="build=0:3 tests=1 memcheck=124" gives a step's exit status and
-# seconds (default 0:0). The summary logic, the caps and the budget are the real ones.
+# seconds (default 0:0), and "wheel=1" a prebuilt wheel that fails to load. The summary logic, the
+# caps and the budget are the real ones.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -108,6 +113,13 @@ simulate() {
   echo "[dry run] $1: sleep ${secs}s, exit ${rc:-0}"
   sleep "$secs"
   case "$1" in # what the real command prints, so the summary logic gets its input
+    build)
+      if [[ -n "$WHEEL" && "$SIMULATE" != *" wheel=1 "* ]]; then
+        echo "build: wheel ${WHEEL##*/}"
+      else
+        echo "build: rebuilt from source${WHEEL:+ (the wheel ${WHEEL##*/} failed)}"
+      fi
+      ;;
     smoke) echo "gpu_smoke (dry run): 0 checks, 0 failed, 0.0s" ;;
     tests | bench) echo "1 passed in 0.01s" ;;
   esac
@@ -349,8 +361,47 @@ PYBIN="$("$PY" -c 'import os, sys; print(os.path.dirname(sys.executable))' 2>/de
 if [[ -n "$PYBIN" ]]; then export PATH="$PYBIN:$PATH"; fi # ninja from the python's own bin folder
 
 # ---------------------------------------------------------------- build
+# A prebuilt wheel saves the build's minutes of device time; "none" (or no wheel) rebuilds.
+WHEEL="${GPU_CHECK_WHEEL:-}"
+if [[ "$WHEEL" == none ]]; then
+  WHEEL=""
+elif [[ -z "$WHEEL" ]]; then
+  WHEEL="$(ls -t dist/ppoison_ext-*-abi3-*.whl 2>/dev/null | head -n 1)"
+fi
+export WHEEL
+
+# Installs $WHEEL and checks, away from the source tree, that it loads with its CUDA kernels; then
+# copies its libraries (_C, _C_cuda) into ppoison_ext/: the later steps import the repository's package.
+wheel_install() {
+  local pkg
+  if [[ ! -f "$WHEEL" ]]; then
+    echo ">>> wheel $WHEEL: no such file"
+    return 1
+  fi
+  "$PY" -m pip install --no-deps --force-reinstall --no-index "$WHEEL" || return 1
+  pkg="$(cd / && PYTHONPATH="" "$PY" -c '
+import os, sys, ppoison_ext
+info = ppoison_ext.native_info()
+print(ppoison_ext.__file__, info, file=sys.stderr)
+if not (info["native"] and info["cuda"]):
+    sys.exit(1)
+print(os.path.dirname(ppoison_ext.__file__))')" || return 1
+  echo ">>> copying the wheel's libraries into ppoison_ext/:" "$pkg"/_C*.so
+  cp "$pkg"/_C*.so ppoison_ext/
+}
+
 build() {
   rm -f ppoison_ext/_C*.so
+  if [[ -n "$WHEEL" ]]; then
+    if wheel_install; then
+      echo "build: wheel ${WHEEL##*/}"
+      "$PY" -c "import ppoison_ext, sys; i = ppoison_ext.native_info(); print(i); sys.exit(0 if i['cuda'] else 4)"
+      return
+    fi
+    echo ">>> the wheel ${WHEEL##*/} did not install, or not with its CUDA kernels: rebuilding from source"
+    rm -f ppoison_ext/_C*.so
+  fi
+  echo "build: rebuilt from source${WHEEL:+ (the wheel ${WHEEL##*/} failed)}"
   echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS PPOISON_FORCE_CUDA=$PPOISON_FORCE_CUDA"
   if ! "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e .; then
     echo ">>> pip install -e failed; falling back to setup.py build_ext --inplace"
@@ -360,8 +411,8 @@ build() {
     local so
     so="$(cd / && "$PY" -c 'import importlib.util as u; print(u.find_spec("ppoison_ext._C").origin)' 2>/dev/null || true)"
     if [[ -n "$so" && -f "$so" ]]; then
-      echo ">>> copying the editable build's $so into ppoison_ext/"
-      cp "$so" ppoison_ext/
+      echo ">>> copying the editable build's libraries into ppoison_ext/:" "$(dirname "$so")"/_C*.so
+      cp "$(dirname "$so")"/_C*.so ppoison_ext/
     else
       echo ">>> no ppoison_ext/_C*.so after pip; building in place"
       "$PY" setup.py build_ext --inplace || return 1
@@ -370,10 +421,18 @@ build() {
   "$PY" -c "import ppoison_ext, sys; i = ppoison_ext.native_info(); print(i); sys.exit(0 if i['cuda'] else 4)"
 }
 CURRENT=build
-export -f build
+export -f build wheel_install
 run_step build bash -c build
+BUILD_HOW="$(grep -m1 '^build: ' "$STEP_OUT")"
+if [[ -n "$BUILD_HOW" ]]; then HEADER+=("$BUILD_HOW"); fi
 case "$STEP_RC" in
-  0) record build PASS "pip -e for sm_${TORCH_CUDA_ARCH_LIST//./}; native_info()['cuda'] True; $(grep -c '\[[0-9]*/[0-9]*\]' "$STEP_OUT") ninja steps" ;;
+  0)
+    if [[ "$BUILD_HOW" == "build: wheel "* ]]; then
+      record build PASS "${BUILD_HOW#build: }; native_info()['cuda'] True"
+    else
+      record build PASS "${BUILD_HOW#build: }: pip -e for sm_${TORCH_CUDA_ARCH_LIST//./}; native_info()['cuda'] True; $(grep -c '\[[0-9]*/[0-9]*\]' "$STEP_OUT") ninja steps"
+    fi
+    ;;
   4) record build FAIL "built without the CUDA kernels (native_info()['cuda'] False)" ;;
   124) record build TIMEOUT "the build did not finish in ${LIMIT[build]}s" ;;
   -1) record build "NOT RUN" "no time" ;;

@@ -46,7 +46,14 @@ NOSMI="$TMP/nosmi"
 mkdir -p "$NOSMI"
 # no nvidia-smi anywhere on PATH: exit 2, RESULT: NO GPU
 expect no_gpu 2 "RESULT: NO GPU" '^build +NOT RUN' -- PATH="$NOSMI:/usr/bin:/bin" GPU_CHECK_DRY_RUN=0
-expect dry_pass 0 "RESULT: PASS" '^bench +PASS' -- GPU_CHECK_DRY_RUN=1
+expect dry_pass 0 "RESULT: PASS" '^bench +PASS' '^build: rebuilt from source$' '^build +PASS .*rebuilt from source' -- \
+  GPU_CHECK_DRY_RUN=1 GPU_CHECK_WHEEL=none
+# a prebuilt wheel is used, and named; one that fails to load falls back to the rebuild
+WHL=ppoison_ext-0.1.0-cp310-abi3-linux_x86_64.whl
+expect dry_wheel 0 "RESULT: PASS" "^build: wheel $WHL\$" "^build +PASS .*wheel $WHL" -- \
+  GPU_CHECK_DRY_RUN=1 GPU_CHECK_WHEEL="$TMP/$WHL"
+expect dry_wheel_fails 0 "RESULT: PASS" "^build: rebuilt from source \(the wheel $WHL failed\)" -- \
+  GPU_CHECK_DRY_RUN=1 GPU_CHECK_WHEEL="$TMP/$WHL" GPU_CHECK_SIMULATE="wheel=1"
 expect dry_failures 1 "RESULT: FAIL (5 of 9" '^smoke +FAIL' '^tests +FAIL' '^memcheck +TIMEOUT' \
   '^racecheck +FAIL' '^initcheck +PASS' '^bench +TIMEOUT' -- \
   GPU_CHECK_DRY_RUN=1 GPU_CHECK_SIMULATE="smoke=3 tests=1 memcheck=124 racecheck=99 initcheck=3 bench=124"
