@@ -10,6 +10,7 @@
 #include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/Exception.h>
 
+#include <algorithm>
 #include <array>
 #include <optional>
 #include <sstream>
@@ -64,10 +65,22 @@ inline const char* dtype_str(ScalarType t) { return torch::headeronly::toString(
 
 inline Tensor as_contiguous(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
 
-// An uninitialised tensor of `sizes` on t's device, in t's dtype unless given.
+// An uninitialised contiguous tensor of `sizes` on t's device, in t's dtype unless given. (The C
+// shim's empty_strided directly: torch::stable::new_empty goes through the boxed dispatcher, which
+// costs microseconds per output at batch 1.)
 inline Tensor new_tensor(const Tensor& t, torch::headeronly::IntHeaderOnlyArrayRef sizes,
-                        std::optional<ScalarType> dtype = std::nullopt) {
-  return torch::stable::new_empty(t, sizes, dtype);
+                         std::optional<ScalarType> dtype = std::nullopt) {
+  namespace sd = torch::stable::detail;
+  const int64_t ndim = static_cast<int64_t>(sizes.size());
+  STD_TORCH_CHECK(ndim <= 8, "ppoison: new_tensor takes at most 8 dimensions");
+  std::array<int64_t, 8> strides{};
+  for (int64_t d = ndim - 1, step = 1; d >= 0; step *= std::max<int64_t>(sizes[d], 1), --d) strides[d] = step;
+  const auto device = t.device();
+  AtenTensorHandle out = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(
+      ndim, sizes.data(), strides.data(), sd::to<int32_t>(sd::from(dtype.value_or(t.scalar_type()))),
+      sd::to<int32_t>(sd::from(device.type())), device.index(), &out));
+  return Tensor(out);
 }
 
 // An ATen op through the dispatcher: args boxed in order, the first N returns out.

@@ -15,7 +15,7 @@ namespace {
 Tensor project_impl(const Tensor& v_, double radius, bool l1) {
   check_project_args(v_, radius);
   auto v = as_contiguous(v_);
-  auto out = torch::stable::empty_like(v);
+  auto out = new_tensor(v, {v.size(0), v.size(1)});
   const int64_t B = v.size(0), K = v.size(1);
   if (B == 0) return out;
   std::atomic<bool> bad{false};

@@ -23,7 +23,7 @@ Tensor project_impl(const Tensor& v_, double radius, bool l1) {
   check_cuda_inputs({{v_, "v"}});
   const torch::stable::accelerator::DeviceGuard guard(v_.get_device_index());
   auto v = as_contiguous(v_);
-  auto out = torch::stable::empty_like(v);
+  auto out = new_tensor(v, {v.size(0), v.size(1)});
   const int64_t B = v.size(0), K = v.size(1);
   if (B == 0) return out;
   check_values({{v, "v", ValueCheck::Finite}});
