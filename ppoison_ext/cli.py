@@ -30,6 +30,9 @@ SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
     "grid": ("ppoison_ext.pipeline.grid", "an experiment grid from a TOML file"),
     "serve": ("ppoison_ext.serve.main", "serve a defended victim over HTTP"),
     "serve-keygen": ("ppoison_ext.serve.keygen", "make an API key for 'ppoison serve' (stores only its hash)"),
+    "serve-audit": ("ppoison_ext.serve.audit", "per API key of a served log folder: queries, detector flag"),
+    "detect-calibrate": ("ppoison_ext.pipeline.detect", "fit an extraction detector for a victim"),
+    "detect-eval": ("ppoison_ext.pipeline.detect_eval", "detectors against every thief, per account"),
 }
 
 

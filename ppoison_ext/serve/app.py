@@ -5,13 +5,20 @@ Endpoints: ``POST /v1/predict`` (wire format: :mod:`ppoison_ext.client.wire`),
 ``GET /v1/health`` (no key needed), ``GET /v1/info`` (model, dataset, classes, input shape,
 defense name, limits — never the proxy's path or weights, nor the defense's arguments),
 ``GET /metrics`` (Prometheus text). Every refusal is a JSON ``{"detail": ...}`` with a 4xx
-status: 401 (no or a wrong key), 413 (body or image count over the limits), 429 (budget
-spent), 400/422 (malformed input, the message names the field); an unexpected failure of
-the defense answers 503 and the server goes on.
+status: 401 (no or a wrong key), 403 (a key flagged by the detector, with ``on_detect="refuse"``),
+413 (body or image count over the limits), 429 (budget spent), 400/422 (malformed input, the
+message names the field); an unexpected failure of the defense answers 503 and the server goes on.
+
+With a ``detector`` (:mod:`ppoison_ext.detectors`) every key has its own detector state, fed
+with the key's committed queries (their records are committed with the ledger, so a restart
+restores each key's state by replay). A response applies from the key's next request on:
+``on_detect`` "log" only flags, "refuse" answers 403 without charging the budget, a
+:class:`~ppoison_ext.defenses.Defense` answers the flagged key instead of ``defense``.
 """
 
 import logging
 import re
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -23,7 +30,9 @@ import torch
 
 from ..client.wire import NPY, encode_npy
 from ..defenses import Defense, WhiteboxDefense
+from ..detectors import Detector, KeyState, victim_forward
 from ..devices import DeviceLike, as_device
+from ..models import last_linear
 from .auth import KeyStore
 from .batcher import MicroBatcher, Pending, pad_rows
 from .inputs import InputError, parse_json_images, parse_npy
@@ -51,7 +60,7 @@ class _Metrics:
     """The Prometheus metrics of one router, in a registry of their own (``registry``)."""
 
     def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = reg = CollectorRegistry()
         self.requests = Counter("ppoison_requests", "HTTP requests by endpoint and status",
@@ -65,6 +74,8 @@ class _Metrics:
                                         buckets=[2 ** i for i in range(9)], registry=reg)  # 1 .. 256
         self.queries = Counter("ppoison_queries", "images answered (committed) per API key id", ["key_id"],
                                registry=reg)
+        self.flagged = Gauge("ppoison_detector_flagged_keys", "API keys the detector has flagged",
+                             registry=reg)
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()
@@ -102,7 +113,8 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
                   budget: Optional[int] = None, log_dir: Union[str, Path, None] = None, log_every: int = 1000,
                   durable: bool = False, device: DeviceLike = None, max_batch: int = 64,
                   max_wait_ms: float = 2.0, pad_multiple: int = 16, max_request_images: int = 256,
-                  max_body_mb: float = 32.0, threads: Optional[int] = None):
+                  max_body_mb: float = 32.0, threads: Optional[int] = None,
+                  detector: Optional[Detector] = None, on_detect: Union[str, Defense] = "log"):
     """The endpoints serving ``defense`` as a FastAPI ``APIRouter`` for ``app.include_router``: its
     lifespan starts the micro-batcher, and at shutdown stops it and closes the ledger.
     ``router.metrics.registry`` holds its Prometheus metrics.
@@ -126,6 +138,8 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
         log_every, durable: the query logs' distance-row period; fsync every commit.
         max_batch, max_wait_ms, pad_multiple, threads: micro-batching (:mod:`.batcher`).
         max_request_images, max_body_mb: per-request limits (413).
+        detector, on_detect: per-key extraction detection and the response to a flagged key
+            (module docs); the detector's state is persisted only with a ``log_dir``.
     """
     from fastapi import APIRouter, Request
     from fastapi.responses import JSONResponse, Response
@@ -135,9 +149,14 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
 
     if not isinstance(defense, Defense):
         raise TypeError(f"defense must be a ppoison_ext Defense, got {type(defense).__name__}")
-    if isinstance(defense, WhiteboxDefense):
-        raise ValueError("defense: the white-box variants are not served (their online attacker is trained "
-                         "on the query stream)")
+    for name, d in (("defense", defense), ("on_detect", on_detect)):
+        if isinstance(d, WhiteboxDefense):
+            raise ValueError(f"{name}: the white-box variants are not served (their online attacker is "
+                             "trained on the query stream)")
+    if detector is not None and not isinstance(detector, Detector):
+        raise TypeError(f"detector must be a ppoison_ext Detector or None, got {type(detector).__name__}")
+    if not (isinstance(on_detect, Defense) or on_detect in ("log", "refuse")):
+        raise ValueError(f"on_detect must be 'log', 'refuse' or a Defense, got {on_detect!r}")
     for name, value, low in (("max_batch", max_batch, 1), ("pad_multiple", pad_multiple, 1),
                              ("max_request_images", max_request_images, 1), ("log_every", log_every, 1),
                              ("max_wait_ms", max_wait_ms, 0), ("budget", budget, 0)):
@@ -153,30 +172,87 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
     accepted = f"{NPY} or application/json" if image_mode else NPY
     keys = KeyStore.load(api_keys) if isinstance(api_keys, (str, Path)) else api_keys
     ledger = Ledger(log_dir, keys.budgets(budget) if keys is not None else {ANONYMOUS: budget},
-                    log_every=log_every, durable=durable)
+                    log_every=log_every, durable=durable, record_width=detector and detector.record_width,
+                    record_tag=detector.name if detector else "")
     info = {"model": type(defense.model).__name__, "dataset": None, "num_classes": len(classes),
             "classes": [str(c) for c in classes], "input_shape": list(input_shape), "input_dtype": "float32",
             "defense": type(defense).__name__, "batch_independent": bool(defense.batch_independent),
-            "max_batch": max_batch, "max_request_images": max_request_images, **(info or {})}
+            "max_batch": max_batch, "max_request_images": max_request_images,
+            "detector": detector.name if detector else None,
+            "on_detect": type(on_detect).__name__ if isinstance(on_detect, Defense) else on_detect,
+            **(info or {})}
     max_body_bytes = int(max_body_mb * (1 << 20))
     pad = pad_multiple if max_batch > 1 else 1
     metrics = _Metrics()
 
-    def run_batch(batch: List[Pending]) -> List[np.ndarray]:
-        """One defense call for the batch, then the ledger commit; returns each request's y′."""
-        x = batch[0].x if len(batch) == 1 else torch.cat([p.x for p in batch])
+    states: Dict[str, KeyState] = {}
+    states_lock = threading.Lock()
+    head = last_linear(defense.model) if detector is not None else None
+    captured = threading.local()  # the victim head's input during our own defense calls
+    hook = head.register_forward_hook(
+        lambda _m, inp, _o: setattr(captured, "h", inp[0]) if getattr(captured, "on", False) else None
+    ) if head is not None else None
+
+    def state_of(key_id: str) -> KeyState:
+        with states_lock:
+            if key_id not in states:  # restored by replaying the key's committed records
+                states[key_id] = detector.replay(ledger.read_records(key_id))
+            return states[key_id]
+
+    if detector is not None:
+        ledger.save_detections({key_id: state_of(key_id) for key_id in ledger.key_ids()})
+        metrics.flagged.set(sum(st.flag for st in states.values()))
+
+    def answer(d: Defense, x: torch.Tensor) -> list:
+        """d's y′, y, obj, sobj of x's rows (padded for batch independence) and, with a detector,
+        the victim's penultimate features of those rows."""
         n = x.shape[0]
-        out = defense.perturb(pad_rows(x, pad).to(device))
-        y_prime, y, obj, sobj = (None if t is None else t[:n].detach().cpu() for t in out)
-        columns = (y.float(), y_prime.float(), obj, sobj)
-        entries, lo = [], 0
-        for p in batch:
-            rows = [None if t is None else t[lo:lo + p.n] for t in columns]
-            entries.append(LedgerEntry(p.request_id, p.key_id, *rows, client_request_id=p.client_request_id))
-            lo += p.n
-        ledger.commit(entries)
+        captured.on, captured.h = True, None
+        try:
+            out = d.perturb(pad_rows(x, pad).to(device))
+        finally:
+            captured.on = False
+        h = getattr(captured, "h", None)
+        if head is not None and (h is None or h.shape[0] < n):  # the defense never ran the victim on x
+            h = victim_forward(defense.model, x.to(device), head)[1]
+        return [None if t is None else t[:n].detach().cpu() for t in (*out, h)]
+
+    def run_batch(batch: List[Pending]) -> List[np.ndarray]:
+        """One defense call for the batch (two when some keys are answered by ``on_detect``), the
+        detector, then the ledger commit (with the detector summaries); returns each request's y′."""
+        other = [isinstance(on_detect, Defense) and detector is not None and state_of(p.key_id).flag
+                 for p in batch]
+        rows: List[list] = [None] * len(batch)
+        for d, flagged in ((defense, False), (on_detect, True)):
+            part = [i for i, o in enumerate(other) if o == flagged]
+            if not part:
+                continue
+            cols = answer(d, torch.cat([batch[i].x for i in part]))
+            lo = 0
+            for i in part:
+                rows[i] = [None if t is None else t[lo:lo + batch[i].n] for t in cols]
+                lo += batch[i].n
+        entries = []
+        for p, (y_prime, y, obj, sobj, h) in zip(batch, rows):
+            records = detector.records(p.x, y, h) if detector is not None else None
+            entries.append(LedgerEntry(p.request_id, p.key_id, y.float(), y_prime.float(), obj, sobj,
+                                       client_request_id=p.client_request_id, records=records))
+        touched = {}
+        try:
+            if detector is not None:
+                for e in entries:
+                    touched[e.key_id] = state_of(e.key_id)
+                    detector.observe(touched[e.key_id], e.records)
+            ledger.commit(entries, touched)
+        except BaseException:
+            with states_lock:  # observed but not committed: replay the committed records when next needed
+                for key_id in touched:
+                    states.pop(key_id, None)
+            raise
         for p in batch:
             p.committed = True
+        if detector is not None:
+            metrics.flagged.set(sum(st.flag for st in states.values()))
         return [e.y_prime.numpy() for e in entries]
 
     batcher = MicroBatcher(run_batch, max_batch=max_batch, max_wait_s=max_wait_ms / 1000.0,
@@ -192,6 +268,8 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
         finally:
             await batcher.stop()
             ledger.close()
+            if hook is not None:
+                hook.remove()
 
     class ObservedRoute(APIRoute):
         """Counts and times each request; an unexpected error answers 500 and the server goes on."""
@@ -279,6 +357,10 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
         client_id = request.headers.get("x-request-id")
         if client_id is not None and not _CLIENT_ID.match(client_id):
             return _error(422, "x-request-id: 1-128 characters of letters, digits, '_.:-'", field="x-request-id")
+        if on_detect == "refuse" and detector is not None and state_of(key_id).flag:
+            st = state_of(key_id)
+            return _error(403, f"detector: key {key_id!r} was flagged by {detector.name} at its query "
+                               f"{st.flagged_at}; its queries are refused", field="detector")
         try:
             ledger.reserve(key_id, x.shape[0])
         except BudgetError as err:

@@ -13,8 +13,15 @@ Commit order of a batch (:meth:`Ledger.commit`), run before any of its answers i
    count, and commits;
 3. only then are the HTTP 200 answers released.
 
-The ledger is the source of truth: on start, each key's query log is cut back to the key's
-``used`` rows (:meth:`QueryLogger.truncate`), dropping rows appended by a batch whose
+With a detector (``record_width``), step 1 also appends each query's detector record (float32
+rows) to the key's ``records.f32``; ``records.json`` says from which of the key's queries on
+(``first_row``), of which width and detector (``tag``); a changed detector starts a new file. A
+key's detector state is a pure function of these records, so a restart restores it by replay
+(:meth:`Ledger.read_records`); the ``detections`` table (key, queries, flag, first flagged query,
+last score) is the audit summary, written in the batch's transaction and after a restore.
+
+The ledger is the source of truth: on start, each key's query log (and records file) is cut back
+to the key's ``used`` rows (:meth:`QueryLogger.truncate`), dropping rows appended by a batch whose
 transaction never committed (a crash between 1 and 2). Hence, after any crash (``kill -9``
 included), for every key: log rows = ``used`` = Σ n of its ``requests`` rows; every request
 answered 200 is there exactly once; a request is there without having been answered 200 only
@@ -26,18 +33,21 @@ cut as well (``synchronous=FULL`` and an fsync of the query logs per batch).
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ..defenses import QueryLogger
+from ..fileio import atomic_write_json, truncate_file
 
 __all__ = ["Ledger", "LedgerEntry", "BudgetError", "LOG_PREFIX"]
 
@@ -48,7 +58,12 @@ CREATE TABLE IF NOT EXISTS keys (key_id TEXT PRIMARY KEY, used INTEGER NOT NULL 
 CREATE TABLE IF NOT EXISTS requests (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL UNIQUE, key_id TEXT NOT NULL,
     n INTEGER NOT NULL, first_row INTEGER NOT NULL, created REAL NOT NULL, client_request_id TEXT);
+CREATE TABLE IF NOT EXISTS detections (key_id TEXT PRIMARY KEY, queries INTEGER NOT NULL,
+    flag INTEGER NOT NULL, flagged_at INTEGER, score REAL, updated REAL NOT NULL);
 """
+
+
+_SAVE_DETECTION = "INSERT OR REPLACE INTO detections VALUES (?, ?, ?, ?, ?, ?)"
 
 
 class BudgetError(Exception):
@@ -70,6 +85,7 @@ class LedgerEntry:
     obj: Optional[Tensor] = None
     sobj: Optional[Tensor] = None
     client_request_id: Optional[str] = None
+    records: Optional[Tensor] = None  # the detector's records of these rows
 
 
 def _stack(group: Sequence[LedgerEntry]) -> list:
@@ -82,11 +98,14 @@ class Ledger:
     """Budgets, request records and per-key query logs (see the module docs).
 
     ``log_dir`` None keeps the SQLite database in memory and writes no query logs; ``budgets``
-    maps key id → query budget (None: unlimited).
+    maps key id → query budget (None: unlimited). ``record_width``/``record_tag``: the detector's
+    record width and name (None: no records).
     """
 
     def __init__(self, log_dir, budgets: Dict[str, Optional[int]], *, log_every: int = 1000,
-                 durable: bool = False):
+                 durable: bool = False, record_width: Optional[int] = None, record_tag: str = ""):
+        self.record_width, self.record_tag = record_width, record_tag
+        self._records: Dict[str, Path] = {}
         self.log_dir = None if log_dir is None else Path(log_dir)
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -115,6 +134,49 @@ class Ledger:
             self._loggers[key_id] = lg
         return lg
 
+    def _records_path(self, key_id: str) -> Path:
+        """The key's records file, cut back to its committed rows (a new one for a new detector)."""
+        path = self._records.get(key_id)
+        if path is None:
+            folder = self.log_dir / key_id
+            folder.mkdir(parents=True, exist_ok=True)
+            path, meta_path = folder / "records.f32", folder / "records.json"
+            meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+            used, want = self.used.get(key_id, 0), {"width": self.record_width, "tag": self.record_tag}
+            if {k: meta.get(k) for k in want} == want and path.exists():
+                truncate_file(path, max(0, used - int(meta["first_row"])) * self.record_width * 4)
+            else:
+                path.write_bytes(b"")
+                atomic_write_json(meta_path, {"first_row": used, **want})
+            self._records[key_id] = path
+        return path
+
+    def read_records(self, key_id: str) -> Tensor:
+        """The key's committed detector records [n, record_width] (empty in memory-only mode)."""
+        if self.log_dir is None or self.record_width is None:
+            return torch.zeros(0, self.record_width or 0)
+        with self._lock:
+            data = self._records_path(key_id).read_bytes()
+        if not data:
+            return torch.zeros(0, self.record_width)
+        return torch.frombuffer(bytearray(data), dtype=torch.float32).view(-1, self.record_width)
+
+    def key_ids(self) -> List[str]:
+        """Every key with a budget or a committed query."""
+        return list(self.used)
+
+    @staticmethod
+    def _detection_rows(states: Dict[str, Any]) -> List[tuple]:
+        now = time.time()
+        return [(k, st.queries, int(st.flag), st.flagged_at,
+                 None if math.isnan(st.score) else float(st.score), now) for k, st in states.items()]
+
+    def save_detections(self, states: Dict[str, Any]) -> None:
+        """Writes the detector summaries (queries, flag, first flagged query, last score) of
+        ``states`` (key id → :class:`~ppoison_ext.detectors.KeyState`)."""
+        with self._lock:
+            self._db.executemany(_SAVE_DETECTION, self._detection_rows(states))
+
     def reserve(self, key_id: str, n: int) -> None:
         """Holds ``n`` queries of ``key_id``'s budget for a request in flight.
 
@@ -136,10 +198,11 @@ class Ledger:
         budget = self.budgets.get(key_id)
         return None if budget is None else max(0, budget - self.used.get(key_id, 0))
 
-    def commit(self, entries: Sequence[LedgerEntry]) -> None:
-        """Logs and records a batch's answered requests (steps 1 and 2 of the module docs);
-        their reservations become ``used``. On failure nothing is committed and the logs are
-        cut back to the committed rows."""
+    def commit(self, entries: Sequence[LedgerEntry], detections: Optional[Dict[str, Any]] = None) -> None:
+        """Logs and records a batch's answered requests (steps 1 and 2 of the module docs), with
+        the detector summaries of ``detections`` (key id → state after the batch) in the same
+        transaction; the reservations become ``used``. On failure nothing is committed and the
+        logs are cut back to the committed rows."""
         with self._lock:
             counts: Dict[str, int] = {}
             rows: List[tuple] = []
@@ -156,8 +219,14 @@ class Ledger:
                     for key_id, group in groups.items():  # one append per key and batch, in request order
                         lg = self._logger(key_id)
                         lg.log(*_stack(group))
-                        if self.durable:
-                            with open(lg.bin_path, "rb") as f:
+                        paths = [lg.bin_path]
+                        if self.record_width is not None:
+                            paths.append(self._records_path(key_id))
+                            with open(paths[-1], "ab") as f:
+                                for e in group:
+                                    f.write(e.records.to(torch.float32).contiguous().numpy().tobytes())
+                        for path in paths if self.durable else ():
+                            with open(path, "rb") as f:
                                 os.fsync(f.fileno())
                 self._db.execute("BEGIN IMMEDIATE")
                 with self._db:  # COMMIT, or ROLLBACK on an error
@@ -167,10 +236,12 @@ class Ledger:
                     self._db.executemany(
                         "INSERT INTO keys (key_id, used) VALUES (?, ?) "
                         "ON CONFLICT(key_id) DO UPDATE SET used = used + excluded.used", list(counts.items()))
+                    self._db.executemany(_SAVE_DETECTION, self._detection_rows(detections or {}))
             except BaseException:
                 for key_id in counts:
                     if key_id in self._loggers:
                         self._loggers[key_id].truncate(self.used.get(key_id, 0))
+                    self._records.pop(key_id, None)  # cut back to the committed rows when next opened
                 raise
             for key_id, n in counts.items():
                 self.used[key_id] = self.used.get(key_id, 0) + n

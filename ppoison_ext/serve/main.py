@@ -6,6 +6,10 @@
         --defense-args "epsilon:1.0,oracle:argmax,model_adv_proxy:models/proxy" \\
         --api-keys keys.txt --budget 10000 --log-dir serve-logs [--host 127.0.0.1 --port 8000]
 
+With ``--detector DIR`` (``ppoison detect-calibrate``'s folder, or ``prada`` uncalibrated) each
+key is watched by an extraction detector; ``--on-detect`` says how a flagged key is answered:
+``log``, ``refuse`` (403) or ``defense:NAME`` (with ``--on-detect-args``).
+
 Runs :func:`~ppoison_ext.serve.app.create_app`'s app on uvicorn, one process. The defense is
 seeded once from ``--seed``: a stochastic defense draws from one server-side stream in the order
 batches arrive. The white-box ``*_wb`` defenses are not served.
@@ -16,12 +20,14 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Optional
 
 import torch
 
 from ..datasets import DATASETS, get_transform
 from ..defenses import DEFENSE_NAMES, WB_DEFENSES, DefenseSpec, build_defense
+from ..detectors import PRADA, load_detector, parse_detector_args
 from ..devices import as_device
 from ..models import INPUT_SIZES
 from ..modeldir import dataset_name, load_model_dir, modelfamily_for_dataset
@@ -69,6 +75,15 @@ class ServeSettings(CommonSettings):
     log_every: int = setting("--log-every", default=1000, metavar="N", help="distance-log row period")
     durable: bool = setting("--durable", default=False, help="fsync every commit (survive power loss)")
     threads: Optional[int] = setting("--threads", default=None, metavar="N", help="torch threads")
+    detector: Optional[str] = setting("--detector", default=None, metavar="DIR_OR_NAME",
+                                      help="a detector folder (ppoison detect-calibrate), or 'prada' "
+                                           "(delta 0.9)")
+    detector_args: str = setting("--detector-args", default="", metavar="STR",
+                                 help='settings over the detector\'s, e.g. "latch:false"')
+    on_detect: str = setting("--on-detect", default="log", metavar="ACTION",
+                             help="a flagged key: log | refuse (403) | defense:NAME (default %(default)s)")
+    on_detect_args: str = setting("--on-detect-args", default="", metavar="STR",
+                                  help="defense arguments of --on-detect defense:NAME")
     device_id: int = device_setting("GPU id, -1 for the CPU")
 
     def run(self) -> None:
@@ -87,8 +102,21 @@ def build_app(s: ServeSettings):
     ds = dataset_name(params)
     family = modelfamily_for_dataset(ds)
     defense = build_defense(spec, model=model, logger=None, device=device)
-    if defense.reseedable:
-        defense.reseed(s.seed)  # stochastic defenses: one server-side stream from --seed
+    on_detect = s.on_detect
+    if on_detect.startswith("defense:"):
+        spec_other = DefenseSpec.parse(on_detect[len("defense:"):], s.on_detect_args)
+        on_detect = build_defense(spec_other, model=model, logger=None, device=device)
+    for d in (defense, on_detect):
+        if getattr(d, "reseedable", False):
+            d.reseed(s.seed)  # stochastic defenses: one server-side stream from --seed
+    detector, overrides = None, parse_detector_args(s.detector_args)
+    if s.detector is not None and Path(s.detector).is_dir():
+        detector = load_detector(s.detector, model, **overrides)
+    elif s.detector == "prada":
+        detector = PRADA(INPUT_SIZES[family], **overrides)
+    elif s.detector is not None:
+        raise ValueError(f"--detector: {s.detector!r} is neither a detector folder nor 'prada' (dadd and "
+                         "seat need one: ppoison detect-calibrate)")
     if s.api_keys is None and s.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s without --api-keys: anyone who reaches it can query", s.host)
     classes = _classes(ds, int(params["num_classes"]))
@@ -98,7 +126,8 @@ def build_app(s: ServeSettings):
                       transform=get_transform(family, "test"), api_keys=s.api_keys, budget=s.budget,
                       log_dir=s.log_dir, log_every=s.log_every, durable=s.durable, device=device,
                       max_batch=s.max_batch, max_wait_ms=s.max_wait_ms, pad_multiple=s.pad_multiple,
-                      max_request_images=s.max_request_images, max_body_mb=s.max_body_mb, threads=s.threads)
+                      max_request_images=s.max_request_images, max_body_mb=s.max_body_mb, threads=s.threads,
+                      detector=detector, on_detect=on_detect)
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:

@@ -1,0 +1,164 @@
+"""The contract of a per-key extraction detector, and the victim forward that feeds it.
+
+A detector watches one API key's stream of queries. Of each query it keeps a fixed-width float32
+*record* (what it needs: the input, the victim's class, the victim's penultimate features, an
+encoding), computed by :meth:`Detector.records` from the batch and one victim forward. A key's
+:class:`KeyState` is a pure function of its records in order: :meth:`Detector.observe` updates it
+with a chunk of records and gives the same state and scores however the stream is chunked. The
+server therefore persists records (append-only, under the ledger's commit rule) and restores a key
+by replaying them (:meth:`Detector.replay`).
+
+None of the original detectors has accounts: each keeps one state for all traffic. Here each key
+has its own (docs/differences.md, "Detection").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..fileio import atomic_write, atomic_write_json
+from ..models import last_linear
+
+__all__ = ["Detector", "KeyState", "Rows", "victim_forward", "nearest", "DETECTOR_FILE", "TENSORS_FILE"]
+
+DETECTOR_FILE = "detector.json"
+TENSORS_FILE = "tensors.pt"
+
+
+def victim_forward(model: nn.Module, x: Tensor, head: Optional[nn.Linear] = None) -> Tuple[Tensor, Tensor]:
+    """``(logits [B, K], h [B, d])`` of one forward of ``model`` (eval mode, no grad), h the input
+    of its last ``nn.Linear`` ``head`` (found once by :func:`~ppoison_ext.models.last_linear` when
+    not given): the penultimate activation, flattened."""
+    head = last_linear(model) if head is None else head
+    seen = []
+    handle = head.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0]))
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    finally:
+        handle.remove()
+    return logits, seen[-1].flatten(1)
+
+
+class Rows:
+    """A growable [n, d] float64 tensor (appends amortised by doubling)."""
+
+    def __init__(self, d: int):
+        self._buf, self.n = torch.empty(16, d, dtype=torch.float64), 0
+
+    def append(self, row: Tensor) -> None:
+        if self.n == self._buf.shape[0]:
+            self._buf = torch.cat([self._buf, torch.empty_like(self._buf)])
+        self._buf[self.n] = row
+        self.n += 1
+
+    @property
+    def data(self) -> Tensor:
+        return self._buf[:self.n]
+
+
+def nearest(rows: Tensor, x: Tensor) -> Tensor:
+    """The L2 distances [n] from x [d] to each row of ``rows`` [n, d], each summed directly (no
+    ‖a‖² − 2a·b + ‖b‖² expansion, so a repeated query is at distance exactly 0)."""
+    return torch.cdist(x[None], rows, compute_mode="donot_use_mm_for_euclid_dist")[0]
+
+
+@dataclass
+class KeyState:
+    """One key's detector state: queries observed, the flag, the 1-based query at which it was
+    first raised, the last decision's score (NaN before any), and the detector's own ``data``."""
+
+    queries: int = 0
+    flag: bool = False
+    flagged_at: Optional[int] = None
+    score: float = math.nan
+    data: Dict[str, Any] = field(default_factory=dict)
+
+
+class Detector:
+    """Base class. Subclasses set ``name`` and ``record_width`` and implement :meth:`records` and
+    :meth:`_step` (one query: its decision's score, or NaN when it decides nothing, and the flag
+    the detector itself would now give), and :meth:`config` / :meth:`tensors` /
+    :meth:`from_saved` for a detector folder. ``latch`` (default True): once raised, a key's flag
+    stays raised; False follows the detector (PRADA's own flag can fall again)."""
+
+    name = "detector"
+    record_width = 0
+
+    def __init__(self, *, latch: bool = True):
+        if not isinstance(latch, bool):
+            raise TypeError(f"latch must be a bool, got {type(latch).__name__}")
+        self.latch = latch
+
+    def records(self, x: Tensor, logits: Tensor, features: Tensor) -> Tensor:  # pragma: no cover
+        """The records [B, record_width] (float32, CPU) of a batch x, from the victim's logits and
+        penultimate features of that batch."""
+        raise NotImplementedError
+
+    def _step(self, state: KeyState, record: Tensor) -> Tuple[float, bool]:  # pragma: no cover
+        raise NotImplementedError
+
+    def new_state(self) -> KeyState:
+        return KeyState()
+
+    def observe(self, state: KeyState, records: Tensor) -> Tensor:
+        """Feeds a key's next records [n, record_width] in order; returns each query's score [n]
+        (NaN where it decided nothing) and updates ``state`` (flag, first flag, last score)."""
+        if records.dim() != 2 or records.shape[1] != self.record_width:
+            raise ValueError(f"records must have shape [n, {self.record_width}], got {tuple(records.shape)}")
+        scores = torch.full((records.shape[0],), math.nan, dtype=torch.float64)
+        for i, record in enumerate(records):
+            score, flag = self._step(state, record)
+            state.queries += 1
+            if not math.isnan(score):
+                scores[i] = state.score = score
+            state.flag = flag or (self.latch and state.flag)
+            if state.flag and state.flagged_at is None:
+                state.flagged_at = state.queries
+        return scores
+
+    def run(self, model: nn.Module, x: Tensor, state: Optional[KeyState] = None,
+            batch: int = 512) -> Tuple[Tensor, KeyState]:
+        """One key's inputs ``x`` (in query order) through the victim ``model`` and the detector:
+        each query's score [n] and the state (``state`` continued, or a new one)."""
+        state = self.new_state() if state is None else state
+        device = next(model.parameters()).device
+        head, scores = last_linear(model), []
+        for chunk in x.split(batch):
+            logits, h = victim_forward(model, chunk.to(device), head)
+            scores.append(self.observe(state, self.records(chunk, logits, h)))
+        return (torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)), state
+
+    def replay(self, records: Tensor) -> KeyState:
+        """The state after a key's whole record stream (a restart restores keys this way)."""
+        state = self.new_state()
+        self.observe(state, records)
+        return state
+
+    def config(self) -> Dict[str, Any]:
+        """The constructor's JSON-able keywords (what :meth:`from_saved` needs besides tensors)."""
+        return {"latch": self.latch}
+
+    def tensors(self) -> Dict[str, Tensor]:
+        """Fitted tensors (reference statistics, an encoder's weights), saved beside the config."""
+        return {}
+
+    @classmethod
+    def from_saved(cls, config: Dict[str, Any], tensors: Dict[str, Tensor], model: nn.Module) -> "Detector":
+        """The detector of a folder, for the victim ``model``."""
+        return cls(**config)
+
+    def save(self, folder) -> Path:
+        """Writes ``detector.json`` (name and config) and ``tensors.pt`` into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu() for k, v in self.tensors().items()}
+        atomic_write(folder / TENSORS_FILE, lambda f: torch.save(tensors, f))
+        atomic_write_json(folder / DETECTOR_FILE, {"name": self.name, **self.config()})
+        return folder

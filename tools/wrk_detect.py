@@ -1,0 +1,102 @@
+"""Served latency with and without an extraction detector, measured by wrk (a C load generator).
+
+    python tools/wrk_detect.py VICTIM_DIR [--detectors DIR ...] [--duration 10] [--connections 4]
+
+For each request size b in --batches (images per request) and each configuration (no detector, then
+each detector folder or 'prada'), starts ``ppoison serve VICTIM_DIR --defense none`` on loopback
+(one process, --max-batch 64, a fresh --log-dir), warms it up, then runs
+``wrk -t1 -c C -d D --latency`` with a Lua script that cycles through 256 different MNIST test
+requests of b images (npy bodies). Prints one markdown table: requests/s, p50 and p99 latency, and
+each row's p50 relative to the no-detector row of the same b. Needs ``wrk`` (Debian package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ppoison_ext.client.wire import NPY, encode_npy  # noqa: E402
+from ppoison_ext.datasets import get_dataset, get_transform  # noqa: E402
+from ppoison_ext.serve.process import ServerProcess  # noqa: E402
+
+LUA = """
+local bodies, i = {}, 0
+for n = 1, %(n)d do
+  local f = io.open("%(dir)s/" .. n .. ".npy", "rb"); bodies[n] = f:read("*all"); f:close()
+end
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "%(npy)s"
+wrk.headers["Accept"] = "%(npy)s"
+request = function()
+  i = i %% %(n)d + 1
+  return wrk.format(nil, "/v1/predict", nil, bodies[i])
+end
+"""
+
+
+def _ms(text: str) -> float:
+    value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+
+def run_wrk(url: str, script: Path, connections: int, duration: int) -> dict:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non2xx:
+        raise RuntimeError(f"wrk saw {non2xx.group(1)} failed requests:\n{out}")
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "p50": _ms(re.search(r"50%\s+(\S+)", out).group(1)),
+            "p99": _ms(re.search(r"99%\s+(\S+)", out).group(1))}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("victim_dir")
+    parser.add_argument("--detectors", nargs="*", default=["prada"], help="detector folders or 'prada'")
+    parser.add_argument("--batches", default="1,64", help="images per request (default 1,64)")
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=4)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed (apt-get install wrk)")
+    ds = get_dataset("MNIST", train=False, transform=get_transform("mnist", "test"))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for b in (int(v) for v in args.batches.split(",")):
+            bodies = tmp / f"b{b}"
+            bodies.mkdir()
+            for n in range(256):
+                x = np.stack([ds[(n * b + j) % len(ds)][0].numpy() for j in range(b)]).astype(np.float32)
+                (bodies / f"{n + 1}.npy").write_bytes(encode_npy(x))
+            script = tmp / f"b{b}.lua"
+            script.write_text(LUA % {"n": 256, "dir": bodies, "npy": NPY})
+            base = None
+            for det in [None, *args.detectors]:
+                logs = tmp / f"logs-{b}-{len(rows)}"
+                extra = [] if det is None else ["--detector", det]
+                cmd = [args.victim_dir, "--defense", "none", "--log-dir", logs, "--max-batch", "64", *extra]
+                with ServerProcess(cmd) as srv:
+                    run_wrk(srv.url, script, args.connections, 2)  # warm-up
+                    r = run_wrk(srv.url, script, args.connections, args.duration)
+                base = base or r
+                rows.append((b, Path(det).name if det else "none", r, r["p50"] / base["p50"]))
+    print("| images/request | detector | req/s | p50 ms | p99 ms | p50 vs none |\n|---|---|---|---|---|---|")
+    for b, name, r, rel in rows:
+        print(f"| {b} | {name} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {rel:.2f}× |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
