@@ -62,6 +62,9 @@ class Rows:
     def data(self) -> Tensor:
         return self._buf[:self.n]
 
+    def __len__(self) -> int:
+        return self.n
+
 
 def nearest(rows: Tensor, x: Tensor) -> Tensor:
     """The L2 distances [n] from x [d] to each row of ``rows`` [n, d], each summed directly (no

@@ -17,7 +17,6 @@ Differs from the original: per-key state (the original has one for all traffic);
 from __future__ import annotations
 
 import math
-from statistics import NormalDist
 from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
@@ -46,8 +45,7 @@ def shapiro_w(values) -> float:
     if n == 3:
         a = torch.tensor([math.sqrt(0.5)], dtype=torch.float64)
     else:
-        inv = NormalDist().inv_cdf
-        m = torch.tensor([inv((i - 0.375) / (n + 0.25)) for i in range(1, half + 1)], dtype=torch.float64)
+        m = torch.special.ndtri((torch.arange(1, half + 1, dtype=torch.float64) - 0.375) / (n + 0.25))
         summ2 = 2.0 * float((m * m).sum())
         rsn = 1.0 / math.sqrt(n)
         a1 = _poly(_C1, rsn) - float(m[0]) / math.sqrt(summ2)
@@ -64,9 +62,10 @@ def shapiro_w(values) -> float:
 
 
 def pooled(distances) -> Tensor:
-    """The test's pool: the distance lists of ≥ 10 values, concatenated, without the values 3 or
+    """The test's pool: the distance vectors of ≥ 10 values, concatenated, without the values 3 or
     more population std from their mean."""
-    pool = torch.tensor([d for ds in distances if len(ds) >= 10 for d in ds], dtype=torch.float64)
+    pool = torch.cat([torch.as_tensor(ds, dtype=torch.float64).flatten() for ds in distances if len(ds) >= 10]
+                     or [torch.zeros(0, dtype=torch.float64)])
     return pool[(pool - pool.mean()).abs() < 3.0 * pool.std(correction=0)] if pool.numel() else pool
 
 
@@ -96,21 +95,20 @@ class PRADA(Detector):
             data.update(G={}, Gd={}, T={}, D={}, own=False)
         x, c = record[:-1].double(), int(record[-1])
         if c not in data["G"]:
-            data["G"][c], data["Gd"][c], data["T"][c], data["D"][c] = Rows(x.numel()), [0.0], 0.0, []
+            data["G"][c], data["Gd"][c], data["T"][c], data["D"][c] = Rows(x.numel()), Rows(1), 0.0, Rows(1)
             data["G"][c].append(x)
+            data["Gd"][c].append(torch.zeros(1))
         else:
             d = float(nearest(data["G"][c].data, x).min())
-            data["D"][c].append(d)
+            data["D"][c].append(torch.tensor([d]))
             if d > data["T"][c]:
                 data["G"][c].append(x)
-                gd = data["Gd"][c]
-                gd.append(d)
-                mean = sum(gd) / len(gd)
-                std = math.sqrt(sum((v - mean) ** 2 for v in gd) / len(gd))
-                data["T"][c] = max(mean - std, data["T"][c])
+                data["Gd"][c].append(torch.tensor([d]))
+                std, mean = torch.std_mean(data["Gd"][c].data, correction=0)
+                data["T"][c] = max(float(mean - std), data["T"][c])
         score = math.nan
         if state.queries % 10 == 0:
-            pool = pooled(data["D"].values())
+            pool = pooled(d.data for d in data["D"].values())
             if pool.numel() > 100:
                 score, data["pool_size"] = shapiro_w(pool), pool.numel()
                 data["own"] = score < self.delta

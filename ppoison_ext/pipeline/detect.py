@@ -51,7 +51,8 @@ class DetectCalibrateSettings(CommonSettings):
     victim_dir: str = setting(metavar="VICTIM_DIR", help="victim folder (params.json + checkpoint)")
     detector: str = setting("--detector", metavar="NAME", choices=list(DETECTORS), help="%(choices)s")
     fpr: float = setting("--fpr", default=0.01, metavar="F",
-                         help="target false-positive rate on the calibration accounts (default %(default)s)")
+                         help="target false-positive rate on the calibration data: per account (PRADA), per "
+                              "window (D-ADD); SEAT's percentile rule ignores it (default %(default)s)")
     out: str = setting("--out", metavar="DIR", help="the detector folder to write")
     detector_args: str = setting("--detector-args", default="", metavar="STR",
                                  help='more calibrate() keywords, "k:v,..." (e.g. "epochs:2,window:32")')
