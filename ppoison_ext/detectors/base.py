@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from ..fileio import atomic_write, atomic_write_json
 from ..models import last_linear
 
-__all__ = ["Detector", "KeyState", "Rows", "victim_forward", "nearest", "DETECTOR_FILE", "TENSORS_FILE"]
+__all__ = ["Detector", "KeyState", "Rows", "victim_forward", "nearest", "with_class", "DETECTOR_FILE",
+           "TENSORS_FILE"]
 
 DETECTOR_FILE = "detector.json"
 TENSORS_FILE = "tensors.pt"
@@ -44,6 +45,13 @@ def victim_forward(model: nn.Module, x: Tensor, head: Optional[nn.Linear] = None
     finally:
         handle.remove()
     return logits, seen[-1].flatten(1)
+
+
+def with_class(rows: Tensor, logits: Tensor) -> Tensor:
+    """``rows`` flattened to [B, d] float32 on the CPU, with the victim's class (first argmax of
+    ``logits``) as one more column: the records of PRADA and D-ADD."""
+    c = logits.argmax(1).to(torch.float32).cpu()
+    return torch.cat([rows.detach().flatten(1).to(torch.float32).cpu(), c[:, None]], 1)
 
 
 class Rows:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models import last_linear
-from .base import Detector, KeyState, victim_forward
+from .base import Detector, KeyState, victim_forward, with_class
 
 __all__ = ["DADD", "frechet_distance", "window_score"]
 
@@ -71,8 +71,7 @@ class DADD(Detector):
         self.record_width = means.shape[1] + 1
 
     def records(self, x: Tensor, logits: Tensor, features: Tensor) -> Tensor:
-        c = logits.argmax(1).to(torch.float32).cpu()
-        return torch.cat([features.detach().flatten(1).to(torch.float32).cpu(), c[:, None]], 1)
+        return with_class(features, logits)
 
     def _step(self, state: KeyState, record: Tensor) -> Tuple[float, bool]:
         data = state.data

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .base import Detector, KeyState, Rows, nearest
+from .base import Detector, KeyState, Rows, nearest, with_class
 
 __all__ = ["PRADA", "pooled", "shapiro_w"]
 
@@ -86,8 +86,7 @@ class PRADA(Detector):
         self.record_width = math.prod(self.input_shape) + 1
 
     def records(self, x: Tensor, logits: Tensor, features: Tensor) -> Tensor:
-        c = logits.argmax(1).to(torch.float32).cpu()
-        return torch.cat([x.detach().flatten(1).to(torch.float32).cpu(), c[:, None]], 1)
+        return with_class(x, logits)
 
     def _step(self, state: KeyState, record: Tensor) -> Tuple[float, bool]:
         data = state.data
