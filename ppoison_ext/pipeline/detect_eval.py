@@ -8,10 +8,10 @@ the undefended victim), and an adaptive mixer (half notMNIST inside MNIST cover 
 also split round-robin over k ∈ {5, 20} sybil keys. A key's queries are answered unpoisoned until it
 is flagged, then refused (``on_detect=refuse``).
 
-Reported per detector: flagged accounts (TPR, FPR with counts), ROC AUC of a per-account suspicion
-score, queries to the first flag, attacker queries answered before detection, the accuracy of a LeNet
-clone trained on those answers (beside the undefended victim's and top-1 labels'), benign queries
-lost, detector time per query and per-key state size. Writes ``results.json``, ``detect_eval.md``
+Reported per detector: flagged accounts (TPR, FPR with counts), benign queries refused after a false
+flag, ROC AUC of a per-account suspicion score, queries to the first flag, attacker queries answered
+before detection, the accuracy of a LeNet clone trained on those answers (beside the undefended
+victim's and top-1 labels'), detector time per query and per-key state size. Writes ``results.json``, ``detect_eval.md``
 and ``roc.png``.
 """
 
@@ -217,14 +217,16 @@ class DetectEvalSettings(CommonSettings):
 
 def report(results: Dict[str, Any], benign: List[str], attacks: List[str]) -> str:
     """The markdown tables of ``results``."""
-    lines = ["| detector | benign keys flagged | " + " | ".join(attacks) + " | AUC | µs/query | state MB |",
-             "|---" * (len(attacks) + 5) + "|"]
+    lines = ["| detector | benign keys flagged | benign queries refused | " + " | ".join(attacks) +
+             " | AUC | µs/query | state MB |", "|---" * (len(attacks) + 6) + "|"]
     for name, rows in results["accounts"].items():
         fp = sum(rows[a]["flagged"] for a in benign)
+        lost = sum(rows[a]["queries"] - rows[a]["flagged_at"] + 1 for a in benign if rows[a]["flagged"])
         cells = [f"at {rows[a]['flagged_at']}" if rows[a]["flagged"] else "no" for a in attacks]
         score = auc([rows[a]["suspicion"] for a in benign], [rows[a]["suspicion"] for a in attacks])
         cost = results["cost"][name]
-        lines.append(f"| {name} | {fp}/{len(benign)} | " + " | ".join(cells) +
+        lines.append(f"| {name} | {fp}/{len(benign)} | {lost}/{sum(rows[a]['queries'] for a in benign)} | " +
+                     " | ".join(cells) +
                      f" | {score:.3f} | {cost['us_per_query']:.0f} | {cost['max_state_MB']:.2f} |")
     lines += ["", "Attacker queries answered before detection (round-robin over k keys, of each budget):", "",
               "| detector | attack | k = 1 | k = 5 | k = 20 |", "|---|---|---|---|---|"]
