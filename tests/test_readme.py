@@ -92,7 +92,8 @@ def test_serve_example(tmp_path, monkeypatch):
 
     def run_in_thread(app, host, port):  # what uvicorn.run does, but returning so the test can query
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=free_port(), log_level="warning"))
-        threading.Thread(target=server.run, daemon=True).start()
+        server.thread = threading.Thread(target=server.run, daemon=True)
+        server.thread.start()
         deadline = time.monotonic() + 60
         while not server.started:
             assert time.monotonic() < deadline, "uvicorn did not start"
@@ -110,6 +111,7 @@ def test_serve_example(tmp_path, monkeypatch):
             assert bb.info["budget_remaining"] is not None
     finally:
         server.should_exit = True
+        server.thread.join(30)  # its shutdown writes the logs under the (relative) folder: before chdir is undone
     # the server pads batches to 16 rows, which changes ResNet's convolution bits, not the answer
     torch.testing.assert_close(y, scope["defense"](x), rtol=0, atol=1e-6)
     assert (tmp_path / "serve-logs" / "alice").is_dir()

@@ -11,8 +11,8 @@ is flagged, then refused (``on_detect=refuse``).
 Reported per detector: flagged accounts (TPR, FPR with counts), benign queries refused after a false
 flag, ROC AUC of a per-account suspicion score, queries to the first flag, attacker queries answered
 before detection, the accuracy of a LeNet clone trained on those answers (beside the undefended
-victim's and top-1 labels'), detector time per query and per-key state size. Writes ``results.json``, ``detect_eval.md``
-and ``roc.png``.
+victim's and top-1 labels'), detector time per query and per-key state size. Writes
+``results.json``, ``detect_eval.md`` and ``roc.png``.
 """
 
 from __future__ import annotations
