@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
+from torch.utils.data import TensorDataset
 
 from ..datasets.transforms import MNIST_MEAN, MNIST_STD
 from ..models import example_input, last_linear_name
-from ..training import optimizer_step
+from ..training import Steps, fit
 from .base import Detector, KeyState, Rows, nearest
 
 __all__ = ["SEAT", "encoder_of", "random_transform", "train_encoder"]
@@ -77,23 +78,31 @@ def random_transform(x: Tensor, g: torch.Generator, mean=MNIST_MEAN, std=MNIST_S
     return ((torch.stack(out) - m) / s).to(x.device)
 
 
+class _SimilaritySteps(Steps):
+    """:func:`fit`'s steps for the encoder: a batch o's loss MSE(f(t), f(o)) + ReLU(m² − MSE(f(d),
+    f(o))) (t a random transform of each image, d the batch rolled by one). The accuracy ``fit``
+    counts on the encodings means nothing here."""
+
+    def __init__(self, g: torch.Generator):
+        super().__init__()
+        self.g = g
+
+    def loss(self, net: nn.Module, inputs: Tensor, targets: Tensor) -> Tuple[Tensor, Tensor]:
+        fo = net(inputs)
+        t = random_transform(inputs, self.g)
+        return F.mse_loss(net(t), fo) + F.relu(MARGIN ** 2 - F.mse_loss(net(inputs.roll(1, 0)), fo)), fo
+
+
 def train_encoder(model: nn.Module, x: Tensor, *, epochs: int = 1, batch_size: int = 32, lr: float = 1e-3,
                   seed: int = 0) -> nn.Module:
-    """The similarity encoder of ``model`` trained on images ``x``: per batch, loss
-    MSE(f(t), f(o)) + ReLU(m² − MSE(f(d), f(o))) with o the images, t a random transform of each,
-    d other images of the batch (a rotation of it), m = √10, MSE a mean over batch and features;
-    Adam. Starts from the victim's weights."""
+    """The similarity encoder of ``model`` trained on images ``x`` by :class:`_SimilaritySteps`
+    (m = √10; MSE a mean over batch and features), Adam; it starts from the victim's weights."""
     device = next(model.parameters()).device
-    enc = encoder_of(model).to(device).train()
-    opt = torch.optim.Adam(enc.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(x.shape[0], generator=g).split(batch_size):
-            o = x[idx].to(device)
-            t = random_transform(o, g)
-            fo = enc(o)
-            loss = F.mse_loss(enc(t), fo) + F.relu(MARGIN ** 2 - F.mse_loss(enc(o.roll(1, 0)), fo))
-            optimizer_step(opt, loss)
+    enc = encoder_of(model).to(device)
+    unlabelled = TensorDataset(x, torch.zeros(x.shape[0], dtype=torch.long))
+    fit(enc, unlabelled, _SimilaritySteps(torch.Generator().manual_seed(seed)), epochs=epochs,
+        optimizer=torch.optim.Adam(enc.parameters(), lr=lr), device=device, batch_size=batch_size, seed=seed,
+        desc="similarity encoder")
     return enc.eval()
 
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import TensorDataset
 
 from ..attacks.jbda import JacobianAdversary, pixel_bounds
 from ..datasets.transforms import MNIST_MEAN, MNIST_STD
@@ -38,7 +39,7 @@ from ..fileio import atomic_write_json, atomic_write_text
 from ..losses import soft_cross_entropy
 from ..modeldir import dataset_name, load_model_dir
 from ..models import get_net, last_linear
-from ..training import optimizer_step
+from ..training import Steps, fit
 from .detect import benign_halves, split_data
 from .settings import CommonSettings, device_setting, entry_points, setting
 
@@ -100,12 +101,9 @@ def train_clone(x: Tensor, y: Tensor, test: Tuple[Tensor, Tensor], device, epoch
     if x.shape[0] == 0:
         return 10.0  # no answer: a guess
     torch.manual_seed(seed)
-    clone = get_net("lenet", "mnist", num_classes=10).to(device).train()
-    opt = torch.optim.Adam(clone.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(x.shape[0], generator=g).split(64):
-            optimizer_step(opt, soft_cross_entropy(clone(x[idx].to(device)), y[idx].to(device)))
+    clone = get_net("lenet", "mnist", num_classes=10).to(device)
+    fit(clone, TensorDataset(x, y), Steps(soft_cross_entropy), epochs=epochs, batch_size=64, seed=seed,
+        optimizer=torch.optim.Adam(clone.parameters(), lr=1e-3), device=device, desc="clone")
     clone.eval()
     with torch.no_grad():
         pred = torch.cat([clone(c.to(device)).argmax(1).cpu() for c in test[0].split(1000)])
@@ -163,19 +161,24 @@ class DetectEvalSettings(CommonSettings):
         results = {"detectors": {k: d.config() for k, d in detectors.items()}, "accounts": {}, "sybil": {},
                    "clones": {}, "cost": {}}
         head = last_linear(model)
+        streams = {**accounts, **attacks}
+        # one victim forward per stream, shared by the detectors, the sybil splits and the clones
+        # (serving computes it anyway: not timed)
+        forwards = {acc: [t.cpu() for t in victim_forward(model, x.to(device), head)]
+                    for acc, x in streams.items()}
 
-        def run_key(det: Detector, x: Tensor) -> Tuple[Tensor, KeyState, float]:
-            logits, h = victim_forward(model, x.to(device), head)  # shared with serving: not timed
+        def run_key(det: Detector, acc: str, idx: Any = slice(None)) -> Tuple[Tensor, KeyState, float]:
+            x, (logits, h) = streams[acc][idx], forwards[acc]
             t = time.perf_counter()
             state = det.new_state()
-            scores = det.observe(state, det.records(x, logits, h))
+            scores = det.observe(state, det.records(x, logits[idx], h[idx]))
             return scores, state, (time.perf_counter() - t) / max(1, x.shape[0])
 
         answered: Dict[Tuple[str, str, int], Tensor] = {}
         for name, det in detectors.items():
             rows, secs, mem = {}, [], []
-            for acc, x in {**accounts, **attacks}.items():
-                scores, st, dt = run_key(det, x)
+            for acc, x in streams.items():
+                scores, st, dt = run_key(det, acc)
                 secs.append(dt)
                 mem.append(state_bytes(st))
                 rows[acc] = {"queries": x.shape[0], "flagged": st.flag, "flagged_at": st.flagged_at,
@@ -188,7 +191,7 @@ class DetectEvalSettings(CommonSettings):
                     keep = []
                     for j in range(k):  # round-robin sybil keys
                         idx = torch.arange(j, x.shape[0], k)
-                        st = run_key(det, x[idx])[1] if k > 1 else None
+                        st = run_key(det, attack, idx)[1] if k > 1 else None
                         at = (st.flagged_at if st else rows[attack]["flagged_at"])
                         keep.append(idx[:at - 1] if at else idx)
                     kept = torch.cat(keep).sort().values
@@ -197,9 +200,7 @@ class DetectEvalSettings(CommonSettings):
         logger.info("detectors run in %.0f s", time.time() - t0)
         test = (ev_x, ev_y)
         for attack in ("knockoff-0", "jbda", "mixer"):
-            x = attacks[attack]
-            with torch.no_grad():
-                y = torch.cat([F.softmax(model(c.to(device)), 1).cpu() for c in x.split(1000)])
+            x, y = attacks[attack], F.softmax(forwards[attack][0], 1)
             row = {"undefended": train_clone(x, y, test, device),
                    "top1": train_clone(x, F.one_hot(y.argmax(1), 10).float(), test, device)}
             for name in detectors:
