@@ -61,7 +61,7 @@ def test_outlier_rejection_t3():
     assert float(t.mean()) == pytest.approx(59.9010, abs=1e-4)
     assert float(t.std(correction=0)) == pytest.approx(98.2999, abs=1e-4)
     kept = pooled([values])
-    assert kept.numel() == 100 and float(kept.max()) == 100
+    assert kept.size == 100 and float(kept.max()) == 100
 
 
 def test_float_distance_not_uint8_wrap_t4():
@@ -302,3 +302,74 @@ def test_records_shape_is_checked():
     det = PRADA([2])
     with pytest.raises(ValueError, match=r"records must have shape \[n, 3\]"):
         det.observe(det.new_state(), torch.zeros(2, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# The batched neighbour search against brute-force ports of the spec (§I.1, §I.3): numpy, every
+# distance of every query computed, one query at a time
+
+
+def _prada_port(x, classes):
+    """Each query's nearest-distance to its class's growing set (NaN for a class's first query)
+    and the sets' final sizes and thresholds."""
+    G, Gd, T, out = {}, {}, {}, []
+    for xi, c in zip(x, classes):
+        if c not in G:
+            G[c], Gd[c], T[c] = [xi], [0.0], 0.0
+            out.append(math.nan)
+            continue
+        d = float(np.sqrt(((np.stack(G[c]) - xi) ** 2).sum(1)).min())
+        out.append(d)
+        if d > T[c]:
+            G[c].append(xi)
+            Gd[c].append(d)
+            T[c] = max(float(np.mean(Gd[c]) - np.std(Gd[c])), T[c])
+    return out, {c: len(g) for c, g in G.items()}, T
+
+
+def _seat_port(e, k, thresh, num_clusters, buffer_size):
+    hist, buffered, moved, detections, scores = [], 0, 0, 0, []
+    for ei in e:
+        if moved == 0 and buffered < k:
+            hist.append(ei)
+            buffered += 1
+            scores.append(math.nan)
+            continue
+        dist = np.sort(np.sqrt(((np.stack(hist) - ei) ** 2).sum(1)))
+        scores.append(float(dist[:k].mean()))
+        hist.append(ei)
+        buffered += 1
+        if buffered >= buffer_size:
+            moved, buffered = moved + buffered, 0
+        if scores[-1] < thresh:
+            detections += 1
+            if detections % num_clusters == 0:
+                hist, buffered, moved = [], 0, 0
+    return scores
+
+
+def test_batched_search_equals_brute_force_ports(lenet_and_data):
+    model, x, _ = lenet_and_data
+    # 400 MNIST images and 200 repeats of some of them (distance 0, never added) in a fixed order
+    g = torch.Generator().manual_seed(3)
+    stream = torch.cat([x, x[torch.randint(400, (200,), generator=g)]])[torch.randperm(600, generator=g)]
+    logits = model(stream).detach()
+    det = PRADA([1, 28, 28], delta=0.0)
+    st = det.new_state()
+    det.observe(st, det.records(stream, logits, None))
+    flat, classes = stream.flatten(1).double().numpy(), logits.argmax(1).tolist()
+    want, sizes, T = _prada_port(flat, classes)
+    order = {c: [i for i, ci in enumerate(classes) if ci == c and not math.isnan(want[i])] for c in sizes}
+    for c, rows in order.items():  # D_c holds the class's distances in query order
+        np.testing.assert_allclose(st.data["D"][c].values, [want[i] for i in rows], rtol=1e-12, atol=1e-12)
+    assert {c: g.n for c, g in st.data["G"].items()} == sizes
+    assert st.data["T"] == pytest.approx(T, rel=1e-12)
+    enc = encoder_of(model)
+    e = enc(stream).detach()
+    for k in (1, 3):
+        median = np.quantile(_seat_port(e.double().numpy(), k, -1.0, 1, 10**9)[k:], 0.5)
+        seat = SEAT(enc, thresh=float(median), k=k, num_clusters=7, buffer_size=50)
+        got = seat.observe(seat.new_state(), e)
+        want = _seat_port(e.double().numpy(), k, seat.thresh, 7, 50)
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-12)
+        assert int((got < seat.thresh).sum()) >= 14  # the alarms (history cleared) were exercised

@@ -17,19 +17,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..fileio import atomic_write, atomic_write_json
 from ..models import last_linear
 
-__all__ = ["Detector", "KeyState", "Rows", "victim_forward", "nearest", "with_class", "DETECTOR_FILE",
+__all__ = ["Detector", "KeyState", "Rows", "Values", "victim_forward", "pair_distances", "nearest_candidates",
+           "pairwise_earlier", "with_class", "DETECTOR_FILE",
            "TENSORS_FILE"]
 
 DETECTOR_FILE = "detector.json"
 TENSORS_FILE = "tensors.pt"
+PIECE = 64  # records a detector handles at once: bounds its [PIECE, PIECE] work
 
 
 def victim_forward(model: nn.Module, x: Tensor, head: Optional[nn.Linear] = None) -> Tuple[Tensor, Tensor]:
@@ -55,16 +58,21 @@ def with_class(rows: Tensor, logits: Tensor) -> Tensor:
 
 
 class Rows:
-    """A growable [n, d] float64 tensor (appends amortised by doubling)."""
+    """A growable [n, d] float64 tensor and its rows' squared norms (appends amortised by doubling)."""
 
     def __init__(self, d: int):
-        self._buf, self.n = torch.empty(16, d, dtype=torch.float64), 0
+        self._buf, self._sq = torch.empty(16, d, dtype=torch.float64), torch.empty(16, dtype=torch.float64)
+        self.n = 0
 
-    def append(self, row: Tensor) -> None:
-        if self.n == self._buf.shape[0]:
+    def extend(self, rows: Tensor) -> None:
+        """Appends rows [m, d]."""
+        m = rows.shape[0]
+        while self.n + m > self._buf.shape[0]:
             self._buf = torch.cat([self._buf, torch.empty_like(self._buf)])
-        self._buf[self.n] = row
-        self.n += 1
+            self._sq = torch.cat([self._sq, torch.empty_like(self._sq)])
+        self._buf[self.n:self.n + m] = rows
+        self._sq[self.n:self.n + m] = (rows * rows).sum(1)
+        self.n += m
 
     @property
     def data(self) -> Tensor:
@@ -74,10 +82,72 @@ class Rows:
         return self.n
 
 
-def nearest(rows: Tensor, x: Tensor) -> Tensor:
-    """The L2 distances [n] from x [d] to each row of ``rows`` [n, d], each summed directly (no
-    ‖a‖² − 2a·b + ‖b‖² expansion, so a repeated query is at distance exactly 0)."""
-    return torch.cdist(x[None], rows, compute_mode="donot_use_mm_for_euclid_dist")[0]
+class Values:
+    """A growable float64 vector (numpy; ``data`` is a tensor view of it), with its running mean
+    and sum of squared deviations (Welford's update)."""
+
+    def __init__(self):
+        self.array, self.n, self.mean, self.m2 = np.empty(16), 0, 0.0, 0.0
+
+    def append(self, value: float) -> None:
+        if self.n == self.array.shape[0]:
+            self.array = np.concatenate([self.array, np.empty_like(self.array)])
+        self.array[self.n] = value
+        self.n += 1
+        delta = value - self.mean
+        self.mean += delta / self.n
+        self.m2 += delta * (value - self.mean)
+
+    def mean_minus_std(self) -> float:
+        """mean − population std of the values."""
+        return self.mean - math.sqrt(self.m2 / self.n)
+
+    @property
+    def values(self) -> np.ndarray:
+        return self.array[:self.n]
+
+    @property
+    def data(self) -> Tensor:
+        return torch.from_numpy(self.values)
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def pair_distances(a: Tensor, b: Tensor) -> Tensor:
+    """The L2 distances [P] between the rows of a and b [P, d], each summed directly (no
+    ‖a‖² − 2a·b + ‖b‖² expansion: a repeated query is at distance exactly 0, and a pair's distance
+    has the same bits in any batch)."""
+    return ((a - b) ** 2).sum(1).sqrt()
+
+
+def nearest_candidates(x: Tensor, rows: Rows, k: int) -> List[np.ndarray]:
+    """For each row of x [m, d] (float64), the exact distances (:func:`pair_distances`) to a subset
+    of ``rows`` that holds its k nearest: one matrix product ranks all rows, then only those within
+    a rounding bound of the k-th smallest are measured exactly, so the k smallest exact distances
+    are those of an exhaustive search."""
+    if rows.n == 0:
+        return [np.empty(0)] * x.shape[0]
+    if x.shape[0] * rows.n <= 4096:  # few pairs: all of them, exactly (the same bits as below)
+        return list(((x[:, None] - rows.data[None]) ** 2).sum(-1).sqrt().numpy())
+    sq, rsq = (x * x).sum(1), rows._sq[:rows.n]
+    approx = torch.addmm(sq[:, None] + rsq[None], x, rows.data.T, alpha=-2.0)
+    kth = approx.min(1).values if k == 1 else approx.topk(min(k, rows.n), 1, largest=False).values[:, -1]
+    # the expansion's rounding error is below 1e-12 of the squared norms (d < 10^4): 1e-9 is wide
+    i, j = (approx <= (kth + 1e-9 * (sq + rsq.max()))[:, None]).nonzero(as_tuple=True)
+    d = pair_distances(x[i], rows.data[j]).numpy()
+    return np.split(d, np.cumsum(np.bincount(i.numpy(), minlength=x.shape[0]))[:-1])
+
+
+def pairwise_earlier(x: Tensor, same: Tensor) -> np.ndarray:
+    """[m, m] exact distances (:func:`pair_distances`) from each row i of x to each earlier row
+    j < i where ``same[i, j]``; +inf elsewhere."""
+    out = np.full((x.shape[0], x.shape[0]), np.inf)
+    if x.shape[0] == 1:
+        return out
+    i, j = (same & torch.ones_like(same).tril(-1)).nonzero(as_tuple=True)
+    out[i.numpy(), j.numpy()] = pair_distances(x[i], x[j]).numpy()
+    return out
 
 
 @dataclass
@@ -94,8 +164,8 @@ class KeyState:
 
 class Detector:
     """Base class. Subclasses set ``name`` and ``record_width`` and implement :meth:`records` and
-    :meth:`_step` (one query: its decision's score, or NaN when it decides nothing, and the flag
-    the detector itself would now give), and :meth:`config` / :meth:`tensors` /
+    :meth:`_piece` (a piece of the stream: each query's decision score, or NaN when it decides
+    nothing, and the flag the detector itself would then give), and :meth:`config` / :meth:`tensors` /
     :meth:`from_saved` for a detector folder. ``latch`` (default True): once raised, a key's flag
     stays raised; False follows the detector (PRADA's own flag can fall again)."""
 
@@ -112,7 +182,9 @@ class Detector:
         penultimate features of that batch."""
         raise NotImplementedError
 
-    def _step(self, state: KeyState, record: Tensor) -> Tuple[float, bool]:  # pragma: no cover
+    def _piece(self, state: KeyState, records: Tensor) -> Tuple[List[float], List[bool]]:  # pragma: no cover
+        """The scores (NaN: no decision) and the detector's own flags of up to ``PIECE`` records in
+        order; updates ``state.data`` (``state.queries`` still counts the earlier queries)."""
         raise NotImplementedError
 
     def new_state(self) -> KeyState:
@@ -123,16 +195,18 @@ class Detector:
         (NaN where it decided nothing) and updates ``state`` (flag, first flag, last score)."""
         if records.dim() != 2 or records.shape[1] != self.record_width:
             raise ValueError(f"records must have shape [n, {self.record_width}], got {tuple(records.shape)}")
-        scores = torch.full((records.shape[0],), math.nan, dtype=torch.float64)
-        for i, record in enumerate(records):
-            score, flag = self._step(state, record)
-            state.queries += 1
-            if not math.isnan(score):
-                scores[i] = state.score = score
-            state.flag = flag or (self.latch and state.flag)
-            if state.flag and state.flagged_at is None:
-                state.flagged_at = state.queries
-        return scores
+        scores: List[float] = []
+        for piece in records.split(PIECE):
+            piece_scores, own = self._piece(state, piece)
+            for score, flag in zip(piece_scores, own):
+                state.queries += 1
+                if not math.isnan(score):
+                    state.score = score
+                state.flag = flag or (self.latch and state.flag)
+                if state.flag and state.flagged_at is None:
+                    state.flagged_at = state.queries
+            scores += piece_scores
+        return torch.tensor(scores, dtype=torch.float64)
 
     def run(self, model: nn.Module, x: Tensor, state: Optional[KeyState] = None,
             batch: int = 512) -> Tuple[Tensor, KeyState]:

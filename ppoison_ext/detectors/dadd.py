@@ -39,15 +39,45 @@ def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -
 def window_score(h: Tensor, classes: Tensor, means: Tensor, covs: Tensor) -> float:
     """The score of one window: features h [n, d] of victim classes [n], references means [K, d]
     and population covariances [K, d, d]."""
-    total = 0.0
-    for c in classes.unique(sorted=True).tolist():
-        block = h[classes == c].to(torch.float64)
-        n, m = block.shape[0], block.mean(0)
-        z = block - m
-        lam = torch.linalg.eigvalsh(z @ covs[c].to(torch.float64) @ z.T / n).clamp(min=0)
-        fd = ((means[c].to(torch.float64) - m) ** 2).sum() + covs[c].to(torch.float64).trace()
-        total += n * float(fd + (z * z).sum() / n - 2 * lam.sqrt().sum())
-    return total / h.shape[0]
+    h, covs = h.to(torch.float64), covs.to(torch.float64)
+    return _score(h, classes, _times_cov(h, classes, covs), means.to(torch.float64),
+                  covs.diagonal(dim1=1, dim2=2).sum(1))
+
+
+def _times_cov(h: Tensor, classes: Tensor, covs: Tensor) -> Tensor:
+    """Each row h_i Σ_{c_i}, by one product per class present (each Σ_c is read once; a row's
+    product has the same bits in any such group: the CPU kernels' rows do not depend on the
+    number of rows, which the chunking test checks)."""
+    out = torch.empty_like(h)
+    for c in classes.unique().tolist():
+        rows = (classes == c).nonzero()[:, 0]
+        out[rows] = h[rows] @ covs[c]
+    return out
+
+
+def _score(h: Tensor, classes: Tensor, hcov: Tensor, means: Tensor, traces: Tensor) -> float:
+    """The window score from its features h, classes, rows h_i Σ_{c_i} and the references' traces:
+    the classes' n_c × n_c products are batched, one eigvalsh per block size (a single query's
+    block has Z = 0 and adds no eigenvalue)."""
+    present, inverse, counts = classes.unique(sorted=True, return_inverse=True, return_counts=True)
+    n = counts.to(torch.float64)
+
+    def mean_of(rows: Tensor) -> Tensor:  # per class present
+        sums = torch.zeros(len(n), rows.shape[1], dtype=torch.float64).index_add_(0, inverse, rows)
+        return sums / n[:, None]
+
+    m = mean_of(h)
+    z, zcov = h - m[inverse], hcov - mean_of(hcov)[inverse]
+    fd = ((means[present] - m) ** 2).sum(1) + traces[present]
+    fd = fd + torch.zeros_like(n).index_add_(0, inverse, (z * z).sum(1)) / n
+    order = inverse.argsort(stable=True)
+    blocks, cov_blocks = z[order].split(counts.tolist()), zcov[order].split(counts.tolist())
+    root = torch.zeros_like(n)
+    for size in set(counts.tolist()) - {1}:
+        which = (counts == size).nonzero()[:, 0].tolist()
+        prods = torch.stack([cov_blocks[i] @ blocks[i].T for i in which]) / size  # Z Σ Zᵀ / n
+        root[which] = torch.linalg.eigvalsh(prods).clamp(min=0).sqrt().sum(1)
+    return float((n * (fd - 2 * root)).sum()) / h.shape[0]
 
 
 class DADD(Detector):
@@ -67,26 +97,33 @@ class DADD(Detector):
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or math.isnan(tau):
             raise ValueError(f"tau must be a number, got {tau!r}")
         self.means, self.covs = means.to(torch.float64), covs.to(torch.float64)
+        self.traces = self.covs.diagonal(dim1=1, dim2=2).sum(1)
         self.tau, self.window = float(tau), window
         self.record_width = means.shape[1] + 1
 
     def records(self, x: Tensor, logits: Tensor, features: Tensor) -> Tensor:
         return with_class(features, logits)
 
-    def _step(self, state: KeyState, record: Tensor) -> Tuple[float, bool]:
+    def _piece(self, state: KeyState, records: Tensor) -> Tuple[List[float], List[bool]]:
         data = state.data
         if not data:
             data.update(buffer=[], windows=0, flagged_windows=0, own=False)
-        data["buffer"].append(record)
-        if len(data["buffer"]) < self.window:
-            return math.nan, data["own"]
-        block = torch.stack(data["buffer"])
-        data["buffer"] = []
-        score = window_score(block[:, :-1], block[:, -1].long(), self.means, self.covs)
-        data["own"] = score > self.tau
-        data["windows"] += 1
-        data["flagged_windows"] += int(data["own"])
-        return score, data["own"]
+        h, classes = records[:, :-1].to(torch.float64), records[:, -1].long()
+        hcov = _times_cov(h, classes, self.covs)
+        scores, own = [], []
+        for i in range(h.shape[0]):
+            data["buffer"].append((h[i], classes[i], hcov[i]))
+            score = math.nan
+            if len(data["buffer"]) == self.window:
+                block = [torch.stack(col) for col in zip(*data["buffer"])]
+                data["buffer"] = []
+                score = _score(*block, self.means, self.traces)
+                data["own"] = score > self.tau
+                data["windows"] += 1
+                data["flagged_windows"] += int(data["own"])
+            scores.append(score)
+            own.append(data["own"])
+        return scores, own
 
     def config(self) -> Dict[str, Any]:
         return {"tau": self.tau, "window": self.window, **super().config()}

@@ -19,10 +19,11 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .base import Detector, KeyState, Rows, nearest, with_class
+from .base import Detector, KeyState, Rows, Values, nearest_candidates, pairwise_earlier, with_class
 
 __all__ = ["PRADA", "pooled", "shapiro_w"]
 
@@ -37,36 +38,35 @@ def _poly(c: Sequence[float], x: float) -> float:
 def shapiro_w(values) -> float:
     """The Shapiro–Wilk statistic W of ``values`` (n ≥ 3), by Royston's coefficients (AS R94), in
     float64 with the exact normal quantiles."""
-    x = torch.as_tensor(values, dtype=torch.float64).flatten().sort().values
-    n = x.numel()
+    x = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    n = x.size
     if n < 3:
         raise ValueError(f"values: the Shapiro-Wilk statistic needs at least 3 values, got {n}")
     half = n // 2
     if n == 3:
-        a = torch.tensor([math.sqrt(0.5)], dtype=torch.float64)
+        a = np.array([math.sqrt(0.5)])
     else:
-        m = torch.special.ndtri((torch.arange(1, half + 1, dtype=torch.float64) - 0.375) / (n + 0.25))
+        m = torch.special.ndtri((torch.arange(1, half + 1, dtype=torch.float64) - 0.375) / (n + 0.25)).numpy()
         summ2 = 2.0 * float((m * m).sum())
         rsn = 1.0 / math.sqrt(n)
-        a1 = _poly(_C1, rsn) - float(m[0]) / math.sqrt(summ2)
-        fixed = [a1]
+        fixed = [_poly(_C1, rsn) - float(m[0]) / math.sqrt(summ2)]
         if n > 5:
             fixed.append(-float(m[1]) / math.sqrt(summ2) + _poly(_C2, rsn))
         rest = summ2 - 2.0 * float((m[:len(fixed)] ** 2).sum())
         fac = math.sqrt(rest / (1.0 - 2.0 * sum(v * v for v in fixed)))
-        a = torch.cat([torch.tensor(fixed, dtype=torch.float64), -m[len(fixed):] / fac])
+        a = np.concatenate([fixed, -m[len(fixed):] / fac])
     ssq = float(((x - x.mean()) ** 2).sum())
     if ssq == 0.0:
         return 1.0
-    return float((a * (x.flip(0)[:half] - x[:half])).sum()) ** 2 / ssq
+    return float((a * (x[::-1][:half] - x[:half])).sum()) ** 2 / ssq
 
 
-def pooled(distances) -> Tensor:
+def pooled(distances) -> np.ndarray:
     """The test's pool: the distance vectors of ≥ 10 values, concatenated, without the values 3 or
     more population std from their mean."""
-    pool = torch.cat([torch.as_tensor(ds, dtype=torch.float64).flatten() for ds in distances if len(ds) >= 10]
-                     or [torch.zeros(0, dtype=torch.float64)])
-    return pool[(pool - pool.mean()).abs() < 3.0 * pool.std(correction=0)] if pool.numel() else pool
+    pool = np.concatenate([np.asarray(ds, dtype=np.float64).ravel() for ds in distances if len(ds) >= 10]
+                          or [np.zeros(0)])
+    return pool[np.abs(pool - pool.mean()) < 3.0 * pool.std()] if pool.size else pool
 
 
 class PRADA(Detector):
@@ -88,30 +88,44 @@ class PRADA(Detector):
     def records(self, x: Tensor, logits: Tensor, features: Tensor) -> Tensor:
         return with_class(x, logits)
 
-    def _step(self, state: KeyState, record: Tensor) -> Tuple[float, bool]:
+    def _piece(self, state: KeyState, records: Tensor) -> Tuple[List[float], List[bool]]:
         data = state.data
         if not data:
             data.update(G={}, Gd={}, T={}, D={}, own=False)
-        x, c = record[:-1].double(), int(record[-1])
-        if c not in data["G"]:
-            data["G"][c], data["Gd"][c], data["T"][c], data["D"][c] = Rows(x.numel()), Rows(1), 0.0, Rows(1)
-            data["G"][c].append(x)
-            data["Gd"][c].append(torch.zeros(1))
-        else:
-            d = float(nearest(data["G"][c].data, x).min())
-            data["D"][c].append(torch.tensor([d]))
-            if d > data["T"][c]:
-                data["G"][c].append(x)
-                data["Gd"][c].append(torch.tensor([d]))
-                std, mean = torch.std_mean(data["Gd"][c].data, correction=0)
-                data["T"][c] = max(float(mean - std), data["T"][c])
-        score = math.nan
-        if state.queries % 10 == 0:
-            pool = pooled(d.data for d in data["D"].values())
-            if pool.numel() > 100:
-                score, data["pool_size"] = shapiro_w(pool), pool.numel()
-                data["own"] = score < self.delta
-        return score, data["own"]
+        x, classes = records[:, :-1].double(), records[:, -1].long()
+        old = torch.full((x.shape[0],), math.inf, dtype=torch.float64)  # nearest earlier G_c, exact
+        for c in classes.unique().tolist():
+            if c not in data["G"]:
+                data["G"][c], data["Gd"][c], data["D"][c] = Rows(x.shape[1]), Values(), Values()
+                data["T"][c] = 0.0
+            rows = (classes == c).nonzero()[:, 0]
+            nearest = nearest_candidates(x[rows], data["G"][c], 1)
+            old[rows] = torch.tensor([float(d.min(initial=math.inf)) for d in nearest], dtype=torch.float64)
+        within = pairwise_earlier(x, classes[:, None] == classes[None])  # to this piece's earlier rows
+        added: Dict[int, List[int]] = {c: [] for c in data["G"]}
+        scores, own = [], []
+        for i, (c, d_old) in enumerate(zip(classes.tolist(), old.tolist())):
+            if data["G"][c].n == 0 and not added[c]:  # the class's first query
+                added[c].append(i)
+                data["Gd"][c].append(0.0)
+            else:
+                d = min(d_old, float(within[i, added[c]].min(initial=math.inf)))
+                data["D"][c].append(d)
+                if d > data["T"][c]:
+                    added[c].append(i)
+                    data["Gd"][c].append(d)
+                    data["T"][c] = max(data["Gd"][c].mean_minus_std(), data["T"][c])
+            score = math.nan
+            if (state.queries + i) % 10 == 0:
+                pool = pooled(v.values for v in data["D"].values())
+                if pool.size > 100:
+                    score, data["pool_size"] = shapiro_w(pool), pool.size
+                    data["own"] = score < self.delta
+            scores.append(score)
+            own.append(data["own"])
+        for c, rows in added.items():
+            data["G"][c].extend(x[rows])
+        return scores, own
 
     def config(self) -> Dict[str, Any]:
         return {"input_shape": self.input_shape, "delta": self.delta, **super().config()}

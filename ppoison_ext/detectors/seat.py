@@ -20,6 +20,7 @@ import copy
 import math
 from typing import Any, Dict, List, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
@@ -29,7 +30,7 @@ from torch.utils.data import TensorDataset
 from ..datasets.transforms import MNIST_MEAN, MNIST_STD
 from ..models import example_input, last_linear_name
 from ..training import Steps, fit
-from .base import Detector, KeyState, Rows, nearest
+from .base import Detector, KeyState, Rows, nearest_candidates, pairwise_earlier
 
 __all__ = ["SEAT", "encoder_of", "random_transform", "train_encoder"]
 
@@ -132,30 +133,39 @@ class SEAT(Detector):
         with torch.no_grad():
             return self.encoder(x.to(next(self.encoder.parameters()).device)).flatten(1).float().cpu()
 
-    def _step(self, state: KeyState, record: Tensor) -> Tuple[float, bool]:
+    def _piece(self, state: KeyState, records: Tensor) -> Tuple[List[float], List[bool]]:
         data = state.data
         if not data:
-            data.update(hist=Rows(record.numel()), buffered=0, moved=0, detections=0, alarms=0)
-        e = record.double()
-        if data["moved"] == 0 and data["buffered"] < self.k:  # warm-up
-            data["hist"].append(e)
+            data.update(hist=Rows(records.shape[1]), buffered=0, moved=0, detections=0, alarms=0)
+        e = records.double()
+        earlier = nearest_candidates(e, data["hist"], self.k)  # k nearest in the history before the piece
+        within = pairwise_earlier(e, torch.ones(e.shape[0], e.shape[0], dtype=torch.bool))
+        start, cleared = 0, False  # the piece's rows before ``start`` were cleared away
+        scores, own = [], []
+        for i in range(e.shape[0]):
+            score = math.nan
+            if data["moved"] > 0 or data["buffered"] >= self.k:  # else warm-up: no score
+                dist = np.sort(np.concatenate([within[i, start:i], [] if cleared else earlier[i]]))
+                score = float(dist[:self.k].mean())
             data["buffered"] += 1
-            return math.nan, data["alarms"] > 0
-        dist = nearest(data["hist"].data, e)
-        score = float(dist.topk(min(self.k, dist.numel()), largest=False).values.mean())
-        data["hist"].append(e)
-        data["buffered"] += 1
-        if data["buffered"] >= self.buffer_size:
-            data["moved"], data["buffered"] = data["moved"] + data["buffered"], 0
-        clear = data["hist"].n >= self.memory_capacity
-        if score < self.thresh:
-            data["detections"] += 1
-            if data["detections"] % self.num_clusters == 0:
-                data["alarms"] += 1
-                clear = True
-        if clear:
-            data.update(hist=Rows(record.numel()), buffered=0, moved=0)
-        return score, data["alarms"] > 0
+            if not math.isnan(score):
+                if data["buffered"] >= self.buffer_size:
+                    data["moved"], data["buffered"] = data["moved"] + data["buffered"], 0
+                clear = (0 if cleared else data["hist"].n) + i + 1 - start >= self.memory_capacity
+                if score < self.thresh:
+                    data["detections"] += 1
+                    if data["detections"] % self.num_clusters == 0:
+                        data["alarms"] += 1
+                        clear = True
+                if clear:
+                    start, cleared = i + 1, True
+                    data.update(buffered=0, moved=0)
+            scores.append(score)
+            own.append(data["alarms"] > 0)
+        if cleared:
+            data["hist"] = Rows(e.shape[1])
+        data["hist"].extend(e[start:])
+        return scores, own
 
     def config(self) -> Dict[str, Any]:
         return {"thresh": self.thresh, "k": self.k, "num_clusters": self.num_clusters,

@@ -33,7 +33,7 @@ from torch.utils.data import TensorDataset
 from ..attacks.jbda import JacobianAdversary, pixel_bounds
 from ..datasets.transforms import MNIST_MEAN, MNIST_STD
 from ..detectors import DADD, PRADA, SEAT, Detector, KeyState, victim_forward
-from ..detectors.base import Rows
+from ..detectors.base import Rows, Values
 from ..devices import as_device
 from ..fileio import atomic_write_json, atomic_write_text
 from ..losses import soft_cross_entropy
@@ -60,7 +60,9 @@ def state_bytes(value: Any) -> int:
     if isinstance(value, KeyState):
         return state_bytes(value.data)
     if isinstance(value, Rows):
-        return value.n * value.data.shape[1] * 8
+        return value.n * (value.data.shape[1] + 1) * 8  # the rows and their squared norms
+    if isinstance(value, Values):
+        return value.n * 8
     if isinstance(value, Tensor):
         return value.numel() * value.element_size()
     if isinstance(value, dict):
