@@ -11,11 +11,14 @@ message names the field); an unexpected failure of the defense answers 503 and t
 
 With a ``detector`` (:mod:`ppoison_ext.detectors`) every key has its own detector state, fed
 with the key's committed queries (their records are committed with the ledger, so a restart
-restores each key's state by replay). A response applies from the key's next request on:
+restores each key's state by replay) by one worker thread, off the request path; a request is
+judged by its key's state after all of the key's earlier committed queries (the batch waits for
+the worker when it is behind). A response applies from the key's next request on:
 ``on_detect`` "log" only flags, "refuse" answers 403 without charging the budget, a
 :class:`~ppoison_ext.defenses.Defense` answers the flagged key instead of ``defense``.
 """
 
+import concurrent.futures
 import logging
 import re
 import threading
@@ -217,43 +220,67 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
             h = victim_forward(defense.model, x.to(device), head)[1]
         return [None if t is None else t[:n].detach().cpu() for t in (*out, h)]
 
-    def run_batch(batch: List[Pending]) -> List[np.ndarray]:
-        """One defense call for the batch (two when some keys are answered by ``on_detect``), the
-        detector, then the ledger commit (with the detector summaries); returns each request's y′."""
-        other = [isinstance(on_detect, Defense) and detector is not None and state_of(p.key_id).flag
-                 for p in batch]
-        rows: List[list] = [None] * len(batch)
-        for d, flagged in ((defense, False), (on_detect, True)):
-            part = [i for i, o in enumerate(other) if o == flagged]
-            if not part:
-                continue
-            cols = answer(d, torch.cat([batch[i].x for i in part]))
-            lo = 0
-            for i in part:
-                rows[i] = [None if t is None else t[lo:lo + batch[i].n] for t in cols]
-                lo += batch[i].n
-        entries = []
-        for p, (y_prime, y, obj, sobj, h) in zip(batch, rows):
-            records = detector.records(p.x, y, h) if detector is not None else None
-            entries.append(LedgerEntry(p.request_id, p.key_id, y.float(), y_prime.float(), obj, sobj,
-                                       client_request_id=p.client_request_id, records=records))
-        touched = {}
+    observer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ppoison-detect")
+    last_job: Dict[str, concurrent.futures.Future] = {}
+
+    def observe(key_id: str, records: torch.Tensor) -> None:
+        """The detector worker's job: a key's committed records into its state, then its summary."""
         try:
-            if detector is not None:
-                for e in entries:
-                    touched[e.key_id] = state_of(e.key_id)
-                    detector.observe(touched[e.key_id], e.records)
-            ledger.commit(entries, touched)
-        except BaseException:
-            with states_lock:  # observed but not committed: replay the committed records when next needed
-                for key_id in touched:
-                    states.pop(key_id, None)
-            raise
+            st = state_of(key_id)
+            detector.observe(st, records)
+            ledger.save_detections({key_id: st})
+            metrics.flagged.set(sum(s.flag for s in states.values()))
+        except Exception:  # the records are committed: a restart replays them
+            logger.exception("detector failed on key %r", key_id)
+
+    def flags_of(batch: List[Pending]) -> List[bool]:
+        """Each request's key flag after all of the key's earlier committed queries."""
+        if detector is None:
+            return [False] * len(batch)
+        for p in batch:
+            if p.key_id in last_job:
+                last_job[p.key_id].result()
+        return [state_of(p.key_id).flag for p in batch]
+
+    def fill(rows: List[Any], d: Defense, batch: List[Pending], which: List[int]) -> None:
+        """rows[i] = d's y′, y, obj, sobj and features of request i's images, for i in ``which``."""
+        if which:
+            cols = answer(d, torch.cat([batch[i].x for i in which]))
+            for i, lo in zip(which, np.cumsum([0] + [batch[i].n for i in which]).tolist()):
+                rows[i] = [None if t is None else t[lo:lo + batch[i].n] for t in cols]
+
+    def run_batch(batch: List[Pending]) -> List[Any]:
+        """``defense``'s answers, ``on_detect``'s for the flagged keys, the ledger commit, then the
+        detector's observation of the committed records in its worker, off the request path (a
+        stateless defense answers while the worker finishes the keys' earlier queries). Returns
+        each request's y′, or the KeyState of a refused request."""
+        acts = on_detect != "log"
+        early = defense.stateful  # a stateful defense never sees a flagged key's queries
+        flagged = flags_of(batch) if early else [False] * len(batch)
+        rows: List[Any] = [None] * len(batch)
+        fill(rows, defense, batch, [i for i, f in enumerate(flagged) if not (f and acts)])
+        if not early:
+            flagged = flags_of(batch)
+        respond = [i for i, f in enumerate(flagged) if f and acts]
+        if isinstance(on_detect, Defense):
+            fill(rows, on_detect, batch, respond)
+        for i in respond if on_detect == "refuse" else ():
+            rows[i] = state_of(batch[i].key_id)
+            ledger.release(batch[i].key_id, batch[i].n)
+        entries = []
+        for p, row in zip(batch, rows):
+            if isinstance(row, list):
+                y_prime, y, obj, sobj, h = row
+                records = detector.records(p.x, y, h) if detector is not None else None
+                entries.append(LedgerEntry(p.request_id, p.key_id, y.float(), y_prime.float(), obj, sobj,
+                                           client_request_id=p.client_request_id, records=records))
+        ledger.commit(entries)
         for p in batch:
             p.committed = True
-        if detector is not None:
-            metrics.flagged.set(sum(st.flag for st in states.values()))
-        return [e.y_prime.numpy() for e in entries]
+        for e in entries if detector is not None else ():
+            last_job[e.key_id] = observer.submit(observe, e.key_id, e.records)
+        answers = iter(entries)
+        return [row if isinstance(row, KeyState) else next(answers).y_prime.numpy() for row in rows]
 
     batcher = MicroBatcher(run_batch, max_batch=max_batch, max_wait_s=max_wait_ms / 1000.0,
                            on_batch=metrics.on_batch, on_drop=lambda p: ledger.release(p.key_id, p.n))
@@ -267,6 +294,7 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
             yield
         finally:
             await batcher.stop()
+            observer.shutdown(wait=True)
             ledger.close()
             if hook is not None:
                 hook.remove()
@@ -357,10 +385,6 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
         client_id = request.headers.get("x-request-id")
         if client_id is not None and not _CLIENT_ID.match(client_id):
             return _error(422, "x-request-id: 1-128 characters of letters, digits, '_.:-'", field="x-request-id")
-        if on_detect == "refuse" and detector is not None and state_of(key_id).flag:
-            st = state_of(key_id)
-            return _error(403, f"detector: key {key_id!r} was flagged by {detector.name} at its query "
-                               f"{st.flagged_at}; its queries are refused", field="detector")
         try:
             ledger.reserve(key_id, x.shape[0])
         except BudgetError as err:
@@ -370,6 +394,9 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
             y_prime = await batcher.submit(pending)
         except Exception as err:
             return _error(503, f"the defense failed on this batch ({type(err).__name__}); retry")
+        if isinstance(y_prime, KeyState):
+            return _error(403, f"detector: key {key_id!r} was flagged by {detector.name} at its query "
+                               f"{y_prime.flagged_at}; its queries are refused", field="detector")
         n = y_prime.shape[0]
         metrics.queries.labels(key_id).inc(n)
         labels = y_prime.argmax(axis=1).tolist() if n else []
