@@ -27,25 +27,29 @@ sys.path.insert(0, str(ROOT))
 
 from ppoison_ext.client.wire import NPY, encode_npy  # noqa: E402
 from ppoison_ext.datasets import get_dataset, get_transform  # noqa: E402
+from ppoison_ext.serve.auth import append_key  # noqa: E402
 from ppoison_ext.serve.process import ServerProcess  # noqa: E402
 
 LUA = """
-local bodies, i = {}, 0
+local bodies, keys, i, k = {}, {%(keys)s}, 0, 0
 for n = 1, %(n)d do
   local f = io.open("%(dir)s/" .. n .. ".npy", "rb"); bodies[n] = f:read("*all"); f:close()
 end
 wrk.method = "POST"
-wrk.headers["Content-Type"] = "%(npy)s"
-wrk.headers["Accept"] = "%(npy)s"
 request = function()
   i = i %% %(n)d + 1
-  return wrk.format(nil, "/v1/predict", nil, bodies[i])
+  k = k %% #keys + 1
+  return wrk.format(nil, "/v1/predict", {["Content-Type"] = "%(npy)s", ["Accept"] = "%(npy)s",
+                                         ["Authorization"] = "Bearer " .. keys[k]}, bodies[i])
 end
 """
 
 
 def _ms(text: str) -> float:
-    value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()
+    match = re.match(r"([\d.]+)(us|ms|s)", text)
+    if match is None:
+        raise RuntimeError(f"wrk: unreadable latency {text!r}")
+    value, unit = match.groups()
     return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
 
@@ -55,9 +59,11 @@ def run_wrk(url: str, script: Path, connections: int, duration: int) -> dict:
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if non2xx:
         raise RuntimeError(f"wrk saw {non2xx.group(1)} failed requests:\n{out}")
+    if "50%" not in out:
+        raise RuntimeError(f"wrk printed no latency distribution:\n{out}")
     return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-            "p50": _ms(re.search(r"50%\s+(\S+)", out).group(1)),
-            "p99": _ms(re.search(r"99%\s+(\S+)", out).group(1))}
+            "p50": _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),
+            "p99": _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))}
 
 
 def main() -> int:
@@ -67,6 +73,8 @@ def main() -> int:
     parser.add_argument("--batches", default="1,64", help="images per request (default 1,64)")
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--keys", type=int, default=16, help="API keys the requests take turns with")
+    parser.add_argument("--threads", type=int, default=None, help="the server's torch threads")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (apt-get install wrk)")
@@ -74,6 +82,8 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        keys = ", ".join(f'"{append_key(tmp / "keys.txt", f"k{i}")}"' for i in range(args.keys))
+        threads = [] if args.threads is None else ["--threads", str(args.threads)]
         for b in (int(v) for v in args.batches.split(",")):
             bodies = tmp / f"b{b}"
             bodies.mkdir()
@@ -81,12 +91,13 @@ def main() -> int:
                 x = np.stack([ds[(n * b + j) % len(ds)][0].numpy() for j in range(b)]).astype(np.float32)
                 (bodies / f"{n + 1}.npy").write_bytes(encode_npy(x))
             script = tmp / f"b{b}.lua"
-            script.write_text(LUA % {"n": 256, "dir": bodies, "npy": NPY})
+            script.write_text(LUA % {"n": 256, "dir": bodies, "npy": NPY, "keys": keys})
             base = None
             for det in [None, *args.detectors]:
                 logs = tmp / f"logs-{b}-{len(rows)}"
                 extra = [] if det is None else ["--detector", det]
-                cmd = [args.victim_dir, "--defense", "none", "--log-dir", logs, "--max-batch", "64", *extra]
+                cmd = [args.victim_dir, "--defense", "none", "--log-dir", logs, "--max-batch", "64",
+                       "--api-keys", tmp / "keys.txt", *threads, *extra]
                 with ServerProcess(cmd) as srv:
                     run_wrk(srv.url, script, args.connections, 2)  # warm-up
                     r = run_wrk(srv.url, script, args.connections, args.duration)
