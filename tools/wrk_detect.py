@@ -1,13 +1,16 @@
 """Served latency with and without an extraction detector, measured by wrk (a C load generator).
 
     python tools/wrk_detect.py VICTIM_DIR [--detectors DIR ...] [--duration 10] [--connections 4]
+        [--keys 16] [--threads N] [--repeat R]
 
 For each request size b in --batches (images per request) and each configuration (no detector, then
 each detector folder or 'prada'), starts ``ppoison serve VICTIM_DIR --defense none`` on loopback
-(one process, --max-batch 64, a fresh --log-dir), warms it up, then runs
+(one process, --max-batch 64, --keys API keys, a fresh --log-dir), warms it up, then runs
 ``wrk -t1 -c C -d D --latency`` with a Lua script that cycles through 256 different MNIST test
-requests of b images (npy bodies). Prints one markdown table: requests/s, p50 and p99 latency, and
-each row's p50 relative to the no-detector row of the same b. Needs ``wrk`` (Debian package).
+requests of b images (npy bodies), the requests taking turns over the keys. With --repeat R every
+configuration runs R times, interleaved. Prints one markdown table: requests/s, p50 and p99
+latency (medians over the runs), and each row's p50 relative to the no-detector row of the same b.
+Needs ``wrk`` (Debian package).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,37 +79,43 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--keys", type=int, default=16, help="API keys the requests take turns with")
     parser.add_argument("--threads", type=int, default=None, help="the server's torch threads")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of every configuration, interleaved; the table gives their medians")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (apt-get install wrk)")
     ds = get_dataset("MNIST", train=False, transform=get_transform("mnist", "test"))
-    rows = []
+    runs: dict = {}  # (images/request, detector) -> wrk results
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         keys = ", ".join(f'"{append_key(tmp / "keys.txt", f"k{i}")}"' for i in range(args.keys))
         threads = [] if args.threads is None else ["--threads", str(args.threads)]
+        scripts = {}
         for b in (int(v) for v in args.batches.split(",")):
             bodies = tmp / f"b{b}"
             bodies.mkdir()
             for n in range(256):
                 x = np.stack([ds[(n * b + j) % len(ds)][0].numpy() for j in range(b)]).astype(np.float32)
                 (bodies / f"{n + 1}.npy").write_bytes(encode_npy(x))
-            script = tmp / f"b{b}.lua"
-            script.write_text(LUA % {"n": 256, "dir": bodies, "npy": NPY, "keys": keys})
-            base = None
-            for det in [None, *args.detectors]:
-                logs = tmp / f"logs-{b}-{len(rows)}"
-                extra = [] if det is None else ["--detector", det]
-                cmd = [args.victim_dir, "--defense", "none", "--log-dir", logs, "--max-batch", "64",
-                       "--api-keys", tmp / "keys.txt", *threads, *extra]
-                with ServerProcess(cmd) as srv:
-                    run_wrk(srv.url, script, args.connections, 2)  # warm-up
-                    r = run_wrk(srv.url, script, args.connections, args.duration)
-                base = base or r
-                rows.append((b, Path(det).name if det else "none", r, r["p50"] / base["p50"]))
+            scripts[b] = tmp / f"b{b}.lua"
+            scripts[b].write_text(LUA % {"n": 256, "dir": bodies, "npy": NPY, "keys": keys})
+        for rep in range(args.repeat):
+            for b, script in scripts.items():
+                for det in [None, *args.detectors]:
+                    logs = tmp / f"logs-{rep}-{b}-{len(runs)}"
+                    extra = [] if det is None else ["--detector", det]
+                    cmd = [args.victim_dir, "--defense", "none", "--log-dir", logs, "--max-batch", "64",
+                           "--api-keys", tmp / "keys.txt", *threads, *extra]
+                    with ServerProcess(cmd) as srv:
+                        run_wrk(srv.url, script, args.connections, 2)  # warm-up
+                        r = run_wrk(srv.url, script, args.connections, args.duration)
+                    runs.setdefault((b, Path(det).name if det else "none"), []).append(r)
     print("| images/request | detector | req/s | p50 ms | p99 ms | p50 vs none |\n|---|---|---|---|---|---|")
-    for b, name, r, rel in rows:
-        print(f"| {b} | {name} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {rel:.2f}× |")
+    for (b, name), rs in runs.items():
+        med = {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99")}
+        base = statistics.median(r["p50"] for r in runs[(b, "none")])
+        print(f"| {b} | {name} | {med['rps']:.0f} | {med['p50']:.2f} | {med['p99']:.2f} "
+              f"| {med['p50'] / base:.2f}× |")
     return 0
 
 

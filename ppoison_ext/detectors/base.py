@@ -171,6 +171,7 @@ class Detector:
 
     name = "detector"
     record_width = 0
+    inputs_only = False  # records(x, None, None) works: they need neither logits nor features
 
     def __init__(self, *, latch: bool = True):
         if not isinstance(latch, bool):

@@ -113,6 +113,7 @@ class SEAT(Detector):
     cleared at ``memory_capacity``. Records: the encodings."""
 
     name = "seat"
+    inputs_only = True
 
     def __init__(self, encoder: nn.Module, *, thresh: float, k: int = 1, num_clusters: int = 50,
                  buffer_size: int = 1000, memory_capacity: int = 100_000, latch: bool = True):

@@ -220,7 +220,10 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
             h = victim_forward(defense.model, x.to(device), head)[1]
         return [None if t is None else t[:n].detach().cpu() for t in (*out, h)]
 
-    observer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ppoison-detect")
+    # the detector's threads: one torch thread each, so they take a core beside the victim's, not its cores
+    observer, recorder = (concurrent.futures.ThreadPoolExecutor(
+        1, thread_name_prefix=f"ppoison-{name}", initializer=torch.set_num_threads, initargs=(1,))
+        for name in ("detect", "records"))
     last_job: Dict[str, concurrent.futures.Future] = {}
 
     def observe(key_id: str, records: torch.Tensor) -> None:
@@ -254,6 +257,9 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
         detector's observation of the committed records in its worker, off the request path (a
         stateless defense answers while the worker finishes the keys' earlier queries). Returns
         each request's y′, or the KeyState of a refused request."""
+        ahead = None  # records that need only the inputs (SEAT's encoder) run beside the victim's forward
+        if detector is not None and detector.inputs_only:
+            ahead = recorder.submit(lambda: [detector.records(p.x, None, None) for p in batch])
         acts = on_detect != "log"
         early = defense.stateful  # a stateful defense never sees a flagged key's queries
         flagged = flags_of(batch) if early else [False] * len(batch)
@@ -267,11 +273,11 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
         for i in respond if on_detect == "refuse" else ():
             rows[i] = state_of(batch[i].key_id)
             ledger.release(batch[i].key_id, batch[i].n)
-        entries = []
-        for p, row in zip(batch, rows):
+        entries, ahead = [], ahead and ahead.result()
+        for i, (p, row) in enumerate(zip(batch, rows)):
             if isinstance(row, list):
                 y_prime, y, obj, sobj, h = row
-                records = detector.records(p.x, y, h) if detector is not None else None
+                records = ahead[i] if ahead else detector.records(p.x, y, h) if detector is not None else None
                 entries.append(LedgerEntry(p.request_id, p.key_id, y.float(), y_prime.float(), obj, sobj,
                                            client_request_id=p.client_request_id, records=records))
         ledger.commit(entries)
@@ -288,13 +294,14 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
 
     @asynccontextmanager
     async def lifespan(app):
-        batcher.start(threads)
+        batcher.start(threads or torch.get_num_threads())
         logger.info("serving %s with defense %s", info["model"], info["defense"])
         try:
             yield
         finally:
             await batcher.stop()
             observer.shutdown(wait=True)
+            recorder.shutdown(wait=True)
             ledger.close()
             if hook is not None:
                 hook.remove()
