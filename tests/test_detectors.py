@@ -36,15 +36,15 @@ def test_prada_hand_example_t1():
         det.observe(st, _records([q], [0]))
         assert st.data["T"][0] == pytest.approx(T, abs=1e-6)
         assert st.data["G"][0].n == G
-    assert st.data["Gd"][0].data.flatten().tolist() == pytest.approx([0, 5, 5, 1, 8.062258, 10], abs=1e-6)
-    assert st.data["D"][0].data.flatten().tolist() == pytest.approx([5, 5, 1, 8.062258, 0.5, 10], abs=1e-6)
+    assert st.data["Gd"][0].values.tolist() == pytest.approx([0, 5, 5, 1, 8.062258, 10], abs=1e-6)
+    assert st.data["D"][0].values.tolist() == pytest.approx([5, 5, 1, 8.062258, 0.5, 10], abs=1e-6)
 
 
 def test_prada_duplicate_query_is_not_added():
     det = PRADA([2])
     st = det.new_state()
     det.observe(st, _records([(1, 2), (1, 2)], [0, 0]))
-    assert st.data["G"][0].n == 1 and st.data["D"][0].data.flatten().tolist() == [0.0]
+    assert st.data["G"][0].n == 1 and st.data["D"][0].values.tolist() == [0.0]
 
 
 def test_shapiro_w_t2():
@@ -67,7 +67,7 @@ def test_outlier_rejection_t3():
 def test_float_distance_not_uint8_wrap_t4():
     st, det = PRADA([2]).new_state(), PRADA([2])
     det.observe(st, _records([(10, 200), (30, 100)], [0, 0]))
-    assert float(st.data["D"][0].data[0]) == pytest.approx(101.9804, abs=1e-4)  # the uint8 path: 12.6491
+    assert float(st.data["D"][0].values[0]) == pytest.approx(101.9804, abs=1e-4)  # the uint8 path: 12.6491
 
 
 def _stream(name):
@@ -119,7 +119,7 @@ def test_prada_seeded_stream_s2_t5():
     assert {c: g.n for c, g in st.data["G"].items()} == {0: 6, 2: 6, 3: 13}
     want_T = {0: 1.92413378, 2: 1.77557746, 3: 0.32548641}
     assert {c: pytest.approx(t, abs=1e-6) for c, t in want_T.items()} == st.data["T"]
-    mins = torch.cat([ds.data.flatten() for ds in st.data["D"].values()]).tolist()
+    mins = np.concatenate([ds.values for ds in st.data["D"].values()]).tolist()
     assert min(mins) == pytest.approx(0.4, abs=1e-6) and max(mins) == pytest.approx(5.313917, abs=1e-6)
 
 

@@ -78,13 +78,10 @@ class Rows:
     def data(self) -> Tensor:
         return self._buf[:self.n]
 
-    def __len__(self) -> int:
-        return self.n
-
 
 class Values:
-    """A growable float64 vector (numpy; ``data`` is a tensor view of it), with its running mean
-    and sum of squared deviations (Welford's update)."""
+    """A growable float64 vector (numpy) with its running mean and sum of squared deviations
+    (Welford's update)."""
 
     def __init__(self):
         self.array, self.n, self.mean, self.m2 = np.empty(16), 0, 0.0, 0.0
@@ -105,13 +102,6 @@ class Values:
     @property
     def values(self) -> np.ndarray:
         return self.array[:self.n]
-
-    @property
-    def data(self) -> Tensor:
-        return torch.from_numpy(self.values)
-
-    def __len__(self) -> int:
-        return self.n
 
 
 def pair_distances(a: Tensor, b: Tensor) -> Tensor:
