@@ -290,10 +290,11 @@ def modelguard_w_solve(y: Tensor, epsilon: float, margin: float = 1e-4,
                                       x_m − x_j ≥ margin for every j ≠ m.
 
     Minimising ⟨log y, x⟩ maximises the cross-entropy of the release against y while the top-1
-    class is kept. Solved as a 1-D convex search over t = x_m (the inner problem for a fixed t
-    is a greedy fill; its value is convex piecewise-linear in t): the ends of the feasible t
-    interval by bisection, the minimum by golden-section search, in float64 (differences.md:
-    ModelGuard-W). Rows where no x satisfies both the margin and the budget are returned
+    class is kept. Solved as a 1-D search over t = x_m (the inner problem for a fixed t is a
+    greedy fill; its value is convex piecewise-linear on the feasible t interval): one
+    golden-section search over [lo, 1] of that value plus a penalty outside the interval
+    (quasi-convex, so the interval's ends need not be found first), in float64 (differences.md:
+    ModelGuard-W). The pure-PyTorch twin locates the interval's ends by bisection first. Rows where no x satisfies both the margin and the budget are returned
     unchanged, with ``feasible`` False. y is finite and ≥ 0, ε ≥ 0, margin in [0, 1),
     log_offset > 0.
 
