@@ -99,6 +99,9 @@ def extensions():
     cxx = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     # Hidden by default: the stable ABI's types are, and only PyInit_* is a module's interface.
     cxx += ["-fvisibility=hidden"]
+    # no contraction of a*b + c into FMAs on the host either (aarch64 GCC contracts by default),
+    # so host and device code (--fmad=false below) round alike
+    cxx += ["-ffp-contract=off"]
     target = f"0x{TORCH_TARGET[0]:02x}{TORCH_TARGET[1]:02x}000000000000"
     # TORCH_TARGET_VERSION also makes every non-stable torch header an #error; py_limited_api
     # makes torch define Py_LIMITED_API (3.10).
@@ -110,7 +113,7 @@ def extensions():
     if not with_cuda:
         return exts
     nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "-Xcompiler=-g0"]
-    nvcc += ["-Xcompiler=-fvisibility=hidden"]
+    nvcc += ["-Xcompiler=-fvisibility=hidden", "-Xcompiler=-ffp-contract=off"]
     # --fmad=false: nvcc would contract a*b + c into FMAs (one rounding instead of two),
     # which the host compiler does not do, so the host/device math of csrc/*.h would round
     # differently on the two backends; without contraction a row gives the same bits on the

@@ -11,6 +11,7 @@
 // without the original's np.isclose early stop. Everything in double, rounded once.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -18,7 +19,6 @@
 #define G2_HD __host__ __device__ __forceinline__
 #else
 #define G2_HD inline
-#include <algorithm>
 #endif
 
 namespace ppoison {
