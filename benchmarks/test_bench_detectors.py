@@ -2,7 +2,7 @@
 64 images (the served path's own compute), same run.
 
 ``records`` (a detector's per-query records, SEAT's encoder forward included) and ``observe`` (the
-key's state update, run by the server's detector worker off the request path) are timed apart,
+key's state update, run in the server's detector process off the request path) are timed apart,
 after a key history of H queries of MNIST test images (the embedded data) through an untrained
 LeNet victim. The history grows by 64 queries per round, as a served key's does.
 """
@@ -53,5 +53,6 @@ def test_detector(pedantic, setting, part, H):
         pedantic(lambda: det.records(batch, logits[H:H + 64], h[H:H + 64]), torch.device("cpu"),
                  rounds=ROUNDS, part=part, H=H)
         return
-    state, pieces = det.replay(records[:H]), iter(records[H:].split(64))
+    state, pieces = det.new_state(), iter(records[H:].split(64))
+    det.observe(state, records[:H])
     pedantic(lambda: det.observe(state, next(pieces)), torch.device("cpu"), rounds=ROUNDS, part=part, H=H)

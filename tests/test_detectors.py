@@ -249,7 +249,8 @@ def test_chunked_observation_equals_whole_and_replay(lenet_and_data):
         st = det.new_state()
         chunks = [det.observe(st, records[i:i + n]) for i, n in ((0, 7), (7, 100), (107, 133))]
         torch.testing.assert_close(torch.cat(chunks), scores, equal_nan=True, rtol=0, atol=0)
-        replayed = det.replay(records)
+        replayed = det.new_state()
+        det.observe(replayed, records)
         for state in (st, replayed):
             assert (state.queries, state.flag, state.flagged_at) == (240, whole.flag, whole.flagged_at)
             assert state.score == whole.score or math.isnan(whole.score)

@@ -139,3 +139,33 @@ def test_ledger_records_cut_back_to_committed_rows(tmp_path):
     assert other.read_records("k").shape == (0, 4)
     assert json.loads((tmp_path / "k" / "records.json").read_text())["first_row"] == 2
     other.close()
+
+
+def test_detector_process_equals_in_process_and_reports_its_death():
+    """The child's summaries equal the detector run in this process on the same record stream (in
+    uneven pieces); a failing observation is logged and the child goes on; a dead child makes
+    summary() raise (the server answers 503) instead of waiting forever."""
+    from ppoison_ext.detectors import PRADA
+    from ppoison_ext.serve.watcher import DetectorProcess
+
+    det = PRADA([8], delta=0.99)
+    g = torch.Generator().manual_seed(0)
+    classes = torch.randint(3, (300, 1), generator=g).float()
+    records = torch.cat([torch.randn(300, 8, generator=g), classes], 1)
+    want = det.new_state()
+    det.observe(want, records)
+    proc = DetectorProcess(det)
+    try:
+        for lo, hi in ((0, 1), (1, 65), (65, 200), (200, 300)):
+            proc.observe("k", records[lo:hi])
+        got = proc.summary("k")
+        assert (got.queries, got.flag, got.flagged_at) == (300, want.flag, want.flagged_at)
+        assert got.score == want.score
+        proc.observe("bad", torch.zeros(2, 5))  # the wrong width: observe raises in the child
+        assert proc.summary("bad").queries == 0 and proc.summary("k").queries == 300
+        proc._proc.kill()
+        proc.observe("k", records[:1])
+        with pytest.raises(RuntimeError, match="detector process failed"):
+            proc.summary("k")
+    finally:
+        proc.close()

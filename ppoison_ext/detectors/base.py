@@ -6,7 +6,7 @@ encoding), computed by :meth:`Detector.records` from the batch and one victim fo
 :class:`KeyState` is a pure function of its records in order: :meth:`Detector.observe` updates it
 with a chunk of records and gives the same state and scores however the stream is chunked. The
 server therefore persists records (append-only, under the ledger's commit rule) and restores a key
-by replaying them (:meth:`Detector.replay`).
+by replaying them (:meth:`Detector.observe` from a new state).
 
 None of the original detectors has accounts: each keeps one state for all traffic. Here each key
 has its own (docs/differences.md, "Detection").
@@ -210,12 +210,6 @@ class Detector:
             logits, h = victim_forward(model, chunk.to(device), head)
             scores.append(self.observe(state, self.records(chunk, logits, h)))
         return (torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)), state
-
-    def replay(self, records: Tensor) -> KeyState:
-        """The state after a key's whole record stream (a restart restores keys this way)."""
-        state = self.new_state()
-        self.observe(state, records)
-        return state
 
     def config(self) -> Dict[str, Any]:
         """The constructor's JSON-able keywords (what :meth:`from_saved` needs besides tensors)."""

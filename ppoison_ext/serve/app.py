@@ -11,9 +11,9 @@ message names the field); an unexpected failure of the defense answers 503 and t
 
 With a ``detector`` (:mod:`ppoison_ext.detectors`) every key has its own detector state, fed
 with the key's committed queries (their records are committed with the ledger, so a restart
-restores each key's state by replay) by one worker thread, off the request path; a request is
-judged by its key's state after all of the key's earlier committed queries (the batch waits for
-the worker when it is behind). A response applies from the key's next request on:
+restores each key's state by replay) in a child process (:mod:`.watcher`), off the request path;
+a request is judged by its key's state after all of the key's earlier committed queries (the
+batch waits for the child when it is behind). A response applies from the key's next request on:
 ``on_detect`` "log" only flags, "refuse" answers 403 without charging the budget, a
 :class:`~ppoison_ext.defenses.Defense` answers the flagged key instead of ``defense``.
 """
@@ -40,6 +40,7 @@ from .auth import KeyStore
 from .batcher import MicroBatcher, Pending, pad_rows
 from .inputs import InputError, parse_json_images, parse_npy
 from .ledger import BudgetError, Ledger, LedgerEntry
+from .watcher import DetectorProcess
 
 __all__ = ["create_app", "create_router", "ANONYMOUS", "IMAGE_MODES"]
 
@@ -188,23 +189,23 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
     pad = pad_multiple if max_batch > 1 else 1
     metrics = _Metrics()
 
-    states: Dict[str, KeyState] = {}
-    states_lock = threading.Lock()
     head = last_linear(defense.model) if detector is not None else None
     captured = threading.local()  # the victim head's input during our own defense calls
     hook = head.register_forward_hook(
         lambda _m, inp, _o: setattr(captured, "h", inp[0]) if getattr(captured, "on", False) else None
     ) if head is not None else None
 
-    def state_of(key_id: str) -> KeyState:
-        with states_lock:
-            if key_id not in states:  # restored by replaying the key's committed records
-                states[key_id] = detector.replay(ledger.read_records(key_id))
-            return states[key_id]
+    watcher = None if detector is None else DetectorProcess(detector)
 
-    if detector is not None:
+    def state_of(key_id: str) -> KeyState:
+        """The key's detector summary after all of its committed queries (the batch thread's)."""
+        if not watcher.known(key_id):  # restored by replaying the key's committed records
+            watcher.observe(key_id, ledger.read_records(key_id))
+        return watcher.summary(key_id)
+
+    if watcher is not None:
         ledger.save_detections({key_id: state_of(key_id) for key_id in ledger.key_ids()})
-        metrics.flagged.set(sum(st.flag for st in states.values()))
+        metrics.flagged.set(watcher.flagged())
 
     def answer(d: Defense, x: torch.Tensor) -> list:
         """d's y′, y, obj, sobj of x's rows (padded for batch independence) and, with a detector,
@@ -220,30 +221,17 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
             h = victim_forward(defense.model, x.to(device), head)[1]
         return [None if t is None else t[:n].detach().cpu() for t in (*out, h)]
 
-    # the detector's threads: one torch thread each, so they take a core beside the victim's, not its cores
-    observer, recorder = (concurrent.futures.ThreadPoolExecutor(
-        1, thread_name_prefix=f"ppoison-{name}", initializer=torch.set_num_threads, initargs=(1,))
-        for name in ("detect", "records"))
-    last_job: Dict[str, concurrent.futures.Future] = {}
-
-    def observe(key_id: str, records: torch.Tensor) -> None:
-        """The detector worker's job: a key's committed records into its state, then its summary."""
-        try:
-            st = state_of(key_id)
-            detector.observe(st, records)
-            ledger.save_detections({key_id: st})
-            metrics.flagged.set(sum(s.flag for s in states.values()))
-        except Exception:  # the records are committed: a restart replays them
-            logger.exception("detector failed on key %r", key_id)
+    # SEAT's records (its encoder forward) beside the victim's forward: one torch thread
+    recorder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ppoison-records",
+                                                     initializer=torch.set_num_threads, initargs=(1,))
 
     def flags_of(batch: List[Pending]) -> List[bool]:
         """Each request's key flag after all of the key's earlier committed queries."""
-        if detector is None:
+        if watcher is None:
             return [False] * len(batch)
-        for p in batch:
-            if p.key_id in last_job:
-                last_job[p.key_id].result()
-        return [state_of(p.key_id).flag for p in batch]
+        flags = [state_of(p.key_id).flag for p in batch]
+        metrics.flagged.set(watcher.flagged())
+        return flags
 
     def fill(rows: List[Any], d: Defense, batch: List[Pending], which: List[int]) -> None:
         """rows[i] = d's y′, y, obj, sobj and features of request i's images, for i in ``which``."""
@@ -254,7 +242,7 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
 
     def run_batch(batch: List[Pending]) -> List[Any]:
         """``defense``'s answers, ``on_detect``'s for the flagged keys, the ledger commit, then the
-        detector's observation of the committed records in its worker, off the request path (a
+        detector's observation of the committed records in its process, off the request path (a
         stateless defense answers while the worker finishes the keys' earlier queries). Returns
         each request's y′, or the KeyState of a refused request."""
         ahead = None  # records that need only the inputs (SEAT's encoder) run beside the victim's forward
@@ -280,11 +268,11 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
                 records = ahead[i] if ahead else detector.records(p.x, y, h) if detector is not None else None
                 entries.append(LedgerEntry(p.request_id, p.key_id, y.float(), y_prime.float(), obj, sobj,
                                            client_request_id=p.client_request_id, records=records))
-        ledger.commit(entries)
+        ledger.commit(entries, {p.key_id: state_of(p.key_id) for p in batch} if watcher is not None else None)
         for p in batch:
             p.committed = True
-        for e in entries if detector is not None else ():
-            last_job[e.key_id] = observer.submit(observe, e.key_id, e.records)
+        for e in entries if watcher is not None else ():
+            watcher.observe(e.key_id, e.records)
         answers = iter(entries)
         return [row if isinstance(row, KeyState) else next(answers).y_prime.numpy() for row in rows]
 
@@ -300,8 +288,10 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
             yield
         finally:
             await batcher.stop()
-            observer.shutdown(wait=True)
             recorder.shutdown(wait=True)
+            if watcher is not None:
+                watcher.close()
+                ledger.save_detections(watcher.summaries())
             ledger.close()
             if hook is not None:
                 hook.remove()

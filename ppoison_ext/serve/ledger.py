@@ -18,8 +18,9 @@ rows) to the key's ``records.f32``; ``records.json`` says from which of the key'
 (``first_row``), of which width and detector (``tag``); a changed detector starts a new file. A
 key's detector state is a pure function of these records, so a restart restores it by replay
 (:meth:`Ledger.read_records`); the ``detections`` table (key, queries, flag, first flagged query,
-last score) is the audit summary, written by the server's detector worker after it has
-observed a batch's committed records, and after a restore.
+last score) is the audit summary: each batch's transaction writes its keys' summaries as of the
+key's earlier batches (the detector observes a batch after its commit), and a restart or a clean
+shutdown writes every key's current one.
 
 The ledger is the source of truth: on start, each key's query log (and records file) is cut back
 to the key's ``used`` rows (:meth:`QueryLogger.truncate`), dropping rows appended by a batch whose
@@ -199,8 +200,9 @@ class Ledger:
         budget = self.budgets.get(key_id)
         return None if budget is None else max(0, budget - self.used.get(key_id, 0))
 
-    def commit(self, entries: Sequence[LedgerEntry]) -> None:
-        """Logs and records a batch's answered requests (steps 1 and 2 of the module docs); the
+    def commit(self, entries: Sequence[LedgerEntry], detections: Optional[Dict[str, Any]] = None) -> None:
+        """Logs and records a batch's answered requests (steps 1 and 2 of the module docs), with
+        the detector summaries of ``detections`` (key id → KeyState) in the same transaction; the
         reservations become ``used``. On failure nothing is committed and the
         logs are cut back to the committed rows."""
         with self._lock:
@@ -236,6 +238,7 @@ class Ledger:
                     self._db.executemany(
                         "INSERT INTO keys (key_id, used) VALUES (?, ?) "
                         "ON CONFLICT(key_id) DO UPDATE SET used = used + excluded.used", list(counts.items()))
+                    self._db.executemany(_SAVE_DETECTION, self._detection_rows(detections or {}))
             except BaseException:
                 for key_id in counts:
                     if key_id in self._loggers:
