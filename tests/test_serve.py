@@ -305,3 +305,40 @@ def test_router_mounts_into_an_existing_app(tmp_path):
     assert torch.equal(y, defense(x))
     logged = read_queries(tmp_path / "logs" / "team", "serve")  # written and closed by the lifespan
     assert logged.shape[0] == 16 and np.array_equal(logged[:, 5:10], y.numpy())
+
+
+def test_stateful_defense_state_survives_a_kill(dirs, keys, tmp_path):
+    """ModelGuard-S (answers depend on earlier queries): 1,000 queries to an uninterrupted server
+    vs 500, kill -9, restart on the same ledger, 500 — the last 500 answers are the same bits; a
+    fresh server (no history) answers them differently, so the state is what is compared."""
+    victim_dir, _ = dirs
+    ds = get_dataset("MNIST", train=False, transform=get_transform("mnist", "test"))
+    x = torch.stack([ds[i][0] for i in range(1000)]).numpy()
+
+    def serve(log_dir):
+        log_dir.mkdir(exist_ok=True)
+        args = [victim_dir, "--defense", "modelguard_s", "--defense-args", "epsilon:1.0", "--api-keys",
+                keys["file"], "--log-dir", log_dir, "--max-batch", "10", "--max-wait-ms", "0"]
+        return ServerProcess(args, log_path=log_dir / "server.out")
+
+    def ask(srv, rows):
+        out = []
+        for lo in range(rows.start, rows.stop, 10):
+            r = _npy_post(srv.url, keys["alice"], x[lo:lo + 10])
+            assert r.status_code == 200, r.text
+            out.append(decode_npy(r.content))
+        return np.concatenate(out)
+
+    with serve(tmp_path / "whole") as srv:
+        whole = ask(srv, range(0, 1000))
+    srv = serve(tmp_path / "killed").start()
+    try:
+        ask(srv, range(0, 500))
+    finally:
+        srv.kill()  # kill -9: no shutdown code runs
+    with serve(tmp_path / "killed") as srv:
+        resumed = ask(srv, range(500, 1000))
+    with serve(tmp_path / "fresh") as srv:
+        fresh = ask(srv, range(500, 1000))
+    assert np.array_equal(resumed, whole[500:])
+    assert not np.array_equal(fresh, whole[500:])

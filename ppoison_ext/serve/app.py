@@ -19,6 +19,7 @@ batch waits for the child when it is behind). A response applies from the key's 
 """
 
 import concurrent.futures
+import io
 import logging
 import re
 import threading
@@ -186,6 +187,23 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
             "on_detect": type(on_detect).__name__ if isinstance(on_detect, Defense) else on_detect,
             **(info or {})}
     max_body_bytes = int(max_body_mb * (1 << 20))
+    # a stateful defense's state is committed with each batch and restored here (module docs)
+    stateful = [d for d in (defense, on_detect) if isinstance(d, Defense) and d.stateful]
+
+    def set_states(blob: bytes) -> None:
+        for d, st in zip(stateful, torch.load(io.BytesIO(blob), weights_only=True)):
+            d.set_state(st)
+
+    def get_states() -> bytes:
+        buf = io.BytesIO()
+        torch.save([d.get_state() for d in stateful], buf)
+        return buf.getvalue()
+
+    committed_state = ledger.defense_state() if stateful else None
+    if committed_state is not None:
+        set_states(committed_state)
+    elif stateful:
+        committed_state = get_states()
     pad = pad_multiple if max_batch > 1 else 1
     metrics = _Metrics()
 
@@ -241,10 +259,19 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
                 rows[i] = [None if t is None else t[lo:lo + batch[i].n] for t in cols]
 
     def run_batch(batch: List[Pending]) -> List[Any]:
+        try:
+            return answer_and_commit(batch)
+        except BaseException:
+            if stateful:  # answered but not committed: back to the committed state
+                set_states(committed_state)
+            raise
+
+    def answer_and_commit(batch: List[Pending]) -> List[Any]:
         """``defense``'s answers, ``on_detect``'s for the flagged keys, the ledger commit, then the
         detector's observation of the committed records in its process, off the request path (a
         stateless defense answers while the worker finishes the keys' earlier queries). Returns
         each request's y′, or the KeyState of a refused request."""
+        nonlocal committed_state
         ahead = None  # records that need only the inputs (SEAT's encoder) run beside the victim's forward
         if detector is not None and detector.inputs_only:
             ahead = recorder.submit(lambda: [detector.records(p.x, None, None) for p in batch])
@@ -268,7 +295,10 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
                 records = ahead[i] if ahead else detector.records(p.x, y, h) if detector is not None else None
                 entries.append(LedgerEntry(p.request_id, p.key_id, y.float(), y_prime.float(), obj, sobj,
                                            client_request_id=p.client_request_id, records=records))
-        ledger.commit(entries, {p.key_id: state_of(p.key_id) for p in batch} if watcher is not None else None)
+        state = get_states() if stateful else None
+        ledger.commit(entries, {p.key_id: state_of(p.key_id) for p in batch} if watcher is not None else None,
+                      state)
+        committed_state = state if stateful else None
         for p in batch:
             p.committed = True
         for e in entries if watcher is not None else ():

@@ -17,10 +17,12 @@ With a detector (``record_width``), step 1 also appends each query's detector re
 rows) to the key's ``records.f32``; ``records.json`` says from which of the key's queries on
 (``first_row``), of which width and detector (``tag``); a changed detector starts a new file. A
 key's detector state is a pure function of these records, so a restart restores it by replay
-(:meth:`Ledger.read_records`); the ``detections`` table (key, queries, flag, first flagged query,
+(:meth:`Ledger.read_records`). The ``detections`` table (key, queries, flag, first flagged query,
 last score) is the audit summary: each batch's transaction writes its keys' summaries as of the
 key's earlier batches (the detector observes a batch after its commit), and a restart or a clean
-shutdown writes every key's current one.
+shutdown writes every key's current one. A stateful defense's state (ModelGuard-S's banks) is
+committed in the batch's transaction too (table ``defense_state``) and restored on start, so a
+query gets the answer it would get from an uninterrupted server.
 
 The ledger is the source of truth: on start, each key's query log (and records file) is cut back
 to the key's ``used`` rows (:meth:`QueryLogger.truncate`), dropping rows appended by a batch whose
@@ -62,6 +64,7 @@ CREATE TABLE IF NOT EXISTS requests (
     n INTEGER NOT NULL, first_row INTEGER NOT NULL, created REAL NOT NULL, client_request_id TEXT);
 CREATE TABLE IF NOT EXISTS detections (key_id TEXT PRIMARY KEY, queries INTEGER NOT NULL,
     flag INTEGER NOT NULL, flagged_at INTEGER, score REAL, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS defense_state (id INTEGER PRIMARY KEY CHECK (id = 0), state BLOB NOT NULL);
 """
 
 
@@ -163,6 +166,12 @@ class Ledger:
             return torch.zeros(0, self.record_width)
         return torch.frombuffer(bytearray(data), dtype=torch.float32).view(-1, self.record_width)
 
+    def defense_state(self) -> Optional[bytes]:
+        """The stateful defense's state committed with the last batch (None before any)."""
+        with self._lock:
+            row = self._db.execute("SELECT state FROM defense_state WHERE id = 0").fetchone()
+        return None if row is None else bytes(row[0])
+
     def key_ids(self) -> List[str]:
         """Every key with a budget or a committed query."""
         return list(self.used)
@@ -200,9 +209,11 @@ class Ledger:
         budget = self.budgets.get(key_id)
         return None if budget is None else max(0, budget - self.used.get(key_id, 0))
 
-    def commit(self, entries: Sequence[LedgerEntry], detections: Optional[Dict[str, Any]] = None) -> None:
+    def commit(self, entries: Sequence[LedgerEntry], detections: Optional[Dict[str, Any]] = None,
+               defense_state: Optional[bytes] = None) -> None:
         """Logs and records a batch's answered requests (steps 1 and 2 of the module docs), with
-        the detector summaries of ``detections`` (key id → KeyState) in the same transaction; the
+        the detector summaries of ``detections`` (key id → KeyState) and a stateful defense's
+        state after the batch (``defense_state``, serialised) in the same transaction; the
         reservations become ``used``. On failure nothing is committed and the
         logs are cut back to the committed rows."""
         with self._lock:
@@ -239,6 +250,9 @@ class Ledger:
                         "INSERT INTO keys (key_id, used) VALUES (?, ?) "
                         "ON CONFLICT(key_id) DO UPDATE SET used = used + excluded.used", list(counts.items()))
                     self._db.executemany(_SAVE_DETECTION, self._detection_rows(detections or {}))
+                    if defense_state is not None:
+                        self._db.execute("INSERT OR REPLACE INTO defense_state VALUES (0, ?)",
+                                         (defense_state,))
             except BaseException:
                 for key_id in counts:
                     if key_id in self._loggers:
