@@ -294,9 +294,9 @@ def modelguard_w_solve(y: Tensor, epsilon: float, margin: float = 1e-4,
     greedy fill; its value is convex piecewise-linear on the feasible t interval): one
     golden-section search over [lo, 1] of that value plus a penalty outside the interval
     (quasi-convex, so the interval's ends need not be found first), in float64 (differences.md:
-    ModelGuard-W). The pure-PyTorch twin locates the interval's ends by bisection first. Rows where no x satisfies both the margin and the budget are returned
-    unchanged, with ``feasible`` False. y is finite and ≥ 0, ε ≥ 0, margin in [0, 1),
-    log_offset > 0.
+    ModelGuard-W). The pure-PyTorch twin locates the interval's ends by bisection first. Rows
+    where no x satisfies both the margin and the budget are returned unchanged, with
+    ``feasible`` False. y is finite and ≥ 0, ε ≥ 0, margin in [0, 1), log_offset > 0.
 
     Returns:
         ``(x, objective, feasible)``: x [B, K] and Σ c·x [B] in y's dtype, and a bool [B].
