@@ -6,7 +6,8 @@ same property on the CPU where that is meaningful on its own.
 
 * exact argmax with a near-uniform proxy (p = softmax(1e-3·N)), K = 10…16 and 20…24,
   exact_max_k = 24: the value is the objective of y*, and y* is the CPU's;
-* grids past the launch cap (utils.cuh: MAX_BLOCKS = 65535·32 blocks, grid-stride loops);
+* grids past the launch cap (utils.cuh: MAX_BLOCKS = 65535·32 blocks, grid-stride loops) for the
+  elementwise, warp-per-row and oracle kernels; the thread-per-row kernels on ~17M rows;
 * B·K·D > 2^31 for the explicit-Jacobian ops, against torch.bmm;
 * K ∈ {2, 31, 32, 33, 1000, 4096} for every op (a warp is 32 lanes);
 * NaN/Inf errors: the CUDA message equals the CPU's;
@@ -89,7 +90,8 @@ def _near_uniform_params():
                            "y* itself is exact (test_op_mad_oracle_exact) and MAD reports mad_objective(y*)"))
             out.append(pytest.param("cpu", K, objmax, marks=marks, id=f"cpu-K{K}-{oid}"))
             # CUDA runs the same per-row math (same bits), so the same xfail
-            out.append(pytest.param("cuda", K, objmax, marks=[requires_cuda, *marks], id=f"cuda-K{K}-{oid}"))
+            out.append(pytest.param("cuda", K, objmax, marks=[requires_cuda, *marks],
+                                    id=f"cuda-K{K}-{oid}"))
     return out
 
 
@@ -127,8 +129,10 @@ def test_exact_argmax_near_uniform_matches_twin(dev, gram, K, objmax):
 
 @requires_cuda
 @pytest.mark.parametrize("op", ["project_simplex", "project_l1_ball", "mad_step_l1", "mad_step_kl", "mad_objective"])
-def test_warp_per_row_past_grid_cap(op, free_cuda_cache):
-    """B = ~17M rows of K = 2: more warps than the capped grid has; every row computed."""
+def test_row_kernels_on_17M_rows(op, free_cuda_cache):
+    """B = ~17M rows of K = 2 (a thread per row: ~66k blocks, within the grid cap of 65535·32
+    blocks; passing it would need > 536M rows, too many for the CPU reference): every row
+    computed. The warp-per-row row_sum passes its cap in test_elementwise_past_grid_cap."""
     B, K = B_PAST_WARP_CAP, 2
     assert (B + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK > MAX_BLOCKS
     _need_gpu_memory(B * K * 4 * 8)

@@ -1,6 +1,7 @@
 // Launch geometry, warp reductions and input checks shared by the CUDA kernels.
 //   elementwise kernels: THREADS threads per block, BLOCKS(n) blocks, grid-stride loops;
-//   row kernels:         a warp per row, ROWS_PER_BLOCK rows per block, WARP_BLOCKS(rows) blocks.
+//   row kernels:         a thread per row (the per-row math of csrc/*.h), BLOCKS(rows) blocks,
+//                        grid-stride; jacobian's row_sum is a warp per row, WARP_BLOCKS(rows) blocks.
 // Only included from csrc/cuda/*.cu (nvcc).
 #pragma once
 
