@@ -94,7 +94,9 @@ class PRADA(Detector):
             data.update(G={}, Gd={}, T={}, D={}, own=False)
         x, classes = records[:, :-1].double(), records[:, -1].long()
         old = torch.full((x.shape[0],), math.inf, dtype=torch.float64)  # nearest earlier G_c, exact
+        added: Dict[int, List[int]] = {}  # per class of the piece: its rows that join G_c
         for c in classes.unique().tolist():
+            added[c] = []
             if c not in data["G"]:
                 data["G"][c], data["Gd"][c], data["D"][c] = Rows(x.shape[1]), Values(), Values()
                 data["T"][c] = 0.0
@@ -102,7 +104,6 @@ class PRADA(Detector):
             nearest = nearest_candidates(x[rows], data["G"][c], 1)
             old[rows] = torch.tensor([float(d.min(initial=math.inf)) for d in nearest], dtype=torch.float64)
         within = pairwise_earlier(x, classes[:, None] == classes[None])  # to this piece's earlier rows
-        added: Dict[int, List[int]] = {c: [] for c in data["G"]}
         scores, own = [], []
         for i, (c, d_old) in enumerate(zip(classes.tolist(), old.tolist())):
             if data["G"][c].n == 0 and not added[c]:  # the class's first query
@@ -124,7 +125,8 @@ class PRADA(Detector):
             scores.append(score)
             own.append(data["own"])
         for c, rows in added.items():
-            data["G"][c].extend(x[rows])
+            if rows:
+                data["G"][c].extend(x[rows])
         return scores, own
 
     def config(self) -> Dict[str, Any]:

@@ -243,13 +243,13 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
     recorder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ppoison-records",
                                                      initializer=torch.set_num_threads, initargs=(1,))
 
-    def flags_of(batch: List[Pending]) -> List[bool]:
-        """Each request's key flag after all of the key's earlier committed queries."""
+    def summaries_of(batch: List[Pending]) -> List[KeyState]:
+        """Each request's key summary after all of the key's earlier committed queries."""
         if watcher is None:
-            return [False] * len(batch)
-        flags = [state_of(p.key_id).flag for p in batch]
+            return [KeyState() for _ in batch]
+        summaries = [state_of(p.key_id) for p in batch]
         metrics.flagged.set(watcher.flagged())
-        return flags
+        return summaries
 
     def fill(rows: List[Any], d: Defense, batch: List[Pending], which: List[int]) -> None:
         """rows[i] = d's y′, y, obj, sobj and features of request i's images, for i in ``which``."""
@@ -269,7 +269,7 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
     def answer_and_commit(batch: List[Pending]) -> List[Any]:
         """``defense``'s answers, ``on_detect``'s for the flagged keys, the ledger commit, then the
         detector's observation of the committed records in its process, off the request path (a
-        stateless defense answers while the worker finishes the keys' earlier queries). Returns
+        stateless defense answers while the process finishes the keys' earlier queries). Returns
         each request's y′, or the KeyState of a refused request."""
         nonlocal committed_state
         ahead = None  # records that need only the inputs (SEAT's encoder) run beside the victim's forward
@@ -277,27 +277,30 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
             ahead = recorder.submit(lambda: [detector.records(p.x, None, None) for p in batch])
         acts = on_detect != "log"
         early = defense.stateful  # a stateful defense never sees a flagged key's queries
-        flagged = flags_of(batch) if early else [False] * len(batch)
+        summaries = summaries_of(batch) if early else None
+        held_back = {i for i, s in enumerate(summaries or ()) if s.flag and acts}
         rows: List[Any] = [None] * len(batch)
-        fill(rows, defense, batch, [i for i, f in enumerate(flagged) if not (f and acts)])
-        if not early:
-            flagged = flags_of(batch)
-        respond = [i for i, f in enumerate(flagged) if f and acts]
+        fill(rows, defense, batch, [i for i in range(len(batch)) if i not in held_back])
+        if summaries is None:
+            summaries = summaries_of(batch)
+        respond = [i for i, s in enumerate(summaries) if s.flag and acts]
         if isinstance(on_detect, Defense):
             fill(rows, on_detect, batch, respond)
         for i in respond if on_detect == "refuse" else ():
-            rows[i] = state_of(batch[i].key_id)
+            rows[i] = summaries[i]
             ledger.release(batch[i].key_id, batch[i].n)
-        entries, ahead = [], ahead and ahead.result()
+        inputs_records = ahead.result() if ahead is not None else None
+        entries = []
         for i, (p, row) in enumerate(zip(batch, rows)):
             if isinstance(row, list):
                 y_prime, y, obj, sobj, h = row
-                records = ahead[i] if ahead else detector.records(p.x, y, h) if detector is not None else None
+                records = (inputs_records[i] if inputs_records is not None
+                           else detector.records(p.x, y, h) if detector is not None else None)
                 entries.append(LedgerEntry(p.request_id, p.key_id, y.float(), y_prime.float(), obj, sobj,
                                            client_request_id=p.client_request_id, records=records))
         state = get_states() if stateful else None
-        ledger.commit(entries, {p.key_id: state_of(p.key_id) for p in batch} if watcher is not None else None,
-                      state)
+        detections = {p.key_id: s for p, s in zip(batch, summaries)} if watcher is not None else None
+        ledger.commit(entries, detections, state)
         committed_state = state if stateful else None
         for p in batch:
             p.committed = True
