@@ -2,7 +2,7 @@
 Partial Bayes, D-DAE, shadow models, and their CLI / grid faces (the §7.6 minimum tests)."""
 
 import json
-from pathlib import Path
+import math
 
 import numpy as np
 import pytest
@@ -16,7 +16,8 @@ from ppoison_ext.attacks import (AWARE_SUBDIR, DDAE, DefenseAware, KnockoffNets,
 from ppoison_ext.attacks.recovery import shadow_samples
 from ppoison_ext.attacks.restorers import DDAE_WIDTHS, RestorerMLP, ddae_loss
 from ppoison_ext.attacks.s4l import RotationHead, S4LCriterion, rotation_loss
-from ppoison_ext.defenses import MAD, Defense, DefenseOutput, ReverseSigmoid
+from ppoison_ext.defenses import MAD, Defense, DefenseOutput, ModelGuardS, ModelGuardW, ReverseSigmoid
+from ppoison_ext.testing import IdentityLogits
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -207,6 +208,98 @@ def test_table_pairs_each_sample_with_its_query_input():
     t = build_recovery_table(d, x, table_size=70, seed=1, prior="released", released=torch.full((7, 3), 1 / 3))
     assert sorted(t.index.unique().tolist()) == list(range(7))
     torch.testing.assert_close(t.perturbed, torch.softmax(t.true.log() + x[t.index, :3], 1))
+
+
+def test_partial_bayes_restricts_to_the_top1_only_when_the_table_defense_keeps_it():
+    """§7.3: ``top1_recover`` is the defense's ``top1_preserve``; AM-like defenses search all entries."""
+    q = torch.tensor([[0.50, 0.30, 0.20]])
+    table = _six_entry_table()
+    restricted = torch.tensor([[0.75, 0.15, 0.10]])  # entries 0 and 1 (true top-1 0)
+    everything = torch.tensor([[1.6 / 3, 1.1 / 3, 0.1]])  # entries 0, 1 and 3 are within 0.01
+    for keeps, want in ((True, restricted), (None, restricted), (False, everything)):
+        table.meta["keeps_top1"] = keeps
+        torch.testing.assert_close(PartialBayes().fit(table).restore(q), want.float())
+    torch.testing.assert_close(PartialBayes(top1_recover=True).fit(table).restore(q), restricted)
+    x = torch.zeros(4, 4)
+    assert build_recovery_table(ModelGuardW(nn.Linear(4, 3), epsilon=0.5), x, table_size=8).meta["keeps_top1"]
+    assert build_recovery_table(XDefense(nn.Linear(4, 3)), x, table_size=8).meta["keeps_top1"] is False
+    assert build_recovery_table(lambda x, y: y, x, table_size=8, released=torch.full((4, 3), 1 / 3)
+                                ).meta["keeps_top1"] is None
+
+
+def _served_quantizer(n=200, epsilon=0.5):
+    mgs = ModelGuardS(IdentityLogits(3), epsilon=epsilon)
+    g = torch.Generator().manual_seed(0)
+    mgs.quantize(torch.softmax(3 * torch.randn(n, 3, generator=g), 1))  # the defender's banks after n queries
+    return mgs
+
+
+def test_quantizer_table_is_a_frozen_lookup_that_never_grows_the_defender_banks():
+    """§7.3: the table's perturbed samples are the defender's frozen lookup (§6.2), filtered by its ε."""
+    mgs = _served_quantizer()
+    before = mgs.get_state()
+    x = torch.zeros(50, 3)
+    table = build_recovery_table(mgs, x, table_size=2000, seed=0)
+    after = mgs.get_state()
+    assert torch.equal(before["bank"], after["bank"]) and torch.equal(before["labels"], after["labels"])
+    bank, labels = before["bank"], before["labels"]
+    full = build_recovery_table(mgs, x, table_size=2000, seed=0, epsilon=math.inf)
+    for t, p in zip(full.true, full.perturbed):  # brute force: first centroid within ε, else the nearest
+        cand = (labels == t.argmax()).nonzero()[:, 0]
+        d = (bank[cand].double() - t.double()).abs().sum(1)
+        within = (d <= 0.5).nonzero()[:, 0]
+        assert torch.equal(p, bank[cand[within[0] if len(within) else d.argmin()]])
+    l1 = (full.true - full.perturbed).abs().sum(1)
+    assert table.meta["epsilon_filter"] == 0.5 and len(table) == int((l1 <= 0.5).sum()) < len(full)
+
+
+def test_defense_aware_leaves_a_live_quantizer_as_it_was(tmp_path):
+    torch.manual_seed(0)
+    mgs = ModelGuardS(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), epsilon=0.2)
+    qs = TinyImages()
+    raw = KnockoffNets(**_knockoff()).build_transferset(mgs, qs, tmp_path / "raw")
+    before = mgs.get_state()
+    assert mgs.num_centroids > 0
+    DefenseAware(restorer=PartialBayes(), table_size=300).postprocess(raw, mgs, tmp_path / "aware",
+                                                                      transform=qs.transform)
+    after = mgs.get_state()
+    assert torch.equal(before["bank"], after["bank"]) and before["call_count"] == after["call_count"]
+
+
+def test_cli_recovery_table_looks_up_the_served_quantizer_banks(tmp_path, victim_dir):
+    """The pipeline's table uses the defender's banks after the thief's queries (the transfer run's
+    last snapshot), frozen, and keeps the pairs within ε."""
+    from ppoison_ext.attacks.runstate import StateSlots
+    from ppoison_ext.pipeline import transfer
+
+    out = tmp_path / "ts"
+    rc = transfer.main(["random", str(victim_dir), "modelguard_s", "epsilon:0.5,ydist:l1,frozen:0",
+                        "--out_dir", str(out), "--queryset", "notMNIST", "--budget", "64", "--batch_size", "32",
+                        "-d", "-1", "-w", "0", "--recover", "pbayes", "--dirichlet-prior", "released",
+                        "--table-size", "640", "--no-progress"])
+    assert rc == 0
+    state = StateSlots(out).load(64)["blackbox"]
+    bank, labels = state["bank"].float(), state["labels"]
+    table = RecoveryTable.load(out / "aware" / "recover_table.pt")
+    assert table.meta["epsilon_filter"] == 0.5 and table.meta["keeps_top1"] is True and len(table) > 0
+    assert ((table.true - table.perturbed).abs().sum(1) <= 0.5 + 1e-6).all()
+    in_bank = (table.perturbed[:, None, :] == bank[None]).all(2).any(1)
+    unserved = ~(table.true.argmax(1)[:, None] == labels[None]).any(1)  # classes without centroids: y as is
+    assert bool(in_bank.any()) and torch.equal(in_bank, ~unserved)
+    assert torch.equal(table.perturbed[unserved], table.true[unserved])
+
+
+def test_s4l_on_torchvision_vgg_reads_the_first_classifier_block():
+    """§7.5: for torchvision VGG the rotation head sits after linear1 + ReLU + dropout."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.VGG(nn.Conv2d(3, 512, 3, padding=1), num_classes=10, init_weights=False).eval()
+    head = RotationHead(model)
+    x = torch.randn(2, 3, 8, 8)
+    want = model.classifier[:3](torch.flatten(model.avgpool(model.features(x)), 1))
+    assert head.rot.in_features == 4096
+    torch.testing.assert_close(head.features(model, x), want)
 
 
 # -- D-DAE (§7.6: widths, loss scale, train-mode BN at recovery) --------------------------------

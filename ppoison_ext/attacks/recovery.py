@@ -4,7 +4,9 @@ A restorer (:mod:`ppoison_ext.attacks.restorers`) learns the map perturbed → t
 the attacker builds offline: "true" samples from shadow models run on the attacker's query
 inputs, or from a Dirichlet distribution, each pushed through the defense's perturbation
 function: **white-box**, the defense's own ``defend(x, y)`` on the attacker's copy of the
-defense, given the pair's query input (these calls are not queries to the victim).
+defense, given the pair's query input (these calls are not queries to the victim). A quantizer
+(ModelGuard-S) is looked up frozen in its banks as they are (never grown by the table), and the
+table then keeps only the pairs within its ε, as the reference does.
 
 Dirichlet priors (``prior``): ``sparse`` (default) one Dirichlet(1/K·1) for all samples;
 ``released`` per query i a Dirichlet with concentration ỹ_i·K·c centred on the released
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..defenses import ModelGuardS
 from ..defenses.base import check_choices
 from ..devices import as_device
 from ..fileio import atomic_write
@@ -139,15 +142,21 @@ def shadow_samples(shadows: Sequence[nn.Module], x: Tensor, *, batch_size: int =
 
 
 def defense_perturbation(defense: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
-    """The perturbation function ``(x, y_true) -> y'`` of a defense: its ``defend(x, y)``
-    (white-box: the attacker runs its own copy of the defense; see the module docs)."""
+    """The perturbation function ``(x, y_true) -> y'`` of a defense: its ``defend(x, y)``, or a
+    quantizer's frozen lookup, which leaves its banks as they are (white-box: the attacker runs
+    its own copy of the defense; see the module docs)."""
     defend = getattr(defense, "defend", None)
     if defend is None:
         raise TypeError(f"{type(defense).__name__} has no defend(x, y); pass a perturbation function "
                         "(x, y_true) -> y' instead")
+    if getattr(defense, "stateful", False) and not isinstance(defense, ModelGuardS):
+        raise ValueError(f"{type(defense).__name__} is stateful (its answers depend on earlier queries), "
+                         "so it has no fixed perturbation function for a recovery table")
 
     def perturb(x: Tensor, y: Tensor) -> Tensor:
         with torch.no_grad():
+            if isinstance(defense, ModelGuardS):
+                return defense.quantize(y, update=False)
             return defend(x, y).y_prime
 
     return perturb
@@ -165,8 +174,10 @@ def build_recovery_table(perturb: Union[nn.Module, Callable[[Tensor, Tensor], Te
 
     ``source="shadow"`` takes ``shadows``' outputs (a random subset when they give more than
     ``table_size``, the rest from ``prior`` if fewer). ``prior="released"`` needs ``released``
-    [N, K], ``"oracle"`` ``clean`` [N, K]. ``epsilon``: keep only pairs within this L1 distance.
+    [N, K], ``"oracle"`` ``clean`` [N, K]. ``epsilon``: keep only pairs within this L1 distance
+    (default: a ModelGuard-S ``perturb``'s ε, else every pair; ``inf`` keeps every pair).
     ``seed`` seeds the sampling, the pairing of unindexed samples with inputs, and the defense.
+    ``meta["keeps_top1"]`` is the defense's ``keeps_top1`` (None for a function).
     """
     check_choices(source=(source, TABLE_SOURCES), prior=(prior, PRIORS))
     if isinstance(table_size, bool) or not isinstance(table_size, int) or table_size < 1:
@@ -181,7 +192,10 @@ def build_recovery_table(perturb: Union[nn.Module, Callable[[Tensor, Tensor], Te
     parts, idx_parts = [], []
     meta: Dict[str, Any] = {"source": source, "prior": prior, "table_size": table_size,
                             "concentration": float(concentration), "seed": int(seed), "num_queries": N,
-                            "leaks_clean_posteriors": False}
+                            "leaks_clean_posteriors": False,
+                            "keeps_top1": getattr(perturb, "keeps_top1", None)}
+    if epsilon is None and isinstance(perturb, ModelGuardS):
+        epsilon = perturb.epsilon
     if source == "shadow":
         if not shadows:
             raise ValueError("source 'shadow' needs shadow models (shadows=)")

@@ -57,16 +57,19 @@ class PartialBayes:
     """Nearest-neighbour posterior mean over a recovery table (ModelGuard's Partial Bayes): the
     mean (``mean=False``: the nearest) of the true samples whose perturbed entry is within
     max(``tolerance``, nearest distance) of ỹ in L_``norm``, among the entries whose true top-1
-    is ỹ's (``top1_recover``; all entries when none is). ``chunk``: queries per distance block."""
+    is ỹ's (``top1_recover``; all entries when none is). ``top1_recover=None`` restricts exactly
+    when the table's defense keeps the top-1 (its ``meta["keeps_top1"]``; unknown: restrict), as
+    the reference ties it to the defense. ``chunk``: queries per distance block."""
 
-    def __init__(self, *, norm: float = 1.0, tolerance: float = 0.01, top1_recover: bool = True,
+    def __init__(self, *, norm: float = 1.0, tolerance: float = 0.01, top1_recover: Optional[bool] = None,
                  mean: bool = True, chunk: int = 1024):
         if not norm >= 1:
             raise ValueError(f"norm must be >= 1, got {norm!r}")
         if not tolerance >= 0:
             raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
-        self.norm, self.tolerance, self.top1_recover, self.mean, self.chunk = float(norm), float(tolerance), \
-            bool(top1_recover), bool(mean), int(chunk)
+        self.norm, self.tolerance = float(norm), float(tolerance)
+        self.mean, self.chunk = bool(mean), int(chunk)
+        self.top1_recover = None if top1_recover is None else bool(top1_recover)
         self.table: Optional[RecoveryTable] = None
 
     def __repr__(self) -> str:
@@ -76,13 +79,15 @@ class PartialBayes:
     def fit(self, table: RecoveryTable) -> "PartialBayes":
         _check_table(table)
         self.table = table
+        restrict = self.top1_recover
+        self._restrict = table.meta.get("keeps_top1") is not False if restrict is None else restrict
         self._true = table.true.double()
         self._pert = table.perturbed.double()
         self._top1 = table.true.argmax(1)
         return self
 
     def _candidates(self, label: int) -> Tuple[Tensor, Tensor]:
-        if self.top1_recover:
+        if self._restrict:
             sel = self._top1 == label
             if bool(sel.any()):
                 return self._true[sel], self._pert[sel]
@@ -96,7 +101,7 @@ class PartialBayes:
         if y.dim() != 2 or y.shape[1] != self.table.num_classes:
             raise ValueError(f"y_tilde must be [M, {self.table.num_classes}], got {tuple(y.shape)}")
         out = torch.empty_like(y)
-        labels = y.argmax(1) if self.top1_recover else torch.zeros(len(y), dtype=torch.long)
+        labels = y.argmax(1) if self._restrict else torch.zeros(len(y), dtype=torch.long)
         for label in labels.unique().tolist():
             rows = (labels == label).nonzero().squeeze(1)
             true, pert = self._candidates(label)

@@ -2,7 +2,8 @@
 (Zhai et al., "S4L: Self-Supervised Semi-Supervised Learning", ICCV 2019, as ModelGuard's attacker).
 
 :class:`S4LCriterion` adds to the soft cross-entropy of a labelled batch ``weight`` × the
-cross-entropy of a rotation head (on the features entering the model's last ``nn.Linear``) on
+cross-entropy of a rotation head (on the features entering the model's last ``nn.Linear``; for
+torchvision's VGG, after its first Linear + ReLU + dropout, as ModelGuard's attacker) on
 an unlabelled batch rotated by 0°, 90°, 180° and 270°. The head's parameters go into the
 optimizer beside the model's (:meth:`S4LCriterion.parameters`).
 """
@@ -13,6 +14,7 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -35,21 +37,29 @@ def rotation_batch(x: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 class RotationHead(nn.Module):
-    """A ``Linear(D, 4)`` on the features entering ``model``'s classifier head."""
+    """A ``Linear(D, 4)`` on the features entering ``model``'s classifier head (torchvision's
+    VGG: the output of ``classifier[2]``, after the first Linear + ReLU + dropout)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        name, head = classifier_head(model)
-        if not isinstance(head, nn.Linear):
-            raise ValueError(f"{type(model).__name__}: S4L needs a model whose classifier head is an "
-                             "nn.Linear")
-        self._head = [head]  # not a submodule: the head stays the model's
+        self._takes_output = isinstance(model, torchvision.models.VGG)
+        if self._takes_output:
+            site, width = model.classifier[2], model.classifier[0].out_features
+        else:
+            _, site = classifier_head(model)
+            if not isinstance(site, nn.Linear):
+                raise ValueError(f"{type(model).__name__}: S4L needs a model whose classifier head is an "
+                                 "nn.Linear")
+            width = site.in_features
+        self._site = [site]  # not a submodule: the layer stays the model's
         p = next(model.parameters())
-        self.rot = nn.Linear(head.in_features, 4).to(device=p.device, dtype=p.dtype)
+        self.rot = nn.Linear(width, 4).to(device=p.device, dtype=p.dtype)
 
     def features(self, model: nn.Module, x: Tensor) -> Tensor:
         captured = []
-        handle = self._head[0].register_forward_pre_hook(lambda _m, inp: captured.append(inp[0]))
+        site = self._site[0]
+        handle = (site.register_forward_hook(lambda _m, _inp, out: captured.append(out)) if self._takes_output
+                  else site.register_forward_pre_hook(lambda _m, inp: captured.append(inp[0])))
         try:
             model(x)
         finally:

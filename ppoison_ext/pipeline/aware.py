@@ -2,7 +2,8 @@
 and/or hard-labels the raw transfer set in ``out_dir`` into ``--aware-out`` (default
 ``out_dir/aware``), with ``recover_table.pt`` and ``params_aware.json``; train on it with
 ``ppoison train-attacker OUT_DIR ... --transferset-subdir aware``. The recovery table comes from a
-fresh white-box copy of the defense (its calls are no victim queries); D-DAE's shadow models are
+fresh white-box copy of the defense (its calls are no victim queries); a stateful one (ModelGuard-S)
+gets the state the transfer run left (its last snapshot), looked up frozen. D-DAE's shadow models are
 trained on demand into ``--shadow-dir`` (:mod:`ppoison_ext.attacks.shadow`).
 """
 
@@ -14,6 +15,7 @@ from typing import Any, Optional
 
 from ..attacks.aware import AWARE_SUBDIR, DefenseAware
 from ..attacks.restorers import DDAE, PartialBayes
+from ..attacks.runstate import STATE_FILES, StateSlots
 from ..attacks.shadow import load_shadow_models, shadow_folders, train_shadow_models
 from ..attacks.transferset import load_transferset
 from ..datasets import dataset_to_modelfamily, get_transform
@@ -71,6 +73,12 @@ def postprocess_transfer(s: Any, folder: Path) -> Path:
                                 seed=s.seed, device=dev, data_root=s.data_root, progress=not s.no_progress)
         shadows = load_shadow_models(shadow_dir, device=dev, limit=s.num_shadows)
     defense = build_defense(spec, victim_dir=s.victim_model_dir, device=dev) if s.recover != "none" else None
+    if defense is not None and defense.stateful:  # the defender's state after the thief's queries
+        states = StateSlots(folder).load(len(raw))
+        if states is None:
+            raise ValueError(f"{folder}: no snapshot of the {s.defense} state after its {len(raw)} queries "
+                             f"({', '.join(STATE_FILES)}); run the transfer step locally first")
+        defense.set_state(states["blackbox"])
     attack = DefenseAware(restorer=_restorer(s, dev), table_source=s.recover_table, prior=s.dirichlet_prior,
                           table_size=s.table_size, concentration=s.concentration, epsilon=s.epsilon_filter,
                           shadows=shadows, hard_label=s.hardlabel, seed=s.seed)

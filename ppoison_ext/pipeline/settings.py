@@ -170,8 +170,9 @@ def build_parser(cls: type, *, prog: Optional[str] = None) -> argparse.ArgumentP
             if not flag.flags:
                 raise TypeError(f"settings field {f.name!r}: a bool must be a flag, not a positional")
             kw.pop("metavar", None)
-            kw["action"] = argparse.BooleanOptionalAction if f.default is True else "store_true"
-            kw["default"] = bool(f.default) if has_default else False
+            unset = f.default is None  # Optional[bool]: --x / --no-x, or neither (None)
+            kw["action"] = argparse.BooleanOptionalAction if f.default is True or unset else "store_true"
+            kw["default"] = None if unset else (bool(f.default) if has_default else False)
         else:
             kw["type"] = flag.parse or (tp if tp in (int, float, str) else str)
             if has_default:

@@ -270,15 +270,17 @@ class TransferSettings(CommonSettings):
                                    help="centred Dirichlet concentration factor (default: 8)")
     recover_norm: float = setting("--recover-norm", default=1.0, group=_AWARE, help="Partial Bayes L_p (default 1)")
     tolerance: float = setting("--tolerance", default=0.01, group=_AWARE, help="Partial Bayes tolerance (0.01)")
-    top1_recover: bool = setting("--top1-recover", default=True, group=_AWARE,
-                                 help="Partial Bayes: only candidates with the same top-1 (default)")
+    top1_recover: Optional[bool] = setting("--top1-recover", default=None, group=_AWARE,
+                                           help="Partial Bayes: only candidates with the same top-1 "
+                                           "(default: when the defense keeps the top-1)")
     recover_epochs: int = setting("--recover-epochs", default=200, group=_AWARE, help="D-DAE epochs (200)")
     recover_batch_size: int = setting("--recover-batch-size", default=1024, group=_AWARE,
                                       help="D-DAE batch (1024)")
     recover_bn_train: bool = setting("--recover-bn-train", default=False, group=_AWARE,
                                      help="D-DAE: restore in train-mode BatchNorm, one batch")
     epsilon_filter: Optional[float] = setting("--epsilon-filter", default=None, group=_AWARE,
-                                              help="keep table pairs within this L1 distance (quantizers)")
+                                              help="keep table pairs within this L1 distance (default: "
+                                              "ModelGuard-S's epsilon, else inf: every pair)")
     shadow_dir: Optional[str] = setting("--shadow-dir", default=None, metavar="DIR", group=_AWARE,
                                         help="shadow models (default: out_dir/shadows; trained when missing)")
     num_shadows: int = setting("--num-shadows", default=20, group=_AWARE, help="shadow models (20)")
