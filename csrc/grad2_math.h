@@ -9,6 +9,15 @@
 //   ỹ_e        = clamp(x, 1e-15, 1) / Σ clamp(x, 1e-15, 1).
 // The exact LP optimum of min cᵀx on {x ∈ Δ_K, ‖x − p‖₁ ≤ ε} (GRAD², Mazeika et al. 2022),
 // without the original's np.isclose early stop. Everything in double, rounded once.
+//
+// The donor order is given to the walk, not sorted in it: `order` holds all K classes sorted by
+// grad2_donor_before (c descending, equal c lowest index first; the receiver is among them and
+// the walk skips it). That order is exactly a stable descending sort of c with −0.0 read as +0.0
+// (== does not tell them apart), so the backends make it as suits them, O(K log K) a row:
+//   CPU:  per row, std::sort with grad2_donor_before (grad2_row_order);
+//   CUDA: one ATen stable sort of the whole batch (grad2_cuda.cu; no sort on a device thread).
+// The walk (grad2_allocate_budget) is one budget of one row, O(K): the CPU loops over the budgets,
+// the CUDA kernel runs a thread per (row, budget). Both run this code, so the CPU tests check it.
 #pragma once
 
 #include <algorithm>
@@ -39,63 +48,48 @@ G2_HD int grad2_receiver(const scalar_t* c, int K) {
   return r;
 }
 
-// order[0 .. K−2] ← the donors of one row, in visiting order.
-template <typename scalar_t>
-G2_HD void grad2_donor_order(const scalar_t* c, int K, int r, int* order) {
-  int n = 0;
-  for (int k = 0; k < K; ++k)
-    if (k != r) order[n++] = k;
-#if defined(__CUDA_ARCH__)
-  for (int i = 1; i < n; ++i) {  // insertion sort: one thread per row, no allocation
-    const int v = order[i];
-    int j = i - 1;
-    while (j >= 0 && grad2_donor_before(c, v, order[j])) {
-      order[j + 1] = order[j];
-      --j;
-    }
-    order[j + 1] = v;
-  }
-#else
-  std::sort(order, order + n, [c](int a, int b) { return grad2_donor_before(c, a, b); });
-#endif
+// order[0 .. K−1] ← the K classes of one row in donor order (host only: the CUDA path sorts the
+// batch with ATen instead).
+template <typename scalar_t, typename index_t>
+inline void grad2_row_order(const scalar_t* c, int K, index_t* order) {
+  for (int k = 0; k < K; ++k) order[k] = (index_t)k;
+  std::sort(order, order + K, [c](index_t a, index_t b) { return grad2_donor_before(c, (int)a, (int)b); });
 }
 
 G2_HD double grad2_clamp(double v) { return v < kGrad2Floor ? kGrad2Floor : (v > 1.0 ? 1.0 : v); }
 
-// One row, all E budgets: out[e·K + k] = ỹ_e[k]. `order` is scratch for K − 1 ints.
-template <typename scalar_t>
-G2_HD void grad2_allocate_row(const scalar_t* p, const scalar_t* c, int K, const double* eps, int E, int* order,
-                              scalar_t* out) {
-  const int r = grad2_receiver(c, K);
-  grad2_donor_order(c, K, r, order);
+// One row, one budget ε: out[k] = ỹ[k] (K entries). `order`: the row's K classes in donor order
+// (grad2_row_order, or the CUDA path's batch sort); r: its receiver (grad2_receiver).
+template <typename scalar_t, typename index_t>
+G2_HD void grad2_allocate_budget(const scalar_t* p, const index_t* order, int K, int r, double eps,
+                                 scalar_t* out) {
   const double pr = (double)p[r];
-  for (int e = 0; e < E; ++e) {
-    const double half = 0.5 * eps[e];
-    const double G = (1.0 - pr) < half ? (1.0 - pr) : half;
-    // pass 1: the normaliser; pass 2: the same walk, written out
-    double total = 0.0, moved = 0.0, S = 0.0;
-    for (int i = 0; i < K - 1; ++i) {
-      const int d = order[i];
-      const double pd = (double)p[d];
-      double take = G - S;
-      take = take < 0.0 ? 0.0 : (take > pd ? pd : take);
-      S += pd;
-      moved += take;
-      total += grad2_clamp(pd - take);
-    }
-    total += grad2_clamp(pr + moved);
-    scalar_t* o = out + (int64_t)e * K;
-    S = 0.0;
-    for (int i = 0; i < K - 1; ++i) {
-      const int d = order[i];
-      const double pd = (double)p[d];
-      double take = G - S;
-      take = take < 0.0 ? 0.0 : (take > pd ? pd : take);
-      S += pd;
-      o[d] = (scalar_t)(grad2_clamp(pd - take) / total);
-    }
-    o[r] = (scalar_t)(grad2_clamp(pr + moved) / total);
+  const double half = 0.5 * eps;
+  const double G = (1.0 - pr) < half ? (1.0 - pr) : half;
+  // pass 1: the normaliser; pass 2: the same walk, written out
+  double total = 0.0, moved = 0.0, S = 0.0;
+  for (int i = 0; i < K; ++i) {
+    const int d = (int)order[i];
+    if (d == r) continue;
+    const double pd = (double)p[d];
+    double take = G - S;
+    take = take < 0.0 ? 0.0 : (take > pd ? pd : take);
+    S += pd;
+    moved += take;
+    total += grad2_clamp(pd - take);
   }
+  total += grad2_clamp(pr + moved);
+  S = 0.0;
+  for (int i = 0; i < K; ++i) {
+    const int d = (int)order[i];
+    if (d == r) continue;
+    const double pd = (double)p[d];
+    double take = G - S;
+    take = take < 0.0 ? 0.0 : (take > pd ? pd : take);
+    S += pd;
+    out[d] = (scalar_t)(grad2_clamp(pd - take) / total);
+  }
+  out[r] = (scalar_t)(grad2_clamp(pr + moved) / total);
 }
 
 }  // namespace ppoison

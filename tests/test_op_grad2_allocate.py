@@ -1,5 +1,6 @@
 """grad2_allocate: golden values (field-defenses.md §1.10), the twin, GR's sequential loop
-(tests/original_grad2.py), simplex and budget, ties, errors, opcheck; every device."""
+(tests/original_grad2.py), simplex and budget, ties, the walk bit for bit on tie-heavy rows and
+the batch sort the CUDA path takes its donor order from, errors, opcheck; every device."""
 
 import math
 
@@ -105,6 +106,77 @@ def test_ties_go_to_the_lowest_index(device):
     out = ops.grad2_allocate(p, c, 0.2)[0, 0].cpu()
     torch.testing.assert_close(out, torch.tensor([0.0, 0.3, 0.3, 0.4], dtype=torch.float64), rtol=0, atol=1e-14)
     torch.testing.assert_close(reference.grad2_allocate(p, c, 0.2)[0, 0].cpu(), out, rtol=0, atol=1e-15)
+
+
+def _tie_heavy(B, K, dtype, generator):
+    """p with exact zeros, c from four values, −0.0 and +0.0 among them (equal for ==)."""
+    p = make_probs(B, K, "zeros", dtype=torch.float64, generator=generator)
+    vals = torch.tensor([-0.0, 0.0, 0.25, -1.5], dtype=torch.float64)
+    c = vals[torch.randint(4, (B, K), generator=generator)]
+    return p.to(dtype), c.to(dtype)
+
+
+def _walk(p, c, eps):
+    """grad2_math.h's walk for one row and one budget, in Python floats (IEEE doubles, the same
+    operations in the same order, written as the C++ ternaries): the exact value the kernels must
+    return, before the cast."""
+    def floor(v):
+        return FLOOR if v < FLOOR else (1.0 if v > 1.0 else v)
+
+    K = len(p)
+    r = min(range(K), key=lambda k: (c[k], k))  # first minimum (−0.0 == +0.0)
+    pr, half = p[r], 0.5 * eps
+    G = (1.0 - pr) if (1.0 - pr) < half else half
+    total = moved = S = 0.0
+    takes = []
+    for d in sorted((k for k in range(K) if k != r), key=lambda k: (-c[k], k)):
+        take = G - S
+        take = 0.0 if take < 0.0 else (p[d] if take > p[d] else take)
+        S += p[d]
+        moved += take
+        total += floor(p[d] - take)
+        takes.append((d, take))
+    total += floor(pr + moved)
+    out = [0.0] * K
+    for d, take in takes:
+        out[d] = floor(p[d] - take) / total
+    out[r] = floor(pr + moved) / total
+    return out
+
+
+@pytest.mark.parametrize("dtype", float_dtypes, ids=DT_IDS)
+@pytest.mark.parametrize("K", [2, 3, 64, 5000])
+def test_bitwise_the_sequential_walk_with_ties(device, K, dtype):
+    """Bit for bit the walk of the formula, on tie-heavy rows (equal c, −0.0 next to +0.0, exact
+    zeros in p), on every device: the CUDA kernel takes its donor order from one batch sort, the
+    CPU from a sort per row, and both walk in grad2_math.h's code. K = 5000 > 4096: torch's CUDA
+    sort takes its segmented radix sort there."""
+    g = torch.Generator().manual_seed(K + 11)
+    B = 3 if K >= 1000 else 17
+    p, c = _tie_heavy(B, K, dtype, g)
+    eps = [0.0, 0.3, 1.0, 2.0]
+    out = ops.grad2_allocate(p.to(device), c.to(device), eps).cpu()
+    pl, cl = p.double().tolist(), c.double().tolist()
+    want = torch.tensor([[_walk(pl[b], cl[b], e) for e in eps] for b in range(B)], dtype=torch.float64)
+    assert torch.equal(out, want.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", float_dtypes, ids=DT_IDS)
+@pytest.mark.parametrize("K", [2, 33, 5000])
+def test_the_batch_sort_is_the_donor_order(device, K, dtype):
+    """What grad2_cuda.cu sorts: a stable descending sort of c − (−0.0), which, the receiver left
+    out, is the donor order (c descending, equal c lowest index first, −0.0 equal to +0.0)."""
+    g = torch.Generator().manual_seed(K)
+    B = 3 if K >= 1000 else 17
+    _, c = _tie_heavy(B, K, dtype, g)
+    c = c.to(device)
+    order = torch.sort(c - torch.tensor(-0.0, dtype=dtype, device=device), dim=1, descending=True,
+                       stable=True).indices.cpu()
+    r = c.argmin(1).cpu()
+    for b, row in enumerate(c.double().cpu().tolist()):
+        want = sorted((k for k in range(K) if k != int(r[b])), key=lambda k: (-row[k], k))
+        got = [k for k in order[b].tolist() if k != int(r[b])]
+        assert got == want, f"row {b}"
 
 
 def test_empty_and_non_contiguous(device):

@@ -13,10 +13,13 @@ projections use different algorithms: Condat on the CPU, Michelot on CUDA):
 * float32: |a - b| <= 1e-6  * max(1, max|b|) + 1e-5  * |b|
 * exact where the result is discrete or must be identical: the oracle's y* (a vertex), the
   random oracle for one seed, a row already feasible returned unchanged by the projections,
-  the symmetry of the explicit Gram, error messages (NaN/Inf) equal to the CPU's.
+  the symmetry of the explicit Gram, error messages (NaN/Inf) equal to the CPU's, and
+  grad2_allocate on tie-heavy rows (both backends walk grad2_math.h's code in the same donor
+  order: CUDA's from one batch sort, the CPU's from a sort per row).
 
 Covered for each op: float32 and float64, K across a warp (2 ... 40 classes), B = 0, a
-non-contiguous input, and a non-default stream (the default stream is kept busy meanwhile,
+batch size on each side of the row kernels' launch shapes (utils.cuh's row_launch: one row,
+blocks of 32 spread over the SMs, full blocks), a non-contiguous input, and a non-default stream (the default stream is kept busy meanwhile,
 so an op that launched on it instead of the current stream would leave its output
 unwritten when the current stream reads it; best effort: it relies on the allocator handing
 the op a block the smoke filled with NaN just before).
@@ -331,6 +334,62 @@ def run_modelguard(sm: Smoke, seed: int) -> None:
         sm.same_error(f"error modelguard_w_solve nan y {tag}", ops.modelguard_w_solve, bad, 0.5)
         sm.same_error(f"error modelguard_w_solve negative y {tag}", ops.modelguard_w_solve, -y, 0.5)
 
+def run_grad2_ties_and_shapes(sm: Smoke, seed: int) -> None:
+    """grad2_allocate bit for bit on tie-heavy rows (equal c, −0.0 next to +0.0, zeros in p) up to
+    K = 5000 (torch's CUDA sort switches to its segmented radix sort above 4096), and, full smoke
+    only, one K = 20000 call timed: the donor order is one batch sort, so it takes milliseconds
+    (a sort on one device thread, O(K²), took seconds). Then the thread-per-row ops at batch sizes
+    on each side of row_launch's shapes (1 row; blocks of 32 on many SMs; full blocks)."""
+    g = torch.Generator().manual_seed(seed + 29)
+    eps = [0.0, 0.3, 1.0, 2.0]
+    vals = torch.tensor([-0.0, 0.0, 0.25, -1.5], dtype=torch.float64)
+
+    def tie_heavy(B, K, dt):
+        p = torch.softmax(torch.randn(B, K, generator=g, dtype=torch.float64) * 3, 1)
+        p = torch.where(torch.rand(B, K, generator=g) < 0.3, 0.0, p)
+        p[:, 0] += 1e-3
+        return (p / p.sum(1, keepdim=True)).to(dt), vals[torch.randint(4, (B, K), generator=g)].to(dt)
+
+    for dt in (torch.float64, torch.float32):
+        for B, K in (((3, 2), (5, 300)) if sm.quick else ((3, 2), (33, 64), (5, 300), (2, 5000))):
+            p, c = tie_heavy(B, K, dt)
+            sm.case(f"grad2_allocate ties {str(dt)[6:]} B={B} K={K}", ops.grad2_allocate, p, c, eps, exact=(0,))
+    if not sm.quick:
+        p, c = tie_heavy(2, 20000, torch.float32)
+        pd, cd = p.to(sm.dev), c.to(sm.dev)
+        ops.grad2_allocate(pd[:, :50], cd[:, :50], eps)  # the sort's first call out of the timing
+        if sm.dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        got = ops.grad2_allocate(pd, cd, eps)
+        if sm.dev.type == "cuda":
+            torch.cuda.synchronize()
+        secs = time.perf_counter() - t0
+        print(f"grad2_allocate B=2 K=20000 E=4 on {sm.dev}: {secs * 1e3:.1f} ms", flush=True)
+        sm.compare("grad2_allocate ties float32 B=2 K=20000", got, ops.grad2_allocate(p, c, eps), exact=(0,))
+        if secs > 1.0:
+            sm.fail("grad2_allocate K=20000 time", f"{secs:.2f} s > 1 s: a per-row O(K^2) path?")
+
+    # Batch sizes around row_launch's shapes (H100/H200: 132 SMs; 1 row, 32-thread blocks up to
+    # 32·SMs rows, wider blocks, full 256-thread blocks from 256·SMs rows)
+    K = 5
+    for B in ((1, 300) if sm.quick else (1, 300, 5000, 40000)):
+        d = _inputs(B, K, torch.float32, g, D=3)
+        y, p, hsq, idx, v = (d[k] for k in ("y", "p", "hsq", "idx", "v"))
+        ys = ops.mad_oracle(y, p=p, h_sqnorm=hsq, oracle="extreme")[0]
+        tag = f"float32 B={B} K={K}"
+        # extreme, not argmax: no near-tie between vertices can make y* differ among 40000 rows
+        sm.case(f"mad_oracle fc extreme {tag}", ops.mad_oracle, y, p=p, h_sqnorm=hsq, oracle="extreme",
+                exact=(0,))
+        sm.case(f"mad_oracle random {tag}", ops.mad_oracle, y, oracle="random", index=idx, exact=(0,))
+        sm.case(f"mad_objective fc {tag}", ops.mad_objective, ys, y, p=p, h_sqnorm=hsq)
+        sm.case(f"mad_step kl {tag}", ops.mad_step, y, ys, 0.05, "kl")
+        sm.case(f"project_simplex {tag}", ops.project_simplex, v, 1.0)
+        sm.case(f"project_l1_ball {tag}", ops.project_l1_ball, v, 0.5)
+        sm.case(f"grad2_allocate {tag}", ops.grad2_allocate, y, v, [0.1, 1.0], exact=(0,))
+        sm.case(f"modelguard_w_solve {tag}", ops.modelguard_w_solve, y, 0.5, exact=(2,))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda", help="device to compare with the CPU (default cuda)")
@@ -345,6 +404,7 @@ def main(argv=None) -> int:
     sm = Smoke(dev, a.quick)
     run(sm, a.seed)
     run_modelguard(sm, a.seed)
+    run_grad2_ties_and_shapes(sm, a.seed)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     print(f"gpu_smoke ({dev}, {'quick' if a.quick else 'full'}, pid {os.getpid()}): {sm.checks} checks, "

@@ -1,5 +1,6 @@
 // GRAD²'s allocation step: p, c [B, K], budgets ε [E] → ỹ [B, E, K] (formula in grad2_math.h).
-// One task per row: one sort of the donors, then an O(K) walk per budget.
+// One task per row: its donor order (grad2_row_order, one std::sort), then an O(K) walk per
+// budget (grad2_allocate_budget, the code the CUDA kernel runs).
 
 #include <atomic>
 #include <vector>
@@ -40,7 +41,9 @@ Tensor grad2_allocate_cpu(const Tensor& p_, const Tensor& c_, torch::headeronly:
           for (int64_t i = 0; i < E * K; ++i) o[i] = scalar_t(0);
           continue;
         }
-        grad2_allocate_row(pr, cr, (int)K, eps.data(), (int)E, order.data(), o);
+        const int r = grad2_receiver(cr, (int)K);
+        grad2_row_order(cr, (int)K, order.data());
+        for (int64_t e = 0; e < E; ++e) grad2_allocate_budget(pr, order.data(), (int)K, r, eps[e], o + e * K);
       }
     });
   });

@@ -1,6 +1,8 @@
 // GRAD²'s allocation step (CUDA twin of grad2_cpu.cpp): p, c [B, K], budgets ε [E] → ỹ [B, E, K],
-// formula in grad2_math.h. A thread per row calling grad2_allocate_row; its donor order lives
-// in a [B, K − 1] int scratch buffer; the budgets in a device copy.
+// formula in grad2_math.h. The donor order of every row comes from one ATen stable sort of the
+// batch (descending; int64 [B, K]), not from a sort on a device thread; then a thread per
+// (row, budget) finds the row's receiver (O(K)) and runs the shared walk grad2_allocate_budget
+// (O(K)), the CPU's code, with the budgets in a device copy. Launch: row_launch over B·E.
 
 #include "../grad2_checks.h"
 #include "../grad2_math.h"
@@ -13,10 +15,25 @@ namespace {
 
 template <typename scalar_t>
 __global__ void grad2_allocate_kernel(const scalar_t* __restrict__ p, const scalar_t* __restrict__ c,
-                                      const double* __restrict__ eps, int* __restrict__ order,
+                                      const int64_t* __restrict__ order, const double* __restrict__ eps,
                                       scalar_t* __restrict__ out, int64_t B, int K, int E) {
-  for (int64_t b = thread_id0(); b < B; b += thread_stride())
-    grad2_allocate_row(p + b * K, c + b * K, K, eps, E, order + b * (K - 1), out + b * (int64_t)E * K);
+  for (int64_t t = thread_id0(); t < B * E; t += thread_stride()) {
+    const int64_t b = t / E;
+    const int64_t row = b * K;
+    grad2_allocate_budget(p + row, order + row, K, grad2_receiver(c + row, K), eps[t - b * E], out + t * K);
+  }
+}
+
+// The K classes of each row in donor order (grad2_donor_before): a stable descending sort of c,
+// which keeps the lowest index first among equal c. The keys are c − (−0.0) = c + 0.0, which
+// turns −0.0 into +0.0 and leaves every other value as it is: grad2_donor_before's == holds
+// −0.0 and +0.0 equal, and a sort of the raw c need not (a radix sort orders them by bits).
+Tensor grad2_batch_order(const Tensor& c) {
+  const Tensor minus_zero = torch::stable::full(torch::headeronly::IntHeaderOnlyArrayRef(), -0.0, c.scalar_type(),
+                                                std::nullopt, c.device());
+  const Tensor keys = torch::stable::subtract(c, minus_zero);
+  const auto sorted = call_aten<2>("aten::sort", "stable", keys, std::optional<bool>(true), int64_t(1), true);
+  return as_contiguous(sorted[1]);
 }
 
 }  // namespace
@@ -35,12 +52,13 @@ Tensor grad2_allocate_cuda(const Tensor& p_, const Tensor& c_, torch::headeronly
                                       torch::stable::Device(torch::headeronly::DeviceType::CPU));
   std::copy(epsilons.begin(), epsilons.end(), eps_host.mutable_data_ptr<double>());
   auto eps = torch::stable::to(eps_host, p.device());
-  auto order = new_tensor(p, {B, K - 1}, ScalarType::Int);
+  Tensor order = grad2_batch_order(c);
   const cudaStream_t stream = current_stream(guard);
+  const RowLaunch launch = row_launch(guard, B * E);
   PPOISON_DISPATCH_FLOATING_TYPES(p.scalar_type(), "grad2_allocate_cuda", [&] {
-    grad2_allocate_kernel<scalar_t><<<BLOCKS(B), THREADS, 0, stream>>>(
-        p.mutable_data_ptr<scalar_t>(), c.mutable_data_ptr<scalar_t>(), eps.mutable_data_ptr<double>(), order.mutable_data_ptr<int>(),
-        out.mutable_data_ptr<scalar_t>(), B, (int)K, (int)E);
+    grad2_allocate_kernel<scalar_t><<<launch.blocks, launch.threads, 0, stream>>>(
+        p.mutable_data_ptr<scalar_t>(), c.mutable_data_ptr<scalar_t>(), order.mutable_data_ptr<int64_t>(),
+        eps.mutable_data_ptr<double>(), out.mutable_data_ptr<scalar_t>(), B, (int)K, (int)E);
     STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

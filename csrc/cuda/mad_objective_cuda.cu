@@ -2,7 +2,7 @@
 // objective_fc / objective_dense in mad_math.h, as mad_objective_cpu.cpp), per sample:
 //   obj [B] = ‖Gᵀỹ/‖Gᵀỹ‖ − Gᵀy/‖Gᵀy‖‖²,  surrogate [B] = ‖Gᵀ(ỹ − y)‖²
 // from the FC/identity Gram (p [B, K], ‖h‖² [B]) or a dense Gram M [B, K, K].
-// One thread per row b.
+// One thread per row b (row_launch).
 
 #include "../mad_math.h"
 #include "../ops.h"
@@ -56,13 +56,14 @@ std::tuple<Tensor, Tensor> mad_objective_cuda(const Tensor& yt_, const Tensor& y
                 {ga.gram, "gram", ValueCheck::Finite},
                 {ga.hsq, "h_sqnorm", ValueCheck::FiniteNonneg}});
   const cudaStream_t stream = current_stream(guard);
+  const RowLaunch launch = row_launch(guard, B);
   PPOISON_DISPATCH_FLOATING_TYPES(y.scalar_type(), "mad_objective_cuda", [&] {
     if (ga.dense) {
-      objective_dense_kernel<scalar_t><<<BLOCKS(B), THREADS, 0, stream>>>(
+      objective_dense_kernel<scalar_t><<<launch.blocks, launch.threads, 0, stream>>>(
           yt.mutable_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), ga.gram.mutable_data_ptr<scalar_t>(), obj.mutable_data_ptr<scalar_t>(),
           sur.mutable_data_ptr<scalar_t>(), B, (int)K);
     } else {
-      objective_fc_kernel<scalar_t><<<BLOCKS(B), THREADS, 0, stream>>>(
+      objective_fc_kernel<scalar_t><<<launch.blocks, launch.threads, 0, stream>>>(
           yt.mutable_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), ga.p.defined() ? ga.p.mutable_data_ptr<scalar_t>() : nullptr,
           ga.hsq.defined() ? ga.hsq.mutable_data_ptr<scalar_t>() : nullptr, obj.mutable_data_ptr<scalar_t>(),
           sur.mutable_data_ptr<scalar_t>(), B, (int)K);

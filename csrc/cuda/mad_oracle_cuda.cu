@@ -1,9 +1,10 @@
 // MAD perturbation-direction search (CUDA launcher of oracle.h, as mad_oracle_cpu.cpp):
 // per sample the target vertex y* [B, K] and its objective value [B].
-// One thread per sample row b, running oracle_row_fc / oracle_row_dense. Its per-row scratch
-// is row b of [B, K] tensors allocated here: the vertex mask (uint8, argmax), the greedy's
-// added-class order (int32) and smoothed y (scalar_t), the dense Gram's M·y and, for the greedy
-// search, M·1_S (double). The exact search keeps its kLowBits tables in local memory.
+// One thread per sample row b (row_launch, at most ORACLE_THREADS a block), running oracle_row_fc
+// / oracle_row_dense. Its per-row scratch is row b of [B, K] tensors allocated here: the vertex
+// mask (uint8, argmax), the greedy's added-class order (int32) and smoothed y (scalar_t), the
+// dense Gram's M·y and, for the greedy search, M·1_S (double). The exact search keeps its
+// kLowBits tables in local memory.
 
 #include "../oracle.h"
 #include "../ops.h"
@@ -14,7 +15,7 @@ namespace ppoison {
 
 namespace {
 
-constexpr int ORACLE_THREADS = 64;  // long-running threads: spread rows over more SMs
+constexpr int ORACLE_THREADS = 64;  // the most a block: long-running threads, spread over more SMs
 
 // Row b of the [B, K] scratch tensors (nullptr where not allocated).
 template <typename scalar_t>
@@ -93,17 +94,17 @@ std::tuple<Tensor, Tensor> mad_oracle_cuda(const Tensor& y_, const OptTensor& p_
   const int64_t* index_p = data_or_null<int64_t>(in.index);
 
   const cudaStream_t stream = current_stream(guard);
-  const unsigned int blocks = BLOCKS(B, ORACLE_THREADS);
+  const RowLaunch launch = row_launch(guard, B, ORACLE_THREADS);
   PPOISON_DISPATCH_FLOATING_TYPES(y.scalar_type(), "mad_oracle_cuda", [&] {
     const ScratchRows<scalar_t> s{data_or_null<unsigned char>(mask), data_or_null<int>(order),
                                   data_or_null<scalar_t>(ysmooth), data_or_null<double>(my),
                                   data_or_null<double>(r)};
     if (ga.dense) {
-      oracle_dense_kernel<scalar_t><<<blocks, ORACLE_THREADS, 0, stream>>>(
+      oracle_dense_kernel<scalar_t><<<launch.blocks, launch.threads, 0, stream>>>(
           y.mutable_data_ptr<scalar_t>(), ga.gram.mutable_data_ptr<scalar_t>(), index_p, args, B, (int)K, s,
           ystar.mutable_data_ptr<scalar_t>(), value.mutable_data_ptr<scalar_t>());
     } else {
-      oracle_fc_kernel<scalar_t><<<blocks, ORACLE_THREADS, 0, stream>>>(
+      oracle_fc_kernel<scalar_t><<<launch.blocks, launch.threads, 0, stream>>>(
           y.mutable_data_ptr<scalar_t>(), data_or_null<scalar_t>(ga.p), data_or_null<scalar_t>(ga.hsq), index_p, args, B,
           (int)K, s, ystar.mutable_data_ptr<scalar_t>(), value.mutable_data_ptr<scalar_t>());
     }

@@ -4,7 +4,7 @@
 //   l1/l2: α = clamp(ε / (‖y − y*‖_p + 1e-7), 0, 1)
 //   kl:    α = 1 if KL(y‖y*) ≤ ε, else the last feasible midpoint of a
 //          `kl_steps`-step bisection on KL(y‖ỹ(α)) ≤ ε over [0, 1] (0 if none).
-// One thread per row b.
+// One thread per row b (row_launch).
 
 #include "../mad_math.h"
 #include "../ops.h"
@@ -37,8 +37,9 @@ Tensor mad_step_cuda(const Tensor& y_, const Tensor& ys_, double epsilon, std::s
   if (B == 0) return out;
   check_values({{y, "y", ValueCheck::Finite}, {ys, "y_star", ValueCheck::Finite}});
   const cudaStream_t stream = current_stream(guard);
+  const RowLaunch launch = row_launch(guard, B);
   PPOISON_DISPATCH_FLOATING_TYPES(y.scalar_type(), "mad_step_cuda", [&] {
-    step_kernel<scalar_t><<<BLOCKS(B), THREADS, 0, stream>>>(y.mutable_data_ptr<scalar_t>(), ys.mutable_data_ptr<scalar_t>(),
+    step_kernel<scalar_t><<<launch.blocks, launch.threads, 0, stream>>>(y.mutable_data_ptr<scalar_t>(), ys.mutable_data_ptr<scalar_t>(),
                                                             out.mutable_data_ptr<scalar_t>(), B, (int)K, epsilon, dist,
                                                             (int)kl_steps);
     STD_CUDA_KERNEL_LAUNCH_CHECK();

@@ -36,9 +36,10 @@ std::tuple<Tensor, Tensor, Tensor> modelguard_w_solve_cuda(const Tensor& y_, dou
   const int64_t B = c.y.size(0), K = c.y.size(1);
   if (B == 0) return {c.out, c.obj, c.feas};
   const cudaStream_t stream = current_stream(guard);
-  constexpr int threads = 128;  // a thread per row: small blocks keep more SMs busy at small B
+  constexpr int max_threads = 128;  // a thread per row: small blocks keep more SMs busy
+  const RowLaunch launch = row_launch(guard, B, max_threads);
   PPOISON_DISPATCH_FLOATING_TYPES(c.y.scalar_type(), "modelguard_w_solve_cuda", [&] {
-    modelguard_w_kernel<scalar_t><<<BLOCKS(B, threads), threads, 0, stream>>>(
+    modelguard_w_kernel<scalar_t><<<launch.blocks, launch.threads, 0, stream>>>(
         c.y.mutable_data_ptr<scalar_t>(), c.order.mutable_data_ptr<int64_t>(), c.ys.mutable_data_ptr<double>(), c.cs.mutable_data_ptr<double>(),
         c.out.mutable_data_ptr<scalar_t>(), c.obj.mutable_data_ptr<scalar_t>(), c.feas.mutable_data_ptr<bool>(), B, (int)K, epsilon,
         margin);

@@ -1,6 +1,6 @@
 // Euclidean projections of each row v [B, K] → [B, K] onto the simplex {x ≥ 0, Σx = s} and
 // the l1 ball {‖x‖₁ ≤ s} (CUDA launcher of project_row in projection.h, as projection_cpu.cpp).
-// One thread per row b.
+// One thread per row b (row_launch).
 
 #include "../ops.h"
 #include "../projection.h"
@@ -28,8 +28,9 @@ Tensor project_impl(const Tensor& v_, double radius, bool l1) {
   if (B == 0) return out;
   check_values({{v, "v", ValueCheck::Finite}});
   const cudaStream_t stream = current_stream(guard);
+  const RowLaunch launch = row_launch(guard, B);
   PPOISON_DISPATCH_FLOATING_TYPES(v.scalar_type(), "project_cuda", [&] {
-    project_kernel<scalar_t><<<BLOCKS(B), THREADS, 0, stream>>>(v.mutable_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+    project_kernel<scalar_t><<<launch.blocks, launch.threads, 0, stream>>>(v.mutable_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
                                                                B, (int)K, radius, l1);
     STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
