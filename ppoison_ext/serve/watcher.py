@@ -9,6 +9,7 @@ a key's whole committed record stream first restores it (the server's replay on 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import threading
@@ -64,11 +65,15 @@ class DetectorProcess:
             return key_id in self._sent
 
     def observe(self, key_id: str, records: torch.Tensor) -> None:
-        """Sends a key's next committed records [n, record_width] (float32); does not wait."""
+        """Sends a key's next committed records [n, record_width] (float32); does not wait. A dead
+        child does not make it raise (the records are committed already): :meth:`summary` does."""
         with self._send_lock:  # not under _cond: the reader must go on receiving while this blocks
             with self._cond:
                 self._sent[key_id] = self._sent.get(key_id, 0) + 1
-            self._conn.send((key_id, records.to(torch.float32).contiguous().numpy()))
+            try:
+                self._conn.send((key_id, records.to(torch.float32).contiguous().numpy()))
+            except OSError as err:
+                self._fail(f"it exited ({type(err).__name__})")
 
     def summary(self, key_id: str) -> KeyState:
         """The key's summary (queries, flag, first flag, last score) after all records sent so far."""
@@ -92,20 +97,22 @@ class DetectorProcess:
             try:
                 key_id, st = self._conn.recv()
             except (EOFError, OSError) as err:
-                with self._cond:
-                    self._error = self._error or f"it exited ({type(err).__name__})"
-                    self._cond.notify_all()
+                self._fail(f"it exited ({type(err).__name__})")
                 return
             with self._cond:
                 self._summaries[key_id] = st
                 self._done[key_id] = self._done.get(key_id, 0) + 1
                 self._cond.notify_all()
 
+    def _fail(self, why: str) -> None:
+        with self._cond:
+            self._error = self._error or why
+            self._cond.notify_all()
+
     def close(self) -> None:
         """Lets the child finish what it was sent, then stops it."""
-        with self._cond:
-            self._error = self._error or "closed"
-        with self._send_lock:
+        self._fail("closed")
+        with self._send_lock, contextlib.suppress(OSError):
             if self._proc.is_alive():
                 self._conn.send(None)
         self._proc.join(30)
