@@ -274,10 +274,12 @@ def test_create_app_serves_a_user_model():
         assert bb.info["budget_remaining"] is None
         y = bb(x)
         assert httpx.get(url + "/no-such-page").status_code == 404
+        assert httpx.get(url + "/v1/predict").status_code == 405
         text = httpx.get(url + "/metrics").text
     assert torch.equal(y, defense(x))
     assert 'ppoison_requests_total{endpoint="/v1/predict",status="200"} 1.0' in text
     assert 'ppoison_requests_total{endpoint="other",status="404"} 1.0' in text
+    assert 'ppoison_requests_total{endpoint="/v1/predict",status="405"} 1.0' in text
 
 
 def test_router_mounts_into_an_existing_app(tmp_path):

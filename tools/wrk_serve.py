@@ -1,16 +1,25 @@
-"""Served latency with and without an extraction detector, measured by wrk (a C load generator).
+"""Served throughput and latency measured by wrk (a C load generator), against the bare-framework floor.
 
-    python tools/wrk_detect.py VICTIM_DIR [--detectors DIR ...] [--duration 10] [--connections 4]
-        [--keys 16] [--threads N] [--repeat R]
+    python tools/wrk_serve.py VICTIM_DIR [--proxy-dir P] [--configs bare,none,none-b1,mad,mad-b1]
+        [--detectors DIR ...] [--batches 1] [--duration 10] [--connections 64] [--keys 0]
+        [--threads N] [--repeat R]
 
-For each request size b in --batches (images per request) and each configuration (no detector, then
-each detector folder or 'prada'), starts ``ppoison serve VICTIM_DIR --defense none`` on loopback
-(one process, --max-batch 64, --keys API keys, a fresh --log-dir), warms it up, then runs
-``wrk -t1 -c C -d D --latency`` with a Lua script that cycles through 256 different MNIST test
-requests of b images (npy bodies), the requests taking turns over the keys. With --repeat R every
-configuration runs R times, interleaved. Prints one markdown table: requests/s, p50 and p99
-latency (medians over the runs), and each row's p50 relative to the no-detector row of the same b.
-Needs ``wrk`` (Debian package).
+For each request size b in --batches (images per request) and each configuration, starts a server on
+loopback (one process), warms it up, then runs ``wrk -t1 -c C -d D --latency`` with a Lua script that
+cycles through 256 different MNIST test requests of b images (npy bodies), taking turns over --keys
+API keys (0: no keys). Configurations:
+
+* ``bare``: the floor, a FastAPI app on the same uvicorn whose one endpoint only decodes the npy body
+  and answers an npy of K zeros per image;
+* ``none`` / ``mad``: ``ppoison serve VICTIM_DIR`` undefended / MAD (``epsilon:1.0,oracle:argmax``
+  with the --proxy-dir model), ``--max-batch 64``, a fresh ``--log-dir`` (the ledger and the query
+  logs on); ``none-b1`` / ``mad-b1``: the same with ``--max-batch 1``;
+* ``none+NAME``: ``none`` with each --detectors folder (or ``prada``).
+
+With --repeat R every configuration runs R times, interleaved. Prints one markdown table: requests/s,
+p50 and p99 latency (medians over the runs), requests/s relative to ``bare`` and p50 relative to
+``none`` of the same b. Needs ``wrk`` (Debian package). State the machine's load average beside the
+figures: wrk and the server share its cores.
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +53,57 @@ end
 wrk.method = "POST"
 request = function()
   i = i %% %(n)d + 1
-  k = k %% #keys + 1
-  return wrk.format(nil, "/v1/predict", {["Content-Type"] = "%(npy)s", ["Accept"] = "%(npy)s",
-                                         ["Authorization"] = "Bearer " .. keys[k]}, bodies[i])
+  local headers = {["Content-Type"] = "%(npy)s", ["Accept"] = "%(npy)s"}
+  if #keys > 0 then
+    k = k %% #keys + 1
+    headers["Authorization"] = "Bearer " .. keys[k]
+  end
+  return wrk.format(nil, "/v1/predict", headers, bodies[i])
 end
 """
+
+#: the floor: FastAPI on uvicorn (as ``ppoison serve`` runs it), decoding the npy body only
+BARE_APP = """
+import io, sys
+import numpy as np
+import uvicorn
+from fastapi import FastAPI, Request, Response
+
+app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+@app.post("/v1/predict")
+async def predict(request: Request):
+    x = np.load(io.BytesIO(await request.body()), allow_pickle=False)
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((x.shape[0], 10), dtype=np.float32))
+    return Response(buf.getvalue(), media_type="application/x-npy")
+
+@app.get("/v1/health")
+async def health():
+    return {"status": "ok"}
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[sys.argv.index("--port") + 1]), log_level="warning",
+            access_log=False)
+"""
+
+
+class BareServer(ServerProcess):
+    """:data:`BARE_APP` as a child process (ServerProcess's start, health wait and stop)."""
+
+    def __init__(self, app_file: Path):
+        super().__init__([])
+        self.app_file = app_file
+
+    def start(self) -> "BareServer":
+        self.proc = subprocess.Popen([sys.executable, str(self.app_file), "--port", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(self.url + "/v1/health", timeout=1).read()
+                return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("the bare server did not answer")
 
 
 def _ms(text: str) -> float:
@@ -73,23 +130,35 @@ def run_wrk(url: str, script: Path, connections: int, duration: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("victim_dir")
-    parser.add_argument("--detectors", nargs="*", default=["prada"], help="detector folders or 'prada'")
-    parser.add_argument("--batches", default="1,64", help="images per request (default 1,64)")
+    parser.add_argument("--proxy-dir", default=None, help="MAD's proxy model folder (configs mad, mad-b1)")
+    parser.add_argument("--configs", default="bare,none,none-b1,mad,mad-b1",
+                        help="comma-separated: bare, none, none-b1, mad, mad-b1 (module docs)")
+    parser.add_argument("--detectors", nargs="*", default=[], help="detector folders or 'prada' (none+NAME)")
+    parser.add_argument("--batches", default="1", help="images per request (default 1)")
     parser.add_argument("--duration", type=int, default=10)
-    parser.add_argument("--connections", type=int, default=4)
-    parser.add_argument("--keys", type=int, default=16, help="API keys the requests take turns with")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--keys", type=int, default=0, help="API keys the requests take turns with (0: none)")
     parser.add_argument("--threads", type=int, default=None, help="the server's torch threads")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs of every configuration, interleaved; the table gives their medians")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (apt-get install wrk)")
+    configs = [c for c in args.configs.split(",") if c] + [f"none+{d}" for d in args.detectors]
+    for c in configs:
+        if c.split("+")[0] not in ("bare", "none", "none-b1", "mad", "mad-b1"):
+            sys.exit(f"--configs: unknown configuration {c!r}")
+        if c.startswith("mad") and args.proxy_dir is None:
+            sys.exit(f"--configs {c}: needs --proxy-dir")
     ds = get_dataset("MNIST", train=False, transform=get_transform("mnist", "test"))
-    runs: dict = {}  # (images/request, detector) -> wrk results
+    runs: dict = {}  # (images/request, configuration) -> wrk results
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         keys = ", ".join(f'"{append_key(tmp / "keys.txt", f"k{i}")}"' for i in range(args.keys))
-        threads = [] if args.threads is None else ["--threads", str(args.threads)]
+        common = ["--threads", str(args.threads)] if args.threads is not None else []
+        if args.keys:
+            common += ["--api-keys", tmp / "keys.txt"]
+        (tmp / "bare.py").write_text(BARE_APP)
         scripts = {}
         for b in (int(v) for v in args.batches.split(",")):
             bodies = tmp / f"b{b}"
@@ -101,21 +170,32 @@ def main() -> int:
             scripts[b].write_text(LUA % {"n": 256, "dir": bodies, "npy": NPY, "keys": keys})
         for rep in range(args.repeat):
             for b, script in scripts.items():
-                for det in [None, *args.detectors]:
-                    logs = tmp / f"logs-{rep}-{b}-{len(runs)}"
-                    extra = [] if det is None else ["--detector", det]
-                    cmd = [args.victim_dir, "--defense", "none", "--log-dir", logs, "--max-batch", "64",
-                           "--api-keys", tmp / "keys.txt", *threads, *extra]
-                    with ServerProcess(cmd) as srv:
+                for config in configs:
+                    base, _, det = config.partition("+")
+                    cmd = [args.victim_dir, "--log-dir", tmp / f"logs-{rep}-{b}-{config.replace('/', '_')}",
+                           "--max-batch", "1" if base.endswith("-b1") else "64", *common]
+                    if base.startswith("mad"):
+                        cmd += ["--defense", "mad", "--defense-args",
+                                f"epsilon:1.0,oracle:argmax,model_adv_proxy:{args.proxy_dir}"]
+                    else:
+                        cmd += ["--defense", "none"]
+                    if det:
+                        cmd += ["--detector", det]
+                    with BareServer(tmp / "bare.py") if base == "bare" else ServerProcess(cmd) as srv:
                         run_wrk(srv.url, script, args.connections, 2)  # warm-up
                         r = run_wrk(srv.url, script, args.connections, args.duration)
-                    runs.setdefault((b, Path(det).name if det else "none"), []).append(r)
-    print("| images/request | detector | req/s | p50 ms | p99 ms | p50 vs none |\n|---|---|---|---|---|---|")
+                    name = base if not det else f"none+{Path(det).name}"
+                    runs.setdefault((b, name), []).append(r)
+    print("| images/request | server | req/s | p50 ms | p99 ms | req/s vs bare | p50 vs none |\n"
+          "|---|---|---|---|---|---|---|")
     for (b, name), rs in runs.items():
         med = {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99")}
-        base = statistics.median(r["p50"] for r in runs[(b, "none")])
+        ratio = {}
+        for ref, key in (("bare", "rps"), ("none", "p50")):
+            if (b, ref) in runs:
+                ratio[ref] = f"{med[key] / statistics.median(r[key] for r in runs[(b, ref)]):.2f}×"
         print(f"| {b} | {name} | {med['rps']:.0f} | {med['p50']:.2f} | {med['p99']:.2f} "
-              f"| {med['p50'] / base:.2f}× |")
+              f"| {ratio.get('bare', '')} | {ratio.get('none', '')} |")
     return 0
 
 

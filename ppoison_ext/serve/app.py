@@ -20,11 +20,12 @@ batch waits for the child when it is behind). A response applies from the key's 
 
 import concurrent.futures
 import io
+import itertools
 import logging
+import os
 import re
 import threading
 import time
-import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -98,18 +99,32 @@ def create_app(defense: Defense, *, input_shape: Sequence[int], **options: Any):
     app = FastAPI(title="ppoison serve", docs_url=None, redoc_url=None, openapi_url=None)
     router = create_router(defense, input_shape=input_shape, **options)
     app.include_router(router)
-
-    @app.middleware("http")
-    async def _unrouted(request, call_next):  # requests that reach no endpoint (404, 405)
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        path = request.url.path
-        if path not in _ENDPOINTS or response.status_code == 405:
-            router.metrics.observe(path if path in _ENDPOINTS else "other", response.status_code,
-                                   time.perf_counter() - t0)
-        return response
-
+    app.add_middleware(_CountUnrouted, metrics=router.metrics)
     return app
+
+
+class _CountUnrouted:
+    """ASGI middleware counting the requests that reach no endpoint (404, 405); a plain ASGI
+    wrapper, as starlette's ``BaseHTTPMiddleware`` costs a task group and streams per request."""
+
+    def __init__(self, app, metrics: _Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), 500
+
+        async def send_and_see(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, send_and_see)
+        path = scope["path"]
+        if path not in _ENDPOINTS or status == 405:
+            self.metrics.observe(path if path in _ENDPOINTS else "other", status, time.perf_counter() - t0)
 
 
 def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Optional[Sequence[str]] = None,
@@ -312,6 +327,9 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
     batcher = MicroBatcher(run_batch, max_batch=max_batch, max_wait_s=max_wait_ms / 1000.0,
                            on_batch=metrics.on_batch, on_drop=lambda p: ledger.release(p.key_id, p.n))
     started = time.time()
+    # 32 hex digits like a uuid4's: a random prefix per process and a counter (no urandom per request)
+    id_prefix = os.urandom(8).hex()
+    request_ids = (f"{id_prefix}{i:016x}" for i in itertools.count())
 
     @asynccontextmanager
     async def lifespan(app):
@@ -386,13 +404,17 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
                 raise InputError(400, "content-length", f"not an integer: {declared!r}")
             if size > max_body_bytes:
                 raise InputError(413, "body", f"{size} bytes, more than the limit of {max_body_bytes}")
-        chunks, total = [], 0
-        async for chunk in request.stream():
+        chunks, total, more = [], 0, True
+        while more:  # the ASGI messages themselves: an async generator per request costs more
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            chunk, more = message.get("body", b""), message.get("more_body", False)
             total += len(chunk)
             if total > max_body_bytes:
                 raise InputError(413, "body", f"more than the limit of {max_body_bytes} bytes")
             chunks.append(chunk)
-        return b"".join(chunks)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     @router.post("/v1/predict")
     async def predict(request: Request):
@@ -419,7 +441,7 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
             ledger.reserve(key_id, x.shape[0])
         except BudgetError as err:
             return _error(429, str(err), field="budget")
-        pending = Pending(x, key_id, uuid.uuid4().hex, client_request_id=client_id)
+        pending = Pending(x, key_id, next(request_ids), client_request_id=client_id)
         try:
             y_prime = await batcher.submit(pending)
         except Exception as err:
