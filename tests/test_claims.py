@@ -153,3 +153,78 @@ def test_robust_is_never_below_naive(runs):
     for res in runs.values():
         for e in res["robust"]:
             assert e["robust"] >= e["naive"], e
+
+
+# ---- the field's defenses (GRAD² all-ones, ModelGuard-W, ModelGuard-S: one setting each, ε = 1) ----
+
+L1_BUDGETED = ("MAD", "MAD-argmax", "GRAD² all-ones", "ModelGuard-W", "ModelGuard-S")  # ‖ỹ − y‖₁ ≤ ε
+
+
+def test_modelguard_loses_no_defender_accuracy(runs):
+    """ModelGuard-W and -S keep every query's top-1 class, so the defended victim's accuracy is the
+    victim's, exactly."""
+    for seed, res in runs.items():
+        rows = [r for r in _naive(res) if r["label"] in ("ModelGuard-W", "ModelGuard-S")]
+        assert {r["label"] for r in rows} == {"ModelGuard-W", "ModelGuard-S"}, seed
+        for r in rows:
+            assert r["defender_acc"] == r["victim_acc"], (seed, _table(rows))
+            assert r["defender_acc_drop"] == 0.0
+
+
+def test_l1_budgeted_defenses_stay_within_epsilon(runs):
+    """MAD, GRAD² and ModelGuard-W/-S (L1 settings) move the posteriors by at most ε in L1: the mean
+    over the evaluation queries and over the thief's queries."""
+    for seed, res in runs.items():
+        rows = [r for r in _naive(res) if r["label"] in L1_BUDGETED]
+        assert {r["label"] for r in rows} == set(L1_BUDGETED), seed
+        for r in rows:
+            assert r["param"] == "epsilon", r
+            for key in ("l1_mean", "l1_transfer"):
+                assert r[key] is not None and r[key] <= r["value"] + 1e-4, (seed, r["label"], r["value"], key,
+                                                                             r[key])
+
+
+@pytest.mark.parametrize("label", ["ModelGuard-W", "ModelGuard-S"])
+def test_top1_keeping_defense_is_a_no_op_against_the_top1_thief(runs, label):
+    """A defense that keeps every top-1 label gives the Top-1 thief the undefended victim's hard
+    labels: its accuracy equals the Top-1 thief's against the undefended victim (the grid reuses that
+    attacker). The thief runs where the defense lowers the naive thief by ≥ 1 point."""
+    report, ok = [], True
+    for seed, res in runs.items():
+        robust = {e["label"]: e for e in res["robust"] if e["thieves"]}
+        thief = {(r["label"], r["value"]): r["attacker_acc"] for r in res["rows"]
+                 if r["attack"] == "top-1 thief"}
+        e = robust.get(label)
+        assert e is not None and "none" in robust, (seed, label, sorted(robust))
+        ok &= thief[(label, e["value"])] == thief[("none", None)]
+        report.append(f"seed {seed}: {label}({e['value']}) naive {e['naive']:.2f}, top-1 thief "
+                      f"{thief[(label, e['value'])]:.2f}; undefended top-1 thief {thief[('none', None)]:.2f}")
+    assert ok, " | ".join(report)
+
+
+def test_modelguard_w_beats_random_noise_at_equal_defender_accuracy(runs):
+    _beats(runs, "ModelGuard-W", "random noise")
+
+
+def test_modelguard_w_beats_mad_argmax_at_equal_defender_accuracy(runs):
+    """ModelGuard's claim against MAD, both at ε = 1 and both keeping top-1."""
+    _beats(runs, "ModelGuard-W", "MAD-argmax")
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="measured on this configuration: ModelGuard-S at its one fast setting, eps=1, "
+                   "moves the posteriors little (mean L1 0.06 / 0.05) and leaves the naive thief at 64.20 "
+                   "vs random noise eps_z=30 60.90 (seed 42), 58.70 vs 62.80 (seed 43): "
+                   "separated on one seed only")
+def test_modelguard_s_beats_random_noise_at_equal_defender_accuracy(runs):
+    _beats(runs, "ModelGuard-S", "random noise")
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="measured on this configuration: GRAD² all-ones' one fast setting, eps=1, with "
+                   "the demo's randomly initialised surrogate costs 83.05 (seed 42) and 89.00 (seed 43) "
+                   "points of defender accuracy, so no setting is within DROP to compare at equal "
+                   "defender accuracy")
+def test_grad2_beats_mad_at_equal_defender_accuracy(runs):
+    """GRAD²'s claim: more attacker error than MAD at equal defender error."""
+    _beats(runs, "GRAD² all-ones", "MAD")

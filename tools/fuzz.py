@@ -1,4 +1,4 @@
-"""Long fuzz run of the ops and the MAD defense on adversarial posteriors.
+"""Long fuzz run of the ops, the MAD defense and the field defenses on adversarial posteriors.
 
     python tools/fuzz.py --inputs 1000000 --out fuzz.json
 
@@ -20,10 +20,18 @@ random K, dtype and Gram form and checks:
   (identity, or √‖h‖²·(1pᵀ − I) for the Gram forms): its oracles (ties allowed as above),
   its line search on the native y* (for kl not where some y_k = y*_k = 0: the reference's
   F.kl_div is NaN there, 0·log 0), and its alternating projections (l1/l2, ε > 0) against
-  MAD's `optim="projections"` plus MAD's final step back into the ball.
+  MAD's `optim="projections"` plus MAD's final step back into the ball;
+* the field defenses, every round, end to end on a logits victim whose posteriors are the
+  round's y (tests/field_properties.py, the checks of the property tests): GRAD² (random
+  target among all_ones/min_ip/max_norm/a tensor/a watermark, full or fc Jacobian, per-sample
+  or batch, 1 or 3 seeded surrogates), Adaptive Misinformation (random variant, τ, ν's
+  default, adaptive or not, temperature, score model), ModelGuard-W, ModelGuard-S (the stream
+  then a frozen copy on the round's p), MADGR, ReverseSigmoidGR and RandomGR, each for what it
+  promises (simplex, ε-ball, top-1, the same answers for the same seed, ...); ModelGuard-S and
+  MADGR on the round's first rows only where their checks' memory grows as B²K or BK².
 
-The port lives in the test folder, so this tool inserts the repository's tests/ folder into
-sys.path to import it (acceptable for a tool; the library never imports it).
+The port and the field checks live in the test folder, so this tool inserts the repository's
+tests/ folder into sys.path to import them (acceptable for a tool; the library never imports it).
 Counts every input, every violation and every mismatch (by check name); exits 1 on any.
 """
 
@@ -32,6 +40,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import logging
 import math
 import os
 import random
@@ -56,6 +65,7 @@ from ppoison_ext.fuzzing import (
 from ppoison_ext.testing import IdentityLogits
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+import field_properties as fp  # noqa: E402  the field defenses' checks, shared with the property tests
 import original_mad as orig  # noqa: E402  the per-sample port of the reference code
 
 
@@ -213,6 +223,44 @@ def port_checks(rows, y, ystar, index, yp, oracle, objmax, ydist, eps, pargs, dt
     return out
 
 
+def field_checks(y, y_next, eps, rng, counts):
+    """The field defenses on this round's posteriors y [B, K] (y_next: ModelGuard-S's frozen copy's
+    queries); ``counts["field_rows <name>"]`` counts the rows each defense answered."""
+    B, K = y.shape
+    seed = rng.randrange(1000)
+    n_s = min(B, max(2, int((2 ** 25 / K) ** 0.5)))  # ModelGuard-S: B²K comparisons
+    n_m = min(B, max(1, 2 ** 24 // K ** 2))  # MADGR: B K² cosines
+    variant = rng.choice(fp.AM_VARIANT_NAMES)
+    adaptive = rng.random() < 0.8
+    cfg = {
+        "GRAD2": (B, dict(target=rng.choice(fp.GRAD2_TARGETS), jacobian=rng.choice(["full", "fc"]),
+                          batch_independent=rng.random() < 0.5, surrogates=rng.choice([1, 1, 3]), seed=seed)),
+        "AM": (B, dict(tau=rng.choice([0.5, 0.9, 0.99, 0.999, 1.5]) if adaptive else rng.random(),
+                       variant=variant, adaptive=adaptive, temperature=rng.choice([1.0, 1.0, 0.5, 3.0]),
+                       score_model=variant == "grad2" and rng.random() < 0.5, seed=seed)),
+        "ModelGuard-W": (B, {}),
+        "ModelGuard-S": (n_s, dict(ydist=rng.choice(["l1", "l2"]), cut=rng.randrange(n_s + 1))),
+        "MADGR": (n_m, dict(seed=seed)),
+        "ReverseSigmoidGR": (B, dict(beta=rng.choice([0.0, 0.1, 0.5, 1.0, 1.28, 5.0]),
+                                     gamma=rng.choice([0.0, 0.1, 0.2, 1.0, 5.0]))),
+        "RandomGR": (B, dict(eps=min(eps, 2.0), seed=seed)),
+    }
+    run = {"GRAD2": lambda n, a: fp.grad2_problems(y[:n], eps, **a),
+           "AM": lambda n, a: fp.am_problems(y[:n], **a),
+           "ModelGuard-W": lambda n, a: fp.modelguard_w_problems(y[:n], eps),
+           "ModelGuard-S": lambda n, a: fp.modelguard_s_problems(y[:n], eps, y_next=y_next[:n], **a),
+           "MADGR": lambda n, a: fp.mad_gr_problems(y[:n], eps, **a),
+           "ReverseSigmoidGR": lambda n, a: fp.reverse_sigmoid_gr_problems(y[:n], **a),
+           "RandomGR": lambda n, a: fp.random_gr_problems(y[:n], **a)}
+    out = []
+    for name, (n, a) in cfg.items():
+        t0 = time.time()
+        out += [f"{e} {a}" for e in run[name](n, a)]
+        counts[f"field_rows {name}"] += n
+        counts[f"field_seconds {name}"] += time.time() - t0
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--inputs", type=int, default=1_000_000, help="posterior rows to push through (default 1e6)")
@@ -222,7 +270,9 @@ def main(argv=None) -> int:
                     help="rows per round checked against the per-sample port (default 16)")
     ap.add_argument("--out", default=None, help="write the counts as JSON here")
     args = ap.parse_args(argv)
+    logging.getLogger("ppoison_ext.defenses.modelguard").setLevel(logging.ERROR)  # infeasible rows, counted
     rng = random.Random(args.seed)
+    field_rng = random.Random(f"field {args.seed}")  # own stream: the other checks' rounds stay as before
     counts = collections.Counter()
     errors = collections.Counter()
     examples = []
@@ -289,6 +339,8 @@ def main(argv=None) -> int:
             if oracle == "argmax" and not torch.equal(out.y_prime.argmax(1), out.y.argmax(1)):
                 problems.append("MAD: argmax changed")
             counts["mad_rows"] += B
+        # the field defenses end to end, every round
+        problems += field_checks(y, p, eps, field_rng, counts)
         # bad input must raise a named ValueError
         bad = y.clone()
         bad[rng.randrange(B), rng.randrange(K)] = rng.choice([math.nan, math.inf, -math.inf])
@@ -312,6 +364,10 @@ def main(argv=None) -> int:
                "port_projection_rows": counts["port_projection_rows"],
                "port_oracle_skipped": counts["port_oracle_skipped"],
                "port_linesearch_skipped_kl_zeros": counts["port_linesearch_skipped"],
+               "field_rows": {k.split(" ", 1)[1]: v for k, v in counts.items()
+                              if k.startswith("field_rows ")},
+               "field_seconds": {k.split(" ", 1)[1]: round(v, 1) for k, v in counts.items()
+                                 if k.startswith("field_seconds ")},
                "violations": dict(errors), "examples": examples, "seconds": round(time.time() - t0, 1),
                "torch": torch.__version__, "seed": args.seed}
     text = json.dumps(summary, indent=1)

@@ -66,8 +66,10 @@ class MADGR(Defense):
         onehot = F.one_hot(k, y.shape[1]).double()
         yd = y.double()
         dist = (yd - onehot).abs().sum(1, keepdim=True)
-        alpha = torch.where(dist > 0, self.epsilon / dist.clamp(min=1e-300), torch.zeros_like(dist))
-        return DefenseOutput(((1.0 - alpha) * yd + alpha * onehot).to(y.dtype), y)
+        w, d = torch.where(dist > 0, dist, torch.ones_like(dist)), onehot - yd  # ỹ = p + α d, α = ε/w
+        alpha = w.new_tensor(self.epsilon) / w  # (float / tensor is ε·(1/w): NaN for ε = 0, w subnormal)
+        move = torch.where(dist >= self.epsilon, alpha * d, self.epsilon * (d / w))  # α > 1: α may overflow
+        return DefenseOutput((yd + move).to(y.dtype), y)  # (1 − α)p + α e would cancel at α ≫ 1
 
 
 @register("reverse_sigmoid_gr", needs="beta", beta=float, gamma=float)
@@ -126,6 +128,8 @@ class RandomGR(Defense):
     def draw(self, y: Tensor) -> Tensor:
         """The drawn classes u [B], never argmax y."""
         B, K = y.shape
+        if K < 2:
+            raise ValueError(f"rand_gr draws a class other than the top-1: needs K >= 2 classes, got K = {K}")
         off = torch.randint(K - 1, (B,), generator=self._generator()).to(y.device)
         return (y.argmax(1) + 1 + off) % K
 
