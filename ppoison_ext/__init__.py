@@ -20,7 +20,7 @@ _DEFENSES = (
     "GRAD2", "MADGR", "ReverseSigmoidGR", "RandomGR", "flatten_params", "watermark_target",
     "AdaptiveMisinformation", "AMComponents", "AM_VARIANTS", "ModelGuardW", "ModelGuardS",
     "build_defense", "DefenseSpec", "parse_defense_args", "DEFENSE_NAMES", "DEFENSE_KEYS", "WB_DEFENSES",
-    "QueryLogger", "read_queries", "ProxyView",
+    "QueryLogger", "read_queries", "ProxyView", "DAWN", "new_watermark_key", "read_watermark_key",
 )
 _ATTACKS = (
     "Attack", "KnockoffNets", "AdaptivePolicy", "random_query_order", "JacobianAdversary", "AugmentedSet",
@@ -37,6 +37,7 @@ _PIPELINE = {
     "jacobian": ("run_jacobian", "JacobianSettings"),
     "grid": ("run_grid", "load_config", "collect_results", "GridConfig"),
     "demo": ("run_demo",),
+    "verify": ("verify_ownership", "OwnershipClaim"),
 }
 
 #: public name -> (module, attribute in it); a module itself when the attribute is None.

@@ -33,6 +33,7 @@ SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
     "serve-audit": ("ppoison_ext.serve.audit", "per API key of a served log folder: queries, detector flag"),
     "detect-calibrate": ("ppoison_ext.pipeline.detect", "fit an extraction detector for a victim"),
     "detect-eval": ("ppoison_ext.pipeline.detect_eval", "detectors against every thief, per account"),
+    "verify": ("ppoison_ext.pipeline.verify", "did a suspect model learn a served victim's watermarks?"),
 }
 
 

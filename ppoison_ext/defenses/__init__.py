@@ -15,6 +15,7 @@ from .modelguard import ModelGuardS, ModelGuardW
 from .whitebox import WB_DEFENSES, WhiteboxDefense
 from .admis import AM_VARIANTS, AdaptiveMisinformation, AMComponents
 from .base import Defense, DefenseOutput
+from .dawn import DAWN, new_watermark_key, read_watermark_key
 from .factory import DEFENSE_KEYS, DEFENSE_NAMES, DefenseSpec, build_defense, parse_defense_args
 from .proxy import ProxyView
 from .querylog import QueryLogger, read_queries
@@ -25,5 +26,5 @@ __all__ = [
     "GRAD2", "MADGR", "ReverseSigmoidGR", "RandomGR", "flatten_params", "watermark_target",
     "AdaptiveMisinformation", "AMComponents", "AM_VARIANTS", "ModelGuardW", "ModelGuardS",
     "build_defense", "DefenseSpec", "parse_defense_args", "DEFENSE_NAMES", "DEFENSE_KEYS", "WB_DEFENSES",
-    "QueryLogger", "read_queries", "ProxyView",
+    "QueryLogger", "read_queries", "ProxyView", "DAWN", "new_watermark_key", "read_watermark_key",
 ]

@@ -123,13 +123,15 @@ def proxy_arg(args: Dict[str, Any], proxy: Optional[nn.Module], model: nn.Module
 
 
 class DefenseOutput(NamedTuple):
-    """What a defense computed for one batch: the released y_prime and undefended y [B, K],
-    and an objective per query [B] (MAD's angular objective and its surrogate; else None)."""
+    """What a defense computed for one batch: the released y_prime and undefended y [B, K], an
+    objective per query [B] (MAD's angular objective and its surrogate; else None), and a
+    watermark's label per query [B] int64 (−1: not marked; None: no watermark)."""
 
     y_prime: Tensor
     y: Tensor
     obj: Optional[Tensor] = None
     sobj: Optional[Tensor] = None
+    marks: Optional[Tensor] = None
 
 
 class Defense(nn.Module):

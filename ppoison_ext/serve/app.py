@@ -16,6 +16,9 @@ a request is judged by its key's state after all of the key's earlier committed 
 batch waits for the child when it is behind). A response applies from the key's next request on:
 ``on_detect`` "log" only flags, "refuse" answers 403 without charging the budget, a
 :class:`~ppoison_ext.defenses.Defense` answers the flagged key instead of ``defense``.
+
+A watermarked defense (:class:`~ppoison_ext.defenses.DAWN` around any other) has its marked
+queries recorded per key in the ledger's commit (:mod:`.ledger`), for ``ppoison verify``.
 """
 
 import concurrent.futures
@@ -241,8 +244,8 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
         metrics.flagged.set(watcher.flagged())
 
     def answer(d: Defense, x: torch.Tensor) -> list:
-        """d's y′, y, obj, sobj of x's rows (padded for batch independence) and, with a detector,
-        the victim's penultimate features of those rows."""
+        """d's y′, y, obj, sobj, watermark marks of x's rows (padded for batch independence) and,
+        with a detector, the victim's penultimate features of those rows."""
         n = x.shape[0]
         captured.on, captured.h = True, None
         try:
@@ -267,7 +270,7 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
         return summaries
 
     def fill(rows: List[Any], d: Defense, batch: List[Pending], which: List[int]) -> None:
-        """rows[i] = d's y′, y, obj, sobj and features of request i's images, for i in ``which``."""
+        """rows[i] = d's y′, y, obj, sobj, marks and features of request i's images, for i in ``which``."""
         if which:
             cols = answer(d, torch.cat([batch[i].x for i in which]))
             for i, lo in zip(which, np.cumsum([0] + [batch[i].n for i in which]).tolist()):
@@ -308,11 +311,12 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
         entries = []
         for i, (p, row) in enumerate(zip(batch, rows)):
             if isinstance(row, list):
-                y_prime, y, obj, sobj, h = row
+                y_prime, y, obj, sobj, marks, h = row
                 records = (inputs_records[i] if inputs_records is not None
                            else detector.records(p.x, y, h) if detector is not None else None)
                 entries.append(LedgerEntry(p.request_id, p.key_id, y.float(), y_prime.float(), obj, sobj,
-                                           client_request_id=p.client_request_id, records=records))
+                                           client_request_id=p.client_request_id, records=records,
+                                           x=p.x, marks=marks))
         state = get_states() if stateful else None
         detections = {p.key_id: s for p, s in zip(batch, summaries)} if watcher is not None else None
         ledger.commit(entries, detections, state)

@@ -22,7 +22,9 @@ last score) is the audit summary: each batch's transaction writes its keys' summ
 key's earlier batches (the detector observes a batch after its commit), and a restart or a clean
 shutdown writes every key's current one. A stateful defense's state (ModelGuard-S's banks) is
 committed in the batch's transaction too (table ``defense_state``) and restored on start, so a
-query gets the answer it would get from an uninterrupted server.
+query gets the answer it would get from an uninterrupted server. So are the queries a watermark
+(:class:`~ppoison_ext.defenses.DAWN`) marked: table ``watermarks`` (key, the key's query row, ŷ,
+SHA-256 and shape of the query, its float32 bytes), which ``ppoison verify`` reads.
 
 The ledger is the source of truth: on start, each key's query log (and records file) is cut back
 to the key's ``used`` rows (:meth:`QueryLogger.truncate`), dropping rows appended by a batch whose
@@ -37,6 +39,7 @@ cut as well (``synchronous=FULL`` and an fsync of the query logs per batch).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -52,6 +55,7 @@ from torch import Tensor
 
 from ..defenses import QueryLogger
 from ..fileio import atomic_write_json, truncate_file
+from ..pipeline.verify import WATERMARK_SCHEMA
 
 __all__ = ["Ledger", "LedgerEntry", "BudgetError", "LOG_PREFIX"]
 
@@ -65,7 +69,7 @@ CREATE TABLE IF NOT EXISTS requests (
 CREATE TABLE IF NOT EXISTS detections (key_id TEXT PRIMARY KEY, queries INTEGER NOT NULL,
     flag INTEGER NOT NULL, flagged_at INTEGER, score REAL, updated REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS defense_state (id INTEGER PRIMARY KEY CHECK (id = 0), state BLOB NOT NULL);
-"""
+""" + WATERMARK_SCHEMA
 
 
 _SAVE_DETECTION = "INSERT OR REPLACE INTO detections VALUES (?, ?, ?, ?, ?, ?)"
@@ -91,6 +95,20 @@ class LedgerEntry:
     sobj: Optional[Tensor] = None
     client_request_id: Optional[str] = None
     records: Optional[Tensor] = None  # the detector's records of these rows
+    x: Optional[Tensor] = None  # the queries, needed where ``marks`` marks one
+    marks: Optional[Tensor] = None  # a watermark's ŷ per row (−1: not marked)
+
+    def marked_rows(self, first: int) -> List[tuple]:
+        """``watermarks`` rows of the marked queries, the request's rows starting at ``first``."""
+        if self.marks is None:
+            return []
+        out = []
+        for i in (self.marks >= 0).nonzero().flatten().tolist():
+            q = self.x[i].detach().to("cpu", torch.float32).contiguous()
+            blob = q.numpy().astype("<f4", copy=False).tobytes()
+            out.append((self.key_id, first + i, int(self.marks[i]), hashlib.sha256(blob).hexdigest(),
+                        ",".join(map(str, q.shape)), blob))
+        return out
 
 
 def _stack(group: Sequence[LedgerEntry]) -> list:
@@ -219,6 +237,7 @@ class Ledger:
         with self._lock:
             counts: Dict[str, int] = {}
             rows: List[tuple] = []
+            marked: List[tuple] = []
             now = time.time()
             try:
                 groups: Dict[str, List[LedgerEntry]] = {}
@@ -227,6 +246,7 @@ class Ledger:
                     n = int(e.y_prime.shape[0])
                     counts[e.key_id] = counts.get(e.key_id, 0) + n
                     rows.append((e.request_id, e.key_id, n, first, now, e.client_request_id))
+                    marked += e.marked_rows(first)
                     groups.setdefault(e.key_id, []).append(e)
                 if self.log_dir is not None:
                     for key_id, group in groups.items():  # one append per key and batch, in request order
@@ -250,6 +270,7 @@ class Ledger:
                         "INSERT INTO keys (key_id, used) VALUES (?, ?) "
                         "ON CONFLICT(key_id) DO UPDATE SET used = used + excluded.used", list(counts.items()))
                     self._db.executemany(_SAVE_DETECTION, self._detection_rows(detections or {}))
+                    self._db.executemany("INSERT INTO watermarks VALUES (?, ?, ?, ?, ?, ?)", marked)
                     if defense_state is not None:
                         self._db.execute("INSERT OR REPLACE INTO defense_state VALUES (0, ?)",
                                          (defense_state,))

@@ -8,7 +8,9 @@
 
 With ``--detector DIR`` (``ppoison detect-calibrate``'s folder, or ``prada`` uncalibrated) each
 key is watched by an extraction detector; ``--on-detect`` says how a flagged key is answered:
-``log``, ``refuse`` (403) or ``defense:NAME`` (with ``--on-detect-args``).
+``log``, ``refuse`` (403) or ``defense:NAME`` (with ``--on-detect-args``). With
+``--watermark-key FILE`` the defense's answers carry a DAWN watermark (``--watermark-rate``), its
+marked queries recorded per key for ``ppoison verify``.
 
 Runs :func:`~ppoison_ext.serve.app.create_app`'s app on uvicorn, one process. The defense is
 seeded once from ``--seed``: a stochastic defense draws from one server-side stream in the order
@@ -26,7 +28,7 @@ from typing import List, Optional
 import torch
 
 from ..datasets import DATASETS, get_transform
-from ..defenses import DEFENSE_NAMES, WB_DEFENSES, DefenseSpec, build_defense
+from ..defenses import DAWN, DEFENSE_NAMES, WB_DEFENSES, DefenseSpec, build_defense, read_watermark_key
 from ..detectors import PRADA, load_detector, parse_detector_args
 from ..devices import as_device
 from ..models import INPUT_SIZES
@@ -84,6 +86,11 @@ class ServeSettings(CommonSettings):
                              help="a flagged key: log | refuse (403) | defense:NAME (default %(default)s)")
     on_detect_args: str = setting("--on-detect-args", default="", metavar="STR",
                                   help="defense arguments of --on-detect defense:NAME")
+    watermark_key: Optional[str] = setting("--watermark-key", default=None, metavar="FILE",
+                                           help="DAWN watermark over the defense's answers, keyed by this "
+                                                "file (ppoison serve-keygen --watermark-key FILE)")
+    watermark_rate: float = setting("--watermark-rate", default=0.005, metavar="R",
+                                    help="fraction of queries DAWN marks (default %(default)s)")
     device_id: int = device_setting("GPU id, -1 for the CPU")
 
     def run(self) -> None:
@@ -109,6 +116,8 @@ def build_app(s: ServeSettings):
     for d in (defense, on_detect):
         if getattr(d, "reseedable", False):
             d.reseed(s.seed)  # stochastic defenses: one server-side stream from --seed
+    if s.watermark_key is not None:
+        defense = DAWN(defense, key=read_watermark_key(s.watermark_key), rate=s.watermark_rate)
     detector, overrides = None, parse_detector_args(s.detector_args)
     if s.detector is not None and Path(s.detector).is_dir():
         detector = load_detector(s.detector, model, **overrides)
