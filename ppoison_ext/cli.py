@@ -34,6 +34,7 @@ SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
     "detect-calibrate": ("ppoison_ext.pipeline.detect", "fit an extraction detector for a victim"),
     "detect-eval": ("ppoison_ext.pipeline.detect_eval", "detectors against every thief, per account"),
     "verify": ("ppoison_ext.pipeline.verify", "did a suspect model learn a served victim's watermarks?"),
+    "prove-eval": ("ppoison_ext.pipeline.prove_eval", "DAWN watermarks against every thief, with innocents"),
 }
 
 

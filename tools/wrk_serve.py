@@ -14,11 +14,14 @@ API keys (0: no keys). Configurations:
 * ``none`` / ``mad``: ``ppoison serve VICTIM_DIR`` undefended / MAD (``epsilon:1.0,oracle:argmax``
   with the --proxy-dir model), ``--max-batch 64``, a fresh ``--log-dir`` (the ledger and the query
   logs on); ``none-b1`` / ``mad-b1``: the same with ``--max-batch 1``;
-* ``none+NAME``: ``none`` with each --detectors folder (or ``prada``).
+* ``none+NAME``: ``none`` with each --detectors folder (or ``prada``);
+* ``none+dawn`` / ``mad+dawn``: ``none`` / ``mad`` with a DAWN watermark (a new key,
+  ``--watermark-rate``, default 0.005).
 
 With --repeat R every configuration runs R times, interleaved. Prints one markdown table: requests/s,
 p50 and p99 latency (medians over the runs), requests/s relative to ``bare`` and p50 relative to
-``none`` of the same b. Needs ``wrk`` (Debian package). State the machine's load average beside the
+the configuration without its ``+`` addition (``none+X`` vs ``none``) of the same b. Needs ``wrk``
+(Debian package). State the machine's load average beside the
 figures: wrk and the server share its cores.
 """
 
@@ -42,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from ppoison_ext.client.wire import NPY, encode_npy  # noqa: E402
 from ppoison_ext.datasets import get_dataset, get_transform  # noqa: E402
+from ppoison_ext.defenses import new_watermark_key  # noqa: E402
 from ppoison_ext.serve.auth import append_key  # noqa: E402
 from ppoison_ext.serve.process import ServerProcess  # noqa: E402
 
@@ -139,6 +143,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--keys", type=int, default=0, help="API keys the requests take turns with (0: none)")
     parser.add_argument("--threads", type=int, default=None, help="the server's torch threads")
+    parser.add_argument("--watermark-rate", default="0.005", help="DAWN's rate in the +dawn configurations")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs of every configuration, interleaved; the table gives their medians")
     args = parser.parse_args()
@@ -156,6 +161,7 @@ def main() -> int:
         tmp = Path(tmp)
         keys = ", ".join(f'"{append_key(tmp / "keys.txt", f"k{i}")}"' for i in range(args.keys))
         common = ["--threads", str(args.threads)] if args.threads is not None else []
+        new_watermark_key(tmp / "wm.key")
         if args.keys:
             common += ["--api-keys", tmp / "keys.txt"]
         (tmp / "bare.py").write_text(BARE_APP)
@@ -179,23 +185,26 @@ def main() -> int:
                                 f"epsilon:1.0,oracle:argmax,model_adv_proxy:{args.proxy_dir}"]
                     else:
                         cmd += ["--defense", "none"]
-                    if det:
+                    if det == "dawn":
+                        cmd += ["--watermark-key", tmp / "wm.key", "--watermark-rate", args.watermark_rate]
+                    elif det:
                         cmd += ["--detector", det]
                     with BareServer(tmp / "bare.py") if base == "bare" else ServerProcess(cmd) as srv:
                         run_wrk(srv.url, script, args.connections, 2)  # warm-up
                         r = run_wrk(srv.url, script, args.connections, args.duration)
-                    name = base if not det else f"none+{Path(det).name}"
+                    name = base if not det else f"{base}+{Path(det).name}"
                     runs.setdefault((b, name), []).append(r)
-    print("| images/request | server | req/s | p50 ms | p99 ms | req/s vs bare | p50 vs none |\n"
+    print("| images/request | server | req/s | p50 ms | p99 ms | req/s vs bare | p50 vs its base |\n"
           "|---|---|---|---|---|---|---|")
     for (b, name), rs in runs.items():
         med = {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99")}
         ratio = {}
-        for ref, key in (("bare", "rps"), ("none", "p50")):
-            if (b, ref) in runs:
-                ratio[ref] = f"{med[key] / statistics.median(r[key] for r in runs[(b, ref)]):.2f}×"
+        # p50 against the configuration without the addition: none+X vs none, mad+dawn vs mad
+        for col, ref, key in (("bare", "bare", "rps"), ("base", name.partition("+")[0], "p50")):
+            if (b, ref) in runs and (col == "bare" or "+" in name):
+                ratio[col] = f"{med[key] / statistics.median(r[key] for r in runs[(b, ref)]):.2f}×"
         print(f"| {b} | {name} | {med['rps']:.0f} | {med['p50']:.2f} | {med['p99']:.2f} "
-              f"| {ratio.get('bare', '')} | {ratio.get('none', '')} |")
+              f"| {ratio.get('bare', '')} | {ratio.get('base', '')} |")
     return 0
 
 

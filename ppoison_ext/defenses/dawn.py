@@ -11,7 +11,6 @@ stays on the simplex and a re-query gets the same answer.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import math
 import os
@@ -103,32 +102,28 @@ class DAWN(Defense):
     def set_state(self, state: dict) -> None:
         self.defense.set_state(state)
 
-    def select(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        """(marked [B] bool, H₂ mod 2⁶³ [B] int64) of a batch, from each row's digest."""
-        marked, h2 = [], []
-        for row in query_bytes(x):
-            d = hmac.new(self._key, row, hashlib.sha256).digest()
-            marked.append(int.from_bytes(d[:2], "big") <= self.bound)
-            h2.append(int.from_bytes(d[16:], "big") % (1 << 63))
-        return torch.tensor(marked, dtype=torch.bool), torch.tensor(h2, dtype=torch.int64)
+    def select(self, x: Tensor) -> Tuple[List[int], List[int]]:
+        """The rows of a batch that are marked, and each one's H₂ (from the row's digest)."""
+        digests = [hmac.digest(self._key, row, "sha256") for row in query_bytes(x)]
+        rows = [i for i, d in enumerate(digests) if int.from_bytes(d[:2], "big") <= self.bound]
+        return rows, [int.from_bytes(digests[i][16:], "big") for i in rows]
 
     def _answer(self, x: Tensor) -> DefenseOutput:
         out = self.defense._answer(x)
         y_prime, K = out.y_prime, out.y_prime.shape[1]
         marks = torch.full((y_prime.shape[0],), -1, dtype=torch.int64)
-        marked, h2 = self.select(x)
-        if not marked.any():
+        rows, h2 = self.select(x)
+        if not rows:
             return out._replace(marks=marks)
         if K < 2:
             raise ValueError(f"DAWN needs at least 2 classes, got K={K}")
-        rows = marked.nonzero().flatten()
-        m = y_prime[rows.to(y_prime.device)].argmax(1).cpu()
-        wrong = (m + 1 + h2[rows] % (K - 1)) % K
+        r = torch.tensor(rows, device=y_prime.device)
+        m = y_prime[r].argmax(1)
+        wrong = torch.tensor([(mi + 1 + h % (K - 1)) % K for mi, h in zip(m.tolist(), h2)], device=r.device)
         y_prime = y_prime.clone()
-        r, m, w = (t.to(y_prime.device) for t in (rows, m, wrong))
-        top, other = y_prime[r, m], y_prime[r, w]
-        y_prime[r, w], y_prime[r, m] = top, other
-        marks[rows] = wrong
+        top, other = y_prime[r, m], y_prime[r, wrong]
+        y_prime[r, wrong], y_prime[r, m] = top, other
+        marks[rows] = wrong.cpu()
         return out._replace(y_prime=y_prime, marks=marks)
 
     def extra_repr(self) -> str:

@@ -115,6 +115,8 @@ def read_watermarks(log_dir, key_id: Optional[str] = None) -> Tuple[Tensor, Tens
 
 def argmax_of(model: nn.Module, x: Tensor, device, batch_size: int = 512) -> Tensor:
     """``model``'s first argmax on each row of x (eval mode, in batches), on the CPU."""
+    if not x.shape[0]:
+        return torch.zeros(0, dtype=torch.int64)
     model.eval()
     with torch.no_grad():
         return torch.cat([model(xb.to(device)).argmax(1).cpu() for xb in x.split(batch_size)])
