@@ -12,7 +12,7 @@ of one notMNIST query stream) and seed (``--seeds``):
   queries), pairs whose answers disagree dropped;
 * ``self-consistency``: a first clone on half the answers drops the served labels it contradicts
   with confidence > 0.9, then a clone trains on the rest;
-* the same thieves but D-DAE+ training ``--long-epochs`` at the largest budget (one seed): a clone
+* the same thieves, D-DAE+ excepted, training ``--long-epochs`` at the largest budget (one seed): a clone
   that fits its answers longer learns more of the marked ones;
 * sybil split of the (longer-training) naive thief's largest budget over m ∈ {1, 5, 20} keys
   beside 10 benign keys (500 MNIST test images each): one sybil key's watermarks, and the union of
