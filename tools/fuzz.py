@@ -17,7 +17,9 @@ random K, dtype and Gram form and checks:
 * values, on a sample of rows per round (--port-rows, default 16; 2 for the exact argmax
   search of 11 ≤ K ≤ 16, whose port loops over 2^(K−1) vertices in Python): the per-sample
   port of the reference code, tests/original_mad.py, in float64 with the explicit G
-  (identity, or √‖h‖²·(1pᵀ − I) for the Gram forms): its oracles (ties allowed as above),
+  (identity, or √‖h‖²·(1pᵀ − I) for the Gram forms): its oracles (ties allowed as above,
+  within 64·eps of the op's dtype; rows whose angular objective takes the direction of a
+  Gᵀy below the Gram form's rounding, 64·eps·‖G‖², are counted as degenerate, not compared),
   its line search on the native y* (for kl not where some y_k = y*_k = 0: the reference's
   F.kl_div is NaN there, 0·log 0), and its alternating projections (l1/l2, ε > 0) against
   MAD's `optim="projections"` plus MAD's final step back into the ball;
@@ -189,10 +191,18 @@ def port_checks(rows, y, ystar, index, yp, oracle, objmax, ydist, eps, pargs, dt
                 ye = (yr + 1e-8) / (yr + 1e-8).sum() if greedy else yr
                 f = orig.calc_objective if (objmax or greedy) else orig.calc_surrogate_objective
                 vn, vp = float(f(sr, ye, G)), float(f(ps, ye, G))
+                # the angular objective takes directions of Gᵀy, Gᵀy*: below the rounding of the
+                # op's Gram form (≈ eps·‖G‖²) such a direction is noise (e.g. p − e_k of 1e-26),
+                # and its values (in [0, 4]) tie within 4·64·eps
+                angular, rounding = f is orig.calc_objective, 64 * torch.finfo(dtype).eps
+                floor = rounding * float((G * G).sum())
                 if not (math.isfinite(vn) and math.isfinite(vp)):
                     counts["port_oracle_skipped"] += 1  # the port's NaN angular objective (Gᵀy = 0)
+                elif angular and min(float((G.t() @ v).square().sum()) for v in (sr, ps, ye)) <= floor:
+                    counts["port_oracle_degenerate"] += 1
                 elif (oracle in ("argmin", "random")
-                      or abs(vn - vp) > tie_tol * max(abs(vn), abs(vp), 1e-300) + 1e-12):
+                      or abs(vn - vp) > tie_tol * max(abs(vn), abs(vp), 1e-300)
+                      + (4 * rounding if angular else floor)):
                     out.append(f"port oracle: vertex value {vn:.17g} vs the port's {vp:.17g}")
         # line search on the native y*. Not comparable for kl when some class has y_k = y*_k = 0:
         # the reference's F.kl_div(ỹ.log(), y) is then NaN at every α (0·log 0), so the port never
