@@ -45,9 +45,8 @@ def window_score(h: Tensor, classes: Tensor, means: Tensor, covs: Tensor) -> flo
 
 
 def _times_cov(h: Tensor, classes: Tensor, covs: Tensor) -> Tensor:
-    """Each row h_i Σ_{c_i}, by one product per class present (each Σ_c is read once; a row's
-    product has the same bits in any such group: the CPU kernels' rows do not depend on the
-    number of rows, which the chunking test checks)."""
+    """Each row h_i Σ_{c_i}, by one product per class present (each Σ_c read once). A BLAS may
+    round a row differently with the number of rows beside it, so callers pass whole windows."""
     out = torch.empty_like(h)
     for c in classes.unique().tolist():
         rows = (classes == c).nonzero()[:, 0]
@@ -109,15 +108,15 @@ class DADD(Detector):
         if not data:
             data.update(buffer=[], windows=0, flagged_windows=0, own=False)
         h, classes = records[:, :-1].to(torch.float64), records[:, -1].long()
-        hcov = _times_cov(h, classes, self.covs)
         scores, own = [], []
         for i in range(h.shape[0]):
-            data["buffer"].append((h[i], classes[i], hcov[i]))
+            data["buffer"].append((h[i], classes[i]))
             score = math.nan
             if len(data["buffer"]) == self.window:
-                block = [torch.stack(col) for col in zip(*data["buffer"])]
+                hw, cw = (torch.stack(col) for col in zip(*data["buffer"]))
                 data["buffer"] = []
-                score = _score(*block, self.means, self.traces)
+                # Σ products per window: its bits never depend on how its queries were chunked
+                score = _score(hw, cw, _times_cov(hw, cw, self.covs), self.means, self.traces)
                 data["own"] = score > self.tau
                 data["windows"] += 1
                 data["flagged_windows"] += int(data["own"])
