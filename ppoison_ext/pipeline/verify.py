@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import sqlite3
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -94,7 +95,7 @@ def read_watermarks(log_dir, key_id: Optional[str] = None) -> Tuple[Tensor, Tens
     path = Path(log_dir) / "ledger.sqlite"
     if not path.is_file():
         raise ValueError(f"watermark log {log_dir}: no ledger.sqlite (the server's --log-dir)")
-    with sqlite3.connect(path) as db:  # WAL: reads while the server writes
+    with closing(sqlite3.connect(path)) as db:  # WAL: reads while the server writes
         has = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'watermarks'").fetchone()
         where, args = ("WHERE key_id = ?", (key_id,)) if key_id is not None else ("", ())
         rows = db.execute(f"SELECT key_id, label, sha256, shape, x FROM watermarks {where} "

@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from ..defenses import QueryLogger
+from ..defenses.dawn import query_bytes
 from ..fileio import atomic_write_json, truncate_file
 from ..pipeline.verify import WATERMARK_SCHEMA
 
@@ -102,13 +103,10 @@ class LedgerEntry:
         """``watermarks`` rows of the marked queries, the request's rows starting at ``first``."""
         if self.marks is None:
             return []
-        out = []
-        for i in (self.marks >= 0).nonzero().flatten().tolist():
-            q = self.x[i].detach().to("cpu", torch.float32).contiguous()
-            blob = q.numpy().astype("<f4", copy=False).tobytes()
-            out.append((self.key_id, first + i, int(self.marks[i]), hashlib.sha256(blob).hexdigest(),
-                        ",".join(map(str, q.shape)), blob))
-        return out
+        rows = (self.marks >= 0).nonzero().flatten().tolist()
+        shape = ",".join(map(str, self.x.shape[1:]))
+        return [(self.key_id, first + i, int(self.marks[i]), hashlib.sha256(blob).hexdigest(), shape, blob)
+                for i, blob in zip(rows, query_bytes(self.x[rows]))]
 
 
 def _stack(group: Sequence[LedgerEntry]) -> list:
