@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ from ..models import get_net, last_linear
 from ..training import Steps, fit
 from .detect import benign_halves, split_data
 from .settings import CommonSettings, device_setting, entry_points, setting
+from .verify import argmax_of
 
 logger = logging.getLogger(__name__)
 
@@ -97,19 +98,27 @@ def jbda_stream(model: nn.Module, seeds: Tensor, policy: str, budget: int, devic
     return torch.cat(sent)[:budget]
 
 
+def fit_lenet(x: Tensor, y: Tensor, device, *, epochs: int, seed: int, lr: float = 0.02, adam: bool = False,
+              batch_size: int = 64, lr_step: Optional[int] = None) -> nn.Module:
+    """A LeNet trained on inputs x with soft labels y [N, K] (SGD with momentum 0.9, or Adam), in
+    eval mode."""
+    torch.manual_seed(seed)
+    net = get_net("lenet", "mnist", num_classes=y.shape[1]).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=lr) if adam else torch.optim.SGD(net.parameters(), lr=lr,
+                                                                                  momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, lr_step) if lr_step else None
+    fit(net, TensorDataset(x, y), Steps(soft_cross_entropy), epochs=epochs, batch_size=batch_size, seed=seed,
+        optimizer=opt, scheduler=sched, device=device, desc="clone")
+    return net.eval()
+
+
 def train_clone(x: Tensor, y: Tensor, test: Tuple[Tensor, Tensor], device, epochs: int = 30,
                 seed: int = 0) -> float:
     """Test accuracy (%) of a LeNet trained on inputs x with soft labels y (Adam, 1e-3, batch 64)."""
     if x.shape[0] == 0:
         return 10.0  # no answer: a guess
-    torch.manual_seed(seed)
-    clone = get_net("lenet", "mnist", num_classes=10).to(device)
-    fit(clone, TensorDataset(x, y), Steps(soft_cross_entropy), epochs=epochs, batch_size=64, seed=seed,
-        optimizer=torch.optim.Adam(clone.parameters(), lr=1e-3), device=device, desc="clone")
-    clone.eval()
-    with torch.no_grad():
-        pred = torch.cat([clone(c.to(device)).argmax(1).cpu() for c in test[0].split(1000)])
-    return 100.0 * float((pred == test[1]).double().mean())
+    clone = fit_lenet(x, y, device, epochs=epochs, seed=seed, lr=1e-3, adam=True)
+    return 100.0 * float((argmax_of(clone, test[0], device, 1000) == test[1]).double().mean())
 
 
 @dataclass(kw_only=True)

@@ -41,17 +41,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import TensorDataset
 
 from ..attacks import DDAE, build_recovery_table
 from ..defenses import DAWN, Blackbox
 from ..devices import as_device
 from ..fileio import atomic_write_json, atomic_write_text
-from ..losses import soft_cross_entropy
 from ..modeldir import dataset_name, load_model_dir
-from ..models import get_net
-from ..training import Steps, fit
 from .detect import split_data
+from .detect_eval import fit_lenet
 from .settings import CommonSettings, device_setting, entry_points, setting
 from .verify import argmax_of, clopper_pearson_upper, ownership_claim
 
@@ -63,18 +60,6 @@ THIEVES = ("naive", "top1", "ddae", "consistency", "self-consistency")
 #: the thieves of the longer recipe (D-DAE+ restores nearly the identity at r ≤ 2 %: left out for time)
 LONG_THIEVES = ("naive", "top1", "consistency", "self-consistency")
 SYBILS = (1, 5, 20)
-
-
-def fit_lenet(x: Tensor, y: Tensor, device, *, epochs: int, seed: int, lr: float = 0.02,
-              batch_size: int = 64, lr_step: Optional[int] = None) -> nn.Module:
-    """A LeNet trained on inputs x with soft labels y [N, K] (SGD, momentum 0.9), in eval mode."""
-    torch.manual_seed(seed)
-    net = get_net("lenet", "mnist", num_classes=y.shape[1]).to(device)
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
-    sched = torch.optim.lr_scheduler.StepLR(opt, lr_step) if lr_step else None
-    fit(net, TensorDataset(x, y), Steps(soft_cross_entropy), epochs=epochs, batch_size=batch_size, seed=seed,
-        optimizer=opt, scheduler=sched, device=device, desc="lenet")
-    return net.eval()
 
 
 def one_ulp(x: Tensor) -> Tensor:
