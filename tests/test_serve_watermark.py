@@ -57,10 +57,11 @@ def test_stolen_clone_is_claimed_and_an_innocent_is_not(setup):
     assert 0.03 < len(marks) / 2000 < 0.07
     attacker.train_attacker(tmp / "clone", "lenet", "MNIST", "2000", device=-1, epochs=30, lr=0.05,
                             momentum=0.9, test_subset=200, num_workers=0, progress=False)
-    # the suspect as a model folder, as the owner would receive it
+    # the suspect as a model folder, as the owner would receive it: the thief's final weights (the
+    # best-on-test checkpoint can be an early epoch that has not yet fit the isolated wrong labels)
     (tmp / "clone" / "params.json").write_text(json.dumps({"model_arch": "lenet", "num_classes": 10,
                                                            "dataset": "MNIST"}))
-    shutil.copy(tmp / "clone" / "checkpoint.2000.pth.tar", tmp / "clone" / "checkpoint.pth.tar")
+    shutil.copy(tmp / "clone" / "last.2000.pth.tar", tmp / "clone" / "checkpoint.pth.tar")
     victim.train_victim("MNIST", "lenet", tmp / "innocent", device=-1, epochs=1, train_subset=2000,
                         test_subset=100, lr=0.05, seed=11, progress=False)
     claims = {}
