@@ -30,6 +30,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .checks import int_arg
 from . import reference
 from ._native import HAS_OPS
 
@@ -178,8 +179,7 @@ def mad_oracle(
     if not isinstance(objmax, bool):
         raise TypeError(f"objmax must be a bool, got {type(objmax).__name__}")
     for name, v in (("exact_max_k", exact_max_k), ("max_candidates", max_candidates)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        int_arg(v, name, low=-2**63)
     if oracle == "random" and index is None:
         if y.dim() != 2:
             raise ValueError(f"y must have shape [B, K], got {tuple(y.shape)}")
@@ -222,8 +222,7 @@ def mad_step(y: Tensor, y_star: Tensor, epsilon: float, ydist: str = "l1", kl_st
     """
     ydist = _choice(ydist, "ydist", YDISTS)
     eps = _number(epsilon, "epsilon")
-    if isinstance(kl_steps, bool) or not isinstance(kl_steps, int):
-        raise TypeError(f"kl_steps must be an int, got {type(kl_steps).__name__}")
+    int_arg(kl_steps, "kl_steps", low=-2**63)
     _tensors(y=y, y_star=y_star)
     return _kernel("mad_step")(y, y_star, eps, ydist, kl_steps)
 

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+from .checks import int_arg, real_arg
 from . import distributed as D
 from .checkpoint import load_checkpoint, save_checkpoint
 from .devices import as_device
@@ -57,7 +58,7 @@ def get_optimizer(params, name: str = "sgdm", lr: float = 0.01, momentum: float 
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer name must be one of {list(OPTIMIZERS)}, got {name!r}")
     for arg, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
-        _check_nonneg(arg, v)
+        real_arg(v, arg)
     if name in ("sgd", "sgdm"):
         momentum = momentum if name == "sgdm" else 0  # SGD's default
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -133,18 +134,6 @@ def _labels(targets: Tensor) -> Tensor:
     return targets.argmax(1) if targets.dim() == 2 else targets
 
 
-def _check_positive_int(name: str, v: Any, minimum: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
-    return int(v)
-
-
-def _check_nonneg(name: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
-        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-    return float(v)
-
-
 def _check_common(model, trainset, arch, num_classes, batch_size, epochs, lr, momentum, weight_decay, lr_step,
                   lr_gamma, num_workers, log_interval) -> tuple:
     """Checks the training loops' shared arguments; returns them converted, ``arch`` and
@@ -159,12 +148,12 @@ def _check_common(model, trainset, arch, num_classes, batch_size, epochs, lr, mo
         raise TypeError(f"arch must be a str (the architecture name), got {type(arch).__name__}")
     if num_classes is None:
         num_classes = _num_classes_of(model, trainset)
-    return (arch, num_classes, _check_positive_int("batch_size", batch_size),
-            _check_positive_int("epochs", epochs, 0), _check_nonneg("lr", lr),
-            _check_nonneg("momentum", momentum), _check_nonneg("weight_decay", weight_decay),
-            _check_positive_int("lr_step", lr_step), _check_nonneg("lr_gamma", lr_gamma),
-            _check_positive_int("num_workers", num_workers, 0),
-            _check_positive_int("log_interval", log_interval))
+    return (arch, num_classes, int_arg(batch_size, "batch_size"),
+            int_arg(epochs, "epochs", low=0), real_arg(lr, "lr"),
+            real_arg(momentum, "momentum"), real_arg(weight_decay, "weight_decay"),
+            int_arg(lr_step, "lr_step"), real_arg(lr_gamma, "lr_gamma"),
+            int_arg(num_workers, "num_workers", low=0),
+            int_arg(log_interval, "log_interval"))
 
 
 def _training_device(device: Any) -> torch.device:
@@ -706,7 +695,7 @@ def train_model_oe(model: nn.Module, trainset: Dataset, out_path: PathLike, *, o
         raise TypeError(f"misinfo_outliers must be a bool, got {type(misinfo_outliers).__name__}")
     if outlier_set is not None and len(outlier_set) == 0:
         raise ValueError("outlier_set is empty")
-    oe_lambda = _check_nonneg("oe_lambda", oe_lambda)
+    oe_lambda = real_arg(oe_lambda, "oe_lambda")
     if resume not in (None, False, True, "auto"):
         raise ValueError(f"resume must be None, False, True or 'auto' with outlier exposure, got {resume!r}")
     if D.launched_with_torchrun():

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..checks import int_arg
 from ..defenses.base import check_choices
 from ..losses import soft_cross_entropy
 from ..training import device_of, optimizer_step
-from .query_order import check_count
 
 __all__ = ["AdaptivePolicy", "load_hierarchy", "REWARDS"]
 
@@ -93,7 +93,7 @@ class AdaptivePolicy:
             raise ValueError(f"reward {reward!r} needs online_model (the knockoff trained while querying)")
         if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0):
             raise ValueError(f"alpha must be a positive number, got {alpha!r}")
-        self.delta = check_count("delta", delta)
+        self.delta = int_arg(delta, "delta")
         labels = np.asarray(labels, dtype=np.int64)
         pool = np.asarray(pool, dtype=np.int64)
         if pool.size == 0:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 from tqdm import tqdm
 
+from ..checks import int_arg
 from ..devices import as_device
 from ..fileio import atomic_write
 from ..models import get_net
@@ -202,11 +203,9 @@ class JacobianAdversary(Attack):
                             ("final_train_epochs", final_train_epochs, 0),
                             ("query_batch_size", query_batch_size, 1), ("pgd_iters", pgd_iters, 0),
                             ("sigma", sigma, -(1 << 62)), ("num_workers", num_workers, 0)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+            int_arg(v, name, low=lo)
         for name, v in (("kappa", kappa), ("tau", tau), ("rho", rho)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive int or None, got {v!r}")
+            int_arg(v, name, optional=True)
         if self.topk is not None and self.topk > num_classes - 1:
             raise ValueError(f"policy {policy!r}: k must be at most K - 1 = {num_classes - 1}")
         if not orig_clamp and bounds is None:

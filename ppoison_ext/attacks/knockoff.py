@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..checks import int_arg
 from ..defenses import Defense, QueryLogger
 from ..defenses.base import check_choices
 from ..devices import as_device
@@ -26,7 +27,7 @@ from ..models.heads import num_classes_of
 from ..training import Steps, device_of, fit
 from .adaptive import REWARDS, AdaptivePolicy, load_hierarchy
 from .base import Attack
-from .query_order import DEFAULT_SEED, check_count, random_query_order, resolve_budget, shuffled_pool
+from .query_order import DEFAULT_SEED, random_query_order, resolve_budget, shuffled_pool
 from .queryset import load_images, raw_items, storage_kind
 from .runstate import RUN_TIMES_FILE, STATE_FILES, RunTimes, StateSlots, batch_seed, reseed_blackbox
 from .transferset import (INDEX_FILE, META, Y_FILE, TransferSet, TransferSetError, TransferSetWriter,
@@ -82,12 +83,11 @@ class KnockoffNets(Attack):
         check_choices(strategy=(strategy, STRATEGIES), reward=(reward, REWARDS))
         for name in ("budget", "nqueries"):
             if getattr(self, name) is not None:
-                check_count(name, getattr(self, name))
-        check_count("batch_size", self.batch_size)
-        check_count("qpi", self.qpi)
-        check_count("num_workers", self.num_workers, 0)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
-            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+                int_arg(getattr(self, name), name)
+        int_arg(self.batch_size, "batch_size")
+        int_arg(self.qpi, "qpi")
+        int_arg(self.num_workers, "num_workers", low=0)
+        int_arg(self.seed, "seed", low=-2**63)
         if self.online_model is not None and not isinstance(self.online_model, nn.Module):
             raise TypeError(f"online_model must be an nn.Module, got {type(self.online_model).__name__}")
         self.run_times: List[float] = []
@@ -97,8 +97,8 @@ class KnockoffNets(Attack):
     def run_params(self, n: int, num_shards: int = 1, shard_id: int = 0) -> Dict[str, Any]:
         """The settings that fix a run's queries (recorded in ``transferset.json``; resuming
         needs them equal), for a query set of ``n`` images."""
-        num_shards = check_count("num_shards", num_shards)
-        shard_id = check_count("shard_id", shard_id, 0)
+        num_shards = int_arg(num_shards, "num_shards")
+        shard_id = int_arg(shard_id, "shard_id", low=0)
         if shard_id >= num_shards:
             raise ValueError(f"shard_id must be < num_shards ({num_shards}), got {shard_id}")
         budget, nqueries = resolve_budget(n, self.budget, self.nqueries, self.batch_size, self.strategy)
@@ -332,7 +332,7 @@ class KnockoffNets(Attack):
         inputs (default: the query set's ``transform``)."""
         if not isinstance(surrogate, nn.Module):
             raise TypeError(f"surrogate must be an nn.Module, got {type(surrogate).__name__}")
-        check_count("epochs", epochs)
+        int_arg(epochs, "epochs")
         transform = transform if transform is not None else getattr(queryset, "transform", None)
         if transform is None:
             raise ValueError("transform: the query set has no .transform; pass the one that turns a stored "

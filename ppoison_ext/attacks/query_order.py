@@ -13,11 +13,13 @@ CPython 3.11).
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["random_query_order", "shuffled_pool", "resolve_budget", "check_count", "DEFAULT_SEED"]
+from ..checks import int_arg
+
+__all__ = ["random_query_order", "shuffled_pool", "resolve_budget", "DEFAULT_SEED"]
 
 DEFAULT_SEED = 42
 
@@ -85,21 +87,13 @@ class _Pool:
         return taken
 
 
-def check_count(name: str, v: Any, minimum: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}")
-    return int(v)
-
-
 def resolve_budget(n: int, budget: Optional[int], nqueries: Optional[int], batch_size: int,
                     strategy: str = "random") -> Tuple[int, int]:
-    n = check_count("n (the query-set size)", n)
-    budget = n if budget is None else check_count("budget", budget)
+    n = int_arg(n, "n (the query-set size)")
+    budget = n if budget is None else int_arg(budget, "budget")
     if budget > n:
         raise ValueError(f"budget ({budget}) exceeds the query set's {n} images")
-    nqueries = budget if nqueries is None else check_count("nqueries", nqueries)
+    nqueries = budget if nqueries is None else int_arg(nqueries, "nqueries")
     if nqueries > budget:
         if strategy == "adaptive":
             raise ValueError(f"nqueries ({nqueries}) > budget ({budget}): the adaptive policy never repeats "
@@ -119,7 +113,7 @@ def random_query_order(n: int, budget: Optional[int] = None, nqueries: Optional[
     images repeat, which needs ``budget % batch_size == 0``). The legacy ``permutation`` per
     step takes about 40 s at n = 60000, batch_size = 1.
     """
-    batch_size = check_count("batch_size", batch_size)
+    batch_size = int_arg(batch_size, "batch_size")
     budget, nqueries = resolve_budget(n, budget, nqueries, batch_size)
     rs = np.random.RandomState(seed)
     all_idxs = np.arange(n)

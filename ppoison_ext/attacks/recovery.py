@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import int_arg
 from ..defenses import ModelGuardS
 from ..defenses.base import check_choices
 from ..devices import as_device
@@ -101,8 +102,7 @@ def dirichlet_samples(n: int, num_classes: int, *, centres: Optional[Tensor] = N
     α_i = max(c_i·K·``concentration``, 1e-6); without: n samples of Dirichlet(1/K·1), index −1.
     ``seed``: an int or a numpy Generator.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    int_arg(n, "n")
     if not concentration > 0:
         raise ValueError(f"concentration must be > 0, got {concentration!r}")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
@@ -180,8 +180,7 @@ def build_recovery_table(perturb: Union[nn.Module, Callable[[Tensor, Tensor], Te
     ``meta["keeps_top1"]`` is the defense's ``keeps_top1`` (None for a function).
     """
     check_choices(source=(source, TABLE_SOURCES), prior=(prior, PRIORS))
-    if isinstance(table_size, bool) or not isinstance(table_size, int) or table_size < 1:
-        raise ValueError(f"table_size must be a positive int, got {table_size!r}")
+    int_arg(table_size, "table_size")
     N = int(x.shape[0])
     if N == 0:
         raise ValueError("x: no query inputs to build the table on")

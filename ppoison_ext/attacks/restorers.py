@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import int_arg, real_arg
 from ..devices import as_device
 from ..training import Steps, fit
 from .recovery import RecoveryTable
@@ -63,11 +64,7 @@ class PartialBayes:
 
     def __init__(self, *, norm: float = 1.0, tolerance: float = 0.01, top1_recover: Optional[bool] = None,
                  mean: bool = True, chunk: int = 1024):
-        if not norm >= 1:
-            raise ValueError(f"norm must be >= 1, got {norm!r}")
-        if not tolerance >= 0:
-            raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
-        self.norm, self.tolerance = float(norm), float(tolerance)
+        self.norm, self.tolerance = real_arg(norm, "norm", low=1.0), real_arg(tolerance, "tolerance")
         self.mean, self.chunk = bool(mean), int(chunk)
         self.top1_recover = None if top1_recover is None else bool(top1_recover)
         self.table: Optional[RecoveryTable] = None
@@ -189,8 +186,7 @@ class DDAE:
                  seed: int = 42, device: Union[str, torch.device] = "cpu", progress: bool = False):
         for name, v in (("epochs", epochs), ("batch_size", batch_size), ("lr_step", lr_step),
                         ("restore_batch_size", restore_batch_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "epochs" else 1):
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            int_arg(v, name, low=0 if name == "epochs" else 1)
         self.hidden = tuple(hidden) if hidden is not None else None
         self.epochs, self.batch_size, self.lr, self.momentum = epochs, batch_size, float(lr), float(momentum)
         self.weight_decay, self.lr_step, self.lr_gamma = float(weight_decay), lr_step, float(lr_gamma)

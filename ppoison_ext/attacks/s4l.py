@@ -18,6 +18,7 @@ import torchvision
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..checks import real_arg
 from ..losses import soft_cross_entropy
 from ..models.heads import classifier_head
 from ..training import cycle_batches
@@ -83,9 +84,7 @@ class S4LCriterion:
 
     def __init__(self, model: nn.Module, unlabelled: Dataset, *, weight: float = 1.0, batch_size: int = 64,
                  seed: int = 42, num_workers: int = 0):
-        if not weight >= 0:
-            raise ValueError(f"weight must be >= 0, got {weight!r}")
-        self.model, self.weight = model, float(weight)
+        self.model, self.weight = model, real_arg(weight, "weight")
         self.head = RotationHead(model)
         self._gen = torch.Generator().manual_seed(seed)
         self._loader = DataLoader(unlabelled, batch_size=batch_size, shuffle=True, generator=self._gen,

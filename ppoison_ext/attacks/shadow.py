@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..checks import int_arg
 from ..datasets import dataset_to_modelfamily, get_dataset, get_transform
 from ..defenses.base import check_choices
 from ..devices import as_device
@@ -93,8 +94,7 @@ def train_shadow_models(out_dir: Union[str, Path], *, dataset: str, arch: str, n
     """Trains ``num_shadows`` shadow models into ``out_dir/shadow-<i>`` (module docs) and returns
     their folders. Finished shadows are skipped, an unfinished one resumes."""
     check_choices(split=(split, SPLITS))
-    if isinstance(num_shadows, bool) or not isinstance(num_shadows, int) or num_shadows < 1:
-        raise ValueError(f"num_shadows must be a positive int, got {num_shadows!r}")
+    int_arg(num_shadows, "num_shadows")
     if dataset not in dataset_to_modelfamily:
         raise ValueError(f"dataset: unknown {dataset!r}")
     family, device = dataset_to_modelfamily[dataset], as_device(device)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..checks import int_arg
 from .wire import NPY, decode_npy, encode_npy
 
 __all__ = ["RemoteBlackbox", "RemoteError", "BudgetExhausted", "is_url", "read_api_key"]
@@ -91,9 +92,8 @@ class RemoteBlackbox:
         self.input_shape = tuple(int(v) for v in self.info["input_shape"])
         self.max_request_images = int(self.info.get("max_request_images", 256))
         if max_request_images is not None:
-            if type(max_request_images) is not int or max_request_images < 1:
-                raise ValueError(f"max_request_images must be a positive int, got {max_request_images!r}")
-            self.max_request_images = min(self.max_request_images, max_request_images)
+            self.max_request_images = min(self.max_request_images,
+                                          int_arg(max_request_images, "max_request_images"))
 
     def _get(self, path: str) -> Dict[str, Any]:
         return _checked(self._client.get(path)).json()

@@ -3,7 +3,6 @@ the registry that names every defense with its ``defense_args`` keys."""
 
 from __future__ import annotations
 
-import math
 import threading
 from pathlib import Path
 from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import check_bools, check_choices, int_arg, real_arg  # noqa: F401 (re-exported)
 from ..modeldir import load_model_dir
 from .querylog import QueryLogger
 
@@ -70,36 +70,6 @@ def build_registered(name: str, model: nn.Module, args: Dict[str, Any], **contex
     if entry.needs is not None and entry.needs not in args:
         raise ValueError(f"defense {name} needs {entry.needs} (e.g. '{entry.example}')")
     return entry.cls.from_args(name, model, dict(args), **context)
-
-
-def real_arg(v, name: str, *, low: Optional[float] = 0.0, high: Optional[float] = None) -> float:
-    """``v`` as a finite float in [low, high] (None: unbounded); TypeError/ValueError naming ``name``."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    v = float(v)
-    if low is None and not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    if low is not None and not (low <= v < math.inf):
-        raise ValueError(f"{name} must be finite and >= {low:g}, got {v}")
-    if high is not None and v > high:
-        raise ValueError(f"{name} must be finite, >= {low:g} and <= {high:g}, got {v}")
-    return v
-
-
-def check_choices(**values: Any) -> None:
-    """Each keyword is ``(value, allowed)``: the value must be a str in ``allowed``."""
-    for name, (v, allowed) in values.items():
-        if not isinstance(v, str):
-            raise TypeError(f"{name} must be a str, got {type(v).__name__}")
-        if v not in allowed:
-            raise ValueError(f"{name} must be one of {list(allowed)}, got {v!r}")
-
-
-def check_bools(**values: Any) -> None:
-    """TypeError naming the first of ``values`` that is not a bool."""
-    for name, v in values.items():
-        if not isinstance(v, bool):
-            raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
 
 
 def load_model_arg(path, key: str, device, checkpoint_names: Sequence[str] = ("checkpoint.pth.tar",
@@ -172,9 +142,7 @@ class Defense(nn.Module):
             return F.softmax(self.model(x), dim=1)
 
     def _init_seed(self, seed: Optional[int]) -> None:
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-        self.seed = seed
+        self.seed = int_arg(seed, "seed", low=-2**63, optional=True)
         self._generators: Dict[str, torch.Generator] = {}
 
     def _generator(self, device: Optional[torch.device] = None) -> Optional[torch.Generator]:

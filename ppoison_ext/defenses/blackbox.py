@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..checks import int_arg
 from .base import Defense, DefenseOutput, register
 
 __all__ = ["Blackbox"]
@@ -27,13 +28,8 @@ class Blackbox(Defense):
 
     def __init__(self, model: nn.Module, *, topk: Optional[int] = None, rounding: Optional[int] = None, logger=None):
         super().__init__(model, logger=logger)
-        for name, v, low in (("topk", topk, 1), ("rounding", rounding, 0)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-                raise TypeError(f"{name} must be an int or None, got {type(v).__name__}")
-            if v is not None and v < low:
-                raise ValueError(f"{name} must be >= {low}, got {v}")
-        self.topk = topk
-        self.rounding = rounding
+        self.topk = int_arg(topk, "topk", optional=True)
+        self.rounding = int_arg(rounding, "rounding", low=0, optional=True)
 
     @property
     def keeps_top1(self) -> bool:

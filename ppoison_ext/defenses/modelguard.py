@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..checks import int_arg
 from .. import ops
 from .base import Defense, DefenseOutput, boolean, check_bools, check_choices, real_arg, register
 
@@ -48,9 +49,7 @@ class ModelGuardW(Defense):
         super().__init__(model, logger=logger)
         self.epsilon = real_arg(epsilon, "epsilon")
         check_choices(ydist=(ydist, ops.YDISTS))
-        if isinstance(batch_constraint, bool) or not isinstance(batch_constraint, int):
-            raise TypeError(f"batch_constraint must be an int, got {type(batch_constraint).__name__}")
-        if batch_constraint != 0:
+        if int_arg(batch_constraint, "batch_constraint", low=-2**63) != 0:
             raise ValueError(f"batch_constraint must be 0 (one budget per query); the shared-budget variant "
                              f"{batch_constraint} is not supported")
         self.ydist = ydist

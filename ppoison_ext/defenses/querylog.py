@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..checks import int_arg
 from ..fileio import AppendFile, append_text, atomic_write_text, truncate_file
 
 __all__ = ["QueryLogger", "read_queries", "DISTANCE_COLUMNS", "distances"]
@@ -57,8 +58,7 @@ class QueryLogger:
 
     def __init__(self, out_dir, prefix: str = "", *, every: int = 1000, save_queries: bool = True,
                  resume: bool = False):
-        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            raise ValueError(f"every must be a positive int, got {every!r}")
+        int_arg(every, "every")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
@@ -119,8 +119,7 @@ class QueryLogger:
         """Forgets every query after the first ``n_queries`` (e.g. answered but never committed
         by a run that crashed): the query file, the distance rows and the sums go back to
         what they were after those queries."""
-        if isinstance(n_queries, bool) or not isinstance(n_queries, int) or n_queries < 0:
-            raise ValueError(f"n_queries must be an int >= 0, got {n_queries!r}")
+        int_arg(n_queries, "n_queries", low=0)
         with self._lock:
             self._bin.close()
             self._restore(keep=n_queries)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import int_arg
 from ..datasets import get_dataset, get_transform
 from ..fileio import append_text, atomic_write_text
 from ..losses import soft_cross_entropy
@@ -74,8 +75,7 @@ class OnlineEvaluation:
                  log_every: int = 1000, minitest_size: int = 1000, eval_batch_size: int = 128):
         for name, v in (("log_every", log_every), ("minitest_size", minitest_size),
                         ("eval_batch_size", eval_batch_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            int_arg(v, name)
         self.testset, self.train_size = testset, train_size
         self.log_every, self.minitest_size, self.eval_batch_size = log_every, minitest_size, eval_batch_size
         self.run_id = str(datetime.datetime.now())

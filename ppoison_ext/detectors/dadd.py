@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..checks import int_arg
 from ..models import last_linear
 from .base import Detector, KeyState, victim_forward, with_class
 
@@ -91,8 +92,7 @@ class DADD(Detector):
         if means.dim() != 2 or covs.shape != (means.shape[0], means.shape[1], means.shape[1]):
             raise ValueError(f"means must be [K, d] and covs [K, d, d], got {tuple(means.shape)} and "
                              f"{tuple(covs.shape)}")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be an int >= 1, got {window!r}")
+        int_arg(window, "window")
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or math.isnan(tau):
             raise ValueError(f"tau must be a number, got {tau!r}")
         self.means, self.covs = means.to(torch.float64), covs.to(torch.float64)

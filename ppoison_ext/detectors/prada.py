@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..checks import real_arg
 from .base import Detector, KeyState, Rows, Values, nearest_candidates, pairwise_earlier, with_class
 
 __all__ = ["PRADA", "pooled", "shapiro_w"]
@@ -80,9 +81,7 @@ class PRADA(Detector):
         self.input_shape = [int(v) for v in input_shape]
         if not self.input_shape or min(self.input_shape) < 1:
             raise ValueError(f"input_shape must be a non-empty list of positive sizes, got {input_shape}")
-        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0.0 <= delta <= 1.0:
-            raise ValueError(f"delta must be a number in [0, 1], got {delta!r}")
-        self.delta = float(delta)
+        self.delta = real_arg(delta, "delta", high=1.0)
         self.record_width = math.prod(self.input_shape) + 1
 
     def records(self, x: Tensor, logits: Tensor, features: Tensor) -> Tensor:

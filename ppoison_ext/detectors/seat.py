@@ -27,6 +27,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from ..checks import int_arg
 from ..datasets.transforms import MNIST_MEAN, MNIST_STD
 from ..models import example_input, last_linear_name
 from ..training import Steps, fit
@@ -120,8 +121,7 @@ class SEAT(Detector):
         super().__init__(latch=latch)
         for name, v in (("k", k), ("num_clusters", num_clusters), ("buffer_size", buffer_size),
                         ("memory_capacity", memory_capacity)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+            int_arg(v, name)
         if isinstance(thresh, bool) or not isinstance(thresh, (int, float)) or math.isnan(thresh):
             raise ValueError(f"thresh must be a number, got {thresh!r}")
         self.encoder, self.thresh, self.k = encoder.eval(), float(thresh), k

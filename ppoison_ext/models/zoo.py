@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ..checks import int_arg
 from ..checkpoint import read_state_dict
 from . import cifar, imagenet, mnist
 
@@ -160,8 +161,7 @@ def get_net(name: str, modelfamily: str, pretrained: Optional[Union[str, os.Path
         raise ValueError(f"unknown model family {family!r}; known families: {list(MODEL_FAMILIES)}")
     if num_classes is None:
         num_classes = DEFAULT_NUM_CLASSES[family]
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    int_arg(num_classes, "num_classes")
 
     if pretrained is None or pretrained is False or (isinstance(pretrained, str) and pretrained == ""):
         return _build(name, family, num_classes, **kwargs)

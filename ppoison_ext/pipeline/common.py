@@ -6,6 +6,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from torch.utils.data import Dataset, Subset
 
+from ..checks import int_arg
 from ..client import RemoteBlackbox, read_api_key
 from ..datasets import dataset_to_modelfamily
 from ..defenses import WB_DEFENSES, Defense, DefenseSpec, QueryLogger, build_defense
@@ -22,10 +23,8 @@ def check_dataset(name: Any, what: str) -> str:
 
 def first_n(dataset: Dataset, n: Optional[int], what: str = "test_subset") -> Dataset:
     """The first ``n`` items of ``dataset`` (all of them for None)."""
-    if n is None:
+    if int_arg(n, what, optional=True) is None:
         return dataset
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{what} must be a positive int or None, got {n!r}")
     return Subset(dataset, list(range(min(n, len(dataset)))))
 
 

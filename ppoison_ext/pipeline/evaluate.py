@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..checks import int_arg
 from .. import distributed
 from ..datasets import get_dataset, get_transform
 from ..defenses import DEFENSE_NAMES, WB_DEFENSES, DefenseSpec, QueryLogger
@@ -59,9 +60,7 @@ class EvalSettings(CommonSettings):
 
     def run(self) -> Dict[str, Any]:
         """Returns ``{"accuracy", "loss", "n", "log"}`` and the l1/l2/KL ``*_mean`` / ``*_std``."""
-        batch_size = self.batch_size
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        batch_size = int_arg(self.batch_size, "batch_size")
         if distributed.launched_with_torchrun():
             raise ValueError("eval-bbox runs in one process; start it with python, not torchrun")
         dev = as_device(self.device_id)

@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
+from ..checks import int_arg
 from .. import distributed
 from ..attacks.jbda import JacobianAdversary, parse_policy, pixel_bounds, save_augmented_set
 from ..client import is_url
@@ -112,8 +113,7 @@ class JacobianSettings(CommonSettings):
         check_dataset(self.testset, "testset")
         check_dataset(self.queryset, "queryset")
         seedsize, budget = self.seedsize, self.budget
-        if isinstance(seedsize, bool) or not isinstance(seedsize, int) or seedsize < 1:
-            raise ValueError(f"seedsize must be a positive int, got {seedsize!r}")
+        int_arg(seedsize, "seedsize")
         dev = as_device(self.device_id)
         out_dir = Path(self.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

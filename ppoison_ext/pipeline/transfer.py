@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..checks import int_arg
 from ..attacks.knockoff import REWARDS, RUN_TIMES_FILE, STATE_FILES, KnockoffNets
 from ..attacks.transferset import (INDEX_FILE, META, PATHS_FILE, X_FILE, Y_FILE, TransferSetError,
                                    TransferSetWriter, export_pickle, load_transferset)
@@ -84,11 +85,8 @@ def _shard_env(num_shards: Optional[int], shard_id: Optional[int]):
         return 1, 0, False
     if num_shards is None or shard_id is None:
         raise ValueError("--num-shards and --shard-id go together")
-    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
-        raise ValueError(f"num_shards must be a positive int, got {num_shards!r}")
-    if isinstance(shard_id, bool) or not isinstance(shard_id, int) or not 0 <= shard_id < num_shards:
-        raise ValueError(f"shard_id must be in [0, {num_shards}), got {shard_id!r}")
-    return num_shards, shard_id, False
+    num_shards = int_arg(num_shards, "num_shards")
+    return num_shards, int_arg(shard_id, "shard_id", low=0, high=num_shards - 1), False
 
 
 def transfer(*args: Any, **kwargs: Any) -> Path:
@@ -137,9 +135,7 @@ def merge_shards(out_dir, num_shards: int, *, export_pickle_file: bool = False,
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
-    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 2:
-        raise ValueError(f"num_shards must be an int >= 2, got {num_shards!r}")
-    S = num_shards
+    S = int_arg(num_shards, "num_shards", low=2)
     shards, runs, metas = [], [], []
     for i in range(S):
         folder = shard_dir(out_dir, i)

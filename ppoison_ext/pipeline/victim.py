@@ -16,6 +16,7 @@ import numpy as np
 from torch import nn
 from torch.utils.data import Subset
 
+from ..checks import int_arg
 from .. import distributed
 from ..datasets import dataset_to_modelfamily, get_dataset, get_transform
 from ..devices import as_device
@@ -113,8 +114,7 @@ class VictimSettings(CommonSettings):
         num_classes = len(trainset.classes)
         n = self.train_subset
         if n is not None:
-            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(trainset):
-                raise ValueError(f"train_subset must be an int in [1, {len(trainset)}], got {n!r}")
+            int_arg(n, "train_subset", high=len(trainset))
             rng = np.random.RandomState(self.seed) if self.seed is not None else np.random
             trainset = Subset(trainset, rng.choice(np.arange(len(trainset)), size=n, replace=False).tolist())
         testset = first_n(testset, self.test_subset)
