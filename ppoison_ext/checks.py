@@ -7,7 +7,7 @@ import math
 import operator
 from typing import Any, Optional
 
-__all__ = ["int_arg", "real_arg", "check_choices", "check_bools"]
+__all__ = ["int_arg", "real_arg", "type_arg", "check_choices", "check_bools"]
 
 
 def int_arg(v, name: str, *, low: int = 1, high: Optional[int] = None,
@@ -56,3 +56,10 @@ def check_bools(**values: Any) -> None:
     for name, v in values.items():
         if not isinstance(v, bool):
             raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+
+
+def type_arg(v, name: str, cls, what: str, *, optional: bool = False):
+    """``v`` when it is a ``cls`` (or None when ``optional``), else a TypeError: it must be ``what``."""
+    if not (isinstance(v, cls) or (optional and v is None)):
+        raise TypeError(f"{name} must be {what}{' or None' if optional else ''}, got {type(v).__name__}")
+    return v

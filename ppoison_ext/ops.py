@@ -30,7 +30,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .checks import int_arg
+from .checks import int_arg, type_arg
 from . import reference
 from ._native import HAS_OPS
 
@@ -68,8 +68,7 @@ def _tensors(optional: Tuple[str, ...] = (), **tensors) -> None:
     for name, t in tensors.items():
         if t is None and name in optional:
             continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        type_arg(t, name, Tensor, "a torch.Tensor")
         if name == "index":
             if t.dtype != torch.int64:
                 raise TypeError(f"ppoison: index must be an int64 tensor, got {t.dtype}")
@@ -176,8 +175,7 @@ def mad_oracle(
     """
     _tensors(("p", "h_sqnorm", "gram", "index"), y=y, p=p, h_sqnorm=h_sqnorm, gram=gram, index=index)
     oracle = _choice(oracle, "oracle", ORACLES)
-    if not isinstance(objmax, bool):
-        raise TypeError(f"objmax must be a bool, got {type(objmax).__name__}")
+    type_arg(objmax, "objmax", bool, "a bool")
     for name, v in (("exact_max_k", exact_max_k), ("max_candidates", max_candidates)):
         int_arg(v, name, low=-2**63)
     if oracle == "random" and index is None:

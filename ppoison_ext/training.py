@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from .checks import int_arg, real_arg
+from .checks import int_arg, real_arg, type_arg
 from . import distributed as D
 from .checkpoint import load_checkpoint, save_checkpoint
 from .devices import as_device
@@ -138,14 +138,12 @@ def _check_common(model, trainset, arch, num_classes, batch_size, epochs, lr, mo
                   lr_gamma, num_workers, log_interval) -> tuple:
     """Checks the training loops' shared arguments; returns them converted, ``arch`` and
     ``num_classes`` defaulted (the model's class name; inferred)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    type_arg(model, "model", nn.Module, "a torch.nn.Module")
     _check_dataset("trainset", trainset, optional=False)
     if len(trainset) == 0:
         raise ValueError("trainset is empty")
     arch = arch if arch is not None else type(model).__name__
-    if not isinstance(arch, str):
-        raise TypeError(f"arch must be a str (the architecture name), got {type(arch).__name__}")
+    type_arg(arch, "arch", str, "a str (the architecture name)")
     if num_classes is None:
         num_classes = _num_classes_of(model, trainset)
     return (arch, num_classes, int_arg(batch_size, "batch_size"),
@@ -486,10 +484,8 @@ def train_model(model: nn.Module, trainset: Dataset, out_path: PathLike, *, test
      log_interval) = _check_common(model, trainset, arch, num_classes, batch_size, epochs, lr, momentum,
                                    weight_decay, lr_step, lr_gamma, num_workers, log_interval)
     _check_dataset("testset", testset)
-    if not isinstance(checkpoint_suffix, str):
-        raise TypeError(f"checkpoint_suffix must be a str, got {type(checkpoint_suffix).__name__}")
-    if log_suffix is not None and not isinstance(log_suffix, str):
-        raise TypeError(f"log_suffix must be a str or None, got {type(log_suffix).__name__}")
+    type_arg(checkpoint_suffix, "checkpoint_suffix", str, "a str")
+    type_arg(log_suffix, "log_suffix", str, "a str", optional=True)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     ctx = D.init_distributed(_training_device(device))
@@ -691,8 +687,7 @@ def train_model_oe(model: nn.Module, trainset: Dataset, out_path: PathLike, *, o
                         f"{type(misinfo_model).__name__}")
     if misinfo_model is not None and misinfo_out is None:
         raise ValueError("misinfo_out (the misinformation model's folder) is required with misinfo_model")
-    if not isinstance(misinfo_outliers, bool):
-        raise TypeError(f"misinfo_outliers must be a bool, got {type(misinfo_outliers).__name__}")
+    type_arg(misinfo_outliers, "misinfo_outliers", bool, "a bool")
     if outlier_set is not None and len(outlier_set) == 0:
         raise ValueError("outlier_set is empty")
     oe_lambda = real_arg(oe_lambda, "oe_lambda")

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ..checks import type_arg
 from ..defenses.base import check_choices
 from ..training import device_of
 from .base import Attack
@@ -67,8 +68,7 @@ class DefenseAware(Attack):
                  perturb: Optional[Callable[[Tensor, Tensor], Tensor]] = None, hard_label: bool = False,
                  transform: Optional[Callable] = None, seed: int = 42, table_batch_size: int = 1024):
         self.inner = inner if inner is not None else KnockoffNets()
-        if not isinstance(self.inner, Attack):
-            raise TypeError(f"inner must be an Attack, got {type(self.inner).__name__}")
+        type_arg(self.inner, "inner", Attack, "an Attack")
         if restorer is not None and not isinstance(restorer, Restorer):
             raise TypeError(f"restorer must have fit(table) and restore(y), got {type(restorer).__name__}")
         check_choices(table_source=(table_source, TABLE_SOURCES), prior=(prior, PRIORS))

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..checks import int_arg
+from ..checks import int_arg, type_arg
 from ..defenses import Defense, QueryLogger
 from ..defenses.base import check_choices
 from ..devices import as_device
@@ -330,8 +330,7 @@ class KnockoffNets(Attack):
         """Builds (or resumes) the transfer set, then trains ``surrogate`` (returned in eval mode)
         on it with soft cross-entropy and SGD; ``transform`` turns the stored images into model
         inputs (default: the query set's ``transform``)."""
-        if not isinstance(surrogate, nn.Module):
-            raise TypeError(f"surrogate must be an nn.Module, got {type(surrogate).__name__}")
+        type_arg(surrogate, "surrogate", nn.Module, "an nn.Module")
         int_arg(epochs, "epochs")
         transform = transform if transform is not None else getattr(queryset, "transform", None)
         if transform is None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import int_arg, real_arg
+from ..checks import int_arg, real_arg, type_arg
 from ..devices import as_device
 from ..training import Steps, fit
 from .recovery import RecoveryTable
@@ -48,8 +48,7 @@ def hard_labels(y: Tensor) -> Tensor:
 
 
 def _check_table(table: RecoveryTable) -> None:
-    if not isinstance(table, RecoveryTable):
-        raise TypeError(f"table must be a RecoveryTable, got {type(table).__name__}")
+    type_arg(table, "table", RecoveryTable, "a RecoveryTable")
     if len(table) == 0:
         raise ValueError("the recovery table is empty")
 

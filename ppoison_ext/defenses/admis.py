@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import type_arg
 from ..checkpoint import CHECKPOINT_NAMES
 from .base import (Defense, DefenseOutput, boolean, check_bools, check_choices, load_model_arg, optional_str,
                    real_arg, register)
@@ -144,8 +145,7 @@ class AdaptiveMisinformation(Defense):
 
     def components(self, x: Tensor) -> AMComponents:
         """Runs the defense on a batch and returns every intermediate (no query counting)."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        type_arg(x, "x", Tensor, "a torch.Tensor")
         with torch.no_grad():
             y = self.victim_probs(x)
             y_hat, score = self._forwards(x, y)

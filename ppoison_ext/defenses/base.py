@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_bools, check_choices, int_arg, real_arg  # noqa: F401 (re-exported)
+from ..checks import check_bools, check_choices, int_arg, real_arg, type_arg  # noqa: F401 (re-exported)
 from ..modeldir import load_model_dir
 from .querylog import QueryLogger
 
@@ -117,10 +117,8 @@ class Defense(nn.Module):
 
     def __init__(self, model: nn.Module, *, logger: Optional[QueryLogger] = None):
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if logger is not None and not isinstance(logger, QueryLogger):
-            raise TypeError(f"logger must be a QueryLogger or None, got {type(logger).__name__}")
+        type_arg(model, "model", nn.Module, "a torch.nn.Module")
+        type_arg(logger, "logger", QueryLogger, "a QueryLogger", optional=True)
         self.model = model.eval()
         self.logger = logger
         self.call_count = 0
@@ -217,8 +215,7 @@ class Defense(nn.Module):
 
     def perturb(self, x: Tensor) -> DefenseOutput:
         """Runs the defense on a batch and returns everything it computed."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        type_arg(x, "x", Tensor, "a torch.Tensor")
         with torch.no_grad():
             out = self._answer(x)
         self._count(out.y.shape[0])

@@ -21,6 +21,7 @@ from typing import List, Tuple
 import torch
 from torch import Tensor
 
+from ..checks import type_arg
 from .base import Defense, DefenseOutput, real_arg
 from .whitebox import WhiteboxDefense
 
@@ -73,8 +74,7 @@ class DAWN(Defense):
         if not isinstance(defense, Defense) or isinstance(defense, (WhiteboxDefense, DAWN)):
             raise TypeError("defense must be a (non-white-box, unwatermarked) Defense, "
                             f"got {type(defense).__name__}")
-        if not isinstance(key, bytes):
-            raise TypeError(f"key must be bytes, got {type(key).__name__}")
+        type_arg(key, "key", bytes, "bytes")
         if len(key) < MIN_KEY_BYTES:
             raise ValueError(f"key must hold at least {MIN_KEY_BYTES * 8} bits, got {len(key) * 8}")
         rate = real_arg(rate, "rate", high=1.0)

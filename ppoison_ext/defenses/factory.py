@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 from torch import nn
 
+from ..checks import type_arg
 from ..devices import DeviceLike, as_device
 from ..modeldir import load_model_dir
 from .base import COMMON_KEYS, REGISTRY, Defense, boolean, build_registered
@@ -85,8 +86,7 @@ class DefenseSpec:
             if args is not None or kwargs:
                 raise TypeError("pass a DefenseSpec alone, without further arguments")
             return name
-        if not isinstance(name, str):
-            raise TypeError(f"defense must be a name (str) or a DefenseSpec, got {type(name).__name__}")
+        type_arg(name, "defense", str, "a name (str) or a DefenseSpec")
         parsed = parse_defense_args(args, name)
         for key, value in parse_defense_args(kwargs, name).items():
             if key in parsed:
@@ -129,8 +129,7 @@ def build_defense(defense: Union[str, DefenseSpec], args: Union[str, Mapping[str
         options.setdefault("victim_params", params)
     elif victim_dir is not None:
         raise ValueError("give the victim either as model= or as victim_dir=, not both")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    type_arg(model, "model", nn.Module, "a torch.nn.Module")
     kw = {k: v for k, v in spec.args.items() if k not in COMMON_KEYS}
     bb = build_registered(spec.name, model, kw, proxy=proxy, logger=logger, device=device, out_dir=out_dir,
                           whitebox=options)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import type_arg
 from .. import ops
 from .base import (Defense, DefenseOutput, boolean, check_bools, check_choices, optional_str, proxy_arg,
                    real_arg, register)
@@ -90,8 +91,7 @@ class GRAD2(Defense):
             raise TypeError(f"surrogate must be a torch.nn.Module or a non-empty sequence of them, got "
                             f"{type(surrogate).__name__}")
         for i, s in enumerate(surrogates):
-            if not isinstance(s, nn.Module):
-                raise TypeError(f"surrogate[{i}] must be a torch.nn.Module, got {type(s).__name__}")
+            type_arg(s, f"surrogate[{i}]", nn.Module, "a torch.nn.Module")
         check_choices(jacobian=(jacobian, ("full", "fc")))
         check_bools(batch_independent=batch_independent)
         if isinstance(target, str):
@@ -262,8 +262,7 @@ class GRAD2(Defense):
     def perturb_budgets(self, x: Tensor, epsilons: Sequence[float]) -> Tensor:
         """The released posteriors for several budgets [B, E, K] from one set of coefficients.
         Counts the queries; writes nothing to the logger."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        type_arg(x, "x", Tensor, "a torch.Tensor")
         with torch.no_grad():
             y = self.victim_probs(x)
             out = ops.grad2_allocate(y, self._all_coefficients(x, y), epsilons)

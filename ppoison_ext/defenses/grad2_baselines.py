@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import type_arg
 from .base import Defense, DefenseOutput, optional_str, real_arg, register
 from .grad2 import from_surrogate_args
 
@@ -53,8 +54,7 @@ class MADGR(Defense):
 
     def __init__(self, model: nn.Module, *, epsilon: float, surrogate: nn.Module, logger=None):
         super().__init__(model, logger=logger)
-        if not isinstance(surrogate, nn.Module):
-            raise TypeError(f"surrogate must be a torch.nn.Module, got {type(surrogate).__name__}")
+        type_arg(surrogate, "surrogate", nn.Module, "a torch.nn.Module")
         self.epsilon = real_arg(epsilon, "epsilon")
         self.surrogate = surrogate.eval()
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import type_arg
 from .. import ops
 from .base import (Defense, DefenseOutput, boolean, check_bools, check_choices, optional_str, proxy_arg,
                    real_arg, register)
@@ -66,8 +67,7 @@ class MAD(Defense):
         if optim == "projections" and ydist == "kl":
             raise ValueError("optim='projections' supports ydist 'l1' and 'l2', not 'kl'")
         check_bools(objmax=objmax, disable_jacobian=disable_jacobian)
-        if proxy is not None and not isinstance(proxy, nn.Module):
-            raise TypeError(f"proxy must be a torch.nn.Module or None, got {type(proxy).__name__}")
+        type_arg(proxy, "proxy", nn.Module, "a torch.nn.Module", optional=True)
         self.epsilon = epsilon
         self.ydist, self.oracle, self.optim = ydist, oracle, optim
         self.objmax, self.disable_jacobian = objmax, disable_jacobian

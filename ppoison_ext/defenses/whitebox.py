@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import int_arg
+from ..checks import int_arg, type_arg
 from ..datasets import get_dataset, get_transform
 from ..fileio import append_text, atomic_write_text
 from ..losses import soft_cross_entropy
@@ -219,12 +219,9 @@ class WhiteboxDefense(Defense):
     def __init__(self, defense: Defense, attacker: nn.Module, *, proxy: Optional[nn.Module] = None,
                  proxy_train: bool = True, attacker_argmax: bool = False, adv_optimizer: str = "sgd",
                  step_reduction: str = "sum", original_bugs: bool = False, observer=None):
-        if not isinstance(defense, Defense):
-            raise TypeError(f"defense must be a ppoison_ext Defense, got {type(defense).__name__}")
-        if not isinstance(attacker, nn.Module):
-            raise TypeError(f"attacker must be an nn.Module, got {type(attacker).__name__}")
-        if proxy is not None and not isinstance(proxy, nn.Module):
-            raise TypeError(f"proxy must be an nn.Module or None, got {type(proxy).__name__}")
+        type_arg(defense, "defense", Defense, "a ppoison_ext Defense")
+        type_arg(attacker, "attacker", nn.Module, "an nn.Module")
+        type_arg(proxy, "proxy", nn.Module, "an nn.Module", optional=True)
         check_bools(proxy_train=proxy_train, attacker_argmax=attacker_argmax, original_bugs=original_bugs)
         check_choices(step_reduction=(step_reduction, ("sum", "mean")))
         super().__init__(defense.model, logger=defense.logger)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..checks import type_arg
 from ..fileio import atomic_write, atomic_write_json
 from ..models import last_linear
 
@@ -164,8 +165,7 @@ class Detector:
     inputs_only = False  # records(x, None, None) works: they need neither logits nor features
 
     def __init__(self, *, latch: bool = True):
-        if not isinstance(latch, bool):
-            raise TypeError(f"latch must be a bool, got {type(latch).__name__}")
+        type_arg(latch, "latch", bool, "a bool")
         self.latch = latch
 
     def records(self, x: Tensor, logits: Tensor, features: Tensor) -> Tensor:  # pragma: no cover

@@ -44,6 +44,7 @@ except ImportError as err:  # pragma: no cover - depends on the installation
     raise ImportError("ppoison_ext.integrations.art needs the Adversarial Robustness Toolbox: "
                       "pip install 'ppoison_ext[art]'") from err
 
+from ..checks import type_arg
 from ..client import RemoteBlackbox
 from ..defenses import Defense, build_defense
 from ..models import INPUT_SIZES
@@ -110,8 +111,7 @@ class DefendedClassifier(PyTorchClassifier):
     def __init__(self, defense: Defense, *, input_shape: Sequence[int], nb_classes: Optional[int] = None,
                  clip_values: Optional[Tuple[float, float]] = None, device_type: Optional[str] = None,
                  **kwargs: Any):
-        if not isinstance(defense, Defense):
-            raise TypeError(f"defense must be a ppoison_ext Defense, got {type(defense).__name__}")
+        type_arg(defense, "defense", Defense, "a ppoison_ext Defense")
         if nb_classes is None:
             heads = [m for m in defense.model.modules() if isinstance(m, nn.Linear)]
             if not heads:

@@ -26,6 +26,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from ..checks import type_arg
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["NAMES", "ALIASES", "CADENE_ONLY", "NO_LINEAR_HEAD", "PRETRAINED_DIR_ENV", "build",
@@ -85,8 +87,7 @@ class _HeadAlias:
     def __setattr__(self, name: str, value: Any) -> None:
         d = self.__dict__
         if name == d.get("_head_alias"):
-            if not isinstance(value, nn.Module):
-                raise TypeError(f"{name} must be an nn.Module, got {type(value).__name__}")
+            type_arg(value, name, nn.Module, "an nn.Module")
             self.set_submodule(d["_head_path"], value)  # type: ignore[attr-defined]
             return
         super().__setattr__(name, value)

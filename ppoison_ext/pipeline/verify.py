@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..checks import type_arg
 from ..devices import DeviceLike, as_device
 from ..fileio import atomic_write_json
 from ..modeldir import load_model_dir
@@ -175,14 +176,12 @@ def verify_ownership(model: nn.Module, log_dir, *, key_id: Optional[str] = None,
                      null_models: Optional[Sequence[nn.Module]] = None, alpha: float = 0.01,
                      device: DeviceLike = None, batch_size: int = 512) -> OwnershipClaim:
     """Tests whether ``model`` learned the watermarks a server recorded in ``log_dir`` (module docs)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    type_arg(model, "model", nn.Module, "a torch.nn.Module")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     nulls = list(null_models or ())
     for m in nulls:
-        if not isinstance(m, nn.Module):
-            raise TypeError(f"null_models must be torch.nn.Modules, got {type(m).__name__}")
+        type_arg(m, "null_models", nn.Module, "torch.nn.Modules")
     device = next(model.parameters(), torch.empty(0)).device if device is None else as_device(device)
     x, labels, keys = read_watermarks(log_dir, key_id)
     with torch.no_grad():

@@ -36,6 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..checks import type_arg
 from ..client.wire import NPY, encode_npy
 from ..defenses import Defense, WhiteboxDefense
 from ..detectors import Detector, KeyState, victim_forward
@@ -170,14 +171,12 @@ def create_router(defense: Defense, *, input_shape: Sequence[int], classes: Opti
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from starlette.requests import ClientDisconnect
 
-    if not isinstance(defense, Defense):
-        raise TypeError(f"defense must be a ppoison_ext Defense, got {type(defense).__name__}")
+    type_arg(defense, "defense", Defense, "a ppoison_ext Defense")
     for name, d in (("defense", defense), ("on_detect", on_detect)):
         if isinstance(d, WhiteboxDefense):
             raise ValueError(f"{name}: the white-box variants are not served (their online attacker is "
                              "trained on the query stream)")
-    if detector is not None and not isinstance(detector, Detector):
-        raise TypeError(f"detector must be a ppoison_ext Detector or None, got {type(detector).__name__}")
+    type_arg(detector, "detector", Detector, "a ppoison_ext Detector", optional=True)
     if not (isinstance(on_detect, Defense) or on_detect in ("log", "refuse")):
         raise ValueError(f"on_detect must be 'log', 'refuse' or a Defense, got {on_detect!r}")
     for name, value, low in (("max_batch", max_batch, 1), ("pad_multiple", pad_multiple, 1),
