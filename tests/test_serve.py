@@ -58,6 +58,15 @@ def server(dirs, keys, tmp_path_factory):
         yield srv
 
 
+def test_server_process_takes_paths_relative_to_the_callers_directory(dirs, tmp_path, monkeypatch):
+    victim_dir, _ = dirs
+    monkeypatch.chdir(victim_dir.parent)
+    with ServerProcess([victim_dir.name, "--defense", "none", "--log-dir", "logs-relative"],
+                       log_path=tmp_path / "server.out") as srv:
+        assert httpx.get(srv.url + "/v1/info", timeout=10).json()["num_classes"] == 10
+    assert (victim_dir.parent / "logs-relative" / "ledger.sqlite").is_file()
+
+
 def _h(key):
     return {"Authorization": f"Bearer {key}"}
 

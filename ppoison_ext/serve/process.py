@@ -33,7 +33,8 @@ def free_port() -> int:
 class ServerProcess:
     """Starts ``python -m ppoison_ext.serve.main ARGS --host 127.0.0.1 --port P`` (``port``
     default: a free one) and waits until ``/v1/health`` answers (``start_timeout`` seconds at
-    most). The server's output goes to ``log_path`` (default: discarded).
+    most). It runs in the caller's working directory, so relative paths in ``args`` mean what they
+    would in a shell. The server's output goes to ``log_path`` (default: discarded).
     """
 
     def __init__(self, args: Sequence[str], *, port: Optional[int] = None, log_path=None,
@@ -53,7 +54,7 @@ class ServerProcess:
                str(self.port)]
         log = open(self.log_path, "ab") if self.log_path else contextlib.nullcontext(subprocess.DEVNULL)
         with log as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(_ROOT))
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
