@@ -10,9 +10,9 @@ from typing import Any, Optional
 __all__ = ["int_arg", "real_arg", "type_arg", "check_choices", "check_bools"]
 
 
-def int_arg(v, name: str, *, low: int = 1, high: Optional[int] = None,
+def int_arg(v, name: str, *, low: Optional[int] = 1, high: Optional[int] = None,
             optional: bool = False) -> Optional[int]:
-    """``v`` as an int in [low, high] (None: unbounded); None passes when ``optional``."""
+    """``v`` as an int in [low, high] (a None bound: unbounded); None passes when ``optional``."""
     if v is None and optional:
         return None
     try:
@@ -22,9 +22,9 @@ def int_arg(v, name: str, *, low: int = 1, high: Optional[int] = None,
     except TypeError:
         kind = "an int or None" if optional else "an int"
         raise TypeError(f"{name} must be {kind}, got {type(v).__name__}") from None
-    if v < low or (high is not None and v > high):
-        raise ValueError(f"{name} must be an int >= {low}{f' and <= {high}' if high is not None else ''}, "
-                         f"got {v}")
+    if (low is not None and v < low) or (high is not None and v > high):
+        bounds = " and ".join(f"{op} {b}" for op, b in ((">=", low), ("<=", high)) if b is not None)
+        raise ValueError(f"{name} must be an int {bounds}, got {v}")
     return v
 
 

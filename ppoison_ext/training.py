@@ -30,9 +30,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from .checks import int_arg, real_arg, type_arg
 from . import distributed as D
 from .checkpoint import load_checkpoint, save_checkpoint
+from .checks import check_bools, int_arg, real_arg, type_arg
 from .devices import as_device
 from .fileio import PathLike, append_tsv, drop_tsv_rows
 from .losses import misinformation_loss, soft_cross_entropy, uniform_cross_entropy
@@ -687,7 +687,7 @@ def train_model_oe(model: nn.Module, trainset: Dataset, out_path: PathLike, *, o
                         f"{type(misinfo_model).__name__}")
     if misinfo_model is not None and misinfo_out is None:
         raise ValueError("misinfo_out (the misinformation model's folder) is required with misinfo_model")
-    type_arg(misinfo_outliers, "misinfo_outliers", bool, "a bool")
+    check_bools(misinfo_outliers=misinfo_outliers)
     if outlier_set is not None and len(outlier_set) == 0:
         raise ValueError("outlier_set is empty")
     oe_lambda = real_arg(oe_lambda, "oe_lambda")

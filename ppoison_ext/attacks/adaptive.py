@@ -32,8 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..checks import int_arg
-from ..defenses.base import check_choices
+from ..checks import check_choices, int_arg
 from ..losses import soft_cross_entropy
 from ..training import device_of, optimizer_step
 

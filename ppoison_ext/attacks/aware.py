@@ -16,8 +16,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..checks import type_arg
-from ..defenses.base import check_choices
+from ..checks import check_choices, type_arg
 from ..training import device_of
 from .base import Attack
 from .knockoff import KnockoffNets

@@ -17,9 +17,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..checks import int_arg, type_arg
+from ..checks import check_choices, int_arg, type_arg
 from ..defenses import Defense, QueryLogger
-from ..defenses.base import check_choices
 from ..devices import as_device
 from ..fileio import truncate_file
 from ..losses import soft_cross_entropy
@@ -87,7 +86,7 @@ class KnockoffNets(Attack):
         int_arg(self.batch_size, "batch_size")
         int_arg(self.qpi, "qpi")
         int_arg(self.num_workers, "num_workers", low=0)
-        int_arg(self.seed, "seed", low=-2**63)
+        int_arg(self.seed, "seed", low=None)
         if self.online_model is not None and not isinstance(self.online_model, nn.Module):
             raise TypeError(f"online_model must be an nn.Module, got {type(self.online_model).__name__}")
         self.run_times: List[float] = []

@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import int_arg
+from ..checks import check_choices, int_arg
 from ..defenses import ModelGuardS
-from ..defenses.base import check_choices
 from ..devices import as_device
 from ..fileio import atomic_write
 from ..models.heads import num_classes_of

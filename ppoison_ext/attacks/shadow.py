@@ -19,9 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..checks import int_arg
+from ..checks import check_choices, int_arg
 from ..datasets import dataset_to_modelfamily, get_dataset, get_transform
-from ..defenses.base import check_choices
 from ..devices import as_device
 from ..modeldir import load_model_dir, write_params
 from ..models import get_net

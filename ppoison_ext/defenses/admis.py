@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import type_arg
+from ..checks import check_bools, check_choices, real_arg, type_arg
 from ..checkpoint import CHECKPOINT_NAMES
-from .base import (Defense, DefenseOutput, boolean, check_bools, check_choices, load_model_arg, optional_str,
-                   real_arg, register)
+from .base import Defense, DefenseOutput, boolean, load_model_arg, optional_str, register
 
 __all__ = ["AdaptiveMisinformation", "AMComponents", "AM_VARIANTS", "am_mixing_weight"]
 

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_bools, check_choices, int_arg, real_arg, type_arg  # noqa: F401 (re-exported)
+from ..checks import int_arg, type_arg
 from ..modeldir import load_model_dir
 from .querylog import QueryLogger
 
 __all__ = ["Defense", "DefenseOutput", "DefenseEntry", "REGISTRY", "register", "build_registered", "boolean",
-           "optional_str", "real_arg"]
+           "optional_str"]
 
 
 def boolean(v: str) -> bool:
@@ -140,7 +140,7 @@ class Defense(nn.Module):
             return F.softmax(self.model(x), dim=1)
 
     def _init_seed(self, seed: Optional[int]) -> None:
-        self.seed = int_arg(seed, "seed", low=-2**63, optional=True)
+        self.seed = int_arg(seed, "seed", low=None, optional=True)
         self._generators: Dict[str, torch.Generator] = {}
 
     def _generator(self, device: Optional[torch.device] = None) -> Optional[torch.Generator]:

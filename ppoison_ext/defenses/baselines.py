@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from .base import Defense, DefenseOutput, check_choices, real_arg, register
+from ..checks import check_choices, real_arg
+from .base import Defense, DefenseOutput, register
 
 __all__ = ["ReverseSigmoid", "RandomNoise"]
 

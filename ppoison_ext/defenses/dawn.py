@@ -21,8 +21,8 @@ from typing import List, Tuple
 import torch
 from torch import Tensor
 
-from ..checks import type_arg
-from .base import Defense, DefenseOutput, real_arg
+from ..checks import real_arg, type_arg
+from .base import Defense, DefenseOutput
 from .whitebox import WhiteboxDefense
 
 __all__ = ["DAWN", "read_watermark_key", "new_watermark_key", "query_bytes", "MIN_KEY_BYTES"]

@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import type_arg
+from ..checks import check_bools, check_choices, real_arg, type_arg
 from .. import ops
-from .base import (Defense, DefenseOutput, boolean, check_bools, check_choices, optional_str, proxy_arg,
-                   real_arg, register)
+from .base import Defense, DefenseOutput, boolean, optional_str, proxy_arg, register
 from .proxy import ProxyView
 
 __all__ = ["GRAD2", "TARGETS", "watermark_target", "flatten_params"]

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import type_arg
-from .base import Defense, DefenseOutput, optional_str, real_arg, register
+from ..checks import real_arg, type_arg
+from .base import Defense, DefenseOutput, optional_str, register
 from .grad2 import from_surrogate_args
 
 __all__ = ["MADGR", "ReverseSigmoidGR", "RandomGR", "mad_gr_target", "rand_gr_mix"]

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..checks import int_arg
 from .. import ops
-from .base import Defense, DefenseOutput, boolean, check_bools, check_choices, real_arg, register
+from ..checks import check_bools, check_choices, int_arg, real_arg
+from .base import Defense, DefenseOutput, boolean, register
 
 __all__ = ["ModelGuardW", "ModelGuardS"]
 
@@ -49,7 +49,7 @@ class ModelGuardW(Defense):
         super().__init__(model, logger=logger)
         self.epsilon = real_arg(epsilon, "epsilon")
         check_choices(ydist=(ydist, ops.YDISTS))
-        if int_arg(batch_constraint, "batch_constraint", low=-2**63) != 0:
+        if int_arg(batch_constraint, "batch_constraint", low=None) != 0:
             raise ValueError(f"batch_constraint must be 0 (one budget per query); the shared-budget variant "
                              f"{batch_constraint} is not supported")
         self.ydist = ydist

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import int_arg, type_arg
+from ..checks import check_bools, check_choices, int_arg, type_arg
 from ..datasets import get_dataset, get_transform
 from ..fileio import append_text, atomic_write_text
 from ..losses import soft_cross_entropy
@@ -30,8 +30,8 @@ from ..modeldir import dataset_name, modelfamily_for_dataset
 from ..models import get_net
 from ..training import get_optimizer, optimizer_step
 from . import baselines, mad  # noqa: F401  (registers the inner defenses first)
-from .base import (REGISTRY, Defense, DefenseOutput, boolean, build_registered, check_bools, check_choices,
-                   optional_str, proxy_arg, register)
+from .base import (REGISTRY, Defense, DefenseOutput, boolean, build_registered, optional_str, proxy_arg,
+                   register)
 from .querylog import distances
 
 __all__ = ["WhiteboxDefense", "OnlineEvaluation", "make_adv_optimizer", "WB_DEFENSES", "ONLINE_LOG",

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..checks import type_arg
+from ..checks import check_bools
 from ..fileio import atomic_write, atomic_write_json
 from ..models import last_linear
 
@@ -165,7 +165,7 @@ class Detector:
     inputs_only = False  # records(x, None, None) works: they need neither logits nor features
 
     def __init__(self, *, latch: bool = True):
-        type_arg(latch, "latch", bool, "a bool")
+        check_bools(latch=latch)
         self.latch = latch
 
     def records(self, x: Tensor, logits: Tensor, features: Tensor) -> Tensor:  # pragma: no cover

@@ -14,8 +14,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ..checks import int_arg
 from ..checkpoint import read_state_dict
+from ..checks import int_arg
 from . import cifar, imagenet, mnist
 
 logger = logging.getLogger(__name__)

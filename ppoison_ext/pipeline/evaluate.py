@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..checks import int_arg
 from .. import distributed
+from ..checks import int_arg
 from ..datasets import get_dataset, get_transform
 from ..defenses import DEFENSE_NAMES, WB_DEFENSES, DefenseSpec, QueryLogger
 from ..devices import as_device

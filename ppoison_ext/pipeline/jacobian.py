@@ -19,9 +19,9 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from ..checks import int_arg
 from .. import distributed
 from ..attacks.jbda import JacobianAdversary, parse_policy, pixel_bounds, save_augmented_set
+from ..checks import int_arg
 from ..client import is_url
 from ..datasets import dataset_to_modelfamily, get_dataset, get_transform
 from ..datasets.transforms import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, MNIST_MEAN, MNIST_STD

@@ -29,10 +29,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..checks import int_arg
 from ..attacks.knockoff import REWARDS, RUN_TIMES_FILE, STATE_FILES, KnockoffNets
 from ..attacks.transferset import (INDEX_FILE, META, PATHS_FILE, X_FILE, Y_FILE, TransferSetError,
                                    TransferSetWriter, export_pickle, load_transferset)
+from ..checks import int_arg
 from ..client import is_url
 from ..datasets import dataset_to_modelfamily, get_dataset, get_transform
 from ..defenses import DEFENSE_NAMES, WB_DEFENSES, DefenseSpec, QueryLogger, read_queries
